@@ -1,0 +1,15 @@
+//! The build contract: what the node agent tells a builder VM (parameters on the kernel command
+//! line, secrets on a config drive) and what the VM reports back (a signed webhook).
+//!
+//! Both sides depend on this crate and nothing else defines these formats.
+
+pub mod params;
+pub mod report;
+pub mod secrets;
+pub mod signature;
+
+pub use params::{BuildParams, ParamError, RepoPath, Revision, S3Location};
+pub use report::{
+    BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact,
+};
+pub use secrets::{S3Credentials, Secrets, SecretsError};

@@ -1,0 +1,680 @@
+//! Build parameters: the keys the guest agent reads from the kernel command line.
+//!
+//! One parser serves `/proc/cmdline` inside the builder VM and `builder-agent run --params "..."`
+//! on a host. A command line is a whitespace-separated list of `key=value` words; values that
+//! contain spaces, `%` or other bytes outside the unreserved set are percent-encoded. Words that
+//! are not build parameters (`console=ttyS0`, `reboot=k`, a bare `quiet`, ...) belong to the
+//! kernel and are ignored, so the same parser reads a full kernel command line.
+
+use std::fmt;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Firecracker refuses a kernel command line longer than this (bytes, without the trailing NUL).
+pub const MAX_KERNEL_CMDLINE_BYTES: usize = 2048;
+
+/// Dockerfile used when the `dockerfile` key is absent.
+pub const DEFAULT_DOCKERFILE: &str = "Dockerfile";
+
+/// The command-line keys, in the order [`BuildParams::to_cmdline`] writes them.
+pub const PARAM_KEYS: [&str; 7] = [
+    "build_id",
+    "repo_url",
+    "commit_sha",
+    "dockerfile",
+    "s3_bucket",
+    "s3_key",
+    "notify_url",
+];
+
+/// Bytes left as they are when a value is encoded: RFC 3986 unreserved plus `/` and `:`, which
+/// keeps URLs and paths readable on the console.
+const VALUE_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/')
+    .remove(b':');
+
+/// A parameter that could not be accepted. Each variant names the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    /// A required key is absent.
+    #[error("the build parameter `{key}` is required but was not given")]
+    Missing { key: &'static str },
+    /// A key was given twice.
+    #[error("the build parameter `{key}` is given more than once")]
+    Duplicate { key: &'static str },
+    /// A value is not valid percent-encoded UTF-8.
+    #[error("the value of `{key}` is not valid percent-encoded UTF-8")]
+    Encoding { key: &'static str },
+    /// A value was decoded but breaks the rules for its key.
+    #[error("invalid `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    /// The encoded command line does not fit the VMM's limit.
+    #[error(
+        "the kernel command line would be {len} bytes, over the {max}-byte limit; shorten \
+         repo_url, s3_key or notify_url"
+    )]
+    CmdlineTooLong { len: usize, max: usize },
+}
+
+impl ParamError {
+    /// The key this error is about, if it concerns one key.
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            ParamError::Missing { key }
+            | ParamError::Duplicate { key }
+            | ParamError::Encoding { key }
+            | ParamError::Invalid { key, .. } => Some(key),
+            ParamError::CmdlineTooLong { .. } => None,
+        }
+    }
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ParamError {
+    ParamError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// What to check out: a full commit id, or a ref for convenience.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Revision {
+    /// A full SHA-1 (40 hex digits) or SHA-256 (64 hex digits) object id, lower case.
+    Commit(String),
+    /// A branch, tag or other ref name (`main`, `refs/tags/v1`).
+    Ref(String),
+}
+
+impl Revision {
+    /// Parses a `commit_sha` value: full hex ids are commits, anything else must be a valid ref.
+    pub fn parse(value: &str) -> Result<Self, ParamError> {
+        const KEY: &str = "commit_sha";
+        let is_hex = !value.is_empty() && value.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_hex && (value.len() == 40 || value.len() == 64) {
+            return Ok(Revision::Commit(value.to_ascii_lowercase()));
+        }
+        if is_hex && value.len() >= 7 {
+            return Err(invalid(
+                KEY,
+                format!(
+                    "`{value}` looks like an abbreviated or malformed SHA ({} hex digits); give \
+                     the full 40-digit commit id or a ref name",
+                    value.len()
+                ),
+            ));
+        }
+        check_ref_name(value).map_err(|reason| invalid(KEY, reason))?;
+        Ok(Revision::Ref(value.to_string()))
+    }
+
+    /// The string as given on the command line.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Revision::Commit(s) | Revision::Ref(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The rules of `git check-ref-format` that matter for a name we pass to `git fetch`.
+fn check_ref_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a commit SHA or ref name is required".into());
+    }
+    if name.len() > 255 {
+        return Err("the ref name is longer than 255 bytes".into());
+    }
+    if name.starts_with('-') {
+        return Err(format!("`{name}` starts with `-`"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(*c))
+    {
+        return Err(format!(
+            "`{name}` contains the character {c:?}, not allowed in a ref"
+        ));
+    }
+    if name.contains("..") || name.contains("@{") || name.contains("//") {
+        return Err(format!(
+            "`{name}` contains `..`, `@{{` or `//`, not allowed in a ref"
+        ));
+    }
+    if name.starts_with('/') || name.ends_with('/') || name.ends_with('.') || name == "@" {
+        return Err(format!("`{name}` is not a valid ref name"));
+    }
+    if name
+        .split('/')
+        .any(|part| part.starts_with('.') || part.ends_with(".lock"))
+    {
+        return Err(format!(
+            "`{name}` has a component starting with `.` or ending with `.lock`"
+        ));
+    }
+    Ok(())
+}
+
+/// A Dockerfile path relative to the repository root, normalised (no `.` parts, no `//`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RepoPath(String);
+
+impl RepoPath {
+    /// Accepts a relative path that stays inside the repository.
+    pub fn parse(key: &'static str, value: &str) -> Result<Self, ParamError> {
+        if value.is_empty() {
+            return Err(invalid(key, "the path is empty"));
+        }
+        if value.starts_with('/') {
+            return Err(invalid(
+                key,
+                format!("`{value}` is absolute; give a path relative to the repository root"),
+            ));
+        }
+        if value.contains('\0') || value.chars().any(char::is_control) {
+            return Err(invalid(key, "the path contains control characters"));
+        }
+        let mut parts = Vec::new();
+        for part in value.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    return Err(invalid(
+                        key,
+                        format!("`{value}` climbs out of the repository with `..`"),
+                    ))
+                }
+                p => parts.push(p),
+            }
+        }
+        if parts.is_empty() {
+            return Err(invalid(
+                key,
+                format!("`{value}` names the repository root, not a file"),
+            ));
+        }
+        Ok(RepoPath(parts.join("/")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RepoPath {
+    type Error = ParamError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        RepoPath::parse("dockerfile", &value)
+    }
+}
+
+impl From<RepoPath> for String {
+    fn from(value: RepoPath) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for RepoPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where the rootfs goes in S3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Location {
+    pub bucket: String,
+    pub key: String,
+}
+
+impl S3Location {
+    pub fn new(bucket: &str, key: &str) -> Result<Self, ParamError> {
+        check_bucket(bucket).map_err(|reason| invalid("s3_bucket", reason))?;
+        check_key(key).map_err(|reason| invalid("s3_key", reason))?;
+        Ok(S3Location {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        })
+    }
+
+    /// The key of the image-config JSON uploaded beside the rootfs.
+    pub fn config_key(&self) -> String {
+        format!("{}.json", self.key)
+    }
+}
+
+impl fmt::Display for S3Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// S3 bucket naming rules (the general-purpose bucket rules of AWS).
+fn check_bucket(bucket: &str) -> Result<(), String> {
+    if !(3..=63).contains(&bucket.len()) {
+        return Err(format!("`{bucket}` must be 3 to 63 characters long"));
+    }
+    if !bucket
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return Err(format!(
+            "`{bucket}` may only contain lower-case letters, digits, `.` and `-`"
+        ));
+    }
+    let first_last_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !first_last_ok(bucket.as_bytes()[0]) || !first_last_ok(bucket.as_bytes()[bucket.len() - 1]) {
+        return Err(format!(
+            "`{bucket}` must start and end with a letter or digit"
+        ));
+    }
+    if bucket.contains("..") || bucket.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(format!(
+            "`{bucket}` must not contain `..` or look like an IP address"
+        ));
+    }
+    Ok(())
+}
+
+fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("the object key is empty".into());
+    }
+    if key.len() > 1024 - ".json".len() {
+        return Err("the object key is longer than 1019 bytes".into());
+    }
+    if key.starts_with('/') {
+        return Err(format!("`{key}` starts with `/`"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err("the object key contains control characters".into());
+    }
+    if key.split('/').any(|p| p == ".." || p == ".") {
+        return Err(format!("`{key}` contains a `.` or `..` path segment"));
+    }
+    Ok(())
+}
+
+fn check_build_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err("the build id must be 1 to 64 characters long".into());
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || id.starts_with('.')
+    {
+        return Err(format!(
+            "`{id}` may only contain letters, digits, `-`, `_` and `.`, and must not start with `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses and checks a `repo_url`: `https`, `http`, `git` or `ssh` with a host.
+pub fn parse_repo_url(value: &str) -> Result<Url, ParamError> {
+    const KEY: &str = "repo_url";
+    let url =
+        Url::parse(value).map_err(|e| invalid(KEY, format!("`{value}` is not a URL: {e}")))?;
+    match url.scheme() {
+        "https" | "http" | "git" | "ssh" => {}
+        other => {
+            return Err(invalid(
+                KEY,
+                format!("the scheme `{other}` is not supported; use https, http, git or ssh"),
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(KEY, format!("`{value}` has no host")));
+    }
+    if url.password().is_some() {
+        return Err(invalid(
+            KEY,
+            "the URL carries a password; put the git token in the secrets file instead",
+        ));
+    }
+    Ok(url)
+}
+
+/// Parses and checks a `notify_url`: `http` or `https` with a host.
+pub fn parse_notify_url(value: &str) -> Result<Url, ParamError> {
+    const KEY: &str = "notify_url";
+    let url =
+        Url::parse(value).map_err(|e| invalid(KEY, format!("`{value}` is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(
+            KEY,
+            format!(
+                "the scheme `{}` is not supported; use http or https",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(KEY, format!("`{value}` has no host")));
+    }
+    if url.password().is_some() || !url.username().is_empty() {
+        return Err(invalid(
+            KEY,
+            "the URL carries credentials; the webhook is signed instead",
+        ));
+    }
+    Ok(url)
+}
+
+/// Everything one build needs to know that is not secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildParams {
+    pub build_id: String,
+    pub repo_url: Url,
+    pub revision: Revision,
+    pub dockerfile: RepoPath,
+    /// Absent: the rootfs is written to a local directory instead of S3.
+    pub s3: Option<S3Location>,
+    /// Absent: no webhook is sent.
+    pub notify_url: Option<Url>,
+}
+
+/// The raw `key=value` pairs before validation.
+#[derive(Debug, Default)]
+struct RawParams {
+    values: [Option<String>; PARAM_KEYS.len()],
+}
+
+impl RawParams {
+    fn from_cmdline(cmdline: &str) -> Result<Self, ParamError> {
+        let mut raw = RawParams::default();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((name, value)) = word.split_once('=') else {
+                continue;
+            };
+            let Some(index) = PARAM_KEYS.iter().position(|k| *k == name) else {
+                continue;
+            };
+            let key = PARAM_KEYS[index];
+            let decoded = percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| ParamError::Encoding { key })?
+                .into_owned();
+            if raw.values[index].replace(decoded).is_some() {
+                return Err(ParamError::Duplicate { key });
+            }
+        }
+        Ok(raw)
+    }
+
+    fn take(&mut self, key: &'static str) -> Option<String> {
+        let index = PARAM_KEYS.iter().position(|k| *k == key)?;
+        self.values[index].take()
+    }
+}
+
+impl BuildParams {
+    /// Reads the build parameters from a command line (a kernel command line or `--params`).
+    ///
+    /// `default_build_id` is used when the command line names none (a host run); inside the VM
+    /// the node agent always passes one.
+    pub fn from_cmdline(cmdline: &str, default_build_id: &str) -> Result<Self, ParamError> {
+        let mut raw = RawParams::from_cmdline(cmdline)?;
+        let build_id = raw
+            .take("build_id")
+            .unwrap_or_else(|| default_build_id.to_string());
+        check_build_id(&build_id).map_err(|reason| invalid("build_id", reason))?;
+        let repo_url = raw
+            .take("repo_url")
+            .ok_or(ParamError::Missing { key: "repo_url" })?;
+        let revision = raw
+            .take("commit_sha")
+            .ok_or(ParamError::Missing { key: "commit_sha" })?;
+        let dockerfile = raw
+            .take("dockerfile")
+            .unwrap_or_else(|| DEFAULT_DOCKERFILE.to_string());
+        let s3 = match (raw.take("s3_bucket"), raw.take("s3_key")) {
+            (Some(bucket), Some(key)) => Some(S3Location::new(&bucket, &key)?),
+            (None, None) => None,
+            (Some(_), None) => return Err(ParamError::Missing { key: "s3_key" }),
+            (None, Some(_)) => return Err(ParamError::Missing { key: "s3_bucket" }),
+        };
+        let notify_url = raw
+            .take("notify_url")
+            .map(|u| parse_notify_url(&u))
+            .transpose()?;
+        let params = BuildParams {
+            build_id,
+            repo_url: parse_repo_url(&repo_url)?,
+            revision: Revision::parse(&revision)?,
+            dockerfile: RepoPath::parse("dockerfile", &dockerfile)?,
+            s3,
+            notify_url,
+        };
+        Ok(params)
+    }
+
+    /// The parameters as command-line words, percent-encoded, in [`PARAM_KEYS`] order.
+    pub fn to_cmdline(&self) -> String {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("build_id", &self.build_id),
+            ("repo_url", self.repo_url.as_str()),
+            ("commit_sha", self.revision.as_str()),
+            ("dockerfile", self.dockerfile.as_str()),
+        ];
+        if let Some(s3) = &self.s3 {
+            pairs.push(("s3_bucket", &s3.bucket));
+            pairs.push(("s3_key", &s3.key));
+        }
+        if let Some(url) = &self.notify_url {
+            pairs.push(("notify_url", url.as_str()));
+        }
+        pairs
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, VALUE_ENCODE_SET)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A full kernel command line: `base` (the VMM's boot args) followed by the parameters,
+    /// checked against [`MAX_KERNEL_CMDLINE_BYTES`].
+    pub fn kernel_cmdline(&self, base: &str) -> Result<String, ParamError> {
+        let cmdline = format!("{} {}", base.trim(), self.to_cmdline());
+        check_cmdline_len(cmdline.trim_start())
+    }
+}
+
+/// Returns `cmdline` if it fits the VMM's kernel command-line limit.
+pub fn check_cmdline_len(cmdline: &str) -> Result<String, ParamError> {
+    if cmdline.len() > MAX_KERNEL_CMDLINE_BYTES {
+        return Err(ParamError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: MAX_KERNEL_CMDLINE_BYTES,
+        });
+    }
+    Ok(cmdline.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn parse(cmdline: &str) -> Result<BuildParams, ParamError> {
+        BuildParams::from_cmdline(cmdline, "host-1")
+    }
+
+    #[test]
+    fn reads_a_kernel_cmdline_and_ignores_kernel_words() {
+        let p = parse(&format!(
+            "console=ttyS0 reboot=k quiet build_id=b1 repo_url=https://git.example/app.git \
+             commit_sha={SHA} dockerfile=docker/Dockerfile.prod s3_bucket=builds s3_key=a/b.ext4 \
+             notify_url=http://10.0.0.1:8080/hook panic=1"
+        ))
+        .unwrap();
+        assert_eq!(p.build_id, "b1");
+        assert_eq!(p.repo_url.as_str(), "https://git.example/app.git");
+        assert_eq!(p.revision, Revision::Commit(SHA.into()));
+        assert_eq!(p.dockerfile.as_str(), "docker/Dockerfile.prod");
+        assert_eq!(p.s3, Some(S3Location::new("builds", "a/b.ext4").unwrap()));
+        assert_eq!(p.notify_url.unwrap().as_str(), "http://10.0.0.1:8080/hook");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let p = parse("repo_url=git://h/r commit_sha=main").unwrap();
+        assert_eq!(p.build_id, "host-1");
+        assert_eq!(p.dockerfile.as_str(), "Dockerfile");
+        assert_eq!(p.revision, Revision::Ref("main".into()));
+        assert!(p.s3.is_none() && p.notify_url.is_none());
+    }
+
+    #[test]
+    fn round_trips_through_percent_encoding() {
+        let mut p = parse("repo_url=https://h/r commit_sha=main").unwrap();
+        p.dockerfile = RepoPath::parse("dockerfile", "dir with space/Dockerfile%x").unwrap();
+        p.s3 = Some(S3Location::new("b-1", "k y/ü.ext4").unwrap());
+        let line = p.to_cmdline();
+        assert!(!line.contains("with space"), "{line}");
+        assert_eq!(
+            parse(&line).unwrap(),
+            BuildParams {
+                build_id: "host-1".into(),
+                ..p
+            }
+        );
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        let cases = [
+            (
+                "repo_url=ftp://h/r commit_sha=main",
+                "repo_url",
+                "scheme `ftp`",
+            ),
+            (
+                "repo_url=file:///etc commit_sha=main",
+                "repo_url",
+                "scheme `file`",
+            ),
+            (
+                "repo_url=https://u:p@h/r commit_sha=main",
+                "repo_url",
+                "password",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=abc123def",
+                "commit_sha",
+                "malformed SHA",
+            ),
+            ("repo_url=https://h/r commit_sha=a..b", "commit_sha", "`..`"),
+            (
+                "repo_url=https://h/r commit_sha=-x",
+                "commit_sha",
+                "starts with `-`",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main dockerfile=/etc/passwd",
+                "dockerfile",
+                "absolute",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main dockerfile=a/../../x",
+                "dockerfile",
+                "climbs out",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main s3_bucket=Bad_Bucket s3_key=k",
+                "s3_bucket",
+                "lower-case",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main s3_bucket=bb s3_key=k",
+                "s3_bucket",
+                "3 to 63",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main s3_bucket=bucket s3_key=/k",
+                "s3_key",
+                "starts with `/`",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main s3_bucket=bucket",
+                "s3_key",
+                "required",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main notify_url=ftp://x/",
+                "notify_url",
+                "scheme",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=main build_id=../x",
+                "build_id",
+                "may only contain",
+            ),
+            ("commit_sha=main", "repo_url", "required"),
+            ("repo_url=https://h/r", "commit_sha", "required"),
+            (
+                "repo_url=https://h/r repo_url=https://h/s commit_sha=main",
+                "repo_url",
+                "more than once",
+            ),
+            (
+                "repo_url=https://h/r commit_sha=%ff",
+                "commit_sha",
+                "percent-encoded",
+            ),
+        ];
+        for (line, key, needle) in cases {
+            let err = parse(line).expect_err(line);
+            assert_eq!(err.key(), Some(key), "{line}: {err}");
+            let text = err.to_string();
+            assert!(text.contains(key), "{line}: {text}");
+            assert!(text.contains(needle), "{line}: `{text}` lacks `{needle}`");
+        }
+    }
+
+    #[test]
+    fn kernel_cmdline_is_limited_to_2048_bytes() {
+        let mut p = parse("repo_url=https://h/r commit_sha=main").unwrap();
+        assert!(p.kernel_cmdline("console=ttyS0 reboot=k").is_ok());
+        p.repo_url = Url::parse(&format!("https://h/{}", "a".repeat(2100))).unwrap();
+        let err = p.kernel_cmdline("console=ttyS0").unwrap_err();
+        assert!(
+            matches!(err, ParamError::CmdlineTooLong { max: 2048, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("2048-byte limit"));
+    }
+
+    #[test]
+    fn sha256_commits_and_uppercase_are_commits() {
+        let long = "A".repeat(64);
+        assert_eq!(
+            Revision::parse(&long).unwrap(),
+            Revision::Commit("a".repeat(64))
+        );
+        assert_eq!(
+            Revision::parse("v1.2").unwrap(),
+            Revision::Ref("v1.2".into())
+        );
+        assert_eq!(
+            Revision::parse("cafe").unwrap(),
+            Revision::Ref("cafe".into())
+        );
+    }
+}

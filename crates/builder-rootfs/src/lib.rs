@@ -1,0 +1,1 @@
+//! Container image archive → ext4 root filesystem.
