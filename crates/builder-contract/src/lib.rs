@@ -3,11 +3,13 @@
 //!
 //! Both sides depend on this crate and nothing else defines these formats.
 
+pub mod image;
 pub mod params;
 pub mod report;
 pub mod secrets;
 pub mod signature;
 
+pub use image::ImageConfig;
 pub use params::{BuildParams, ParamError, RepoPath, Revision, S3Location};
 pub use report::{
     BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact,

@@ -315,10 +315,11 @@ fn check_build_id(id: &str) -> Result<(), String> {
     if !id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        || id.starts_with('.')
+        || !id.as_bytes()[0].is_ascii_alphanumeric()
     {
         return Err(format!(
-            "`{id}` may only contain letters, digits, `-`, `_` and `.`, and must not start with `.`"
+            "`{id}` may only contain letters, digits, `-`, `_` and `.`, and must start with a \
+             letter or digit"
         ));
     }
     Ok(())
@@ -493,6 +494,18 @@ impl BuildParams {
         let cmdline = format!("{} {}", base.trim(), self.to_cmdline());
         check_cmdline_len(cmdline.trim_start())
     }
+}
+
+/// The decoded value of one key, without validating the rest of the command line.
+///
+/// Used to still deliver the failure webhook when other parameters are invalid.
+pub fn raw_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .find(|(name, _)| *name == key)
+        .and_then(|(_, value)| percent_decode_str(value).decode_utf8().ok())
+        .map(|v| v.into_owned())
 }
 
 /// Returns `cmdline` if it fits the VMM's kernel command-line limit.

@@ -1,0 +1,188 @@
+//! The `builder-agent` command line: `run` (one build), `convert` (image archive → ext4).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use builder_contract::report::exit_code;
+use clap::{Parser, Subcommand};
+
+use crate::notify::RetryPolicy;
+use crate::pipeline::{self, RunOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "builder-agent",
+    version,
+    about = "Builds one container image from a git repository into a bootable ext4 root filesystem."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one build: clone, docker build, convert to ext4, upload, notify.
+    Run(RunArgs),
+    /// Convert a `docker save` or OCI image archive into an ext4 root filesystem.
+    Convert(ConvertArgs),
+    /// Inside the builder VM: be its init (what pid 1 runs when started with no arguments).
+    VmInit,
+    /// Inside the builder VM: start dockerd and run the build (started by `vm-init`).
+    #[command(hide = true)]
+    VmBuild,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Build parameters as `key=value` words (the kernel command-line keys: repo_url,
+    /// commit_sha, dockerfile, s3_bucket, s3_key, notify_url, build_id). Default: /proc/cmdline.
+    #[arg(long)]
+    params: Option<String>,
+    /// JSON file with S3 credentials, the webhook secret and a git token.
+    #[arg(long)]
+    secrets: Option<PathBuf>,
+    /// Where the rootfs goes when no s3_bucket is given (`DIR/<build_id>/rootfs.ext4`).
+    #[arg(long, default_value = "out")]
+    out_dir: PathBuf,
+    /// Scratch space for the checkout, context and image archive.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The build log.
+    #[arg(long, default_value = "/var/log/build.log")]
+    log_file: PathBuf,
+    /// The Docker daemon.
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    docker_host: String,
+    /// Webhook delivery attempts before giving up.
+    #[arg(long, default_value_t = RetryPolicy::default().attempts)]
+    notify_attempts: u32,
+    /// Delay before the second webhook attempt, in milliseconds (doubles each time).
+    #[arg(long, default_value_t = RetryPolicy::default().first_delay.as_millis() as u64)]
+    notify_first_delay_ms: u64,
+    /// Multipart upload part size in MiB.
+    #[arg(long, default_value_t = crate::s3::DEFAULT_PART_SIZE >> 20)]
+    part_size_mib: u64,
+    /// Keep the scratch directory after the build.
+    #[arg(long)]
+    keep_work: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConvertArgs {
+    /// `docker save` archive or OCI image layout archive.
+    image: PathBuf,
+    /// The ext4 file to write.
+    output: PathBuf,
+    /// Scratch space.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Free space left in the filesystem, in percent of its content.
+    #[arg(long)]
+    free_space_percent: Option<u32>,
+}
+
+/// Parses the command line, runs it, returns the process exit code.
+pub fn main() -> i32 {
+    // The kernel starts init with no arguments (`init=/usr/local/bin/builder-agent`).
+    if std::process::id() == 1 && std::env::args_os().len() == 1 {
+        crate::vm::init();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                exit_code::USAGE
+            } else {
+                exit_code::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Convert(args) => convert(args),
+        Command::VmInit => crate::vm::init(),
+        Command::VmBuild => crate::vm::build(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+}
+
+fn run(args: RunArgs) -> i32 {
+    let cmdline = match args.params {
+        Some(params) => params,
+        None => match std::fs::read_to_string("/proc/cmdline") {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("error: no --params given and /proc/cmdline cannot be read: {e}");
+                return exit_code::USAGE;
+            }
+        },
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let options = RunOptions {
+        cmdline,
+        default_build_id: format!("host-{}-{}", now.as_secs(), std::process::id()),
+        secrets_file: args.secrets,
+        out_dir: args.out_dir,
+        work_dir: args
+            .work_dir
+            .unwrap_or_else(|| std::env::temp_dir().join("builder-agent")),
+        log_file: Some(args.log_file),
+        docker_host: args.docker_host,
+        notify_retry: RetryPolicy {
+            attempts: args.notify_attempts,
+            first_delay: Duration::from_millis(args.notify_first_delay_ms),
+        },
+        part_size: args.part_size_mib << 20,
+        keep_work: args.keep_work,
+    };
+    let outcome = runtime().block_on(pipeline::run(&options));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&outcome.report).expect("a report always serializes")
+    );
+    outcome.exit_code()
+}
+
+fn convert(args: ConvertArgs) -> i32 {
+    let mut options = builder_rootfs::ConvertOptions::default();
+    if let Some(dir) = args.work_dir {
+        options.work_dir = dir;
+    }
+    if let Some(percent) = args.free_space_percent {
+        options.free_space_percent = percent;
+    }
+    match builder_rootfs::convert(&args.image, &args.output, &options) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "image_id": report.image_id,
+                    "size_bytes": report.size_bytes,
+                    "sha256": report.sha256,
+                    "entries": report.entries,
+                    "config": report.config,
+                }))
+                .expect("a report always serializes")
+            );
+            exit_code::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::error::chain(&e));
+            exit_code::INTERNAL_ERROR
+        }
+    }
+}

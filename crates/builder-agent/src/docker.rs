@@ -1,0 +1,190 @@
+//! The Docker daemon, through its Engine API: build the image, stream it out, remove it.
+//!
+//! Uses the classic builder (Docker 20.10 has no buildx here). Build output is streamed into the
+//! build log line by line. Errors the daemon reports in the build stream (a failing `RUN`, a
+//! missing base image, a Dockerfile syntax error) are the customer's; a daemon that cannot be
+//! reached or answers 5xx before the build starts is ours.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use bollard::query_parameters::{BuildImageOptionsBuilder, RemoveImageOptionsBuilder};
+use bollard::Docker;
+use builder_contract::{ErrorClass, Phase};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
+
+use crate::error::{chain, BuildError};
+use crate::log::{BuildLog, LineSplitter};
+
+/// Seconds the client waits for one API call (a build's stream may run longer between lines).
+const API_TIMEOUT_SECS: u64 = 3600;
+
+pub struct DockerDaemon {
+    docker: Docker,
+}
+
+impl DockerDaemon {
+    /// Connects to `host` (`unix:///path` or `tcp://`/`http://`) and negotiates the API version.
+    pub async fn connect(host: &str) -> Result<Self, BuildError> {
+        let fail = |e: bollard::errors::Error| {
+            BuildError::internal(
+                Phase::Build,
+                format!(
+                    "cannot connect to the Docker daemon at {host}: {}",
+                    chain(&e)
+                ),
+            )
+        };
+        let docker = if let Some(path) = host.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        } else {
+            Docker::connect_with_http(host, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        }
+        .map_err(fail)?;
+        let docker = docker.negotiate_version().await.map_err(fail)?;
+        Ok(DockerDaemon { docker })
+    }
+
+    /// Builds the context tar at `context` with `dockerfile`, tags it `tag`, returns the image id.
+    pub async fn build(
+        &self,
+        log: &BuildLog,
+        context: &Path,
+        dockerfile: &str,
+        tag: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<String, BuildError> {
+        const PHASE: Phase = Phase::Build;
+        let options = BuildImageOptionsBuilder::default()
+            .dockerfile(dockerfile)
+            .t(tag)
+            .rm(true)
+            .forcerm(true)
+            .labels(&labels)
+            .build();
+        let file = tokio::fs::File::open(context).await.map_err(|e| {
+            BuildError::internal(PHASE, format!("cannot open the build context: {e}"))
+        })?;
+        let body = bollard::body_try_stream(ReaderStream::with_capacity(file, 1 << 20));
+        let mut stream = self.docker.build_image(options, None, Some(body));
+        let mut split = LineSplitter::default();
+        let mut image_id = None;
+        while let Some(item) = stream.next().await {
+            let info = match item {
+                Ok(info) => info,
+                Err(e) => {
+                    if let Some(rest) = split.finish() {
+                        log.line(&rest);
+                    }
+                    return Err(classify_build_error(&e));
+                }
+            };
+            if let Some(text) = info.stream.as_deref() {
+                for line in split.push(text) {
+                    log.line(&line);
+                }
+            }
+            if let Some(status) = info.status.as_deref() {
+                log.line(status);
+            }
+            if let Some(id) = info.aux.and_then(|aux| aux.id) {
+                image_id = Some(id);
+            }
+        }
+        if let Some(rest) = split.finish() {
+            log.line(&rest);
+        }
+        match image_id {
+            Some(id) => Ok(id),
+            None => {
+                let inspect = self.docker.inspect_image(tag).await.map_err(|e| {
+                    BuildError::internal(
+                        PHASE,
+                        format!("the built image is missing: {}", chain(&e)),
+                    )
+                })?;
+                inspect
+                    .id
+                    .ok_or_else(|| BuildError::internal(PHASE, "the built image has no id"))
+            }
+        }
+    }
+
+    /// Streams the image in `docker save` format into `out`; returns its size in bytes.
+    pub async fn save(&self, tag: &str, out: &Path) -> Result<u64, BuildError> {
+        const PHASE: Phase = Phase::Export;
+        let io_error = |e: std::io::Error| {
+            if crate::error::is_disk_full(&e) {
+                BuildError::disk_full(PHASE, "writing the image archive")
+            } else {
+                BuildError::internal(PHASE, format!("cannot write {}: {e}", out.display()))
+            }
+        };
+        let file = tokio::fs::File::create(out).await.map_err(io_error)?;
+        let mut writer = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut stream = self.docker.export_image(tag);
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                BuildError::internal(
+                    PHASE,
+                    format!("the daemon failed to export the image: {}", chain(&e)),
+                )
+            })?;
+            size += chunk.len() as u64;
+            writer.write_all(&chunk).await.map_err(io_error)?;
+        }
+        writer.flush().await.map_err(io_error)?;
+        Ok(size)
+    }
+
+    /// Removes the image and its intermediate layers (best effort: a leftover image is logged).
+    pub async fn remove(&self, log: &BuildLog, tag: &str) {
+        let options = RemoveImageOptionsBuilder::default().force(true).build();
+        if let Err(e) = self.docker.remove_image(tag, Some(options), None).await {
+            log.line(&format!(
+                "warning: cannot remove the image {tag}: {}",
+                chain(&e)
+            ));
+        }
+    }
+}
+
+/// Who is at fault for an error from the build endpoint.
+fn classify_build_error(e: &bollard::errors::Error) -> BuildError {
+    use bollard::errors::Error;
+    let text = chain(e);
+    if text.contains("no space left on device") {
+        return BuildError::disk_full(Phase::Build, "docker build");
+    }
+    let class = match e {
+        // Reported inside the build stream: a step of the customer's Dockerfile failed.
+        Error::DockerStreamError { .. } => ErrorClass::User,
+        // Refused before building: bad Dockerfile syntax, unknown instruction, bad options.
+        Error::DockerResponseServerError { status_code, .. } if *status_code < 500 => {
+            ErrorClass::User
+        }
+        Error::DockerResponseServerError { message, .. }
+            if message.contains("dockerfile parse error")
+                || message.contains("Dockerfile parse error")
+                || message.contains("failed to process") =>
+        {
+            ErrorClass::User
+        }
+        _ => ErrorClass::Internal,
+    };
+    let message = match e {
+        Error::DockerStreamError { error } => format!("docker build failed: {}", error.trim()),
+        Error::DockerResponseServerError { message, .. } => {
+            format!("docker build was refused: {}", message.trim())
+        }
+        _ => format!("docker build failed: {text}"),
+    };
+    BuildError {
+        phase: Phase::Build,
+        class,
+        message,
+    }
+}

@@ -1,0 +1,508 @@
+//! One build, end to end: parameters → clone → checkout → docker build → export → convert →
+//! upload → webhook, each phase timed, the first failure classed and reported.
+//!
+//! Whatever happens, the build ends with exactly one report: written to the log, printed on
+//! stdout, and POSTed to `notify_url` when one was given and can be read, even when the other
+//! parameters are invalid. Scratch files and the built image are removed at the end.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use builder_contract::params::raw_value;
+use builder_contract::{
+    BuildParams, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact, Secrets,
+};
+use builder_rootfs::{ConvertOptions, ConvertReport};
+use url::Url;
+
+use crate::context::{write_context, ContextError};
+use crate::docker::DockerDaemon;
+use crate::error::{is_disk_full, BuildError};
+use crate::git::Git;
+use crate::log::BuildLog;
+use crate::notify::{deliver, NotifyError, RetryPolicy};
+use crate::s3::{ObjectAttributes, S3Client};
+
+/// Everything `builder-agent run` was told.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The parameters as a command line (`--params`, or `/proc/cmdline` in the VM).
+    pub cmdline: String,
+    /// Build id when the command line names none.
+    pub default_build_id: String,
+    pub secrets_file: Option<PathBuf>,
+    /// Where the rootfs goes when no `s3_bucket` is given: `<out_dir>/<build_id>/rootfs.ext4`.
+    pub out_dir: PathBuf,
+    /// Scratch space: the checkout, the context, the image archive.
+    pub work_dir: PathBuf,
+    pub log_file: Option<PathBuf>,
+    pub docker_host: String,
+    pub notify_retry: RetryPolicy,
+    pub part_size: u64,
+    /// Keep the scratch directory (for debugging).
+    pub keep_work: bool,
+}
+
+/// The report, and whether it reached the webhook.
+pub struct Outcome {
+    pub report: BuildReport,
+    pub notify: Option<Result<(), NotifyError>>,
+}
+
+impl Outcome {
+    /// Exit code: the build's outcome; a successful build whose webhook was lost is an
+    /// internal error, since nobody was told.
+    pub fn exit_code(&self) -> i32 {
+        match (&self.report.error, &self.notify) {
+            (None, Some(Err(_))) => builder_contract::report::exit_code::INTERNAL_ERROR,
+            _ => self.report.exit_code(),
+        }
+    }
+}
+
+/// What the phases found out, kept even when a later phase fails.
+#[derive(Default)]
+struct Progress {
+    commit: Option<String>,
+    image_id: Option<String>,
+    rootfs: Option<RootfsArtifact>,
+    phases: Vec<PhaseTiming>,
+}
+
+impl Progress {
+    /// Runs one phase, logging its start and end and recording its duration.
+    async fn phase<T>(
+        &mut self,
+        log: &BuildLog,
+        phase: Phase,
+        work: impl Future<Output = Result<T, BuildError>>,
+    ) -> Result<T, BuildError> {
+        log.line(&format!("==> {phase}"));
+        let started = Instant::now();
+        let result = work.await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.phases.push(PhaseTiming { phase, duration_ms });
+        match &result {
+            Ok(_) => log.line(&format!(
+                "<== {phase} done in {:.2} s",
+                duration_ms as f64 / 1000.0
+            )),
+            Err(_) => log.line(&format!(
+                "<== {phase} failed after {:.2} s",
+                duration_ms as f64 / 1000.0
+            )),
+        }
+        result
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// Runs one build and reports it. Never panics on bad input; every failure is in the report.
+pub async fn run(options: &RunOptions) -> Outcome {
+    let started_at = SystemTime::now();
+    let started = Instant::now();
+    let mut log = match BuildLog::create(options.log_file.as_deref(), true) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("warning: cannot open the build log: {e}; logging to stderr only");
+            BuildLog::create(None, true).expect("a log without a file cannot fail")
+        }
+    };
+    log.line(&format!("builder-agent {}", env!("CARGO_PKG_VERSION")));
+
+    let secrets = match &options.secrets_file {
+        Some(path) => Secrets::load(path)
+            .map_err(|e| BuildError::from_chain(Phase::Params, ErrorClass::Internal, &e)),
+        None => Ok(Secrets::default()),
+    };
+    if let Ok(secrets) = &secrets {
+        log.redact(secrets.redaction_values());
+        log.redact(Git::derived_secrets(git_credentials(secrets)));
+    }
+    let params = BuildParams::from_cmdline(&options.cmdline, &options.default_build_id)
+        .map_err(|e| BuildError::from_chain(Phase::Params, ErrorClass::User, &e));
+
+    let mut progress = Progress::default();
+    let result = match (&params, &secrets) {
+        (Ok(params), Ok(secrets)) => {
+            log.line(&format!(
+                "build {}: {} at {} (Dockerfile {})",
+                params.build_id, params.repo_url, params.revision, params.dockerfile
+            ));
+            execute(options, params, secrets, &log, &mut progress).await
+        }
+        (Err(e), _) | (_, Err(e)) => Err(BuildError {
+            phase: e.phase,
+            class: e.class,
+            message: e.message.clone(),
+        }),
+    };
+
+    let build_id = match &params {
+        Ok(p) => p.build_id.clone(),
+        Err(_) => {
+            raw_value(&options.cmdline, "build_id").unwrap_or(options.default_build_id.clone())
+        }
+    };
+    let report = BuildReport {
+        build_id: build_id.clone(),
+        status: if result.is_ok() {
+            BuildStatus::Succeeded
+        } else {
+            BuildStatus::Failed
+        },
+        repo_url: raw_value(&options.cmdline, "repo_url").unwrap_or_default(),
+        revision: raw_value(&options.cmdline, "commit_sha").unwrap_or_default(),
+        commit_sha: progress.commit,
+        image_digest: progress.image_id,
+        rootfs: progress.rootfs,
+        error: result.as_ref().err().map(BuildError::to_failure),
+        phases: progress.phases,
+        started_at_unix_ms: unix_ms(started_at),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    match &result {
+        Ok(()) => log.line(&format!(
+            "build {build_id} succeeded in {:.1} s: {}",
+            report.duration_ms as f64 / 1000.0,
+            report
+                .rootfs
+                .as_ref()
+                .map(|r| r.location.as_str())
+                .unwrap_or_default()
+        )),
+        Err(e) => log.line(&format!("build {build_id} failed: {e}")),
+    }
+
+    let notify = notify(&log, &params, options, secrets.as_ref().ok(), &report).await;
+    log.line(&format!(
+        "report: {}",
+        serde_json::to_string(&report).expect("a report always serializes")
+    ));
+    log.sync();
+    Outcome { report, notify }
+}
+
+/// Sends the webhook if there is somewhere to send it.
+async fn notify(
+    log: &BuildLog,
+    params: &Result<BuildParams, BuildError>,
+    options: &RunOptions,
+    secrets: Option<&Secrets>,
+    report: &BuildReport,
+) -> Option<Result<(), NotifyError>> {
+    // With invalid parameters, a notify_url that is itself valid still gets the failure.
+    let url: Url = match params {
+        Ok(p) => p.notify_url.clone()?,
+        Err(_) => {
+            builder_contract::params::parse_notify_url(&raw_value(&options.cmdline, "notify_url")?)
+                .ok()?
+        }
+    };
+    let Some(secret) = secrets.and_then(|s| s.webhook_secret.as_deref()) else {
+        let error = NotifyError::NoSecret { url };
+        log.line(&format!("webhook: not sent: {error}"));
+        return Some(Err(error));
+    };
+    log.line(&format!("==> {}", Phase::Notify));
+    let started = Instant::now();
+    let result = deliver(log, &url, secret.as_bytes(), report, options.notify_retry).await;
+    if let Err(e) = &result {
+        log.line(&format!("webhook: giving up: {e}"));
+    }
+    log.line(&format!(
+        "<== {} in {:.2} s",
+        Phase::Notify,
+        started.elapsed().as_secs_f64()
+    ));
+    Some(result)
+}
+
+fn git_credentials(secrets: &Secrets) -> Option<(&str, &str)> {
+    secrets.git_token.as_deref().map(|token| {
+        (
+            secrets.git_username.as_deref().unwrap_or("x-access-token"),
+            token,
+        )
+    })
+}
+
+/// The phases proper. Cleans up its scratch directory and image whatever the result.
+async fn execute(
+    options: &RunOptions,
+    params: &BuildParams,
+    secrets: &Secrets,
+    log: &BuildLog,
+    progress: &mut Progress,
+) -> Result<(), BuildError> {
+    if params.s3.is_some() && secrets.s3.is_none() {
+        return Err(BuildError::internal(
+            Phase::Params,
+            "s3_bucket is set but the secrets file has no `s3` credentials",
+        ));
+    }
+    let scratch = options.work_dir.join(&params.build_id);
+    std::fs::create_dir_all(&scratch).map_err(|e| {
+        BuildError::internal(
+            Phase::Params,
+            format!("cannot create {}: {e}", scratch.display()),
+        )
+    })?;
+    let tag = format!("builder-vm/build:{}", params.build_id.to_ascii_lowercase());
+    let mut docker = None;
+    let result = build(
+        options,
+        params,
+        secrets,
+        log,
+        progress,
+        &scratch,
+        &tag,
+        &mut docker,
+    )
+    .await;
+    if let Some(docker) = &docker {
+        docker.remove(log, &tag).await;
+    }
+    if options.keep_work {
+        log.line(&format!(
+            "keeping the scratch directory {}",
+            scratch.display()
+        ));
+    } else if let Err(e) = std::fs::remove_dir_all(&scratch) {
+        log.line(&format!(
+            "warning: cannot remove {}: {e}",
+            scratch.display()
+        ));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build(
+    options: &RunOptions,
+    params: &BuildParams,
+    secrets: &Secrets,
+    log: &BuildLog,
+    progress: &mut Progress,
+    scratch: &Path,
+    tag: &str,
+    docker_slot: &mut Option<DockerDaemon>,
+) -> Result<(), BuildError> {
+    let git = Git::new(git_credentials(secrets));
+    let source = scratch.join("src");
+    progress
+        .phase(
+            log,
+            Phase::Clone,
+            git.fetch(log, &params.repo_url, &params.revision, &source),
+        )
+        .await?;
+    let commit = progress
+        .phase(log, Phase::Checkout, git.checkout(log, &source))
+        .await?;
+    log.line(&format!("commit {commit}"));
+    progress.commit = Some(commit.clone());
+
+    let context = scratch.join("context.tar");
+    let image_id = progress
+        .phase(log, Phase::Build, async {
+            let summary =
+                write_context(&source, &params.dockerfile, &context).map_err(|e| match &e {
+                    ContextError::Io { .. } if is_disk_full(&e) => {
+                        BuildError::disk_full(Phase::Build, "writing the build context")
+                    }
+                    ContextError::Io { .. } => {
+                        BuildError::from_chain(Phase::Build, ErrorClass::Internal, &e)
+                    }
+                    _ => BuildError::from_chain(Phase::Build, ErrorClass::User, &e),
+                })?;
+            log.line(&format!(
+                "context: {} files ({} left out by .dockerignore)",
+                summary.files, summary.ignored
+            ));
+            let _ = std::fs::remove_dir_all(&source);
+            let docker = docker_slot.insert(DockerDaemon::connect(&options.docker_host).await?);
+            let labels = HashMap::from([
+                ("builder-vm.build-id".to_string(), params.build_id.clone()),
+                ("builder-vm.commit".to_string(), commit.clone()),
+            ]);
+            let id = docker
+                .build(log, &context, params.dockerfile.as_str(), tag, labels)
+                .await;
+            let _ = std::fs::remove_file(&context);
+            id
+        })
+        .await?;
+    log.line(&format!("image {image_id}"));
+    progress.image_id = Some(image_id.clone());
+    let docker = docker_slot.as_ref().expect("the build phase connected");
+
+    let archive = scratch.join("image.tar");
+    progress
+        .phase(log, Phase::Export, async {
+            let size = docker.save(tag, &archive).await?;
+            log.line(&format!("image archive: {size} bytes"));
+            Ok(())
+        })
+        .await?;
+
+    let (rootfs_path, config_path) = match &params.s3 {
+        Some(_) => (scratch.join("rootfs.ext4"), scratch.join("rootfs.json")),
+        None => {
+            let dir = options.out_dir.join(&params.build_id);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                BuildError::internal(
+                    Phase::Convert,
+                    format!("cannot create {}: {e}", dir.display()),
+                )
+            })?;
+            (dir.join("rootfs.ext4"), dir.join("rootfs.json"))
+        }
+    };
+    let converted = progress
+        .phase(
+            log,
+            Phase::Convert,
+            convert(log, &archive, &rootfs_path, &config_path, scratch),
+        )
+        .await?;
+    let _ = std::fs::remove_file(&archive);
+
+    let artifact = match (&params.s3, &secrets.s3) {
+        (Some(location), Some(credentials)) => {
+            let client = S3Client::new(credentials.clone())
+                .map_err(|e| BuildError::from_chain(Phase::Upload, ErrorClass::Internal, &e))?;
+            let metadata = vec![
+                ("build-id".to_string(), params.build_id.clone()),
+                ("commit-sha".to_string(), commit.clone()),
+                ("status".to_string(), BuildStatus::Succeeded.to_string()),
+                ("rootfs-sha256".to_string(), converted.sha256.clone()),
+                ("image-digest".to_string(), image_id.clone()),
+            ];
+            progress
+                .phase(log, Phase::Upload, async {
+                    // The config first: the rootfs object appearing means the build is complete.
+                    let config = std::fs::read(&config_path).map_err(|e| {
+                        BuildError::internal(
+                            Phase::Upload,
+                            format!("cannot read the image config: {e}"),
+                        )
+                    })?;
+                    client
+                        .put_object(
+                            &location.bucket,
+                            &location.config_key(),
+                            config.into(),
+                            ObjectAttributes {
+                                content_type: "application/json",
+                                metadata: &metadata,
+                            },
+                        )
+                        .await
+                        .map_err(|e| {
+                            BuildError::from_chain(Phase::Upload, ErrorClass::Internal, &e)
+                        })?;
+                    let mut next_report = 0u64;
+                    client
+                        .upload_file(
+                            &location.bucket,
+                            &location.key,
+                            &rootfs_path,
+                            ObjectAttributes {
+                                content_type: "application/octet-stream",
+                                metadata: &metadata,
+                            },
+                            options.part_size,
+                            |sent, total| {
+                                let percent = sent * 100 / total.max(1);
+                                if percent >= next_report {
+                                    log.line(&format!(
+                                        "upload: {sent} of {total} bytes ({percent} %)"
+                                    ));
+                                    next_report = percent + 10;
+                                }
+                            },
+                        )
+                        .await
+                        .map_err(|e| {
+                            BuildError::from_chain(Phase::Upload, ErrorClass::Internal, &e)
+                        })
+                })
+                .await?;
+            RootfsArtifact {
+                location: location.to_string(),
+                config_location: format!("s3://{}/{}", location.bucket, location.config_key()),
+                size_bytes: converted.size_bytes,
+                sha256: converted.sha256.clone(),
+            }
+        }
+        _ => RootfsArtifact {
+            location: rootfs_path.display().to_string(),
+            config_location: config_path.display().to_string(),
+            size_bytes: converted.size_bytes,
+            sha256: converted.sha256.clone(),
+        },
+    };
+    progress.rootfs = Some(artifact);
+    Ok(())
+}
+
+/// Converts the image archive into the rootfs and writes the image config beside it.
+async fn convert(
+    log: &BuildLog,
+    archive: &Path,
+    rootfs: &Path,
+    config: &Path,
+    scratch: &Path,
+) -> Result<ConvertReport, BuildError> {
+    let options = ConvertOptions {
+        work_dir: scratch.join("convert"),
+        ..ConvertOptions::default()
+    };
+    let (archive, rootfs_owned) = (archive.to_path_buf(), rootfs.to_path_buf());
+    let report = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&options.work_dir)?;
+        let result = builder_rootfs::convert(&archive, &rootfs_owned, &options);
+        let _ = std::fs::remove_dir_all(&options.work_dir);
+        Ok::<_, std::io::Error>(result)
+    })
+    .await
+    .map_err(|e| BuildError::internal(Phase::Convert, format!("the converter crashed: {e}")))?
+    .map_err(|e| {
+        if is_disk_full(&e) {
+            BuildError::disk_full(Phase::Convert, "preparing the converter")
+        } else {
+            BuildError::internal(Phase::Convert, format!("cannot prepare the converter: {e}"))
+        }
+    })?
+    .map_err(|e| {
+        if e.is_disk_full() {
+            BuildError::disk_full(Phase::Convert, "writing the root filesystem")
+        } else {
+            BuildError::from_chain(Phase::Convert, ErrorClass::Internal, &e)
+        }
+    })?;
+    let json =
+        serde_json::to_vec_pretty(&report.config).expect("an image config always serializes");
+    std::fs::write(config, json).map_err(|e| {
+        if is_disk_full(&e) {
+            BuildError::disk_full(Phase::Convert, "writing the image config")
+        } else {
+            BuildError::internal(
+                Phase::Convert,
+                format!("cannot write {}: {e}", config.display()),
+            )
+        }
+    })?;
+    log.line(&format!(
+        "rootfs: {} bytes, {} entries, sha256 {}",
+        report.size_bytes, report.entries, report.sha256
+    ));
+    Ok(report)
+}
