@@ -1,0 +1,160 @@
+//! Everything that can make a conversion fail, split into what the image is to blame for
+//! (`is_user_caused`) and what the host is to blame for, with ENOSPC recognised anywhere in the
+//! chain (`is_disk_full`).
+
+use std::error::Error as _;
+use std::io;
+use std::path::PathBuf;
+
+/// Why a conversion failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The image archive cannot be opened or read at all.
+    #[error("cannot read the image archive {path}")]
+    ReadArchive {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The outer archive (`docker save` / OCI layout tar) is not a well-formed tar file.
+    #[error("the image archive {path} is corrupt: {reason}")]
+    CorruptArchive { path: PathBuf, reason: String },
+    /// A member the image metadata refers to is not in the archive, or points outside it.
+    #[error("the image archive has no usable member {member:?}: {reason}")]
+    MissingMember { member: String, reason: String },
+    /// `manifest.json`, `index.json`, an OCI manifest or the image config is malformed.
+    #[error("invalid image metadata in {member:?}: {reason}")]
+    InvalidMetadata { member: String, reason: String },
+    /// A layer is not a readable tar stream (truncated, bad checksum, bad compression).
+    #[error("layer {layer:?} is corrupt")]
+    CorruptLayer {
+        layer: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An entry of a layer is rejected: the message names the layer, the entry and why.
+    #[error("layer {layer:?}, entry {entry:?}: {problem}")]
+    InvalidEntry {
+        layer: String,
+        entry: String,
+        problem: EntryProblem,
+    },
+    /// The image is larger than the converter accepts.
+    #[error("the image exceeds the limit on {what} ({limit})")]
+    LimitExceeded { what: &'static str, limit: u64 },
+    /// A host file operation failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `mkfs.ext4` could not be started or failed.
+    #[error("mkfs.ext4 failed on {path}: {detail}")]
+    Mkfs {
+        path: PathBuf,
+        detail: String,
+        disk_full: bool,
+    },
+    /// The file system `mkfs.ext4` wrote does not have the layout the post-processing expects.
+    #[error("unexpected ext4 layout in {path}: {reason}")]
+    Ext4Layout { path: PathBuf, reason: String },
+}
+
+/// Why a single layer entry is rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryProblem {
+    #[error("the path is absolute")]
+    AbsolutePath,
+    #[error("the path contains a `..` component")]
+    ParentComponent,
+    #[error("the path is empty")]
+    EmptyPath,
+    #[error("the path goes through the symlink {symlink:?}")]
+    ThroughSymlink { symlink: String },
+    #[error("the path goes through {component:?}, which is not a directory")]
+    ThroughNonDirectory { component: String },
+    #[error("a name component is longer than 255 bytes")]
+    NameTooLong,
+    #[error("the path is deeper than {max} directories")]
+    TooDeep { max: usize },
+    #[error("only a directory may replace the root directory")]
+    ReplacesRoot,
+    #[error("the hardlink target {target:?} is absolute")]
+    HardlinkAbsolute { target: String },
+    #[error("the hardlink target {target:?} contains a `..` component")]
+    HardlinkParent { target: String },
+    #[error("the hardlink target {target:?} does not exist")]
+    HardlinkMissing { target: String },
+    #[error("the hardlink target {target:?} is a directory")]
+    HardlinkToDirectory { target: String },
+    #[error("the hardlink target {target:?} goes through the symlink {symlink:?}")]
+    HardlinkThroughSymlink { target: String, symlink: String },
+    #[error("the symlink target is empty or longer than 4095 bytes")]
+    BadSymlinkTarget,
+    #[error("the whiteout names an invalid file")]
+    BadWhiteout,
+    #[error(
+        "the extended attributes take {bytes} bytes, more than the {max} an ext4 inode can hold"
+    )]
+    XattrsTooLarge { bytes: usize, max: usize },
+    #[error("the extended attribute name {name:?} is invalid")]
+    BadXattrName { name: String },
+    #[error("the data ({size} bytes at offset {offset}) runs past the end of the layer ({layer_size} bytes): truncated or lying header")]
+    Truncated {
+        offset: u64,
+        size: u64,
+        layer_size: u64,
+    },
+    #[error("the mtime {mtime} is outside the range ext4 can store")]
+    BadMtime { mtime: u64 },
+    #[error("the entry type {0:?} is not supported")]
+    UnsupportedType(char),
+    #[error("sparse tar entries are not supported")]
+    SparseUnsupported,
+}
+
+impl ConvertError {
+    /// Whether a write failed because a disk is full (ENOSPC anywhere in the chain).
+    pub fn is_disk_full(&self) -> bool {
+        if let ConvertError::Mkfs { disk_full, .. } = self {
+            return *disk_full;
+        }
+        let mut next: Option<&(dyn std::error::Error + 'static)> = self.source();
+        while let Some(err) = next {
+            if let Some(io) = err.downcast_ref::<io::Error>() {
+                if io.raw_os_error() == Some(libc::ENOSPC) {
+                    return true;
+                }
+            }
+            next = err.source();
+        }
+        false
+    }
+
+    /// Whether the image itself is to blame (malformed, hostile or oversized content), as
+    /// opposed to the host (I/O, missing tools, disk full, a corrupt archive written by Docker).
+    pub fn is_user_caused(&self) -> bool {
+        match self {
+            ConvertError::InvalidEntry { .. } | ConvertError::LimitExceeded { .. } => true,
+            ConvertError::ReadArchive { .. }
+            | ConvertError::CorruptArchive { .. }
+            | ConvertError::MissingMember { .. }
+            | ConvertError::InvalidMetadata { .. }
+            | ConvertError::CorruptLayer { .. }
+            | ConvertError::Io { .. }
+            | ConvertError::Mkfs { .. }
+            | ConvertError::Ext4Layout { .. } => false,
+        }
+    }
+}
+
+/// Shorthand for building [`ConvertError::Io`] in `map_err`.
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> ConvertError {
+    let path = path.into();
+    move |source| ConvertError::Io { op, path, source }
+}

@@ -1,0 +1,537 @@
+//! The merged root filesystem as an in-memory tree: layers are applied in order with Docker's
+//! layer semantics (a later entry replaces an earlier one, whiteouts and opaque directories
+//! hide lower layers, hardlinks share an inode), and every entry is validated as hostile input.
+//! File contents stay in the archive: a node only records where its bytes are.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+
+use crate::archive::{lossy, Span, Window};
+use crate::error::{ConvertError, EntryProblem};
+
+/// Deepest directory nesting accepted.
+pub(crate) const MAX_DEPTH: usize = 256;
+/// Longest name ext4 can store.
+const MAX_NAME: usize = 255;
+/// Longest symlink target ext4 can store with 4 KiB blocks.
+const MAX_SYMLINK_TARGET: usize = 4095;
+/// Room for extended attributes: what fits in one 4 KiB xattr block beside its headers.
+pub(crate) const MAX_XATTR_BYTES: usize = 3900;
+/// Timestamp for directories the image creates implicitly (a parent no entry describes).
+pub(crate) const DEFAULT_MTIME: i64 = 1;
+/// ext4 with 256-byte inodes stores seconds up to 2446-05-10.
+const MAX_MTIME: u64 = 0x3_7FFF_FFFF;
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
+
+pub(crate) type NodeId = usize;
+pub(crate) const ROOT: NodeId = 0;
+
+/// Where a regular file's bytes are: a span of one of the source files.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Content {
+    pub source: usize,
+    pub span: Span,
+}
+
+#[derive(Debug)]
+pub(crate) enum Kind {
+    Dir(BTreeMap<Vec<u8>, NodeId>),
+    File(Content),
+    Symlink(Vec<u8>),
+    CharDevice { major: u32, minor: u32 },
+    BlockDevice { major: u32, minor: u32 },
+    Fifo,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    /// Permission bits including setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub kind: Kind,
+    pub meta: Meta,
+}
+
+/// Limits on what one image may contain.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_entries: u64,
+}
+
+pub(crate) struct Tree {
+    pub nodes: Vec<Node>,
+    /// Tar entries applied so far (all layers), checked against `Limits::max_entries`.
+    applied: u64,
+    limits: Limits,
+}
+
+/// A layer being applied: where its tar is and what it has unpacked so far.
+pub(crate) struct LayerInput<'a> {
+    /// Name used in error messages (the archive member).
+    pub name: &'a str,
+    pub file: &'a File,
+    pub source: usize,
+    pub span: Span,
+}
+
+impl Tree {
+    pub fn new(limits: Limits) -> Self {
+        let root = Node {
+            kind: Kind::Dir(BTreeMap::new()),
+            meta: Meta {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: DEFAULT_MTIME,
+                xattrs: Vec::new(),
+            },
+        };
+        Tree {
+            nodes: vec![root],
+            applied: 0,
+            limits,
+        }
+    }
+
+    pub fn children(&self, id: NodeId) -> Option<&BTreeMap<Vec<u8>, NodeId>> {
+        match &self.nodes[id].kind {
+            Kind::Dir(children) => Some(children),
+            _ => None,
+        }
+    }
+
+    fn children_mut(&mut self, id: NodeId) -> &mut BTreeMap<Vec<u8>, NodeId> {
+        match &mut self.nodes[id].kind {
+            Kind::Dir(children) => children,
+            _ => unreachable!("only directories are resolved as parents"),
+        }
+    }
+
+    /// Applies one layer tar on top of the tree.
+    pub fn apply_layer(&mut self, layer: &LayerInput<'_>) -> Result<(), ConvertError> {
+        let corrupt = |source| ConvertError::CorruptLayer {
+            layer: layer.name.to_owned(),
+            source,
+        };
+        // (parent, name) pairs this layer has put in place: whiteouts and opaque markers only
+        // hide what lower layers provided.
+        let mut unpacked: HashSet<(NodeId, Vec<u8>)> = HashSet::new();
+        let mut archive = tar::Archive::new(Window::new(layer.file, layer.span));
+        for entry in archive.entries_with_seek().map_err(corrupt)? {
+            let mut entry = entry.map_err(corrupt)?;
+            self.applied += 1;
+            if self.applied > self.limits.max_entries {
+                return Err(ConvertError::LimitExceeded {
+                    what: "tar entries",
+                    limit: self.limits.max_entries,
+                });
+            }
+            let raw_path = entry.path_bytes().into_owned();
+            let invalid = |problem| ConvertError::InvalidEntry {
+                layer: layer.name.to_owned(),
+                entry: lossy(&raw_path),
+                problem,
+            };
+            let parsed = parse_entry(&mut entry, layer).map_err(|e| match e {
+                ParseError::Corrupt(io) => corrupt(io),
+                ParseError::Invalid(problem) => invalid(problem),
+            })?;
+            let Some(parsed) = parsed else { continue };
+            let components = split_path(&raw_path).map_err(invalid)?;
+            self.apply_entry(components, parsed, &mut unpacked)
+                .map_err(invalid)?;
+        }
+        Ok(())
+    }
+
+    fn apply_entry(
+        &mut self,
+        components: Vec<&[u8]>,
+        entry: Parsed,
+        unpacked: &mut HashSet<(NodeId, Vec<u8>)>,
+    ) -> Result<(), EntryProblem> {
+        let Some((name, parents)) = components.split_last() else {
+            // The root directory itself.
+            return match entry.kind {
+                ParsedKind::Dir => {
+                    self.nodes[ROOT].meta = entry.meta;
+                    Ok(())
+                }
+                _ => Err(EntryProblem::ReplacesRoot),
+            };
+        };
+        if *name == OPAQUE {
+            if let Some(dir) = self.lookup_dir(parents)? {
+                self.make_opaque(dir, unpacked);
+            }
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if name.starts_with(WHITEOUT_META_PREFIX) {
+                // Other AUFS metadata (.wh..wh.plnk, ...) carries nothing; Docker skips it.
+                return Ok(());
+            }
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(EntryProblem::BadWhiteout);
+            }
+            if let Some(dir) = self.lookup_dir(parents)? {
+                if !unpacked.contains(&(dir, hidden.to_vec())) {
+                    self.children_mut(dir).remove(hidden);
+                }
+            }
+            return Ok(());
+        }
+        let parent = self.make_parents(parents)?;
+        let existing = self.children(parent).and_then(|c| c.get(*name)).copied();
+        if let (Some(id), ParsedKind::Dir) = (existing, &entry.kind) {
+            if matches!(self.nodes[id].kind, Kind::Dir(_)) {
+                self.nodes[id].meta = entry.meta;
+                unpacked.insert((parent, name.to_vec()));
+                return Ok(());
+            }
+        }
+        if existing.is_some() {
+            self.children_mut(parent).remove(*name);
+        }
+        let id = match entry.kind {
+            ParsedKind::Hardlink(target) => self.resolve_hardlink(&target)?,
+            kind => {
+                let kind = match kind {
+                    ParsedKind::Dir => Kind::Dir(BTreeMap::new()),
+                    ParsedKind::Other(kind) => kind,
+                    ParsedKind::Hardlink(_) => unreachable!("handled above"),
+                };
+                self.nodes.push(Node {
+                    kind,
+                    meta: entry.meta,
+                });
+                self.nodes.len() - 1
+            }
+        };
+        self.children_mut(parent).insert(name.to_vec(), id);
+        unpacked.insert((parent, name.to_vec()));
+        Ok(())
+    }
+
+    /// Removes everything below `dir` that this layer did not put there.
+    fn make_opaque(&mut self, dir: NodeId, unpacked: &HashSet<(NodeId, Vec<u8>)>) {
+        let names: Vec<Vec<u8>> = self
+            .children(dir)
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            if unpacked.contains(&(dir, name.clone())) {
+                let child = self.children(dir).and_then(|c| c.get(&name)).copied();
+                if let Some(child) = child.filter(|&c| matches!(self.nodes[c].kind, Kind::Dir(_))) {
+                    self.make_opaque(child, unpacked);
+                }
+            } else {
+                self.children_mut(dir).remove(&name);
+            }
+        }
+    }
+
+    /// Walks `components` from the root; each must be an existing real directory.
+    /// `Ok(None)` when one is missing.
+    fn lookup_dir(&self, components: &[&[u8]]) -> Result<Option<NodeId>, EntryProblem> {
+        let mut current = ROOT;
+        for (i, component) in components.iter().enumerate() {
+            let Some(&child) = self.children(current).and_then(|c| c.get(*component)) else {
+                return Ok(None);
+            };
+            match &self.nodes[child].kind {
+                Kind::Dir(_) => current = child,
+                Kind::Symlink(_) => {
+                    return Err(EntryProblem::ThroughSymlink {
+                        symlink: lossy(&components[..=i].join(&b'/')),
+                    })
+                }
+                _ => {
+                    return Err(EntryProblem::ThroughNonDirectory {
+                        component: lossy(&components[..=i].join(&b'/')),
+                    })
+                }
+            }
+        }
+        Ok(Some(current))
+    }
+
+    /// Like `lookup_dir`, but creates missing directories (root-owned, 0755) as Docker does.
+    fn make_parents(&mut self, components: &[&[u8]]) -> Result<NodeId, EntryProblem> {
+        let mut current = ROOT;
+        for (i, component) in components.iter().enumerate() {
+            let child = match self.children(current).and_then(|c| c.get(*component)) {
+                Some(&child) => child,
+                None => {
+                    self.nodes.push(Node {
+                        kind: Kind::Dir(BTreeMap::new()),
+                        meta: Meta {
+                            mode: 0o755,
+                            uid: 0,
+                            gid: 0,
+                            mtime: DEFAULT_MTIME,
+                            xattrs: Vec::new(),
+                        },
+                    });
+                    let id = self.nodes.len() - 1;
+                    self.children_mut(current).insert(component.to_vec(), id);
+                    id
+                }
+            };
+            match &self.nodes[child].kind {
+                Kind::Dir(_) => current = child,
+                Kind::Symlink(_) => {
+                    return Err(EntryProblem::ThroughSymlink {
+                        symlink: lossy(&components[..=i].join(&b'/')),
+                    })
+                }
+                _ => {
+                    return Err(EntryProblem::ThroughNonDirectory {
+                        component: lossy(&components[..=i].join(&b'/')),
+                    })
+                }
+            }
+        }
+        Ok(current)
+    }
+
+    fn resolve_hardlink(&self, target: &[u8]) -> Result<NodeId, EntryProblem> {
+        let shown = lossy(target);
+        let components = split_path(target).map_err(|problem| match problem {
+            EntryProblem::AbsolutePath => EntryProblem::HardlinkAbsolute {
+                target: shown.clone(),
+            },
+            EntryProblem::ParentComponent => EntryProblem::HardlinkParent {
+                target: shown.clone(),
+            },
+            _ => EntryProblem::HardlinkMissing {
+                target: shown.clone(),
+            },
+        })?;
+        let Some((name, parents)) = components.split_last() else {
+            return Err(EntryProblem::HardlinkToDirectory { target: shown });
+        };
+        let dir = self.lookup_dir(parents).map_err(|problem| match problem {
+            EntryProblem::ThroughSymlink { symlink } => EntryProblem::HardlinkThroughSymlink {
+                target: shown.clone(),
+                symlink,
+            },
+            _ => EntryProblem::HardlinkMissing {
+                target: shown.clone(),
+            },
+        })?;
+        let node = dir
+            .and_then(|dir| self.children(dir).and_then(|c| c.get(*name)).copied())
+            .ok_or_else(|| EntryProblem::HardlinkMissing {
+                target: shown.clone(),
+            })?;
+        if matches!(self.nodes[node].kind, Kind::Dir(_)) {
+            return Err(EntryProblem::HardlinkToDirectory { target: shown });
+        }
+        Ok(node)
+    }
+}
+
+enum ParsedKind {
+    Dir,
+    Hardlink(Vec<u8>),
+    Other(Kind),
+}
+
+struct Parsed {
+    kind: ParsedKind,
+    meta: Meta,
+}
+
+enum ParseError {
+    Corrupt(std::io::Error),
+    Invalid(EntryProblem),
+}
+
+impl From<EntryProblem> for ParseError {
+    fn from(problem: EntryProblem) -> Self {
+        ParseError::Invalid(problem)
+    }
+}
+
+/// Reads type, metadata and xattrs of one tar entry; `None` for entries that carry nothing
+/// (PAX global headers).
+fn parse_entry(
+    entry: &mut tar::Entry<'_, Window<'_>>,
+    layer: &LayerInput<'_>,
+) -> Result<Option<Parsed>, ParseError> {
+    let header = entry.header();
+    let entry_type = header.entry_type();
+    if entry_type.is_pax_global_extensions() {
+        return Ok(None);
+    }
+    let mode = header.mode().map_err(ParseError::Corrupt)? & 0o7777;
+    let uid = header.uid().map_err(ParseError::Corrupt)?;
+    let gid = header.gid().map_err(ParseError::Corrupt)?;
+    let mtime = header.mtime().map_err(ParseError::Corrupt)?;
+    if mtime > MAX_MTIME {
+        return Err(EntryProblem::BadMtime { mtime }.into());
+    }
+    let (uid, gid) = match (u32::try_from(uid), u32::try_from(gid)) {
+        (Ok(uid), Ok(gid)) => (uid, gid),
+        _ => {
+            return Err(ParseError::Corrupt(std::io::Error::other(
+                "uid or gid above 2^32",
+            )))
+        }
+    };
+    let device = |entry: &tar::Entry<'_, Window<'_>>| -> Result<(u32, u32), ParseError> {
+        let major = entry
+            .header()
+            .device_major()
+            .map_err(ParseError::Corrupt)?
+            .unwrap_or(0);
+        let minor = entry
+            .header()
+            .device_minor()
+            .map_err(ParseError::Corrupt)?
+            .unwrap_or(0);
+        Ok((major, minor))
+    };
+    let kind = match entry_type {
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            let offset = entry.raw_file_position();
+            let size = entry.size();
+            if offset
+                .checked_add(size)
+                .is_none_or(|end| end > layer.span.len)
+            {
+                return Err(EntryProblem::Truncated {
+                    offset,
+                    size,
+                    layer_size: layer.span.len,
+                }
+                .into());
+            }
+            ParsedKind::Other(Kind::File(Content {
+                source: layer.source,
+                span: Span {
+                    offset: layer.span.offset + offset,
+                    len: size,
+                },
+            }))
+        }
+        tar::EntryType::Directory => ParsedKind::Dir,
+        tar::EntryType::Link => {
+            ParsedKind::Hardlink(entry.link_name_bytes().unwrap_or_default().into_owned())
+        }
+        tar::EntryType::Symlink => {
+            let target = entry.link_name_bytes().unwrap_or_default().into_owned();
+            if target.is_empty() || target.len() > MAX_SYMLINK_TARGET || target.contains(&0) {
+                return Err(EntryProblem::BadSymlinkTarget.into());
+            }
+            ParsedKind::Other(Kind::Symlink(target))
+        }
+        tar::EntryType::Char => {
+            let (major, minor) = device(entry)?;
+            ParsedKind::Other(Kind::CharDevice { major, minor })
+        }
+        tar::EntryType::Block => {
+            let (major, minor) = device(entry)?;
+            ParsedKind::Other(Kind::BlockDevice { major, minor })
+        }
+        tar::EntryType::Fifo => ParsedKind::Other(Kind::Fifo),
+        tar::EntryType::GNUSparse => return Err(EntryProblem::SparseUnsupported.into()),
+        other => return Err(EntryProblem::UnsupportedType(other.as_byte() as char).into()),
+    };
+    let mut xattrs = Vec::new();
+    let mut xattr_bytes = 0;
+    if let Some(extensions) = entry.pax_extensions().map_err(ParseError::Corrupt)? {
+        for extension in extensions {
+            let extension = extension.map_err(ParseError::Corrupt)?;
+            let key = extension.key_bytes();
+            if key.starts_with(b"GNU.sparse.") {
+                return Err(EntryProblem::SparseUnsupported.into());
+            }
+            let Some(name) = key.strip_prefix(b"SCHILY.xattr.") else {
+                continue;
+            };
+            if name.is_empty() || name.len() > 255 || name.contains(&0) || !name.contains(&b'.') {
+                return Err(EntryProblem::BadXattrName { name: lossy(name) }.into());
+            }
+            let value = extension.value_bytes();
+            xattr_bytes += name.len() + value.len() + 16;
+            if xattr_bytes > MAX_XATTR_BYTES {
+                return Err(EntryProblem::XattrsTooLarge {
+                    bytes: xattr_bytes,
+                    max: MAX_XATTR_BYTES,
+                }
+                .into());
+            }
+            xattrs.push((name.to_vec(), value.to_vec()));
+        }
+    }
+    xattrs.sort();
+    Ok(Some(Parsed {
+        kind,
+        meta: Meta {
+            mode,
+            uid,
+            gid,
+            mtime: mtime as i64,
+            xattrs,
+        },
+    }))
+}
+
+/// Splits a layer path into components: `.` and empty components are dropped, absolute paths,
+/// `..`, over-long names and over-deep paths are rejected. An empty result is the root.
+fn split_path(path: &[u8]) -> Result<Vec<&[u8]>, EntryProblem> {
+    if path.is_empty() {
+        return Err(EntryProblem::EmptyPath);
+    }
+    if path[0] == b'/' {
+        return Err(EntryProblem::AbsolutePath);
+    }
+    let mut components = Vec::new();
+    for component in path.split(|&b| b == b'/') {
+        match component {
+            b"" | b"." => {}
+            b".." => return Err(EntryProblem::ParentComponent),
+            name if name.len() > MAX_NAME => return Err(EntryProblem::NameTooLong),
+            name => components.push(name),
+        }
+    }
+    if components.len() > MAX_DEPTH {
+        return Err(EntryProblem::TooDeep { max: MAX_DEPTH });
+    }
+    Ok(components)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_split_and_checked() {
+        assert_eq!(split_path(b"./a//b/").unwrap(), vec![&b"a"[..], b"b"]);
+        assert!(split_path(b"./").unwrap().is_empty());
+        assert!(matches!(
+            split_path(b"/etc"),
+            Err(EntryProblem::AbsolutePath)
+        ));
+        assert!(matches!(
+            split_path(b"a/../../x"),
+            Err(EntryProblem::ParentComponent)
+        ));
+        assert!(matches!(
+            split_path(&[b'a'; 256]),
+            Err(EntryProblem::NameTooLong)
+        ));
+    }
+}
