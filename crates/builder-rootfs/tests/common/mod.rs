@@ -323,3 +323,183 @@ fn libc_major(dev: u64) -> u64 {
 fn libc_minor(dev: u64) -> u64 {
     ((dev >> 12) & 0xffff_ff00) | (dev & 0xff)
 }
+
+/// Tar archives written byte by byte (ustar headers, PAX records), so tests can put anything
+/// in them: `..`, absolute names, lying sizes, bad checksums.
+pub mod craft {
+    use std::path::Path;
+
+    #[derive(Clone)]
+    pub struct Entry<'a> {
+        pub path: &'a [u8],
+        pub kind: u8,
+        pub mode: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub mtime: u64,
+        pub link: &'a [u8],
+        pub device: (u32, u32),
+        pub data: &'a [u8],
+        /// Size written in the header when it must lie about `data`.
+        pub claimed_size: Option<u64>,
+        pub xattrs: &'a [(&'a str, &'a [u8])],
+    }
+
+    pub fn file<'a>(path: &'a [u8], data: &'a [u8]) -> Entry<'a> {
+        Entry {
+            path,
+            kind: b'0',
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1_600_000_000,
+            link: b"",
+            device: (0, 0),
+            data,
+            claimed_size: None,
+            xattrs: &[],
+        }
+    }
+
+    pub fn dir(path: &[u8]) -> Entry<'_> {
+        Entry {
+            kind: b'5',
+            mode: 0o755,
+            ..file(path, b"")
+        }
+    }
+
+    pub fn symlink<'a>(path: &'a [u8], target: &'a [u8]) -> Entry<'a> {
+        Entry {
+            kind: b'2',
+            mode: 0o777,
+            link: target,
+            ..file(path, b"")
+        }
+    }
+
+    pub fn hardlink<'a>(path: &'a [u8], target: &'a [u8]) -> Entry<'a> {
+        Entry {
+            kind: b'1',
+            link: target,
+            ..file(path, b"")
+        }
+    }
+
+    fn octal(field: &mut [u8], value: u64) {
+        let text = format!("{:0width$o}", value, width = field.len() - 1);
+        assert!(text.len() < field.len(), "{value} does not fit a tar field");
+        field[..text.len()].copy_from_slice(text.as_bytes());
+        field[text.len()] = 0;
+    }
+
+    /// One 512-byte ustar header with a correct checksum.
+    pub fn header(e: &Entry<'_>, path: &[u8], size: u64) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        assert!(path.len() <= 100 && e.link.len() <= 100);
+        h[..path.len()].copy_from_slice(path);
+        octal(&mut h[100..108], e.mode.into());
+        octal(&mut h[108..116], e.uid.into());
+        octal(&mut h[116..124], e.gid.into());
+        octal(&mut h[124..136], size);
+        octal(&mut h[136..148], e.mtime);
+        h[156] = e.kind;
+        h[157..157 + e.link.len()].copy_from_slice(e.link);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        octal(&mut h[329..337], e.device.0.into());
+        octal(&mut h[337..345], e.device.1.into());
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        octal(&mut h[148..155], sum.into());
+        h
+    }
+
+    fn pad(out: &mut Vec<u8>) {
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+
+    fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let body = [b" ".as_slice(), key, b"=", value, b"\n"].concat();
+        let mut len = body.len() + 1;
+        while format!("{len}").len() + body.len() != len {
+            len += 1;
+        }
+        [format!("{len}").as_bytes(), &body].concat()
+    }
+
+    /// A layer tar of `entries` (PAX records for long names and xattrs), with end blocks.
+    pub fn layer(entries: &[Entry<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in entries {
+            append(&mut out, e);
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    pub fn append(out: &mut Vec<u8>, e: &Entry<'_>) {
+        let mut records = Vec::new();
+        let path = if e.path.len() > 100 {
+            records.extend(pax_record(b"path", e.path));
+            &b"././@PaxHeader"[..]
+        } else {
+            e.path
+        };
+        for (key, value) in e.xattrs {
+            records.extend(pax_record(format!("SCHILY.xattr.{key}").as_bytes(), value));
+        }
+        if !records.is_empty() {
+            let pax = Entry {
+                kind: b'x',
+                ..file(b"", b"")
+            };
+            out.extend_from_slice(&header(&pax, b"././@PaxHeader", records.len() as u64));
+            out.extend_from_slice(&records);
+            pad(out);
+        }
+        let size = e.claimed_size.unwrap_or(e.data.len() as u64);
+        out.extend_from_slice(&header(e, path, size));
+        out.extend_from_slice(e.data);
+        pad(out);
+    }
+
+    /// Writes a Docker 20.10 `docker save` archive with the given layers and config.
+    pub fn docker_archive(path: &Path, layers: &[Vec<u8>], config: &[u8]) {
+        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        let config_name = format!("{}.json", sha256_hex(config));
+        let mut layer_names = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let name = format!("{i:064}/layer.tar");
+            members.push((name.clone(), layer.clone()));
+            layer_names.push(name);
+        }
+        members.push((config_name.clone(), config.to_vec()));
+        let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": ["crafted:latest"], "Layers": layer_names }]);
+        members.push((
+            "manifest.json".into(),
+            serde_json::to_vec(&manifest).unwrap(),
+        ));
+        write_outer(path, &members, &[]);
+    }
+
+    /// An outer tar of regular members plus symlink members (name, target).
+    pub fn write_outer(path: &Path, members: &[(String, Vec<u8>)], links: &[(&str, &str)]) {
+        let mut out = Vec::new();
+        for (name, data) in members {
+            append(&mut out, &file(name.as_bytes(), data));
+        }
+        for (name, target) in links {
+            append(&mut out, &symlink(name.as_bytes(), target.as_bytes()));
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        std::fs::write(path, out).unwrap();
+    }
+
+    pub fn sha256_hex(data: &[u8]) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(data))
+    }
+
+    pub const CONFIG: &[u8] = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/app"],"Env":["A=1"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+}
