@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# `make builder-vm`: builds everything a builder VM boots from.
+#
+#   build/vms/vmlinux               guest kernel (scripts/build-kernel.sh, cached by its inputs)
+#   build/vms/builder-rootfs.ext4   root filesystem: debootstrap minbase + CHROOT_CMDS below
+#                                   + vm/rootfs-overlay/ + builder-agent as /usr/local/bin/builder-agent
+#   build/vms/builder-vm.json       versions, sha256 and size of each artifact, boot args,
+#                                   default resources and the build parameter keys
+#
+# Each step leaves a stamp in build/vms/.stamps/ that records its inputs, so a rerun skips
+# what is already done and redoes only what changed (an interrupted run resumes).
+#
+# Usage: sudo scripts/build-builder-vm.sh [--distro debian|ubuntu] [--suite SUITE]
+#                                         [--mirror URL] [--disk-size SIZE] [--out DIR]
+# The same settings as environment variables: BUILDER_VM_DISTRO, BUILDER_VM_SUITE,
+# BUILDER_VM_MIRROR, BUILDER_VM_DISK_SIZE, BUILDER_VM_OUT. BUILDER_AGENT_BIN names a
+# prebuilt static builder-agent; without it the agent is built with cargo.
+set -euo pipefail
+
+# ---------------------------------------------------------------------------------------------
+# CHROOT_CMDS: everything installed into the root filesystem. To add packages, edit this
+# section and rerun `make builder-vm`: the change is detected and only this step and the image
+# are redone. Runs inside the chroot with the distribution's apt sources configured.
+# ---------------------------------------------------------------------------------------------
+read -r -d '' CHROOT_CMDS <<'CHROOT' || true
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends \
+	docker.io containerd runc iptables iproute2 pigz xz-utils \
+	git git-lfs openssh-client ca-certificates \
+	build-essential make python3 nodejs npm golang default-jdk-headless ruby \
+	awscli e2fsprogs procps
+git lfs install --system --skip-repo
+CHROOT
+# ---------------------------------------------------------------------------------------------
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+distro=${BUILDER_VM_DISTRO:-debian}
+suite=${BUILDER_VM_SUITE:-}
+mirror=${BUILDER_VM_MIRROR:-}
+disk_size=${BUILDER_VM_DISK_SIZE:-4G}
+out=${BUILDER_VM_OUT:-$repo_root/build/vms}
+
+usage() {
+	sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+	exit "${1:-0}"
+}
+while [ $# -gt 0 ]; do
+	case $1 in
+	--distro) distro=$2; shift 2 ;;
+	--suite) suite=$2; shift 2 ;;
+	--mirror) mirror=$2; shift 2 ;;
+	--disk-size) disk_size=$2; shift 2 ;;
+	--out) out=$2; shift 2 ;;
+	-h | --help) usage 0 ;;
+	*) echo "unknown argument: $1" >&2; usage 2 ;;
+	esac
+done
+
+script_started=$(date +%s.%N)
+log() { printf '[builder-vm %6.1fs] %s\n' "$(echo "$(date +%s.%N) - $script_started" | bc)" "$*" >&2; }
+die() { printf '[builder-vm] error: %s\n' "$*" >&2; exit 1; }
+
+# The first Debian archive this machine's apt uses (one-line or deb822 sources).
+host_debian_mirror() {
+	local file
+	for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+		[ -r "$file" ] || continue
+		sed -n -e 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' \
+			-e 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\{0,1\}\([^[:space:]]*\).*/\2/p' "$file"
+	done | grep -E '/debian/?$' | head -n1
+}
+
+case $distro in
+debian)
+	suite=${suite:-bookworm}
+	mirror=${mirror:-$(host_debian_mirror)}
+	mirror=${mirror:-http://deb.debian.org/debian}
+	components=main
+	security_mirror=${mirror%/}-security
+	security_suite=$suite-security
+	;;
+ubuntu)
+	suite=${suite:-jammy}
+	mirror=${mirror:-http://archive.ubuntu.com/ubuntu}
+	components="main universe"
+	security_mirror=${mirror%/}
+	security_suite=$suite-security
+	;;
+*) die "unknown distribution '$distro' (use debian or ubuntu)" ;;
+esac
+mirror=${mirror%/}
+
+rootfs=$out/rootfs
+stamps=$out/.stamps
+image=$out/builder-rootfs.ext4
+kernel=$out/vmlinux
+manifest=$out/builder-vm.json
+agent_in_rootfs=/usr/local/bin/builder-agent
+boot_args="console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=$agent_in_rootfs"
+
+# ---- preflight --------------------------------------------------------------------------------
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and image ownership need it): sudo $0"
+command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+for tool in mkfs.ext4 e2fsck unshare chroot python3 sha256sum bc curl; do
+	command -v "$tool" >/dev/null || die "'$tool' is needed and is not installed"
+done
+if ! curl -fsS --max-time 20 -o /dev/null "$mirror/dists/$suite/Release"; then
+	die "the mirror $mirror does not serve $distro $suite (cannot fetch $mirror/dists/$suite/Release); pass --mirror URL"
+fi
+mkdir -p "$out" "$stamps"
+log "building $distro $suite from $mirror into $out"
+
+stamp_matches() { [ -f "$stamps/$1" ] && [ "$(cat "$stamps/$1")" = "$2" ]; }
+write_stamp() { printf '%s\n' "$2" >"$stamps/$1.tmp" && mv "$stamps/$1.tmp" "$stamps/$1"; }
+timed() {
+	local name=$1 started
+	shift
+	started=$(date +%s.%N)
+	log "==> $name"
+	"$@"
+	log "<== $name: $(printf '%.1f' "$(echo "$(date +%s.%N) - $started" | bc)")s"
+}
+
+# Runs a shell script inside the root filesystem, in a private mount namespace so that
+# /proc, /sys and /dev are unmounted by the kernel however the script ends.
+in_chroot() {
+	unshare --mount --propagation private -- /bin/sh -ec '
+		mount -t proc proc "$1/proc"
+		mount -t sysfs sysfs "$1/sys"
+		mount --rbind /dev "$1/dev"
+		exec chroot "$1" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+			HOME=/root LC_ALL=C.UTF-8 /bin/sh -euxc "$2"
+	' in_chroot "$rootfs" "$1"
+}
+
+# Copies vm/rootfs-overlay/ into the root filesystem, owned by root.
+apply_overlay() {
+	tar -C "$repo_root/vm/rootfs-overlay" --owner=0 --group=0 -c . | tar -C "$rootfs" -x --no-same-owner
+}
+
+# ---- 1. kernel (in the background: it needs CPU, the rootfs steps mostly need the network) ----
+kernel_log=$out/kernel-build.log
+log "==> kernel: scripts/build-kernel.sh in the background, log in $kernel_log"
+kernel_started=$(date +%s.%N)
+"$repo_root/scripts/build-kernel.sh" "$kernel" >"$kernel_log" 2>&1 &
+kernel_pid=$!
+trap 'kill "$kernel_pid" 2>/dev/null || true' EXIT
+wait_for_kernel() {
+	if ! wait "$kernel_pid"; then
+		cat "$kernel_log" >&2
+		die "the kernel build failed (log: $kernel_log)"
+	fi
+	trap - EXIT
+	log "<== kernel: $(printf '%.1f' "$(echo "$(date +%s.%N) - $kernel_started" | bc)")s after start ($(tail -n1 "$kernel_log"))"
+}
+
+# ---- 2. debootstrap ---------------------------------------------------------------------------
+debootstrap_inputs="$distro $suite $mirror minbase"
+step_debootstrap() {
+	if [ -d "$rootfs" ]; then
+		log "discarding $rootfs (an interrupted or different debootstrap)"
+		rm -rf "$rootfs"
+	fi
+	rm -f "$stamps"/*
+	debootstrap --variant=minbase --components="${components// /,}" "$suite" "$rootfs" "$mirror"
+	write_stamp debootstrap "$debootstrap_inputs"
+}
+if stamp_matches debootstrap "$debootstrap_inputs"; then
+	log "debootstrap: done before ($debootstrap_inputs)"
+else
+	timed "debootstrap $debootstrap_inputs" step_debootstrap
+fi
+
+# ---- 3. packages (CHROOT_CMDS) ----------------------------------------------------------------
+packages_inputs=$(printf '%s\n%s\n%s %s %s\n' "$debootstrap_inputs" "$CHROOT_CMDS" "$security_mirror" "$security_suite" "$components" | sha256sum | cut -d' ' -f1)
+step_packages() {
+	rm -f "$stamps/packages" "$stamps/image"
+	{
+		echo "deb $mirror $suite $components"
+		echo "deb $mirror $suite-updates $components"
+		echo "deb $security_mirror $security_suite $components"
+	} >"$rootfs/etc/apt/sources.list"
+	# Daemons installed in the chroot must not start.
+	printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
+	chmod 755 "$rootfs/usr/sbin/policy-rc.d"
+	apply_overlay
+	# apt needs the host's resolver while the packages are installed.
+	rm -f "$rootfs/etc/resolv.conf"
+	cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
+	in_chroot "dpkg --configure -a
+$CHROOT_CMDS"
+	rm -f "$rootfs/usr/sbin/policy-rc.d"
+	write_stamp packages "$packages_inputs"
+}
+if stamp_matches packages "$packages_inputs"; then
+	log "packages: done before"
+else
+	timed "packages (CHROOT_CMDS)" step_packages
+fi
+
+# ---- 4. builder-agent -------------------------------------------------------------------------
+build_agent() {
+	(cd "$repo_root" && RUSTFLAGS="-C target-feature=+crt-static" \
+		cargo build --release -p builder-agent --target x86_64-unknown-linux-gnu)
+}
+if [ -n "${BUILDER_AGENT_BIN:-}" ]; then
+	agent_bin=$BUILDER_AGENT_BIN
+else
+	timed "builder-agent (cargo, static)" build_agent
+	agent_bin=$repo_root/target/x86_64-unknown-linux-gnu/release/builder-agent
+fi
+[ -x "$agent_bin" ] || die "the builder-agent binary $agent_bin does not exist"
+if ldd "$agent_bin" >/dev/null 2>&1; then
+	die "$agent_bin is dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static'"
+fi
+agent_version=$("$agent_bin" --version) || die "'$agent_bin --version' failed"
+agent_inputs=$(sha256sum "$agent_bin" | cut -d' ' -f1)
+if stamp_matches agent "$agent_inputs" && cmp -s "$agent_bin" "$rootfs$agent_in_rootfs"; then
+	log "builder-agent: installed before ($agent_version)"
+else
+	install -D -m 0755 -o 0 -g 0 "$agent_bin" "$rootfs$agent_in_rootfs"
+	write_stamp agent "$agent_inputs"
+	log "builder-agent: installed $agent_version"
+fi
+
+# ---- 5. overlay and cleanup (cheap, every run) -----------------------------------------------
+step_finalize() {
+	rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/var/cache/debconf/*-old \
+		"$rootfs"/var/lib/dpkg/*-old "$rootfs"/tmp/* "$rootfs"/var/tmp/* "$rootfs"/root/.cache \
+		"$rootfs"/root/.npm "$rootfs"/root/.wget-hsts "$rootfs"/etc/ssh/ssh_host_* \
+		"$rootfs"/var/lib/dbus/machine-id "$rootfs"/usr/sbin/policy-rc.d
+	find "$rootfs/var/log" -type f -delete
+	# An empty machine-id: every boot gets a fresh one, no two VMs share it.
+	: >"$rootfs/etc/machine-id"
+	rm -f "$rootfs/etc/resolv.conf"
+	apply_overlay
+}
+timed "overlay and cleanup" step_finalize
+
+# ---- 6. ext4 image ----------------------------------------------------------------------------
+overlay_hash=$(tar -C "$repo_root/vm/rootfs-overlay" --sort=name --owner=0 --group=0 --mtime=@0 -c . | sha256sum | cut -d' ' -f1)
+image_inputs=$(printf '%s\n' "$packages_inputs" "$agent_inputs" "$overlay_hash" "$disk_size" | sha256sum | cut -d' ' -f1)
+step_image() {
+	rm -f "$stamps/image" "$image.tmp"
+	truncate -s "$disk_size" "$image.tmp"
+	mkfs.ext4 -q -F -L builder-root -m 0 -E root_owner=0:0 -d "$rootfs" "$image.tmp"
+	e2fsck -fn "$image.tmp" >/dev/null
+	mv "$image.tmp" "$image"
+	write_stamp image "$image_inputs"
+}
+if stamp_matches image "$image_inputs" && [ -f "$image" ]; then
+	log "image: made before ($image)"
+else
+	timed "ext4 image ($disk_size, mkfs.ext4 -d)" step_image
+fi
+
+wait_for_kernel
+
+# ---- 7. manifest -------------------------------------------------------------------------------
+pkg_version() { dpkg-query --admindir="$rootfs/var/lib/dpkg" -W -f='${Version}' "$1"; }
+write_manifest() {
+	BVM_KERNEL="$kernel" BVM_IMAGE="$image" BVM_ROOTFS="$rootfs" \
+	BVM_KERNEL_RELEASE="$(cat "$out/vmlinux.release")" \
+	BVM_KERNEL_SOURCE="$(dpkg-query -W -f='${Package} ${Version}' "${KERNEL_SOURCE_PKG:-linux-source-6.1}")" \
+	BVM_DISTRO="$distro" BVM_SUITE="$suite" BVM_MIRROR="$mirror" \
+	BVM_DOCKER="$(pkg_version docker.io)" BVM_CONTAINERD="$(pkg_version containerd)" \
+	BVM_RUNC="$(pkg_version runc)" BVM_GIT="$(pkg_version git)" BVM_AGENT="$agent_version" \
+	BVM_BOOT_ARGS="$boot_args" BVM_AGENT_PATH="$agent_in_rootfs" \
+	BVM_PARAMS_RS="$repo_root/crates/builder-contract/src/params.rs" \
+		python3 - "$manifest.tmp" <<'PY'
+import datetime, hashlib, json, os, re, sys
+
+env = os.environ
+
+def artifact(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    st = os.stat(path)
+    return {
+        "file": os.path.basename(path),
+        "sha256": digest.hexdigest(),
+        "size_bytes": st.st_size,
+        "allocated_bytes": st.st_blocks * 512,
+    }
+
+def os_release(root):
+    fields = {}
+    with open(os.path.join(root, "etc/os-release")) as f:
+        for line in f:
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                fields[key] = value.strip('"')
+    return fields.get("PRETTY_NAME", "")
+
+params = open(env["BVM_PARAMS_RS"]).read()
+keys = re.search(r"pub const PARAM_KEYS: \[&str; \d+\] = \[(.*?)\];", params, re.S)
+if keys is None:
+    sys.exit("PARAM_KEYS not found in " + env["BVM_PARAMS_RS"])
+
+image = artifact(env["BVM_IMAGE"])
+manifest = {
+    "build_date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "versions": {
+        "kernel": env["BVM_KERNEL_RELEASE"],
+        "kernel_source": env["BVM_KERNEL_SOURCE"],
+        "distro": {"id": env["BVM_DISTRO"], "suite": env["BVM_SUITE"],
+                   "name": os_release(env["BVM_ROOTFS"]), "mirror": env["BVM_MIRROR"]},
+        "docker": env["BVM_DOCKER"],
+        "containerd": env["BVM_CONTAINERD"],
+        "runc": env["BVM_RUNC"],
+        "git": env["BVM_GIT"],
+        "agent": env["BVM_AGENT"],
+    },
+    "artifacts": {"kernel": artifact(env["BVM_KERNEL"]), "rootfs": image},
+    "boot_args": env["BVM_BOOT_ARGS"],
+    "agent_path": env["BVM_AGENT_PATH"],
+    "root_device": "/dev/vda",
+    "defaults": {"vcpus": 4, "mem_mib": 2048, "disk_bytes": image["size_bytes"]},
+    "param_keys": re.findall(r'"([a-z_]+)"', keys.group(1)),
+}
+with open(sys.argv[1], "w") as f:
+    json.dump(manifest, f, indent=2)
+    f.write("\n")
+PY
+	mv "$manifest.tmp" "$manifest"
+}
+timed "manifest" write_manifest
+
+log "done: $kernel ($(stat -c %s "$kernel") bytes), $image ($(stat -c %s "$image") bytes, $(du -B1 "$image" | cut -f1) allocated), $manifest"
