@@ -191,12 +191,12 @@ impl Writer<'_> {
             let mut start = 0;
             while start < n {
                 let end = (start + BLOCK as usize).min(n);
-                if buf[start..end].iter().any(|&b| b != 0) {
+                if !is_zero(&buf[start..end]) {
                     // Extend the run of non-zero blocks as far as it goes.
                     let mut run_end = end;
                     while run_end < n {
                         let next = (run_end + BLOCK as usize).min(n);
-                        if buf[run_end..next].iter().all(|&b| b == 0) {
+                        if is_zero(&buf[run_end..next]) {
                             break;
                         }
                         run_end = next;
@@ -225,6 +225,12 @@ impl Writer<'_> {
             source,
         }
     }
+}
+
+/// Whether a block (at most 4 KiB) is all zeros; a slice comparison is a `memcmp`.
+fn is_zero(block: &[u8]) -> bool {
+    static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+    block == &ZEROS[..block.len()]
 }
 
 fn cstring(bytes: &[u8]) -> CString {

@@ -1,0 +1,331 @@
+//! Layer semantics and input formats on crafted archives, for what Docker cannot be made to
+//! produce (arbitrary xattrs, whiteout ordering inside a layer, repeated layers stored as
+//! symlink members, files over 4 GiB without writing 4 GiB) and the OCI layout form.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use common::craft::{
+    self, dir, docker_archive, file, hardlink, layer, symlink, write_outer, Entry, CONFIG,
+};
+use common::{convert_in, e2fsck, Mount};
+
+fn converted(scratch: &Path, archive: &Path) -> (builder_rootfs::ConvertReport, Mount) {
+    let output = scratch.join("out.ext4");
+    let report = convert_in(scratch, archive, &output);
+    e2fsck(&output);
+    (report, Mount::new(&output))
+}
+
+fn layers() -> Vec<Vec<u8>> {
+    let cap = [1u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    vec![
+        layer(&[
+            dir(b"etc"),
+            Entry {
+                xattrs: &[
+                    ("user.note", b"hello"),
+                    ("security.capability", &cap),
+                    ("trusted.t", b"x"),
+                ],
+                mode: 0o4750,
+                uid: 1000,
+                gid: 2000,
+                mtime: 1_234_567_890,
+                ..file(b"etc/app", b"#!/bin/sh\n")
+            },
+            Entry {
+                xattrs: &[("user.dir", b"d")],
+                mode: 0o1777,
+                ..dir(b"tmp")
+            },
+            Entry {
+                xattrs: &[("trusted.link", b"l")],
+                ..symlink(b"etc/link", b"/nowhere")
+            },
+            Entry {
+                kind: b'3',
+                device: (4, 64),
+                mode: 0o620,
+                gid: 5,
+                ..file(b"dev/ttyS0", b"")
+            },
+            Entry {
+                kind: b'4',
+                device: (8, 1),
+                ..file(b"dev/sda1", b"")
+            },
+            Entry {
+                kind: b'6',
+                ..file(b"run/fifo", b"")
+            },
+            file(b"shared/a", b"one"),
+            hardlink(b"shared/b", b"shared/a"),
+            hardlink(b"shared/c", b"shared/a"),
+            dir(b"opaque"),
+            file(b"opaque/lower", b"lower"),
+            file(b"gone", b"gone"),
+            file(b"implicit/parents/file", b"p"),
+            file(b"aufs/keep", b"k"),
+        ]),
+        layer(&[
+            // Hardlink to a file of the lower layer.
+            hardlink(b"etc/app-link", b"etc/app"),
+            // Replacing one name of a hardlinked trio leaves the other two linked.
+            file(b"shared/c", b"replaced"),
+            // Opaque: the entry this layer adds survives, the lower one does not, whatever
+            // the order.
+            file(b"opaque/upper", b"upper"),
+            file(b"opaque/.wh..wh..opq", b""),
+            // A whiteout only hides lower layers: a same-layer entry stays.
+            file(b"new", b"new"),
+            file(b".wh.new", b""),
+            file(b".wh.gone", b""),
+            // AUFS hardlink metadata is ignored.
+            file(b"aufs/.wh..wh.plnk", b""),
+            // Metadata-only change of a lower directory keeps its children.
+            Entry {
+                mode: 0o700,
+                uid: 7,
+                ..dir(b"implicit")
+            },
+        ]),
+    ]
+}
+
+#[test]
+fn crafted_layers_apply_like_docker() {
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = scratch.path().join("image.tar");
+    docker_archive(&archive, &layers(), CONFIG);
+    let (report, mount) = converted(scratch.path(), &archive);
+    let root = mount.path();
+    assert_eq!(report.config.cmd.as_deref(), Some(&["/app".to_owned()][..]));
+
+    let app = std::fs::symlink_metadata(root.join("etc/app")).unwrap();
+    assert_eq!(
+        (app.mode() & 0o7777, app.uid(), app.gid(), app.mtime()),
+        (0o4750, 1000, 2000, 1_234_567_890)
+    );
+    assert_eq!(
+        xattr::get(root.join("etc/app"), "user.note")
+            .unwrap()
+            .as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert!(xattr::get(root.join("etc/app"), "security.capability")
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        xattr::get(root.join("etc/app"), "trusted.t")
+            .unwrap()
+            .as_deref(),
+        Some(&b"x"[..])
+    );
+    assert_eq!(
+        xattr::get(root.join("tmp"), "user.dir").unwrap().as_deref(),
+        Some(&b"d"[..])
+    );
+    assert_eq!(
+        xattr::get(root.join("etc/link"), "trusted.link")
+            .unwrap()
+            .as_deref(),
+        Some(&b"l"[..])
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(root.join("tmp")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("etc/link")).unwrap(),
+        Path::new("/nowhere")
+    );
+
+    let tty = std::fs::symlink_metadata(root.join("dev/ttyS0")).unwrap();
+    assert!(tty.file_type().is_char_device());
+    assert_eq!(
+        (tty.rdev(), tty.mode() & 0o7777, tty.gid()),
+        (libc::makedev(4, 64), 0o620, 5)
+    );
+    let sda = std::fs::symlink_metadata(root.join("dev/sda1")).unwrap();
+    assert!(sda.file_type().is_block_device() && sda.rdev() == libc::makedev(8, 1));
+    assert!(std::fs::symlink_metadata(root.join("run/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    let ino = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap().ino();
+    assert_eq!(ino("etc/app"), ino("etc/app-link"));
+    assert_eq!(
+        std::fs::symlink_metadata(root.join("etc/app"))
+            .unwrap()
+            .nlink(),
+        2
+    );
+    assert_eq!(ino("shared/a"), ino("shared/b"));
+    assert_ne!(ino("shared/a"), ino("shared/c"));
+    assert_eq!(std::fs::read(root.join("shared/c")).unwrap(), b"replaced");
+    assert_eq!(std::fs::read(root.join("shared/b")).unwrap(), b"one");
+
+    assert!(!root.join("opaque/lower").exists());
+    assert_eq!(std::fs::read(root.join("opaque/upper")).unwrap(), b"upper");
+    assert_eq!(std::fs::read(root.join("new")).unwrap(), b"new");
+    assert!(!root.join("gone").exists());
+    assert!(!root.join("aufs/.wh..wh.plnk").exists() && root.join("aufs/keep").exists());
+    let implicit = std::fs::symlink_metadata(root.join("implicit")).unwrap();
+    assert_eq!((implicit.mode() & 0o7777, implicit.uid()), (0o700, 7));
+    assert_eq!(
+        std::fs::read(root.join("implicit/parents/file")).unwrap(),
+        b"p"
+    );
+    let parents = std::fs::symlink_metadata(root.join("implicit/parents")).unwrap();
+    assert_eq!((parents.mode() & 0o7777, parents.uid()), (0o755, 0));
+}
+
+/// The same layers and config as an OCI image layout with gzip-compressed layers must give
+/// the very same file system as the docker save form.
+#[test]
+fn oci_layout_with_gzip_layers_gives_the_same_bytes() {
+    let scratch = tempfile::tempdir().unwrap();
+    let docker = scratch.path().join("docker.tar");
+    docker_archive(&docker, &layers(), CONFIG);
+    let docker_out = scratch.path().join("docker.ext4");
+    let expected = convert_in(scratch.path(), &docker, &docker_out);
+
+    let blob = |data: &[u8]| {
+        (
+            format!("blobs/sha256/{}", craft::sha256_hex(data)),
+            data.to_vec(),
+        )
+    };
+    let mut members = Vec::new();
+    let mut layer_descriptors = Vec::new();
+    for tar in layers() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        layer_descriptors.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": format!("sha256:{}", craft::sha256_hex(&gz)),
+            "size": gz.len(),
+        }));
+        members.push(blob(&gz));
+    }
+    members.push(blob(CONFIG));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", craft::sha256_hex(CONFIG)),
+            "size": CONFIG.len(),
+        },
+        "layers": layer_descriptors,
+    }))
+    .unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", craft::sha256_hex(&manifest)),
+            "size": manifest.len(),
+        }],
+    });
+    members.push(blob(&manifest));
+    members.push(("index.json".into(), serde_json::to_vec(&index).unwrap()));
+    members.push((
+        "oci-layout".into(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    ));
+    let oci = scratch.path().join("oci.tar");
+    write_outer(&oci, &members, &[]);
+    let oci_out = scratch.path().join("oci.ext4");
+    let report = convert_in(scratch.path(), &oci, &oci_out);
+    e2fsck(&oci_out);
+    assert_eq!(report.image_id, expected.image_id);
+    assert_eq!(
+        report.sha256, expected.sha256,
+        "the OCI and docker save forms differ"
+    );
+}
+
+/// `docker save` stores a layer that repeats as a symlink member to the first copy.
+#[test]
+fn repeated_layers_stored_as_symlink_members_are_followed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = scratch.path().join("image.tar");
+    let first = layer(&[file(b"f", b"first")]);
+    let second = layer(&[file(b"f", b"second")]);
+    let manifest = serde_json::json!([{ "Config": "c.json", "Layers": ["a/layer.tar", "b/layer.tar", "c/layer.tar"] }]);
+    write_outer(
+        &archive,
+        &[
+            (
+                "manifest.json".into(),
+                serde_json::to_vec(&manifest).unwrap(),
+            ),
+            ("c.json".into(), CONFIG.to_vec()),
+            ("a/layer.tar".into(), first),
+            ("b/layer.tar".into(), second),
+        ],
+        &[("c/layer.tar", "../a/layer.tar")],
+    );
+    let (_, mount) = converted(scratch.path(), &archive);
+    assert_eq!(std::fs::read(mount.path().join("f")).unwrap(), b"first");
+}
+
+/// A 5 GiB file, mostly zeros, stored in an archive that is itself sparse on disk: the
+/// converted file system holds it with the right size and content, as a sparse file.
+#[test]
+fn files_over_4_gib_convert_sparse() {
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = scratch.path().join("image.tar");
+    let size: u64 = 5 << 30;
+    let tail = b"end of a large file";
+    // Outer tar: manifest, config, then the layer member whose content is written by hand:
+    // inner header, a hole, the tail, padding and end blocks.
+    let inner_header = craft::header(&file(b"big", b""), b"big", size);
+    let inner_len = 512 + size.next_multiple_of(512) + 1024;
+    let manifest = serde_json::json!([{ "Config": "c.json", "Layers": ["l/layer.tar"] }]);
+    let mut head = Vec::new();
+    craft::append(
+        &mut head,
+        &file(b"manifest.json", &serde_json::to_vec(&manifest).unwrap()),
+    );
+    craft::append(&mut head, &file(b"c.json", CONFIG));
+    let layer_entry = Entry {
+        claimed_size: Some(inner_len),
+        ..file(b"l/layer.tar", b"")
+    };
+    head.extend_from_slice(&craft::header(&layer_entry, b"l/layer.tar", inner_len));
+    let data_start = head.len() as u64 + 512;
+    head.extend_from_slice(&inner_header);
+    let out = std::fs::File::create(&archive).unwrap();
+    use std::os::unix::fs::FileExt;
+    out.write_all_at(&head, 0).unwrap();
+    out.write_all_at(tail, data_start + size - tail.len() as u64)
+        .unwrap();
+    out.set_len(head.len() as u64 + inner_len - 512 + 1024)
+        .unwrap();
+    drop(out);
+
+    let (_, mount) = converted(scratch.path(), &archive);
+    let big = mount.path().join("big");
+    let meta = std::fs::metadata(&big).unwrap();
+    assert_eq!(meta.len(), size);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "the large file is not sparse: {} blocks",
+        meta.blocks()
+    );
+    let f = std::fs::File::open(&big).unwrap();
+    let mut buf = vec![0u8; tail.len()];
+    f.read_exact_at(&mut buf, size - tail.len() as u64).unwrap();
+    assert_eq!(buf, tail);
+    let mut zeros = vec![1u8; 4096];
+    f.read_exact_at(&mut zeros, 3 << 30).unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+}
