@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use bollard::query_parameters::{BuildImageOptionsBuilder, RemoveImageOptionsBuilder};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, ImportImageOptionsBuilder, RemoveImageOptionsBuilder,
+};
 use bollard::Docker;
 use builder_contract::{ErrorClass, Phase};
 use futures_util::StreamExt;
@@ -138,6 +140,23 @@ impl DockerDaemon {
         }
         writer.flush().await.map_err(io_error)?;
         Ok(size)
+    }
+
+    /// Loads a `docker save` archive into the daemon (`docker load`); returns what it said.
+    pub async fn load(&self, archive: &Path) -> Result<String, String> {
+        let file = tokio::fs::File::open(archive)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+        let body = bollard::body_try_stream(ReaderStream::with_capacity(file, 1 << 20));
+        let options = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut stream = self.docker.import_image(options, body, None);
+        let mut said = String::new();
+        while let Some(item) = stream.next().await {
+            let info =
+                item.map_err(|e| format!("cannot load {}: {}", archive.display(), chain(&e)))?;
+            said.push_str(info.stream.as_deref().unwrap_or_default().trim());
+        }
+        Ok(said)
     }
 
     /// Removes the image and its intermediate layers (best effort: a leftover image is logged).

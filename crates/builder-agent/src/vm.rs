@@ -26,6 +26,10 @@ pub const CONFIG_DEVICE: &str = "/dev/vdc";
 pub const SCRATCH_MOUNT: &str = "/mnt/scratch";
 pub const CONFIG_MOUNT: &str = "/run/builder-config";
 pub const SECRETS_FILE: &str = "/run/builder-config/secrets.json";
+/// Base images loaded into dockerd before the build: baked into the builder rootfs by
+/// `make builder-vm PRELOAD_IMAGES=...` (the "pre-pull common base images" knob), and per
+/// build on the config drive.
+pub const IMAGE_DIRS: [&str; 2] = ["/usr/share/builder-vm/images", "/run/builder-config/images"];
 /// The console line the host looks for: `builder-agent: exit=<code>`.
 pub const EXIT_MARKER: &str = "builder-agent: exit=";
 const DOCKER_SOCKET: &str = "/run/docker.sock";
@@ -239,10 +243,11 @@ pub fn build() -> i32 {
         part_size: crate::s3::DEFAULT_PART_SIZE,
         keep_work: false,
     };
-    if let Err(e) = &ready {
-        console(&format!(
+    match &ready {
+        Ok(()) => runtime.block_on(load_base_images()),
+        Err(e) => console(&format!(
             "warning: {e}; the build will report the daemon's state"
-        ));
+        )),
     }
     let outcome = runtime.block_on(pipeline::run(&options));
     // SAFETY: signalling our own child.
@@ -283,6 +288,37 @@ fn start_dockerd() -> Result<std::process::Child, String> {
         .stderr(log_err)
         .spawn()
         .map_err(|e| format!("cannot start dockerd: {e}"))
+}
+
+/// `docker load`s every `*.tar` of [`IMAGE_DIRS`]; a failure is reported and the build goes on
+/// (a `FROM` that needed the image then fails with the daemon's own clear message).
+async fn load_base_images() {
+    let docker =
+        match crate::docker::DockerDaemon::connect(&format!("unix://{DOCKER_SOCKET}")).await {
+            Ok(docker) => docker,
+            Err(e) => return console(&format!("warning: {e}")),
+        };
+    for dir in IMAGE_DIRS {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut archives: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+            .collect();
+        archives.sort();
+        for archive in archives {
+            let started = Instant::now();
+            match docker.load(&archive).await {
+                Ok(said) => console(&format!(
+                    "loaded {} in {} ms: {said}",
+                    archive.display(),
+                    started.elapsed().as_millis()
+                )),
+                Err(e) => console(&format!("warning: {e}")),
+            }
+        }
+    }
 }
 
 async fn wait_for_dockerd() -> Result<(), String> {
