@@ -21,7 +21,7 @@ case ${1:-} in
 start)
 	bt_require_root "$0"
 	bt_ensure_deps
-	bt_start_all "${@:2}"
+	bt_start_all "${2:---with-s3}"
 	touch "$BT_STATE/manual"
 	bt_log "ready; run: eval \"\$($0 env)\""
 	;;

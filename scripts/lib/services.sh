@@ -314,10 +314,14 @@ bt_unlock() {
 	unset BT_LOCK_FD
 }
 
-# Starts every service (idempotently); `--no-s3` leaves S3 out.
+# Starts every service (idempotently): `--with-s3`, or `--no-s3` to leave S3 out.
 bt_start_all() {
-	local with_s3=true
-	[[ ${1:-} == --no-s3 ]] && with_s3=false
+	local with_s3
+	case $1 in
+	--with-s3) with_s3=true ;;
+	--no-s3) with_s3=false ;;
+	*) bt_die "bt_start_all: unknown option $1" ;;
+	esac
 	bt_lock
 	bt_start_dockerd
 	bt_ensure_base_image

@@ -1,0 +1,14 @@
+# shellcheck shell=bash
+# The Rust toolchain the workspace builds with (rust-version in Cargo.toml), found where rustup
+# puts it even when sudo has reset PATH, installed with rustup when absent. Needs bt_log/bt_die
+# and bt_apt_install from services.sh.
+
+bt_ensure_rust() {
+	export PATH=$PATH:$HOME/.cargo/bin:/root/.cargo/bin
+	command -v cc >/dev/null || bt_apt_install gcc libc6-dev
+	command -v cargo >/dev/null && return 0
+	bt_log "no cargo found: installing the stable Rust toolchain with rustup"
+	curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal ||
+		bt_die "cannot install Rust: install a toolchain >= the workspace's rust-version with rustup"
+	export PATH=$PATH:$HOME/.cargo/bin
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one test command (what CI runs, through .ci/run): on a fresh Debian 12, as root, installs
+# what is missing, starts the test services (scripts/lib/services.sh), builds every target of the
+# workspace and runs every test against the real components. Exits non-zero on any failure.
+# Services it started are stopped on exit; ones already running (scripts/services.sh start, or a
+# concurrent run) are left as they were.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib/services.sh
+source scripts/lib/toolchain.sh
+bt_require_root "$0"
+
+phase_start=$SECONDS
+elapsed() {
+	local took=$((SECONDS - phase_start))
+	phase_start=$SECONDS
+	echo "${took}s"
+}
+
+bt_ensure_deps
+bt_ensure_rust
+bt_lease_take
+trap bt_lease_release EXIT
+bt_start_all --with-s3
+eval "$(bt_env)"
+setup_time=$(elapsed)
+
+echo "== cargo build --workspace --all-targets"
+cargo build --workspace --all-targets --locked
+build_time=$(elapsed)
+
+echo "== cargo test --workspace"
+log=target/test-output.log
+status=0
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+test_time=$(elapsed)
+
+count() { awk -v what="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" what) n += $i } END { print n + 0 }' "$log"; }
+echo
+echo "== summary"
+echo "setup  $setup_time (dockerd, SeaweedFS S3, git daemon, base image)"
+echo "build  $build_time"
+echo "tests  $test_time: $(count passed) passed, $(count failed) failed, $(count ignored) ignored (log: $log)"
+if ((status != 0)); then
+	grep -E '^test .* FAILED$|^error: |^    `' "$log" | sed 's/^/  /' || true
+	echo "RESULT: FAIL (exit $status)"
+	exit "$status"
+fi
+echo "RESULT: PASS"
