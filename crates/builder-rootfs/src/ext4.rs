@@ -2,9 +2,11 @@
 //! identifiers, and one post-processing pass.
 //!
 //! `mkfs.ext4 -d` copies each inode's ctime from the staging directory, i.e. the moment the
-//! converter wrote it, which would make two conversions differ. [`pin_ctimes`] rewrites the
-//! ctime of every in-use inode to its mtime and recomputes the inode checksum, reading the
-//! superblock, group descriptors, inode bitmaps and inode tables directly.
+//! converter wrote it, which would make two conversions differ, and gives the root directory
+//! fixed attributes instead of the image's. [`finish_inodes`] rewrites the ctime of every
+//! in-use inode to its mtime, gives the root inode the image's mode, owner and mtime, and
+//! recomputes the inode checksums, reading the superblock, group descriptors, inode bitmaps
+//! and inode tables directly.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,8 +18,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{io_err, ConvertError};
 use crate::materialize::Usage;
+use crate::tree::Meta;
 
 const BLOCK: u64 = 4096;
+const ROOT_INODE: u32 = 2;
 const INODE_SIZE: u64 = 256;
 const BLOCKS_PER_GROUP: u64 = 32768;
 /// `E2FSPROGS_FAKE_TIME`: superblock times, and times of the root and lost+found.
@@ -172,8 +176,9 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Sets ctime := mtime (with nanoseconds) on every in-use inode and fixes its checksum.
-pub(crate) fn pin_ctimes(path: &Path) -> Result<(), ConvertError> {
+/// Sets ctime := mtime (with nanoseconds) on every in-use inode, the root directory's
+/// attributes to `root`, and fixes the checksums.
+pub(crate) fn finish_inodes(path: &Path, root: &Meta) -> Result<(), ConvertError> {
     let layout = |reason: &str| ConvertError::Ext4Layout {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -249,8 +254,12 @@ pub(crate) fn pin_ctimes(path: &Path) -> Result<(), ConvertError> {
             } else {
                 0
             };
+            let number = (group * inodes_per_group + index as u64 + 1) as u32;
+            if number == ROOT_INODE {
+                set_root_attributes(inode, extra, root);
+            }
             let mtime = le32(inode, 0x10);
-            let mut changed = le32(inode, 0x0C) != mtime;
+            let mut changed = number == ROOT_INODE || le32(inode, 0x0C) != mtime;
             inode[0x0C..0x10].copy_from_slice(&mtime.to_le_bytes());
             if extra >= 12 {
                 // i_ctime_extra at 0x84, i_mtime_extra at 0x88.
@@ -262,7 +271,6 @@ pub(crate) fn pin_ctimes(path: &Path) -> Result<(), ConvertError> {
                 continue;
             }
             if metadata_csum {
-                let number = (group * inodes_per_group + index as u64 + 1) as u32;
                 let has_hi = extra >= 4;
                 inode[0x7C..0x7E].fill(0);
                 if has_hi {
@@ -287,6 +295,28 @@ pub(crate) fn pin_ctimes(path: &Path) -> Result<(), ConvertError> {
         }
     }
     file.sync_all().map_err(io_err("sync", path))
+}
+
+/// Mode bits, owner and times of the root directory inode (mkfs gives it 0755, its own
+/// owner and the fake time).
+fn set_root_attributes(inode: &mut [u8], extra: usize, root: &Meta) {
+    let mode = (u32::from(le16(inode, 0x0)) & 0o170000) | (root.mode & 0o7777);
+    inode[0x00..0x02].copy_from_slice(&(mode as u16).to_le_bytes());
+    inode[0x02..0x04].copy_from_slice(&(root.uid as u16).to_le_bytes());
+    inode[0x78..0x7A].copy_from_slice(&((root.uid >> 16) as u16).to_le_bytes());
+    inode[0x18..0x1A].copy_from_slice(&(root.gid as u16).to_le_bytes());
+    inode[0x7A..0x7C].copy_from_slice(&((root.gid >> 16) as u16).to_le_bytes());
+    let seconds = (root.mtime as u32).to_le_bytes();
+    // The extra fields hold the epoch bits (above 32) in their low two bits, nanoseconds above.
+    let epoch = (((root.mtime >> 32) & 0b11) as u32).to_le_bytes();
+    for at in [0x08, 0x0C, 0x10] {
+        inode[at..at + 4].copy_from_slice(&seconds);
+    }
+    if extra >= 16 {
+        for at in [0x84, 0x88, 0x8C] {
+            inode[at..at + 4].copy_from_slice(&epoch);
+        }
+    }
 }
 
 /// CRC-32C (Castagnoli) without pre- or post-inversion, as ext4 chains it.

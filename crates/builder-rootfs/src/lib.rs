@@ -153,12 +153,13 @@ fn convert_inner(
     let staging = work.path().join("rootfs");
     std::fs::create_dir(&staging).map_err(io_err("create", &staging))?;
     let usage = materialize::materialize(&tree, &sources, &staging)?;
+    let root = tree.nodes[tree::ROOT].meta.clone();
     drop(tree);
     drop(inflated);
 
     let sizing = ext4::size_for(&usage, options.free_space_percent, options.min_free_bytes);
     ext4::make_filesystem(&staging, output, work.path(), &sizing, &image.id)?;
-    ext4::pin_ctimes(output)?;
+    ext4::finish_inodes(output, &root)?;
     let (size_bytes, sha256) = ext4::digest_file(output)?;
     work.close()
         .map_err(io_err("remove the work directory in", &options.work_dir))?;

@@ -24,6 +24,13 @@ fn layers() -> Vec<Vec<u8>> {
     let cap = [1u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     vec![
         layer(&[
+            Entry {
+                mode: 0o750,
+                uid: 3,
+                gid: 4,
+                mtime: 1_500_000_000,
+                ..dir(b"./")
+            },
             dir(b"etc"),
             Entry {
                 xattrs: &[
@@ -105,6 +112,11 @@ fn crafted_layers_apply_like_docker() {
     let root = mount.path();
     assert_eq!(report.config.cmd.as_deref(), Some(&["/app".to_owned()][..]));
 
+    let top = std::fs::symlink_metadata(root).unwrap();
+    assert_eq!(
+        (top.mode() & 0o7777, top.uid(), top.gid(), top.mtime()),
+        (0o750, 3, 4, 1_500_000_000)
+    );
     let app = std::fs::symlink_metadata(root.join("etc/app")).unwrap();
     assert_eq!(
         (app.mode() & 0o7777, app.uid(), app.gid(), app.mtime()),
