@@ -102,7 +102,7 @@ boot_args="console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=$agent_in_rootfs
 # ---- preflight --------------------------------------------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and image ownership need it): sudo $0"
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
-for tool in mkfs.ext4 e2fsck unshare chroot python3 sha256sum bc curl; do
+for tool in mkfs.ext4 e2fsck unshare chroot python3 sha256sum bc curl readelf; do
 	command -v "$tool" >/dev/null || die "'$tool' is needed and is not installed"
 done
 if ! curl -fsS --max-time 20 -o /dev/null "$mirror/dists/$suite/Release"; then
@@ -211,7 +211,8 @@ else
 	agent_bin=$repo_root/target/x86_64-unknown-linux-gnu/release/builder-agent
 fi
 [ -x "$agent_bin" ] || die "the builder-agent binary $agent_bin does not exist"
-if ldd "$agent_bin" >/dev/null 2>&1; then
+# It runs before anything else in the guest and must not need the rootfs's dynamic loader.
+if readelf -l "$agent_bin" | grep -q 'program interpreter'; then
 	die "$agent_bin is dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static'"
 fi
 agent_version=$("$agent_bin" --version) || die "'$agent_bin --version' failed"
@@ -245,7 +246,8 @@ step_image() {
 	rm -f "$stamps/image" "$image.tmp"
 	truncate -s "$disk_size" "$image.tmp"
 	mkfs.ext4 -q -F -L builder-root -m 0 -E root_owner=0:0 -d "$rootfs" "$image.tmp"
-	e2fsck -fn "$image.tmp" >/dev/null
+	local fsck_output
+	fsck_output=$(e2fsck -fn "$image.tmp" 2>&1) || die "the new image fails e2fsck: $fsck_output"
 	mv "$image.tmp" "$image"
 	write_stamp image "$image_inputs"
 }
