@@ -1,0 +1,661 @@
+//! The network of one VM: a network namespace `bvm-<id>`, a veth pair from the host into it, a
+//! TAP inside it for the guest, NAT on both hops, and egress rules. Everything is derived from
+//! the VM's tag and its slot in an [`AddressPool`], so the host side can be found again by name
+//! (see [`crate::reclaim`]).
+//!
+//! Addresses: slot `n` owns the `/29` at `pool + 8n`: `.1`/`.2` are the host and namespace ends
+//! of the veth (a `/30`), `.5` is the TAP (the guest's gateway) and `.6` the guest (another
+//! `/30`). The guest learns its address from the kernel `ip=` parameter.
+//!
+//! Egress, enforced in the namespace's `FORWARD` chain (gone with the namespace) and the host's
+//! `INPUT` chain (tagged with a comment): the guest may not reach the host itself (except one
+//! allowed TCP port, the webhook endpoint), any address of the pool (other VMs), or link-local
+//! `169.254.0.0/16` (cloud metadata); everything else is allowed, or only an allowlist.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cleanup::CleanupStack;
+use crate::host::{Host, HostCommand, HostError};
+
+/// Prefix of every host-side veth name (`bvh-<slot>`).
+pub const HOST_VETH_PREFIX: &str = "bvh-";
+/// Name of the veth end inside the namespace.
+pub const NS_VETH: &str = "veth0";
+/// Name of the guest's TAP inside the namespace.
+pub const TAP: &str = "tap0";
+/// The guest's interface name, as given to the kernel `ip=` parameter.
+pub const GUEST_IFACE: &str = "eth0";
+/// Link-local range of cloud metadata services, always blocked.
+pub const LINK_LOCAL: &str = "169.254.0.0/16";
+
+/// Why the network could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the address pool {network}/{prefix} is not valid: {reason}")]
+    InvalidPool {
+        network: Ipv4Addr,
+        prefix: u8,
+        reason: &'static str,
+    },
+    #[error("slot {slot} is outside the address pool, which has {slots} slots")]
+    SlotOutOfRange { slot: u32, slots: u32 },
+    #[error("`{value}` is not an egress rule; expected CIDR or CIDR:PORT, e.g. 10.0.0.0/8:443")]
+    InvalidRule { value: String },
+    #[error("setting up the VM network failed at `{step}`")]
+    Step {
+        step: String,
+        #[source]
+        source: HostError,
+    },
+}
+
+/// The IPv4 range VM networks are carved from, one `/29` per slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressPool {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Default for AddressPool {
+    /// `10.200.0.0/16`: 8192 slots.
+    fn default() -> Self {
+        AddressPool {
+            network: Ipv4Addr::new(10, 200, 0, 0),
+            prefix: 16,
+        }
+    }
+}
+
+impl fmt::Display for AddressPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// The four addresses of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmAddresses {
+    /// Host end of the veth: the address the guest uses to reach the host's allowed port.
+    pub host_veth: Ipv4Addr,
+    /// Namespace end of the veth.
+    pub ns_veth: Ipv4Addr,
+    /// The TAP's address, the guest's default gateway.
+    pub gateway: Ipv4Addr,
+    pub guest: Ipv4Addr,
+}
+
+impl AddressPool {
+    /// Checks the pool is an aligned network with room for at least one slot.
+    pub fn validate(&self) -> Result<(), NetError> {
+        let invalid = |reason| NetError::InvalidPool {
+            network: self.network,
+            prefix: self.prefix,
+            reason,
+        };
+        if self.prefix > 29 || self.prefix == 0 {
+            return Err(invalid("the prefix length must be between 1 and 29"));
+        }
+        if u32::from(self.network) & !mask(self.prefix) != 0 {
+            return Err(invalid("the network address has host bits set"));
+        }
+        Ok(())
+    }
+
+    /// How many VMs the pool can address at once.
+    pub fn slots(&self) -> u32 {
+        1 << (29 - u32::from(self.prefix.min(29)))
+    }
+
+    /// The addresses of `slot`.
+    pub fn addresses(&self, slot: u32) -> Result<VmAddresses, NetError> {
+        self.validate()?;
+        if slot >= self.slots() {
+            return Err(NetError::SlotOutOfRange {
+                slot,
+                slots: self.slots(),
+            });
+        }
+        let base = u32::from(self.network) + slot * 8;
+        Ok(VmAddresses {
+            host_veth: Ipv4Addr::from(base + 1),
+            ns_veth: Ipv4Addr::from(base + 2),
+            gateway: Ipv4Addr::from(base + 5),
+            guest: Ipv4Addr::from(base + 6),
+        })
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+impl VmAddresses {
+    /// The kernel `ip=` parameter that configures the guest's `eth0` statically:
+    /// `ip=<guest>::<gateway>:255.255.255.252::eth0:off[:<dns0>[:<dns1>]]`.
+    pub fn kernel_ip_param(&self, dns: &[Ipv4Addr]) -> String {
+        let mut param = format!(
+            "ip={}::{}:{}::{GUEST_IFACE}:off",
+            self.guest,
+            self.gateway,
+            Ipv4Addr::from(mask(30))
+        );
+        for server in dns.iter().take(2) {
+            param.push_str(&format!(":{server}"));
+        }
+        param
+    }
+
+    /// The guest's MAC address: `06:00` followed by its IPv4 address, as Firecracker's examples
+    /// do, so a MAC seen in a log names its VM.
+    pub fn guest_mac(&self) -> String {
+        let [a, b, c, d] = self.guest.octets();
+        format!("06:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+    }
+}
+
+/// One allowed destination: a CIDR, optionally a single TCP/UDP port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EgressRule {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+    pub port: Option<u16>,
+}
+
+impl FromStr for EgressRule {
+    type Err = NetError;
+
+    /// Parses `CIDR` or `CIDR:PORT` (`1.2.3.4` alone means `/32`).
+    fn from_str(value: &str) -> Result<Self, NetError> {
+        let invalid = || NetError::InvalidRule {
+            value: value.to_string(),
+        };
+        let (cidr, port) = match value.split_once(':') {
+            Some((cidr, port)) => (cidr, Some(port.parse::<u16>().map_err(|_| invalid())?)),
+            None => (value, None),
+        };
+        let (addr, prefix) = match cidr.split_once('/') {
+            Some((addr, prefix)) => (addr, prefix.parse::<u8>().map_err(|_| invalid())?),
+            None => (cidr, 32),
+        };
+        let network: Ipv4Addr = addr.parse().map_err(|_| invalid())?;
+        if prefix > 32 || port == Some(0) {
+            return Err(invalid());
+        }
+        Ok(EgressRule {
+            network: Ipv4Addr::from(u32::from(network) & mask(prefix)),
+            prefix,
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for EgressRule {
+    type Error = NetError;
+    fn try_from(value: String) -> Result<Self, NetError> {
+        value.parse()
+    }
+}
+
+impl From<EgressRule> for String {
+    fn from(rule: EgressRule) -> String {
+        rule.to_string()
+    }
+}
+
+impl fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)?;
+        if let Some(port) = self.port {
+            write!(f, ":{port}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the guest may reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPolicy {
+    /// The one TCP port of the host (at [`VmAddresses::host_veth`]) the guest may connect to:
+    /// the node agent's webhook endpoint.
+    #[serde(default)]
+    pub host_port: Option<u16>,
+    /// `None`: everything not blocked is allowed. `Some`: only these destinations (plus the DNS
+    /// servers on port 53).
+    #[serde(default)]
+    pub allow: Option<Vec<EgressRule>>,
+}
+
+/// The network part of a VM's spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// This VM's slot in the pool; the caller keeps slots unique among running VMs.
+    pub slot: u32,
+    #[serde(default)]
+    pub egress: EgressPolicy,
+    /// Resolvers given to the guest (at most two are used).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// Everything needed to build one VM's network, computed without touching the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPlan {
+    /// `bvm-<id>`: the namespace name, the host veth's alias and the comment on host rules.
+    pub tag: String,
+    pub host_veth: String,
+    pub addresses: VmAddresses,
+    pub pool: AddressPool,
+    pub spec: NetworkSpec,
+    /// Owner of the TAP (the jailed Firecracker's uid); `None` leaves it to root.
+    pub tap_owner: Option<u32>,
+}
+
+/// A command and the command that undoes it.
+type Step = (HostCommand, Option<HostCommand>);
+
+impl NetworkPlan {
+    pub fn new(
+        tag: &str,
+        pool: AddressPool,
+        spec: NetworkSpec,
+        tap_owner: Option<u32>,
+    ) -> Result<Self, NetError> {
+        Ok(NetworkPlan {
+            tag: tag.to_string(),
+            host_veth: format!("{HOST_VETH_PREFIX}{}", spec.slot),
+            addresses: pool.addresses(spec.slot)?,
+            pool,
+            spec,
+            tap_owner,
+        })
+    }
+
+    /// Path of the namespace, as the jailer's `--netns` wants it.
+    pub fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.tag)
+    }
+
+    /// The kernel `ip=` parameter for this VM.
+    pub fn kernel_ip_param(&self) -> String {
+        self.addresses.kernel_ip_param(&self.spec.dns)
+    }
+
+    /// The rules loaded into the namespace with `iptables-restore`.
+    pub fn netns_rules(&self) -> String {
+        let a = &self.addresses;
+        let mut forward = vec!["-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT".to_string()];
+        if let Some(port) = self.spec.egress.host_port {
+            forward.push(format!(
+                "-i {TAP} -d {}/32 -p tcp --dport {port} -j ACCEPT",
+                a.host_veth
+            ));
+        }
+        forward.push(format!("-i {TAP} -d {} -j DROP", self.pool));
+        forward.push(format!("-i {TAP} -d {LINK_LOCAL} -j DROP"));
+        match &self.spec.egress.allow {
+            None => forward.push(format!("-i {TAP} -j ACCEPT")),
+            Some(rules) => {
+                for dns in self.spec.dns.iter().take(2) {
+                    for proto in ["udp", "tcp"] {
+                        forward.push(format!(
+                            "-i {TAP} -d {dns}/32 -p {proto} --dport 53 -j ACCEPT"
+                        ));
+                    }
+                }
+                for rule in rules {
+                    let dest = format!("-i {TAP} -d {}/{}", rule.network, rule.prefix);
+                    match rule.port {
+                        None => forward.push(format!("{dest} -j ACCEPT")),
+                        Some(port) => {
+                            for proto in ["tcp", "udp"] {
+                                forward.push(format!("{dest} -p {proto} --dport {port} -j ACCEPT"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut text = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n");
+        text.push_str(":OUTPUT ACCEPT [0:0]\n");
+        text.push_str(&format!(
+            "-A INPUT -i {TAP} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+        ));
+        text.push_str(&format!("-A INPUT -i {TAP} -j DROP\n"));
+        for rule in forward {
+            text.push_str(&format!("-A FORWARD {rule}\n"));
+        }
+        text.push_str("COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n");
+        text.push_str(":OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
+        text.push_str(&format!(
+            "-A POSTROUTING -o {NS_VETH} -j MASQUERADE\nCOMMIT\n"
+        ));
+        text
+    }
+
+    /// The host-side iptables rules as `(table, chain, insert, rule)`, each tagged.
+    fn host_rules(&self) -> Vec<(&'static str, &'static str, bool, String)> {
+        let (hv, tag) = (&self.host_veth, &self.tag);
+        let comment = format!("-m comment --comment {tag}");
+        let mut rules = vec![
+            (
+                "nat",
+                "POSTROUTING",
+                false,
+                format!(
+                    "-s {}/32 ! -o {hv} {comment} -j MASQUERADE",
+                    self.addresses.ns_veth
+                ),
+            ),
+            (
+                "filter",
+                "FORWARD",
+                true,
+                format!("-i {hv} {comment} -j ACCEPT"),
+            ),
+            (
+                "filter",
+                "FORWARD",
+                true,
+                format!("-o {hv} -m conntrack --ctstate ESTABLISHED,RELATED {comment} -j ACCEPT"),
+            ),
+            (
+                "filter",
+                "INPUT",
+                true,
+                format!("-i {hv} {comment} -j DROP"),
+            ),
+        ];
+        if let Some(port) = self.spec.egress.host_port {
+            // Inserted after the DROP, so it lands above it.
+            rules.push((
+                "filter",
+                "INPUT",
+                true,
+                format!("-i {hv} -p tcp --dport {port} {comment} -j ACCEPT"),
+            ));
+        }
+        rules
+    }
+
+    /// Every host command, in order, each with its undo.
+    pub fn steps(&self) -> Vec<Step> {
+        let (ns, hv, tag) = (
+            self.tag.as_str(),
+            self.host_veth.as_str(),
+            self.tag.as_str(),
+        );
+        let a = &self.addresses;
+        let ip = |args: &[&str]| HostCommand::new("ip", args.iter().copied());
+        let ip_ns = |args: &[&str]| {
+            HostCommand::new("ip", ["-n", ns].into_iter().chain(args.iter().copied()))
+        };
+        let host_cidr = format!("{}/30", a.host_veth);
+        let ns_cidr = format!("{}/30", a.ns_veth);
+        let gw_cidr = format!("{}/30", a.gateway);
+        let host_veth_ip = a.host_veth.to_string();
+        let mut tap = vec!["tuntap", "add", "dev", TAP, "mode", "tap"];
+        let owner = self.tap_owner.map(|uid| uid.to_string());
+        if let Some(owner) = &owner {
+            tap.extend(["user", owner]);
+        }
+        let mut steps: Vec<Step> = vec![
+            (
+                ip(&["netns", "add", ns]),
+                Some(ip(&["netns", "delete", ns])),
+            ),
+            (
+                ip(&[
+                    "link", "add", hv, "type", "veth", "peer", "name", NS_VETH, "netns", ns,
+                ]),
+                Some(ip(&["link", "delete", hv])),
+            ),
+            (ip(&["link", "set", "dev", hv, "alias", tag, "up"]), None),
+            (ip(&["addr", "add", &host_cidr, "dev", hv]), None),
+            (ip_ns(&["link", "set", "dev", "lo", "up"]), None),
+            (ip_ns(&["addr", "add", &ns_cidr, "dev", NS_VETH]), None),
+            (ip_ns(&["link", "set", "dev", NS_VETH, "up"]), None),
+            (ip_ns(&tap), None),
+            (ip_ns(&["addr", "add", &gw_cidr, "dev", TAP]), None),
+            (ip_ns(&["link", "set", "dev", TAP, "up"]), None),
+            (
+                ip_ns(&["route", "add", "default", "via", &host_veth_ip]),
+                None,
+            ),
+            (
+                HostCommand::new(
+                    "ip",
+                    [
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv4.ip_forward=1",
+                    ],
+                ),
+                None,
+            ),
+            (
+                HostCommand::new("ip", ["netns", "exec", ns, "iptables-restore"])
+                    .with_stdin(self.netns_rules()),
+                None,
+            ),
+            (
+                HostCommand::new("sysctl", ["-qw", "net.ipv4.ip_forward=1"]),
+                None,
+            ),
+        ];
+        for (table, chain, insert, rule) in self.host_rules() {
+            let args = |op: &str| {
+                ["-w", "-t", table, op, chain]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(rule.split(' ').map(String::from))
+                    .collect::<Vec<_>>()
+            };
+            steps.push((
+                HostCommand::new("iptables", args(if insert { "-I" } else { "-A" })),
+                Some(HostCommand::new("iptables", args("-D"))),
+            ));
+        }
+        steps
+    }
+
+    /// Runs every step, pushing each undo onto `stack` as soon as its resource exists.
+    pub fn apply(&self, host: &Arc<dyn Host>, stack: &mut CleanupStack) -> Result<(), NetError> {
+        for (command, undo) in self.steps() {
+            host.run(&command).map_err(|source| NetError::Step {
+                step: command.to_string(),
+                source,
+            })?;
+            if let Some(undo) = undo {
+                let host = host.clone();
+                stack.push(undo.to_string(), move || {
+                    host.run(&undo).map(drop).map_err(Into::into)
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records every command; fails the one whose text contains `fail_on`.
+    #[derive(Debug, Default)]
+    pub(crate) struct RecordingHost {
+        pub calls: Mutex<Vec<String>>,
+        pub fail_on: Option<&'static str>,
+    }
+
+    impl Host for RecordingHost {
+        fn run(&self, command: &HostCommand) -> Result<String, HostError> {
+            let text = command.to_string();
+            self.calls.lock().unwrap().push(text.clone());
+            if self.fail_on.is_some_and(|f| text.contains(f)) {
+                return Err(HostError::Failed {
+                    command: text,
+                    status: "exit status: 2".into(),
+                    stderr: "RTNETLINK answers: File exists".into(),
+                });
+            }
+            Ok(String::new())
+        }
+    }
+
+    fn spec(slot: u32) -> NetworkSpec {
+        NetworkSpec {
+            slot,
+            egress: EgressPolicy {
+                host_port: Some(8080),
+                allow: None,
+            },
+            dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
+        }
+    }
+
+    #[test]
+    fn slots_are_disjoint_29s() {
+        let pool = AddressPool::default();
+        assert_eq!(pool.slots(), 8192);
+        let a = pool.addresses(0).unwrap();
+        assert_eq!(a.host_veth, Ipv4Addr::new(10, 200, 0, 1));
+        assert_eq!(a.ns_veth, Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(a.gateway, Ipv4Addr::new(10, 200, 0, 5));
+        assert_eq!(a.guest, Ipv4Addr::new(10, 200, 0, 6));
+        let last = pool.addresses(8191).unwrap();
+        assert_eq!(last.guest, Ipv4Addr::new(10, 200, 255, 254));
+        assert!(matches!(
+            pool.addresses(8192),
+            Err(NetError::SlotOutOfRange {
+                slot: 8192,
+                slots: 8192
+            })
+        ));
+        let bad = AddressPool {
+            network: Ipv4Addr::new(10, 200, 0, 1),
+            prefix: 16,
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("host bits"));
+    }
+
+    #[test]
+    fn kernel_ip_param_and_mac() {
+        let a = AddressPool::default().addresses(3).unwrap();
+        assert_eq!(
+            a.kernel_ip_param(&[Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(8, 8, 8, 8)]),
+            "ip=10.200.0.30::10.200.0.29:255.255.255.252::eth0:off:1.1.1.1:8.8.8.8"
+        );
+        assert_eq!(
+            a.kernel_ip_param(&[]),
+            "ip=10.200.0.30::10.200.0.29:255.255.255.252::eth0:off"
+        );
+        assert_eq!(a.guest_mac(), "06:00:0a:c8:00:1e");
+    }
+
+    #[test]
+    fn egress_rules_parse() {
+        let rule: EgressRule = "10.1.2.3/8:443".parse().unwrap();
+        assert_eq!(rule.to_string(), "10.0.0.0/8:443");
+        assert_eq!("1.2.3.4".parse::<EgressRule>().unwrap().prefix, 32);
+        for bad in ["10.0.0.0/33", "x/8", "10.0.0.0/8:0", "10.0.0.0/8:http"] {
+            let err = bad.parse::<EgressRule>().unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn netns_rules_block_host_pool_and_metadata_before_allowing() {
+        let mut spec = spec(1);
+        let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec.clone(), None).unwrap();
+        let rules = plan.netns_rules();
+        let forward: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.starts_with("-A FORWARD"))
+            .collect();
+        assert_eq!(
+            forward,
+            [
+                "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                "-A FORWARD -i tap0 -d 10.200.0.9/32 -p tcp --dport 8080 -j ACCEPT",
+                "-A FORWARD -i tap0 -d 10.200.0.0/16 -j DROP",
+                "-A FORWARD -i tap0 -d 169.254.0.0/16 -j DROP",
+                "-A FORWARD -i tap0 -j ACCEPT",
+            ]
+        );
+        assert!(rules.contains(":FORWARD DROP"));
+        assert!(rules.contains("-A POSTROUTING -o veth0 -j MASQUERADE"));
+
+        spec.egress.allow = Some(vec!["192.0.2.0/24:443".parse().unwrap()]);
+        let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec, None).unwrap();
+        let rules = plan.netns_rules();
+        assert!(!rules.contains("-A FORWARD -i tap0 -j ACCEPT"));
+        assert!(rules.contains("-A FORWARD -i tap0 -d 1.1.1.1/32 -p udp --dport 53 -j ACCEPT"));
+        assert!(rules.contains("-A FORWARD -i tap0 -d 192.0.2.0/24 -p tcp --dport 443 -j ACCEPT"));
+    }
+
+    #[test]
+    fn apply_records_every_step_and_stacks_undos_in_order() {
+        let recorder = Arc::new(RecordingHost::default());
+        let host: Arc<dyn Host> = recorder.clone();
+        let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec(1), Some(10000)).unwrap();
+        let mut stack = CleanupStack::new();
+        plan.apply(&host, &mut stack).unwrap();
+        let calls = recorder.calls.lock().unwrap().clone();
+        assert_eq!(calls[0], "ip netns add bvm-a");
+        assert_eq!(
+            calls[1],
+            "ip link add bvh-1 type veth peer name veth0 netns bvm-a"
+        );
+        assert!(calls.contains(&"ip -n bvm-a tuntap add dev tap0 mode tap user 10000".into()));
+        assert!(calls.contains(&"ip netns exec bvm-a iptables-restore <stdin>".into()));
+        assert!(calls.contains(
+            &"iptables -w -t filter -I INPUT -i bvh-1 -p tcp --dport 8080 -m comment --comment \
+              bvm-a -j ACCEPT"
+                .into()
+        ));
+        // netns, veth, and one per host rule (NAT, 2x FORWARD, 2x INPUT).
+        assert_eq!(stack.len(), 7);
+        recorder.calls.lock().unwrap().clear();
+        stack.run().unwrap();
+        let undone = recorder.calls.lock().unwrap().clone();
+        assert_eq!(undone.len(), 7);
+        assert!(undone[0].starts_with("iptables -w -t filter -D INPUT -i bvh-1 -p tcp"));
+        assert_eq!(undone[5], "ip link delete bvh-1");
+        assert_eq!(undone[6], "ip netns delete bvm-a");
+    }
+
+    #[test]
+    fn a_failed_step_leaves_only_the_undos_of_what_exists() {
+        let recorder = Arc::new(RecordingHost {
+            fail_on: Some("tuntap"),
+            ..Default::default()
+        });
+        let host: Arc<dyn Host> = recorder.clone();
+        let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec(1), None).unwrap();
+        let mut stack = CleanupStack::new();
+        let err = plan.apply(&host, &mut stack).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting up the VM network failed at `ip -n bvm-a tuntap add dev tap0 mode tap`"
+        );
+        assert_eq!(stack.len(), 2, "{stack:?}");
+    }
+}
