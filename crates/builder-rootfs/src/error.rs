@@ -113,6 +113,8 @@ pub enum EntryProblem {
     UnsupportedType(char),
     #[error("sparse tar entries are not supported")]
     SparseUnsupported,
+    #[error("the extended header (PAX or GNU long name) of {size} bytes is larger than the {max} accepted")]
+    ExtensionTooLarge { size: u64, max: u64 },
 }
 
 impl ConvertError {

@@ -123,6 +123,7 @@ impl Tree {
             layer: layer.name.to_owned(),
             source,
         };
+        check_extension_headers(layer).map_err(corrupt)??;
         // (parent, name) pairs this layer has put in place: whiteouts and opaque markers only
         // hide what lower layers provided.
         let mut unpacked: HashSet<(NodeId, Vec<u8>)> = HashSet::new();
@@ -487,6 +488,120 @@ fn parse_entry(
             xattrs,
         },
     }))
+}
+
+/// Largest PAX or GNU long-name header body accepted: the tar reader holds them in memory.
+const MAX_EXTENSION_BYTES: u64 = 1 << 20;
+
+/// Walks the raw headers of a layer before the tar reader does, refusing extension headers
+/// (`x`, `g`, `L`, `K`) whose body would have to be held in memory whole. Stops quietly at
+/// anything it does not understand (bad checksum, sparse entries, the end): the tar reader
+/// then reports that properly.
+fn check_extension_headers(layer: &LayerInput<'_>) -> std::io::Result<Result<(), ConvertError>> {
+    use std::os::unix::fs::FileExt;
+    let mut header = [0u8; 512];
+    let mut pos = 0u64;
+    let mut pax_size: Option<u64> = None;
+    while pos + 512 <= layer.span.len {
+        layer
+            .file
+            .read_exact_at(&mut header, layer.span.offset + pos)?;
+        let stored: u32 = std::str::from_utf8(&header[148..156])
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim_matches(|c| c == ' ' || c == '\0'), 8).ok())
+            .unwrap_or(u32::MAX);
+        let sum: u32 = header
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(b)
+                }
+            })
+            .sum();
+        if header.iter().all(|&b| b == 0) || stored != sum {
+            break;
+        }
+        let Some(size) = header_size(&header[124..136]) else {
+            break;
+        };
+        let kind = header[156];
+        let size = match kind {
+            b'x' | b'g' | b'L' | b'K' => {
+                if size > MAX_EXTENSION_BYTES {
+                    let name = header[..100].split(|&b| b == 0).next().unwrap_or_default();
+                    return Ok(Err(ConvertError::InvalidEntry {
+                        layer: layer.name.to_owned(),
+                        entry: lossy(name),
+                        problem: EntryProblem::ExtensionTooLarge {
+                            size,
+                            max: MAX_EXTENSION_BYTES,
+                        },
+                    }));
+                }
+                if kind == b'x' && pos + 512 + size <= layer.span.len {
+                    let mut body = vec![0; size as usize];
+                    layer
+                        .file
+                        .read_exact_at(&mut body, layer.span.offset + pos + 512)?;
+                    pax_size = pax_record_size(&body);
+                }
+                size
+            }
+            b'S' => break,
+            _ => pax_size.take().unwrap_or(size),
+        };
+        let Some(next) = size
+            .checked_next_multiple_of(512)
+            .and_then(|s| (pos + 512).checked_add(s))
+        else {
+            break;
+        };
+        pos = next;
+    }
+    Ok(Ok(()))
+}
+
+/// A tar numeric field: octal text, or base-256 when the high bit of the first byte is set.
+fn header_size(field: &[u8]) -> Option<u64> {
+    if field[0] & 0x80 != 0 {
+        return field[1..]
+            .iter()
+            .try_fold(u64::from(field[0] & 0x7f), |acc, &b| {
+                acc.checked_mul(256).map(|v| v | u64::from(b))
+            });
+    }
+    let text = std::str::from_utf8(field)
+        .ok()?
+        .trim_matches(|c| c == ' ' || c == '\0');
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+/// The `size` record of a PAX extended header body, if any.
+fn pax_record_size(body: &[u8]) -> Option<u64> {
+    let mut rest = body;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+        if len <= space || len > rest.len() {
+            return None;
+        }
+        let record = &rest[space + 1..len];
+        if let Some(value) = record.strip_prefix(b"size=") {
+            return std::str::from_utf8(value)
+                .ok()?
+                .trim_end_matches('\n')
+                .parse()
+                .ok();
+        }
+        rest = &rest[len..];
+    }
+    None
 }
 
 /// Splits a layer path into components: `.` and empty components are dropped, absolute paths,

@@ -200,6 +200,19 @@ fn lying_sizes_and_truncation_are_rejected() {
     let (err, text) = arena.layers_fail(&[lying]);
     assert_entry_error(&err, &text, "huge", "runs past the end of the layer");
 
+    // A PAX header claiming 512 MiB, which the tar reader would hold in memory.
+    let mut pax_bomb = Vec::new();
+    craft::append(
+        &mut pax_bomb,
+        &Entry {
+            kind: b'x',
+            claimed_size: Some(512 << 20),
+            ..file(b"PaxHeaders/bomb", b"")
+        },
+    );
+    let (err, text) = arena.layers_fail(&[pax_bomb]);
+    assert_entry_error(&err, &text, "PaxHeaders/bomb", "extended header");
+
     // A layer cut in the middle of a header.
     let mut cut = layer(&[file(b"a", b"1"), file(b"b", b"2")]);
     cut.truncate(1024 + 200);

@@ -341,3 +341,79 @@ fn files_over_4_gib_convert_sparse() {
     f.read_exact_at(&mut zeros, 3 << 30).unwrap();
     assert!(zeros.iter().all(|&b| b == 0));
 }
+
+/// Used, free and total bytes, and used and total inodes, of a mounted file system.
+fn usage(root: &Path) -> (u64, u64, u64, u64) {
+    let path = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+    let (total, free) = (st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize);
+    (total - free, free, st.f_files - st.f_ffree, st.f_files)
+}
+
+/// Content + metadata + 20 % (or the floor) free, inodes sized to the entries, sparse file.
+#[test]
+fn file_system_is_right_sized_and_sparse() {
+    let scratch = tempfile::tempdir().unwrap();
+    // 2000 small files and 96 MiB of incompressible data, so 20 % is above nothing trivial.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n.div_ceil(8))
+            .flat_map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()
+            })
+            .take(n)
+            .collect()
+    };
+    let names: Vec<Vec<u8>> = (0..2000)
+        .map(|i| format!("small/d{}/f{i}", i / 100).into_bytes())
+        .collect();
+    let small: Vec<Vec<u8>> = (0..2000).map(|i| noise(100 + i * 3)).collect();
+    let big = noise(96 << 20);
+    let mut entries: Vec<Entry<'_>> = names.iter().zip(&small).map(|(n, d)| file(n, d)).collect();
+    entries.push(file(b"big", &big));
+    let archive = scratch.path().join("image.tar");
+    docker_archive(&archive, &[layer(&entries)], CONFIG);
+
+    let output = scratch.path().join("out.ext4");
+    let work = scratch.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    for (percent, floor) in [(20u32, 0u64), (20, 256 << 20)] {
+        let options = builder_rootfs::ConvertOptions {
+            work_dir: work.clone(),
+            free_space_percent: percent,
+            min_free_bytes: floor,
+            ..Default::default()
+        };
+        let report = builder_rootfs::convert(&archive, &output, &options).unwrap();
+        e2fsck(&output);
+        let mount = Mount::new(&output);
+        let (used, free, inodes_used, inodes) = usage(mount.path());
+        drop(mount);
+        let wanted = (used * u64::from(percent) / 100).max(floor);
+        assert!(
+            free >= wanted,
+            "{free} bytes free, wanted {wanted} ({used} used)"
+        );
+        assert!(
+            free <= wanted + wanted / 10 + (4 << 20),
+            "{free} bytes free is far more than the {wanted} wanted ({used} used)"
+        );
+        let inodes_wanted = inodes_used + (inodes_used / 5).max(1024);
+        assert!(
+            inodes_used >= report.entries && (inodes_wanted..=inodes_wanted + 64).contains(&inodes),
+            "{inodes_used} of {inodes} inodes used"
+        );
+        let meta = std::fs::metadata(&output).unwrap();
+        assert_eq!(meta.len(), report.size_bytes);
+        assert!(
+            meta.blocks() * 512 <= used + (1 << 20),
+            "{} bytes allocated for {used} used: not sparse",
+            meta.blocks() * 512
+        );
+    }
+}
