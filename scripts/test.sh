@@ -10,12 +10,7 @@ source scripts/lib/services.sh
 source scripts/lib/toolchain.sh
 bt_require_root "$0"
 
-phase_start=$SECONDS
-elapsed() {
-	local took=$((SECONDS - phase_start))
-	phase_start=$SECONDS
-	echo "${took}s"
-}
+started=$SECONDS
 
 bt_ensure_deps
 bt_ensure_rust
@@ -23,24 +18,25 @@ bt_lease_take
 trap bt_lease_release EXIT
 bt_start_all --with-s3
 eval "$(bt_env)"
-setup_time=$(elapsed)
+setup_time=$((SECONDS - started)) started=$SECONDS
 
 echo "== cargo build --workspace --all-targets"
 cargo build --workspace --all-targets --locked
-build_time=$(elapsed)
+build_time=$((SECONDS - started)) started=$SECONDS
 
 echo "== cargo test --workspace"
+mkdir -p target
 log=target/test-output.log
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
-test_time=$(elapsed)
+test_time=$((SECONDS - started))
 
 count() { awk -v what="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" what) n += $i } END { print n + 0 }' "$log"; }
 echo
 echo "== summary"
-echo "setup  $setup_time (dockerd, SeaweedFS S3, git daemon, base image)"
-echo "build  $build_time"
-echo "tests  $test_time: $(count passed) passed, $(count failed) failed, $(count ignored) ignored (log: $log)"
+echo "setup  ${setup_time}s (dockerd, SeaweedFS S3, git daemon, base image)"
+echo "build  ${build_time}s"
+echo "tests  ${test_time}s: $(count passed) passed, $(count failed) failed, $(count ignored) ignored (log: $log)"
 if ((status != 0)); then
 	grep -E '^test .* FAILED$|^error: |^    `' "$log" | sed 's/^/  /' || true
 	echo "RESULT: FAIL (exit $status)"

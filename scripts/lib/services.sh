@@ -142,6 +142,7 @@ bt_spawn() {
 			</dev/null >>"$BT_STATE/$name.log" 2>&1
 	) &
 	local starter=$!
+	disown "$starter" # no job notice from bash when the service is stopped
 	until [[ -s $BT_STATE/$name.pid ]]; do
 		kill -0 "$starter" 2>/dev/null || bt_die "$name could not be started (log: $BT_STATE/$name.log)"
 		sleep 0.05
