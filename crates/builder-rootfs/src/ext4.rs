@@ -10,8 +10,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
@@ -88,6 +88,11 @@ pub(crate) fn make_filesystem(
     std::fs::write(&conf, MKE2FS_CONF).map_err(io_err("write", &conf))?;
     let uuid = derived_uuid(image_id, "filesystem uuid");
     let hash_seed = derived_uuid(image_id, "directory hash seed");
+    let mkfs = find_tool("mkfs.ext4").ok_or_else(|| ConvertError::Mkfs {
+        path: output.to_owned(),
+        detail: "mkfs.ext4 is not installed (looked in $PATH, /usr/sbin and /sbin)".into(),
+        disk_full: false,
+    })?;
     let mut blocks = sizing.blocks;
     for attempt in 1..=SIZE_ATTEMPTS {
         let file = OpenOptions::new()
@@ -100,7 +105,7 @@ pub(crate) fn make_filesystem(
         file.set_len(blocks * BLOCK)
             .map_err(io_err("size", output))?;
         drop(file);
-        let result = Command::new("mkfs.ext4")
+        let result = Command::new(&mkfs)
             .env("MKE2FS_CONFIG", &conf)
             .env("E2FSPROGS_FAKE_TIME", FAKE_TIME)
             .env("LC_ALL", "C")
@@ -147,6 +152,19 @@ pub(crate) fn make_filesystem(
         });
     }
     unreachable!("the last attempt returns")
+}
+
+/// An executable named `name` in `$PATH` or the sbin directories, which an init process's
+/// minimal `PATH` (or none) tends to lack.
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// A UUID (8-4-4-4-12 hex) derived from the image id and a purpose.
