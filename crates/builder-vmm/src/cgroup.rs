@@ -1,10 +1,12 @@
 //! Cgroup limits of a jailed Firecracker: the `--cgroup` values for the jailer (v1 or v2 names),
 //! and finding the cgroups the jailer made (`<mount>/<parent>/bvm-<id>` in every mounted
-//! hierarchy) to remove them, which the jailer never does.
+//! hierarchy) to remove them, which the jailer never does. A cgroup is emptied first: whatever
+//! process is still in it is killed.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::process::Process;
 use crate::spec::CpuSet;
 
 /// The parent cgroup our jailed VMs live under.
@@ -107,13 +109,39 @@ pub fn find(prefix: &str) -> Vec<PathBuf> {
     found
 }
 
-/// Removes the cgroups named exactly `tag`; each must be empty (its process reaped).
+/// Kills whatever is still in the cgroup `dir`, then removes it.
+pub fn kill_and_remove(dir: &Path) -> io::Result<()> {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if let Ok(process) = Process::open(pid) {
+            process.kill_and_reap()?;
+        }
+    }
+    // A reaped task can keep its cgroup busy for a moment.
+    let mut attempts = 0;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot remove cgroup {}: {e}", dir.display()),
+                ))
+            }
+        }
+    }
+}
+
+/// Removes the cgroups named exactly `tag`, killing what is left in them.
 pub fn remove(tag: &str) -> io::Result<usize> {
     let mut removed = 0;
     for dir in find(tag) {
         if dir.file_name().is_some_and(|n| n == tag) {
-            std::fs::remove_dir(&dir)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+            kill_and_remove(&dir)?;
             removed += 1;
         }
     }

@@ -128,11 +128,9 @@ pub fn reclaim(host: &dyn Host, scope: &ReclaimScope<'_>) -> ReclaimReport {
     }
 
     for dir in cgroup::find(prefix) {
-        match fs::remove_dir(&dir) {
+        match cgroup::kill_and_remove(&dir) {
             Ok(()) => report.cgroups += 1,
-            Err(e) => report
-                .errors
-                .push(format!("cannot remove cgroup {}: {e}", dir.display())),
+            Err(e) => report.errors.push(e.to_string()),
         }
     }
 

@@ -194,8 +194,7 @@ impl FirecrackerConfig {
         });
 
         let socket = root.join(API_SOCKET);
-        wait_for("the Firecracker API socket", &socket).await?;
-        let mut api = ApiClient::connect(&socket).await?;
+        let mut api = connect(&socket).await?;
         self.configure(&mut api, plan, &root).await?;
         api.put(
             "/actions",
@@ -244,8 +243,10 @@ impl FirecrackerConfig {
             if let Some(pid) = read_pid() {
                 break pid;
             }
-            if let Some(status) = jailer_status {
-                return Err(failed(status));
+            match jailer_status {
+                // The parent exits once it has forked; the child writes the pid file.
+                Some(ProcessExit::Code(0)) | None => {}
+                Some(status) => return Err(failed(status)),
             }
             if Instant::now() > deadline {
                 return Err(FirecrackerError::Startup {
@@ -253,7 +254,10 @@ impl FirecrackerConfig {
                     path: pid_file,
                 });
             }
-            if let Ok(status) = tokio::time::timeout(Duration::from_millis(20), jailer.wait()).await
+            if jailer_status.is_some() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            } else if let Ok(status) =
+                tokio::time::timeout(Duration::from_millis(20), jailer.wait()).await
             {
                 jailer_status = Some(status.map_err(watch(jailer.pid()))?);
             }
@@ -359,18 +363,29 @@ fn become_subreaper() {
     }
 }
 
-async fn wait_for(what: &'static str, path: &Path) -> Result<(), FirecrackerError> {
+/// Connects to the API socket, which appears (bound, then listening) shortly after the pid file.
+async fn connect(socket: &Path) -> Result<ApiClient, FirecrackerError> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(FirecrackerError::Startup {
-                what,
-                path: path.to_path_buf(),
-            });
+    loop {
+        match ApiClient::connect(socket).await {
+            Ok(api) => return Ok(api),
+            Err(ApiError::Connect { source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                if Instant::now() > deadline {
+                    return Err(FirecrackerError::Startup {
+                        what: "the Firecracker API socket",
+                        path: socket.to_path_buf(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.into()),
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok(())
 }
 
 /// Hard-links `from` to `to` (copies across filesystems), optionally handing it to `owner`.
