@@ -1,0 +1,573 @@
+//! The HTTP API (`/v1`, JSON, bearer-token auth), the guest's report endpoint (HMAC-signed with
+//! the build's own key, replays refused), health, readiness and metrics. Every failure is an
+//! [`ApiError`], and [`ApiError::status`] is the one place that maps errors to status codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use builder_contract::signature::{self, SignatureError, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use builder_contract::BuildReport;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::db::{BuildRow, DbError, EventRow, NewBuild};
+use crate::metrics::Snapshot;
+use crate::model::{BuildRequest, BuildState, RequestError};
+use crate::node::{Node, Signal};
+use crate::vm::Check;
+
+const MAX_LIST_LIMIT: u32 = 500;
+const LOG_POLL: Duration = Duration::from_millis(250);
+/// The disk space the work dir needs for a VM's scratch disk and logs.
+const MIN_FREE_DISK_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("the request body is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the request body is not valid JSON for this endpoint: {0}")]
+    BadJson(String),
+    #[error("cannot read the request body")]
+    Body(#[source] BytesRejection),
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    #[error("invalid query: {0}")]
+    Query(String),
+    #[error("no build has the id {id}")]
+    NotFound { id: String },
+    #[error("build {id} is already {state}")]
+    Finished { id: String, state: BuildState },
+    #[error("the report for build {id} is refused: {reason}")]
+    BadReport { id: String, reason: String },
+    #[error("the report signature for build {id} is not valid")]
+    Signature {
+        id: String,
+        #[source]
+        source: SignatureError,
+    },
+    #[error("this report for build {id} was already received (replay)")]
+    Replay { id: String },
+    #[error("the node agent is draining and admits no new builds")]
+    Draining,
+    #[error("the database failed")]
+    Db(#[from] DbError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized | ApiError::Signature { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadJson(_)
+            | ApiError::Body(_)
+            | ApiError::Invalid(_)
+            | ApiError::Query(_)
+            | ApiError::BadReport { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Finished { .. } | ApiError::Replay { .. } => StatusCode::CONFLICT,
+            ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Invalid(e) => e.field(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = crate::error_chain(&self), "request failed");
+        }
+        let body = ErrorBody {
+            error: crate::error_chain(&self),
+            field: self.field().map(str::to_string),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("a header value"),
+            );
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(node: Arc<Node>) -> Router {
+    let limit = node.config.max_body_bytes as usize;
+    let authed = Router::new()
+        .route("/v1/builds", post(submit).get(list))
+        .route("/v1/builds/{id}", get(show))
+        .route("/v1/builds/{id}/logs", get(logs))
+        .route("/v1/builds/{id}/cancel", post(cancel))
+        .route_layer(middleware::from_fn_with_state(node.clone(), auth));
+    Router::new()
+        .merge(authed)
+        .route("/v1/internal/builds/{id}/complete", post(complete))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(node)
+}
+
+async fn auth(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), node.api_token.as_bytes()) {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn body_bytes(node: &Node, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: node.config.max_body_bytes,
+            }
+        } else {
+            ApiError::Body(rejection)
+        }
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadJson(e.to_string()))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: String,
+    pub state: BuildState,
+}
+
+async fn submit(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    let bytes = body_bytes(&node, body)?;
+    if node.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let request: BuildRequest = parse_json(&bytes)?;
+    let id = crate::new_build_id();
+    let params = request.to_params(&id, &node.config.callback_url, node.limits())?;
+    let new = NewBuild {
+        id: id.clone(),
+        requester: request
+            .requester
+            .clone()
+            .unwrap_or_else(|| "api".to_string()),
+        revision: params.revision.to_string(),
+        timeout_s: request.timeout_s.unwrap_or(node.config.default_timeout_s),
+        created_at_ms: crate::now_ms(),
+        request,
+    };
+    let row = node.db.insert(&new).await?;
+    node.wake();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Submitted {
+            id,
+            state: row.state,
+        }),
+    ))
+}
+
+/// A build as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BuildView {
+    pub id: String,
+    pub state: BuildState,
+    pub phase: Option<String>,
+    pub requester: String,
+    pub repo_url: String,
+    pub revision: String,
+    pub commit_sha: Option<String>,
+    pub dockerfile: Option<String>,
+    pub node_id: Option<String>,
+    pub cpus: Option<String>,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub timeout_s: u64,
+    pub timings: Timings,
+    pub error: Option<ErrorView>,
+    pub rootfs: Option<RootfsView>,
+    pub image_digest: Option<String>,
+    pub vmm_exit_code: Option<i64>,
+    pub webhook: WebhookView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventRow>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Timings {
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub vm_started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    /// Submission to the VMM process started.
+    pub admission_ms: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub phases: Vec<builder_contract::PhaseTiming>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorView {
+    pub class: Option<String>,
+    pub phase: Option<String>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RootfsView {
+    pub location: String,
+    pub size_bytes: Option<i64>,
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WebhookView {
+    pub state: String,
+    pub attempts: i64,
+    pub error: Option<String>,
+}
+
+impl BuildView {
+    pub fn new(row: BuildRow, events: Option<Vec<EventRow>>) -> Self {
+        let phases = row
+            .report
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<BuildReport>(r).ok())
+            .map(|r| r.phases)
+            .unwrap_or_default();
+        BuildView {
+            timings: Timings {
+                created_at_ms: row.created_at_ms,
+                started_at_ms: row.started_at_ms,
+                vm_started_at_ms: row.vm_started_at_ms,
+                finished_at_ms: row.finished_at_ms,
+                admission_ms: row.vm_started_at_ms.map(|t| t - row.created_at_ms),
+                duration_ms: row
+                    .finished_at_ms
+                    .zip(row.started_at_ms)
+                    .map(|(f, s)| f - s),
+                phases,
+            },
+            error: row.error_message.map(|message| ErrorView {
+                class: row.error_class,
+                phase: row.error_phase,
+                message: Some(message),
+            }),
+            rootfs: row.rootfs_location.map(|location| RootfsView {
+                location,
+                size_bytes: row.rootfs_size_bytes,
+                sha256: row.rootfs_sha256,
+            }),
+            webhook: WebhookView {
+                state: row.webhook_state,
+                attempts: row.webhook_attempts,
+                error: row.webhook_error,
+            },
+            dockerfile: row.request.dockerfile.clone(),
+            id: row.id,
+            state: row.state,
+            phase: row.phase,
+            requester: row.requester,
+            repo_url: row.repo_url,
+            revision: row.revision,
+            commit_sha: row.commit_sha,
+            node_id: row.node_id,
+            cpus: row.cpus,
+            vcpus: row.vcpus,
+            mem_mib: row.mem_mib,
+            timeout_s: row.timeout_s,
+            image_digest: row.image_digest,
+            vmm_exit_code: row.vmm_exit_code,
+            events,
+        }
+    }
+}
+
+async fn load(node: &Node, id: &str) -> ApiResult<BuildRow> {
+    node.db
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound { id: id.to_string() })
+}
+
+async fn show(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult<Json<BuildView>> {
+    let row = load(&node, &id).await?;
+    let events = node.db.events(&id).await?;
+    Ok(Json(BuildView::new(row, Some(events))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BuildList {
+    pub builds: Vec<BuildView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+async fn list(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<BuildList>> {
+    let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
+    let state = query
+        .state
+        .as_deref()
+        .map(|s| {
+            BuildState::parse(s)
+                .ok_or_else(|| ApiError::Query(format!("`state` {s:?} is not a build state")))
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::Query(format!(
+            "`limit` must be 1 to {MAX_LIST_LIMIT}"
+        )));
+    }
+    let rows = node.db.list(state, limit, query.cursor.as_deref()).await?;
+    let next_cursor = (rows.len() == limit as usize).then(|| rows[rows.len() - 1].id.clone());
+    Ok(Json(BuildList {
+        builds: rows.into_iter().map(|r| BuildView::new(r, None)).collect(),
+        next_cursor,
+    }))
+}
+
+async fn cancel(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    match node.cancel(&id).await? {
+        None => Err(ApiError::NotFound { id }),
+        Some(state) if state.is_terminal() && state != BuildState::Cancelled => {
+            Err(ApiError::Finished { id, state })
+        }
+        Some(state) => Ok((StatusCode::ACCEPTED, Json(Submitted { id, state }))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    follow: Option<bool>,
+}
+
+/// The console log: followed live while the build runs here, else what is stored.
+async fn logs(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
+    let row = load(&node, &id).await?;
+    let path = node.config.log_path(&id);
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !path.exists() {
+        return Ok((text_plain, row.log_tail.unwrap_or_default()).into_response());
+    }
+    let follow = query.follow.unwrap_or(true) && !row.state.is_terminal();
+    struct Tail {
+        node: Arc<Node>,
+        id: String,
+        path: std::path::PathBuf,
+        offset: u64,
+        follow: bool,
+        last_round: bool,
+    }
+    let tail = Tail {
+        node,
+        id,
+        path,
+        offset: 0,
+        follow,
+        last_round: false,
+    };
+    let stream = futures_util::stream::unfold(tail, |mut t| async move {
+        loop {
+            let mut buf = Vec::new();
+            if let Ok(mut f) = tokio::fs::File::open(&t.path).await {
+                if f.seek(std::io::SeekFrom::Start(t.offset)).await.is_ok() {
+                    let _ = f.read_to_end(&mut buf).await;
+                }
+            }
+            if !buf.is_empty() {
+                t.offset += buf.len() as u64;
+                return Some((Ok::<_, std::io::Error>(Bytes::from(buf)), t));
+            }
+            if !t.follow || t.last_round {
+                return None;
+            }
+            match t.node.db.get(&t.id).await {
+                Ok(Some(r)) if !r.state.is_terminal() => tokio::time::sleep(LOG_POLL).await,
+                _ => t.last_round = true,
+            }
+        }
+    });
+    Ok((text_plain, Body::from_stream(stream)).into_response())
+}
+
+/// The guest's signed report.
+async fn complete(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let bytes = body_bytes(&node, body)?;
+    let Some(key) = node.build_key(&id) else {
+        let row = load(&node, &id).await?;
+        return Err(ApiError::Finished {
+            id,
+            state: row.state,
+        });
+    };
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = (crate::now_ms() / 1000) as u64;
+    signature::verify(
+        key.as_bytes(),
+        header(TIMESTAMP_HEADER),
+        header(SIGNATURE_HEADER),
+        &bytes,
+        now,
+        signature::DEFAULT_TOLERANCE_SECS,
+    )
+    .map_err(|source| ApiError::Signature {
+        id: id.clone(),
+        source,
+    })?;
+    let report: BuildReport = parse_json(&bytes)?;
+    if report.build_id != id {
+        return Err(ApiError::BadReport {
+            reason: format!("it is about build {}", report.build_id),
+            id,
+        });
+    }
+    let sig = header(SIGNATURE_HEADER).unwrap_or_default();
+    if !node.db.record_signature(sig, &id).await? {
+        return Err(ApiError::Replay { id });
+    }
+    if !node.signal(&id, Signal::Report(Box::new(report))).await {
+        let row = load(&node, &id).await?;
+        return Err(ApiError::Finished {
+            id,
+            state: row.state,
+        });
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: Vec<Check>,
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Readiness>) {
+    let mut checks = node.readiness();
+    checks.push(match node.db.ping().await {
+        Ok(()) => Check::new("database", true, "answers"),
+        Err(e) => Check::new("database", false, crate::error_chain(&e)),
+    });
+    checks.push(disk_check(&node.config.work_dir));
+    checks.push(Check::new(
+        "admitting",
+        !node.is_draining(),
+        if node.is_draining() {
+            "draining"
+        } else {
+            "admitting builds"
+        },
+    ));
+    let ready = checks.iter().all(|c| c.ok);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { ready, checks }))
+}
+
+fn disk_check(dir: &std::path::Path) -> Check {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap_or_default();
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Check::new(
+            "disk",
+            false,
+            format!(
+                "cannot statvfs {}: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            ),
+        );
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    Check::new(
+        "disk",
+        free >= MIN_FREE_DISK_BYTES,
+        format!("{} MiB free in {}", free >> 20, dir.display()),
+    )
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> ApiResult<Response> {
+    let (used_vcpus, used_mem_mib, _) = node.usage();
+    let snapshot = Snapshot {
+        by_state: node.db.count_by_state().await?,
+        capacity_vcpus: node.config.capacity_vcpus,
+        capacity_mem_mib: node.config.capacity_mem_mib,
+        used_vcpus,
+        used_mem_mib,
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.metrics.render(&snapshot),
+    )
+        .into_response())
+}

@@ -1,0 +1,230 @@
+//! The CLI's side of the API: `submit`, `status`, `list`, `cancel`, `logs`, talking to a node
+//! agent over HTTP with the bearer token. `submit --wait` prints a line per state and phase
+//! (indicatif) and streams the build's console log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::api::{BuildList, BuildView, ErrorBody, Submitted};
+use crate::model::{BuildRequest, BuildState};
+
+/// How the CLI reaches the daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// Base URL of the node agent.
+    #[arg(
+        long,
+        env = "NODE_AGENT_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    pub server: url::Url,
+    /// File holding the API token (the daemon's `api_token_file`).
+    #[arg(
+        long,
+        env = "NODE_AGENT_API_TOKEN_FILE",
+        default_value = "/var/lib/node-agent/api-token",
+        global = true
+    )]
+    pub token_file: PathBuf,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: url::Url,
+    token: String,
+}
+
+impl Client {
+    pub fn new(c: &Connection) -> Result<Self> {
+        let token = std::fs::read_to_string(&c.token_file).with_context(|| {
+            format!("cannot read the API token file {}", c.token_file.display())
+        })?;
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base: c.server.clone(),
+            token: token.trim().to_string(),
+        })
+    }
+
+    fn url(&self, path: &str) -> Result<url::Url> {
+        self.base
+            .join(path)
+            .with_context(|| format!("cannot make a URL from {} and {path}", self.base))
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the node agent at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(e) => bail!("the node agent answered {status}: {}", e.error),
+            Err(_) => bail!("the node agent answered {status}: {text}"),
+        }
+    }
+
+    pub async fn submit(&self, request: &BuildRequest) -> Result<Submitted> {
+        let r = self
+            .send(self.http.post(self.url("/v1/builds")?).json(request))
+            .await?;
+        r.json()
+            .await
+            .context("the node agent's answer to a submit is not valid")
+    }
+
+    pub async fn status(&self, id: &str) -> Result<BuildView> {
+        let r = self
+            .send(self.http.get(self.url(&format!("/v1/builds/{id}"))?))
+            .await?;
+        r.json()
+            .await
+            .context("the node agent's build status is not valid")
+    }
+
+    pub async fn list(
+        &self,
+        state: Option<&str>,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<BuildList> {
+        let mut url = self.url("/v1/builds")?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("limit", &limit.to_string());
+            if let Some(s) = state {
+                q.append_pair("state", s);
+            }
+            if let Some(c) = cursor {
+                q.append_pair("cursor", c);
+            }
+        }
+        let r = self.send(self.http.get(url)).await?;
+        r.json()
+            .await
+            .context("the node agent's build list is not valid")
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<Submitted> {
+        let r = self
+            .send(
+                self.http
+                    .post(self.url(&format!("/v1/builds/{id}/cancel"))?),
+            )
+            .await?;
+        r.json()
+            .await
+            .context("the node agent's answer to a cancel is not valid")
+    }
+
+    /// Streams the log to `out` line by line until the build ends (or now, without `follow`).
+    pub async fn logs(&self, id: &str, follow: bool, mut out: impl FnMut(&str)) -> Result<()> {
+        let url = self.url(&format!("/v1/builds/{id}/logs?follow={follow}"))?;
+        let mut stream = self.send(self.http.get(url)).await?.bytes_stream();
+        let mut pending = String::new();
+        while let Some(chunk) = stream.next().await {
+            pending.push_str(&String::from_utf8_lossy(
+                &chunk.context("the log stream broke")?,
+            ));
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                out(line.trim_end());
+            }
+        }
+        if !pending.is_empty() {
+            out(&pending);
+        }
+        Ok(())
+    }
+
+    /// Follows a build to its end, a progress line per state/phase and the log streamed.
+    pub async fn wait(&self, id: &str) -> Result<BuildView> {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("a valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let log_bar = bar.clone();
+        let logs = self.logs(id, true, move |line| log_bar.println(format!("  | {line}")));
+        tokio::pin!(logs);
+        let mut logs_done = false;
+        let mut last = String::new();
+        loop {
+            let view = self.status(id).await?;
+            let now = format!(
+                "{}{}",
+                view.state,
+                view.phase
+                    .as_deref()
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default()
+            );
+            if now != last {
+                if !last.is_empty() {
+                    bar.println(format!("✓ {last}"));
+                }
+                bar.set_message(now.clone());
+                last = now;
+            }
+            if view.state.is_terminal() {
+                if !logs_done {
+                    // The log ends on its own once the build is terminal.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut logs).await;
+                }
+                bar.finish_with_message(last);
+                return Ok(view);
+            }
+            tokio::select! {
+                r = &mut logs, if !logs_done => {
+                    logs_done = true;
+                    if let Err(e) = r {
+                        bar.println(format!("(log stream ended: {e:#})"));
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
+/// One line per build for `list`.
+pub fn summary(b: &BuildView) -> String {
+    format!(
+        "{}  {:<10} {:<8} {}@{}{}",
+        b.id,
+        b.state.as_str(),
+        b.phase.as_deref().unwrap_or("-"),
+        b.repo_url,
+        b.revision,
+        b.error
+            .as_ref()
+            .and_then(|e| e.message.as_deref())
+            .map(|m| format!("  ({})", m.lines().next().unwrap_or("")))
+            .unwrap_or_default()
+    )
+}
+
+/// Exit status of `submit --wait` and `status`: 0 succeeded, 1 failed for the user's reasons,
+/// 2 otherwise.
+pub fn exit_code(b: &BuildView) -> i32 {
+    match b.state {
+        BuildState::Succeeded => 0,
+        BuildState::Failed | BuildState::TimedOut | BuildState::Cancelled
+            if b.error.as_ref().and_then(|e| e.class.as_deref()) == Some("user") =>
+        {
+            1
+        }
+        _ if !b.state.is_terminal() => 0,
+        _ => 2,
+    }
+}

@@ -1,0 +1,398 @@
+//! The daemon's configuration: built-in defaults (`defaults.toml`), then a TOML config file,
+//! then `NODE_AGENT_*` environment variables and flags (clap reads both), each layer overriding
+//! the keys it sets. Computed defaults (capacity, database URL, files under the work dir) are
+//! filled in last, from the host and the merged work dir.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+const DEFAULTS: &str = include_str!("defaults.toml");
+
+/// CPUs kept for the host when the capacity is not configured.
+const RESERVED_VCPUS: u32 = 1;
+/// Memory kept for the host when the capacity is not configured.
+const RESERVED_MEM_MIB: u64 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid TOML")]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("the merged configuration is not valid")]
+    Invalid(#[source] toml::de::Error),
+    #[error("cannot read the host's memory size from /proc/meminfo")]
+    Meminfo(#[source] std::io::Error),
+    #[error("`vm_network` {value:?} is not an IPv4 network in CIDR form with room for a VM")]
+    VmNetwork { value: String },
+    #[error("`{key}` must be at least {min}, got {value}")]
+    TooSmall {
+        key: &'static str,
+        min: u64,
+        value: u64,
+    },
+}
+
+/// Which VMM launches the builder VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmKind {
+    Qemu,
+    Firecracker,
+}
+
+/// The keys of the config file, env and flags, after merging (before computed defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Layered {
+    listen: SocketAddr,
+    work_dir: PathBuf,
+    database_url: Option<String>,
+    api_token_file: Option<PathBuf>,
+    notify_secret_file: Option<PathBuf>,
+    node_id: Option<String>,
+    capacity_vcpus: Option<u32>,
+    capacity_mem_mib: Option<u64>,
+    callback_url: Option<Url>,
+    s3_credentials_file: Option<PathBuf>,
+    vmm: VmmKind,
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    vm_network: String,
+    jailer_uid: u32,
+    jailer_gid: u32,
+    grace_period_s: u64,
+    default_timeout_s: u64,
+    max_body_bytes: u64,
+    webhook_attempts: u32,
+    poll_interval_ms: u64,
+}
+
+/// Flags of `node-agent serve`; every one also reads `NODE_AGENT_<NAME>`.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct ServeArgs {
+    /// TOML config file; its keys are the flag names with `_` for `-`.
+    #[arg(long, env = "NODE_AGENT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API.
+    #[arg(long, env = "NODE_AGENT_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// State directory: database (SQLite), logs, tokens, VM work dirs.
+    #[arg(long, env = "NODE_AGENT_WORK_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<PathBuf>,
+    /// `sqlite://FILE` or `postgres://...` (default: SQLite under the work dir).
+    #[arg(long, env = "NODE_AGENT_DATABASE_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// File holding the API bearer token (created when missing).
+    #[arg(long, env = "NODE_AGENT_API_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+    /// File holding the key that signs webhooks to requesters (created when missing).
+    #[arg(long, env = "NODE_AGENT_NOTIFY_SECRET_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_secret_file: Option<PathBuf>,
+    /// This host's name in the shared queue (default: the host name).
+    #[arg(long, env = "NODE_AGENT_NODE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// vCPUs this host lends to builds at once.
+    #[arg(long, env = "NODE_AGENT_CAPACITY_VCPUS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_vcpus: Option<u32>,
+    /// Memory (MiB) this host lends to builds at once.
+    #[arg(long, env = "NODE_AGENT_CAPACITY_MEM_MIB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_mem_mib: Option<u64>,
+    /// Base URL builder VMs post their signed report to.
+    #[arg(long, env = "NODE_AGENT_CALLBACK_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<Url>,
+    /// JSON file with the S3 credentials given to builds.
+    #[arg(long, env = "NODE_AGENT_S3_CREDENTIALS_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_credentials_file: Option<PathBuf>,
+    /// VMM that runs the builder VMs.
+    #[arg(long, env = "NODE_AGENT_VMM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmKind>,
+    /// Guest kernel (ELF vmlinux).
+    #[arg(long, env = "NODE_AGENT_KERNEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Builder root filesystem image.
+    #[arg(long, env = "NODE_AGENT_ROOTFS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<PathBuf>,
+    /// IPv4 range (CIDR) the VMs' networks are carved from, a /29 per VM.
+    #[arg(long, env = "NODE_AGENT_VM_NETWORK")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_network: Option<String>,
+    /// uid the jailer runs Firecracker as.
+    #[arg(long, env = "NODE_AGENT_JAILER_UID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jailer_uid: Option<u32>,
+    /// gid the jailer runs Firecracker as.
+    #[arg(long, env = "NODE_AGENT_JAILER_GID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jailer_gid: Option<u32>,
+    /// Seconds SIGTERM waits for running builds before cancelling them.
+    #[arg(long, env = "NODE_AGENT_GRACE_PERIOD_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_period_s: Option<u64>,
+    /// Build timeout when a request gives none.
+    #[arg(long, env = "NODE_AGENT_DEFAULT_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_timeout_s: Option<u64>,
+    /// Largest accepted request body.
+    #[arg(long, env = "NODE_AGENT_MAX_BODY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Delivery attempts of a requester webhook before giving up.
+    #[arg(long, env = "NODE_AGENT_WEBHOOK_ATTEMPTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_attempts: Option<u32>,
+    /// How often the shared queue is polled for work another node queued.
+    #[arg(long, env = "NODE_AGENT_POLL_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_interval_ms: Option<u64>,
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub work_dir: PathBuf,
+    pub database_url: String,
+    pub api_token_file: PathBuf,
+    pub notify_secret_file: PathBuf,
+    pub node_id: String,
+    pub capacity_vcpus: u32,
+    pub capacity_mem_mib: u64,
+    pub callback_url: Url,
+    pub s3_credentials_file: Option<PathBuf>,
+    pub vmm: VmmKind,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub vm_network: builder_vmm::AddressPool,
+    pub jailer_uid: u32,
+    pub jailer_gid: u32,
+    pub grace_period_s: u64,
+    pub default_timeout_s: u64,
+    pub max_body_bytes: u64,
+    pub webhook_attempts: u32,
+    pub poll_interval_ms: u64,
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        base.insert(key, value);
+    }
+}
+
+impl Config {
+    /// Merges the layers and fills in the computed defaults.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = DEFAULTS.parse().expect("the built-in defaults are TOML");
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
+                path: path.clone(),
+                source,
+            })?;
+            merge(&mut table, file);
+        }
+        merge(
+            &mut table,
+            toml::Table::try_from(args).expect("flags serialize to a TOML table"),
+        );
+        let layered: Layered = table.try_into().map_err(ConfigError::Invalid)?;
+        Self::resolve(layered)
+    }
+
+    fn resolve(l: Layered) -> Result<Self, ConfigError> {
+        let capacity_vcpus = match l.capacity_vcpus {
+            Some(n) => n,
+            None => host_cpus().saturating_sub(RESERVED_VCPUS).max(1),
+        };
+        let capacity_mem_mib = match l.capacity_mem_mib {
+            Some(n) => n,
+            None => host_mem_mib()?.saturating_sub(RESERVED_MEM_MIB).max(256),
+        };
+        for (key, min, value) in [
+            ("capacity_vcpus", 1, u64::from(capacity_vcpus)),
+            ("capacity_mem_mib", 128, capacity_mem_mib),
+            ("max_body_bytes", 1024, l.max_body_bytes),
+            ("webhook_attempts", 1, u64::from(l.webhook_attempts)),
+            ("poll_interval_ms", 10, l.poll_interval_ms),
+            ("default_timeout_s", 1, l.default_timeout_s),
+        ] {
+            if value < min {
+                return Err(ConfigError::TooSmall { key, min, value });
+            }
+        }
+        let under_work_dir = |name: &str| l.work_dir.join(name);
+        let database_url = l.database_url.unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                under_work_dir("node-agent.db").display()
+            )
+        });
+        let callback_url = l.callback_url.unwrap_or_else(|| {
+            Url::parse(&format!("http://{}", l.listen)).expect("a socket address makes a URL")
+        });
+        Ok(Config {
+            listen: l.listen,
+            database_url,
+            api_token_file: l
+                .api_token_file
+                .unwrap_or_else(|| under_work_dir("api-token")),
+            notify_secret_file: l
+                .notify_secret_file
+                .unwrap_or_else(|| under_work_dir("notify-secret")),
+            node_id: l.node_id.unwrap_or_else(host_name),
+            capacity_vcpus,
+            capacity_mem_mib,
+            callback_url,
+            s3_credentials_file: l.s3_credentials_file,
+            vmm: l.vmm,
+            kernel: l.kernel,
+            rootfs: l.rootfs,
+            vm_network: parse_pool(&l.vm_network)?,
+            jailer_uid: l.jailer_uid,
+            jailer_gid: l.jailer_gid,
+            grace_period_s: l.grace_period_s,
+            default_timeout_s: l.default_timeout_s,
+            max_body_bytes: l.max_body_bytes,
+            webhook_attempts: l.webhook_attempts,
+            poll_interval_ms: l.poll_interval_ms,
+            work_dir: l.work_dir,
+        })
+    }
+
+    /// Where a build's console log is kept on this node.
+    pub fn log_path(&self, build_id: &str) -> PathBuf {
+        self.work_dir.join("logs").join(format!("{build_id}.log"))
+    }
+
+    /// The directory each VM's work dir is made in.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.work_dir.join("vms")
+    }
+}
+
+fn parse_pool(value: &str) -> Result<builder_vmm::AddressPool, ConfigError> {
+    let invalid = || ConfigError::VmNetwork {
+        value: value.to_string(),
+    };
+    let (network, prefix) = value.split_once('/').ok_or_else(invalid)?;
+    let pool = builder_vmm::AddressPool {
+        network: network.parse().map_err(|_| invalid())?,
+        prefix: prefix.parse().map_err(|_| invalid())?,
+    };
+    pool.validate().map_err(|_| invalid())?;
+    Ok(pool)
+}
+
+/// CPUs this process may run on.
+pub fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+fn host_mem_mib() -> Result<u64, ConfigError> {
+    let text = std::fs::read_to_string("/proc/meminfo").map_err(ConfigError::Meminfo)?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ConfigError::Meminfo(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no MemTotal line",
+            ))
+        })?;
+    Ok(kib / 1024)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+/// Reads a secret file, or creates it with 32 random bytes (hex, mode 0600) when missing.
+pub fn read_or_create_secret(path: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is empty", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let secret = crate::random_hex(32);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_file_and_flags_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ncapacity_vcpus = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            capacity_vcpus: Some(5),
+            work_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.capacity_vcpus, 5);
+        assert_eq!(c.grace_period_s, 60);
+        assert_eq!(c.api_token_file, dir.path().join("api-token"));
+        assert!(c.database_url.starts_with("sqlite://"));
+        assert_eq!(c.callback_url.as_str(), "http://127.0.0.1:9000/");
+
+        std::fs::write(&file, "capacity_cpus = 3\n").unwrap();
+        let err = Config::load(&args).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(chain.contains("unknown field `capacity_cpus`"), "{chain}");
+    }
+}

@@ -1,0 +1,91 @@
+//! node-agent: the build service of one host. It takes build requests over HTTP, keeps them in
+//! a durable queue (SQLite, or PostgreSQL shared by several hosts), starts one builder VM per
+//! build within the host's capacity, supervises it until its signed report arrives or it dies,
+//! times out or is cancelled, and sends the requester exactly one final webhook.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod notify;
+pub mod vm;
+pub mod vmm;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `bytes` random bytes from the OS, hex-encoded.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf).expect("the OS random source works");
+    hex::encode(buf)
+}
+
+/// A new build id: creation time then randomness, so ids sort in submission order.
+pub fn new_build_id() -> String {
+    format!("{:012x}{}", now_ms(), random_hex(6))
+}
+
+/// An error and its causes, joined with `: `.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// Runs the API and the scheduler on `listener` until `shutdown` resolves, then drains (stops
+/// admitting, lets running builds finish within the grace period, cancels the rest) while the
+/// API keeps answering, so late reports still arrive.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    node: std::sync::Arc<node::Node>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let scheduler = tokio::spawn(node.clone().run());
+    let app = api::router(node.clone());
+    let drained = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining");
+        node.drain().await;
+        tracing::info!("drained");
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(drained)
+        .await?;
+    scheduler.abort();
+    Ok(())
+}
+
+/// `node-agent serve`: binds the configured address and runs until SIGTERM or SIGINT.
+pub async fn serve(node: std::sync::Arc<node::Node>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = node.config.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(%listen, node_id = node.config.node_id, "node agent listening");
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    serve_on(listener, node, shutdown)
+        .await
+        .context("the HTTP server failed")
+}

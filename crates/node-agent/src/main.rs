@@ -1,0 +1,217 @@
+//! `node-agent`: `serve` runs the daemon; the other commands are its command-line client.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use node_agent::client::{self, Client, Connection};
+use node_agent::config::{Config, ServeArgs};
+use node_agent::model::BuildRequest;
+use node_agent::node::Node;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Builds container images from git repos inside throw-away microVMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent daemon.
+    Serve(ServeArgs),
+    /// Submit a build.
+    Submit {
+        #[command(flatten)]
+        conn: Connection,
+        /// Git repository URL.
+        repo: String,
+        /// Branch or tag to build.
+        #[arg(long = "ref", conflicts_with = "commit")]
+        git_ref: Option<String>,
+        /// Full commit id to build.
+        #[arg(long)]
+        commit: Option<String>,
+        #[arg(long)]
+        dockerfile: Option<String>,
+        #[arg(long)]
+        s3_bucket: Option<String>,
+        #[arg(long)]
+        s3_key: Option<String>,
+        #[arg(long)]
+        notify_url: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 2048)]
+        mem_mib: u64,
+        #[arg(long, default_value_t = 4)]
+        disk_gib: u32,
+        #[arg(long)]
+        timeout_s: Option<u64>,
+        /// Follow the build to its end, streaming its log.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one build.
+    Status {
+        #[command(flatten)]
+        conn: Connection,
+        id: String,
+        /// Print the full JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List builds, newest first.
+    List {
+        #[command(flatten)]
+        conn: Connection,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Cancel a build.
+    Cancel {
+        #[command(flatten)]
+        conn: Connection,
+        id: String,
+    },
+    /// Print a build's console log (following it while the build runs).
+    Logs {
+        #[command(flatten)]
+        conn: Connection,
+        id: String,
+        #[arg(long)]
+        no_follow: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Submit {
+            conn,
+            repo,
+            git_ref,
+            commit,
+            dockerfile,
+            s3_bucket,
+            s3_key,
+            notify_url,
+            vcpus,
+            mem_mib,
+            disk_gib,
+            timeout_s,
+            wait,
+        } => {
+            let client = Client::new(&conn)?;
+            let request = BuildRequest {
+                repo_url: repo,
+                commit_sha: commit,
+                git_ref,
+                dockerfile,
+                s3_bucket,
+                s3_key,
+                notify_url,
+                vcpus,
+                mem_mib,
+                disk_gib,
+                timeout_s,
+                egress_allow: vec![],
+                requester: std::env::var("USER").ok(),
+            };
+            let submitted = client.submit(&request).await?;
+            println!("{}", submitted.id);
+            if !wait {
+                return Ok(0);
+            }
+            let view = client.wait(&submitted.id).await?;
+            println!("{}", client::summary(&view));
+            if let Some(r) = &view.rootfs {
+                println!(
+                    "rootfs: {} ({} bytes, sha256 {})",
+                    r.location,
+                    r.size_bytes.unwrap_or(0),
+                    r.sha256.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(client::exit_code(&view))
+        }
+        Command::Status { conn, id, json } => {
+            let view = Client::new(&conn)?.status(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!("{}", client::summary(&view));
+            }
+            Ok(client::exit_code(&view))
+        }
+        Command::List {
+            conn,
+            state,
+            limit,
+            cursor,
+        } => {
+            let list = Client::new(&conn)?
+                .list(state.as_deref(), limit, cursor.as_deref())
+                .await?;
+            for b in &list.builds {
+                println!("{}", client::summary(b));
+            }
+            if let Some(c) = list.next_cursor {
+                println!("(more: --cursor {c})");
+            }
+            Ok(0)
+        }
+        Command::Cancel { conn, id } => {
+            let s = Client::new(&conn)?.cancel(&id).await?;
+            println!("{} {}", s.id, s.state);
+            Ok(0)
+        }
+        Command::Logs {
+            conn,
+            id,
+            no_follow,
+        } => {
+            Client::new(&conn)?
+                .logs(&id, !no_follow, |line| println!("{line}"))
+                .await?;
+            Ok(0)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NODE_AGENT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_current_span(false)
+        .init();
+    let config = Config::load(&args).context("cannot load the configuration")?;
+    let launcher = node_agent::vmm::launcher(&config).context("cannot set up the VMM")?;
+    let node = Node::start(config, launcher)
+        .await
+        .context("cannot start the node agent")?;
+    node_agent::serve(node).await
+}

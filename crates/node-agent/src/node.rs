@@ -1,0 +1,796 @@
+//! The node: capacity and CPU accounting, the scheduler loop that claims queued builds, and the
+//! supervisor of each build's VM from launch to its one terminal state. Restart recovery and
+//! the SIGTERM drain live here too, since they are about the same running set.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use builder_contract::{
+    BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, S3Credentials, Secrets,
+};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::Config;
+use crate::db::{BuildRow, Db, DbError, Update};
+use crate::metrics::Metrics;
+use crate::model::{BuildState, Limits};
+use crate::vm::{LaunchSpec, Launcher, RunningVm, VmExit};
+
+/// How much of the console log goes into the database and the failure webhook.
+pub const LOG_TAIL_BYTES: u64 = 4096;
+/// How long a report may trail the VM's exit (the guest posts it just before powering off).
+const REPORT_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long a VM that has reported may take to power itself off before it is killed.
+const POWEROFF_AFTER_REPORT: Duration = Duration::from_secs(10);
+/// How often a running build's console and cancel flag are looked at.
+const SUPERVISE_TICK: Duration = Duration::from_millis(500);
+
+/// What a supervisor is told while its VM runs.
+#[derive(Debug)]
+pub enum Signal {
+    Report(Box<BuildReport>),
+    Cancel(String),
+}
+
+/// How a build ended, before it is written down.
+#[derive(Debug)]
+pub enum Outcome {
+    Report(Box<BuildReport>),
+    VmExited(VmExit),
+    TimedOut(u64),
+    Cancelled(String),
+    Internal(String),
+}
+
+struct Running {
+    /// The per-build key the guest signs its report with.
+    key: String,
+    signals: mpsc::Sender<Signal>,
+}
+
+#[derive(Default)]
+struct Usage {
+    vcpus: u32,
+    mem_mib: u64,
+    /// Which allocator slots are taken; slot `i` is host CPU `host_cpus[i % len]`.
+    slots: Vec<bool>,
+    running: HashMap<String, Running>,
+}
+
+pub struct Node {
+    pub config: Config,
+    pub db: Db,
+    pub metrics: Metrics,
+    pub api_token: String,
+    notify_secret: String,
+    s3: Option<S3Credentials>,
+    launcher: Arc<dyn Launcher>,
+    host_cpus: Vec<u32>,
+    usage: Mutex<Usage>,
+    wake: Notify,
+    idle: Notify,
+    draining: AtomicBool,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot read or create the secret file {path}")]
+    Secret {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    S3Credentials(#[from] builder_contract::SecretsError),
+    #[error("the S3 credentials file {path} has no `s3` section")]
+    NoS3 { path: std::path::PathBuf },
+    #[error("cannot create the directory {path}")]
+    Dir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Reclaim(#[from] crate::vm::VmError),
+}
+
+impl Node {
+    /// Opens the database, reclaims what a crashed previous run left, fails or re-queues its
+    /// builds and resumes undelivered webhooks. The scheduler is started by [`Node::run`].
+    pub async fn start(
+        config: Config,
+        launcher: Arc<dyn Launcher>,
+    ) -> Result<Arc<Self>, StartError> {
+        for dir in [config.work_dir.join("logs"), config.vms_dir()] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| StartError::Dir { path: dir, source })?;
+        }
+        let secret = |path: &Path| {
+            crate::config::read_or_create_secret(path).map_err(|source| StartError::Secret {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let api_token = secret(&config.api_token_file)?;
+        let notify_secret = secret(&config.notify_secret_file)?;
+        let s3 = match &config.s3_credentials_file {
+            None => None,
+            Some(path) => Some(
+                builder_contract::Secrets::load(path)?
+                    .s3
+                    .ok_or_else(|| StartError::NoS3 { path: path.clone() })?,
+            ),
+        };
+        let db = Db::open(&config.database_url).await?;
+        let reclaimed = launcher.reclaim().await?;
+        let node = Arc::new(Node {
+            metrics: Metrics::new(reclaimed),
+            host_cpus: host_cpu_list(),
+            usage: Mutex::new(Usage {
+                slots: vec![false; config.capacity_vcpus as usize],
+                ..Default::default()
+            }),
+            config,
+            db,
+            api_token,
+            notify_secret,
+            s3,
+            launcher,
+            wake: Notify::new(),
+            idle: Notify::new(),
+            draining: AtomicBool::new(false),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("a default HTTP client builds"),
+        });
+        tracing::info!(
+            reclaimed,
+            node_id = node.config.node_id,
+            "reclaimed leftovers of a previous run"
+        );
+        node.recover().await?;
+        Ok(node)
+    }
+
+    async fn recover(self: &Arc<Self>) -> Result<(), DbError> {
+        let node_id = &self.config.node_id;
+        // Webhooks a previous run left undelivered; the builds failed below send their own.
+        let undelivered = self.db.pending_webhooks(node_id).await?;
+        for row in self
+            .db
+            .node_builds(node_id, &[BuildState::Starting])
+            .await?
+        {
+            self.db
+                .transition(
+                    &row.id,
+                    &[BuildState::Starting],
+                    BuildState::Queued,
+                    node_id,
+                    "re-queued: the node agent restarted before the VM started",
+                    Update::default()
+                        .set("node_id", None::<String>)
+                        .set("cpus", None::<String>)
+                        .set("started_at_ms", None::<i64>),
+                )
+                .await?;
+        }
+        for row in self
+            .db
+            .node_builds(node_id, &[BuildState::Running, BuildState::Uploading])
+            .await?
+        {
+            self.finish(&row, Outcome::Internal("node agent restarted".into()), None)
+                .await?;
+        }
+        for row in undelivered {
+            let node = self.clone();
+            tokio::spawn(async move { node.deliver(row).await });
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_vcpus: self.config.capacity_vcpus,
+            max_mem_mib: self.config.capacity_mem_mib,
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Tells the scheduler to look at the queue now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// (vCPUs, MiB, VMs) in use.
+    pub fn usage(&self) -> (u32, u64, usize) {
+        let u = self.usage.lock().expect("usage lock");
+        (u.vcpus, u.mem_mib, u.running.len())
+    }
+
+    /// The scheduler: claims queued builds while they fit, until draining starts.
+    pub async fn run(self: Arc<Self>) {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        while !self.is_draining() {
+            let (free_vcpus, free_mem) = {
+                let u = self.usage.lock().expect("usage lock");
+                (
+                    self.config.capacity_vcpus - u.vcpus,
+                    self.config.capacity_mem_mib - u.mem_mib,
+                )
+            };
+            let claimed = if free_vcpus == 0 {
+                Ok(None)
+            } else {
+                self.db
+                    .claim(&self.config.node_id, free_vcpus, free_mem)
+                    .await
+            };
+            match claimed {
+                Ok(Some(row)) => {
+                    self.admit(row);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = crate::error_chain(&e), "cannot claim a build"),
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    fn admit(self: &Arc<Self>, row: BuildRow) {
+        let (tx, rx) = mpsc::channel(4);
+        let key = crate::random_hex(32);
+        let slots = {
+            let mut u = self.usage.lock().expect("usage lock");
+            u.vcpus += row.vcpus;
+            u.mem_mib += row.mem_mib;
+            let free: Vec<usize> = (0..u.slots.len()).filter(|&i| !u.slots[i]).collect();
+            let slots: Vec<usize> = free.into_iter().take(row.vcpus as usize).collect();
+            for &i in &slots {
+                u.slots[i] = true;
+            }
+            u.running.insert(
+                row.id.clone(),
+                Running {
+                    key: key.clone(),
+                    signals: tx,
+                },
+            );
+            slots
+        };
+        self.metrics.set_running(self.usage().2);
+        let node = self.clone();
+        tokio::spawn(async move {
+            let cpus: Vec<u32> = slots
+                .iter()
+                .map(|&i| node.host_cpus[i % node.host_cpus.len()])
+                .collect();
+            let (outcome, exit_code) = node.supervise(&row, cpus, key, rx).await;
+            if let Err(e) = node.finish(&row, outcome, exit_code).await {
+                tracing::error!(
+                    build_id = row.id,
+                    error = crate::error_chain(&e),
+                    "cannot record the end of a build"
+                );
+            }
+            let idle = {
+                let mut u = node.usage.lock().expect("usage lock");
+                u.vcpus -= row.vcpus;
+                u.mem_mib -= row.mem_mib;
+                for i in slots {
+                    u.slots[i] = false;
+                }
+                u.running.remove(&row.id);
+                u.running.is_empty()
+            };
+            node.metrics.set_running(node.usage().2);
+            if idle {
+                node.idle.notify_waiters();
+            }
+            node.wake();
+        });
+    }
+
+    /// The key a running build's report must be signed with.
+    pub fn build_key(&self, id: &str) -> Option<String> {
+        let u = self.usage.lock().expect("usage lock");
+        u.running.get(id).map(|r| r.key.clone())
+    }
+
+    /// Hands a signal to the supervisor of a build running here; false when none runs it.
+    pub async fn signal(&self, id: &str, signal: Signal) -> bool {
+        let sender = {
+            let u = self.usage.lock().expect("usage lock");
+            u.running.get(id).map(|r| r.signals.clone())
+        };
+        match sender {
+            Some(s) => s.send(signal).await.is_ok(),
+            None => false,
+        }
+    }
+
+    async fn supervise(
+        &self,
+        row: &BuildRow,
+        cpus: Vec<u32>,
+        key: String,
+        mut signals: mpsc::Receiver<Signal>,
+    ) -> (Outcome, Option<i32>) {
+        let params = match row
+            .request
+            .to_params(&row.id, &self.config.callback_url, self.limits())
+        {
+            Ok(p) => p,
+            Err(e) => {
+                return (
+                    Outcome::Internal(format!("the stored request is no longer valid: {e}")),
+                    None,
+                )
+            }
+        };
+        let console_log = self.config.log_path(&row.id);
+        let spec = LaunchSpec {
+            build_id: row.id.clone(),
+            params,
+            secrets: Secrets {
+                s3: self.s3.clone(),
+                webhook_secret: Some(key),
+                git_token: None,
+                git_username: None,
+            },
+            vcpus: row.vcpus,
+            mem_mib: row.mem_mib,
+            disk_gib: row.request.disk_gib,
+            cpus: cpus.clone(),
+            egress_allow: row.request.egress_allow.clone(),
+            console_log: console_log.clone(),
+            timeout: Duration::from_secs(row.timeout_s),
+        };
+        let mut vm = match self.launcher.launch(spec).await {
+            Ok(vm) => vm,
+            Err(e) => return (Outcome::Internal(crate::error_chain(&e)), None),
+        };
+        let now = crate::now_ms();
+        self.metrics.observe_admission(now - row.created_at_ms);
+        let cpus_text = cpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let detail = format!(
+            "VM started (pid {}, cpus {cpus_text})",
+            vm.pid().unwrap_or(0)
+        );
+        if let Err(e) = self
+            .db
+            .transition(
+                &row.id,
+                &[BuildState::Starting],
+                BuildState::Running,
+                &self.config.node_id,
+                &detail,
+                Update::default()
+                    .set("vm_started_at_ms", now)
+                    .set("cpus", cpus_text),
+            )
+            .await
+        {
+            tracing::error!(
+                build_id = row.id,
+                error = crate::error_chain(&e),
+                "cannot record the VM start"
+            );
+        }
+        let (outcome, exit) = self
+            .watch(row, vm.as_mut(), &mut signals, &console_log)
+            .await;
+        let exit = match exit {
+            Some(exit) => Some(exit),
+            None => {
+                self.stop(row, vm.as_mut(), matches!(outcome, Outcome::Report(_)))
+                    .await
+            }
+        };
+        if let Err(e) = vm.cleanup().await {
+            tracing::error!(
+                build_id = row.id,
+                error = crate::error_chain(&e),
+                "VM cleanup failed"
+            );
+        }
+        let code = exit.as_ref().and_then(|e| e.code);
+        self.metrics.observe_vmm_exit(code);
+        (outcome, code)
+    }
+
+    /// Waits for the first of: report, VM exit, timeout, cancel. Returns the VM's exit if it
+    /// exited.
+    async fn watch(
+        &self,
+        row: &BuildRow,
+        vm: &mut dyn RunningVm,
+        signals: &mut mpsc::Receiver<Signal>,
+        console_log: &Path,
+    ) -> (Outcome, Option<VmExit>) {
+        let deadline = tokio::time::sleep(Duration::from_secs(row.timeout_s));
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(SUPERVISE_TICK);
+        let mut console = ConsoleWatch::default();
+        loop {
+            tokio::select! {
+                exit = vm.wait() => {
+                    let exit = match exit {
+                        Ok(exit) => exit,
+                        Err(e) => VmExit { code: None, description: crate::error_chain(&e) },
+                    };
+                    console.scan(self, row, console_log).await;
+                    if let Ok(Some(Signal::Report(r))) = tokio::time::timeout(REPORT_AFTER_EXIT, signals.recv()).await {
+                        return (Outcome::Report(r), Some(exit));
+                    }
+                    return (Outcome::VmExited(exit.clone()), Some(exit));
+                }
+                signal = signals.recv() => match signal {
+                    Some(Signal::Report(r)) => return (Outcome::Report(r), None),
+                    Some(Signal::Cancel(reason)) => return (Outcome::Cancelled(reason), None),
+                    None => return (Outcome::Internal("the supervisor lost its signal channel".into()), None),
+                },
+                _ = &mut deadline => return (Outcome::TimedOut(row.timeout_s), None),
+                _ = tick.tick() => {
+                    console.scan(self, row, console_log).await;
+                    if let Ok(Some(current)) = self.db.get(&row.id).await {
+                        if current.cancel_requested {
+                            return (Outcome::Cancelled("cancelled by request".into()), None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends a VM that has not exited: lets it power off after a report, kills it otherwise.
+    async fn stop(&self, row: &BuildRow, vm: &mut dyn RunningVm, reported: bool) -> Option<VmExit> {
+        if reported {
+            if let Ok(Ok(exit)) = tokio::time::timeout(POWEROFF_AFTER_REPORT, vm.wait()).await {
+                return Some(exit);
+            }
+        }
+        if let Err(e) = vm.kill().await {
+            tracing::error!(
+                build_id = row.id,
+                error = crate::error_chain(&e),
+                "cannot kill the VM"
+            );
+        }
+        vm.wait().await.ok()
+    }
+
+    /// Writes the terminal state (if the build is not terminal yet) and sends the webhook.
+    pub async fn finish(
+        self: &Arc<Self>,
+        row: &BuildRow,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    ) -> Result<bool, DbError> {
+        let tail = read_tail(&self.config.log_path(&row.id)).await;
+        let current = self.db.get(&row.id).await?;
+        let phase = current
+            .as_ref()
+            .and_then(|c| c.phase.as_deref())
+            .and_then(|p| serde_json::from_value::<Phase>(serde_json::Value::String(p.into())).ok())
+            .unwrap_or(Phase::Params);
+        let failure = |class, message: String| BuildFailure {
+            class,
+            phase,
+            message,
+        };
+        let with_tail = |message: String| {
+            if tail.is_empty() {
+                message
+            } else {
+                format!("{message}\n--- console log tail ---\n{tail}")
+            }
+        };
+        let (to, report, detail) = match outcome {
+            Outcome::Report(r) => {
+                let to = match r.status {
+                    BuildStatus::Succeeded => BuildState::Succeeded,
+                    BuildStatus::Failed => BuildState::Failed,
+                };
+                (to, *r, "the builder VM reported".to_string())
+            }
+            Outcome::VmExited(exit) => {
+                let message = format!("the builder VM {} without reporting", exit.description);
+                (
+                    BuildState::Failed,
+                    self.synthesized(
+                        row,
+                        failure(ErrorClass::Internal, with_tail(message.clone())),
+                    ),
+                    message,
+                )
+            }
+            Outcome::TimedOut(s) => {
+                let message = format!("the build ran past its {s} s time limit and was stopped");
+                (
+                    BuildState::TimedOut,
+                    self.synthesized(row, failure(ErrorClass::User, with_tail(message.clone()))),
+                    message,
+                )
+            }
+            Outcome::Cancelled(reason) => (
+                BuildState::Cancelled,
+                self.synthesized(row, failure(ErrorClass::User, reason.clone())),
+                reason,
+            ),
+            Outcome::Internal(message) => (
+                BuildState::Failed,
+                self.synthesized(
+                    row,
+                    failure(ErrorClass::Internal, with_tail(message.clone())),
+                ),
+                message,
+            ),
+        };
+        for p in &report.phases {
+            self.metrics.observe_phase(p.phase, p.duration_ms);
+        }
+        let mut update = Update::default()
+            .set("finished_at_ms", crate::now_ms())
+            .set(
+                "report",
+                serde_json::to_string(&report).expect("a report serializes"),
+            )
+            .set("log_tail", tail.clone())
+            .set("vmm_exit_code", exit_code.map(i64::from))
+            .set("commit_sha", report.commit_sha.clone())
+            .set("image_digest", report.image_digest.clone());
+        if let Some(e) = &report.error {
+            update = update
+                .set("error_class", e.class.to_string())
+                .set("error_phase", e.phase.as_str())
+                .set("error_message", e.message.clone());
+        }
+        if let Some(r) = &report.rootfs {
+            update = update
+                .set("rootfs_location", r.location.clone())
+                .set("rootfs_size_bytes", r.size_bytes as i64)
+                .set("rootfs_sha256", r.sha256.clone());
+        }
+        if row.notify_url.is_some() {
+            update = update.set("webhook_state", "pending");
+        }
+        let from: Vec<BuildState> = BuildState::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+            .collect();
+        let Some(t) = self
+            .db
+            .transition(&row.id, &from, to, &self.config.node_id, &detail, update)
+            .await?
+        else {
+            return Ok(false);
+        };
+        if t.row.notify_url.is_some() {
+            let node = self.clone();
+            tokio::spawn(async move { node.deliver(t.row).await });
+        }
+        Ok(true)
+    }
+
+    fn synthesized(&self, row: &BuildRow, error: BuildFailure) -> BuildReport {
+        let started = row.started_at_ms.unwrap_or(row.created_at_ms);
+        BuildReport {
+            build_id: row.id.clone(),
+            status: BuildStatus::Failed,
+            repo_url: row.repo_url.clone(),
+            revision: row.revision.clone(),
+            commit_sha: None,
+            image_digest: None,
+            rootfs: None,
+            error: Some(error),
+            phases: vec![],
+            started_at_unix_ms: started.max(0) as u64,
+            duration_ms: (crate::now_ms() - started).max(0) as u64,
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, row: BuildRow) {
+        crate::notify::deliver(
+            &self.http,
+            &self.db,
+            &row,
+            self.notify_secret.as_bytes(),
+            self.config.webhook_attempts,
+        )
+        .await;
+    }
+
+    /// Cancels a build wherever it is: queued ones here, running ones through their node.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<Option<BuildState>, DbError> {
+        let Some(row) = self.db.get(id).await? else {
+            return Ok(None);
+        };
+        if row.state == BuildState::Queued
+            && self
+                .finish(
+                    &row,
+                    Outcome::Cancelled("cancelled by request before it started".into()),
+                    None,
+                )
+                .await?
+        {
+            return Ok(Some(BuildState::Cancelled));
+        }
+        if self
+            .signal(id, Signal::Cancel("cancelled by request".into()))
+            .await
+            || self.db.request_cancel(id).await?
+        {
+            return Ok(Some(row.state));
+        }
+        Ok(Some(self.db.get(id).await?.map_or(row.state, |r| r.state)))
+    }
+
+    /// SIGTERM: stop admitting, wait up to the grace period, cancel what still runs.
+    pub async fn drain(self: &Arc<Self>) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.wake();
+        let grace = Duration::from_secs(self.config.grace_period_s);
+        if tokio::time::timeout(grace, self.wait_idle()).await.is_err() {
+            let ids: Vec<String> = {
+                let u = self.usage.lock().expect("usage lock");
+                u.running.keys().cloned().collect()
+            };
+            tracing::warn!(
+                running = ids.len(),
+                "grace period over; cancelling running builds"
+            );
+            for id in ids {
+                self.signal(
+                    &id,
+                    Signal::Cancel("the node agent is shutting down".into()),
+                )
+                .await;
+            }
+            self.wait_idle().await;
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.usage().2 == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub fn readiness(&self) -> Vec<crate::vm::Check> {
+        self.launcher.readiness()
+    }
+}
+
+/// Follows a console log for the guest agent's `==> PHASE` lines.
+#[derive(Default)]
+struct ConsoleWatch {
+    offset: u64,
+    partial: String,
+    phase: Option<Phase>,
+}
+
+impl ConsoleWatch {
+    async fn scan(&mut self, node: &Node, row: &BuildRow, path: &Path) {
+        let Ok(mut file) = tokio::fs::File::open(path).await else {
+            return;
+        };
+        if file
+            .seek(std::io::SeekFrom::Start(self.offset))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = Vec::new();
+        let Ok(n) = file.read_to_end(&mut buf).await else {
+            return;
+        };
+        self.offset += n as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut latest = None;
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            if let Some(name) = line.split("==> ").nth(1) {
+                if let Ok(p) =
+                    serde_json::from_value::<Phase>(serde_json::Value::String(name.trim().into()))
+                {
+                    latest = Some(p);
+                }
+            }
+        }
+        let Some(phase) = latest.filter(|p| Some(*p) != self.phase) else {
+            return;
+        };
+        self.phase = Some(phase);
+        let update = Update::default().set("phase", phase.as_str());
+        let result = if phase == Phase::Upload {
+            node.db
+                .transition(
+                    &row.id,
+                    &[BuildState::Running],
+                    BuildState::Uploading,
+                    &node.config.node_id,
+                    "uploading",
+                    update,
+                )
+                .await
+                .map(|_| ())
+        } else {
+            node.db.update(&row.id, update).await
+        };
+        if let Err(e) = result {
+            tracing::warn!(
+                build_id = row.id,
+                error = crate::error_chain(&e),
+                "cannot record the phase"
+            );
+        }
+    }
+}
+
+/// The last [`LOG_TAIL_BYTES`] of a log, from a line start when possible.
+pub async fn read_tail(path: &Path) -> String {
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return String::new();
+    };
+    let len = file.metadata().await.map_or(0, |m| m.len());
+    let start = len.saturating_sub(LOG_TAIL_BYTES);
+    if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    if file.read_to_end(&mut buf).await.is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text,
+    }
+}
+
+/// The CPUs this process may run on, in order.
+fn host_cpu_list() -> Vec<u32> {
+    // SAFETY: sched_getaffinity writes into a zeroed cpu_set_t of the size we pass.
+    let cpus = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..crate::config::host_cpus()).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&i| libc::CPU_ISSET(i, &set))
+            .map(|i| i as u32)
+            .collect::<Vec<_>>()
+    };
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}

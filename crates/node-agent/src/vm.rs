@@ -1,0 +1,117 @@
+//! The node agent's view of a builder VM: a [`Launcher`] starts one from a [`LaunchSpec`] and
+//! hands back a [`RunningVm`] to wait on, kill and clean up. Every host side effect of a VM
+//! (processes, TAPs, netns, cgroups, work dirs) sits behind these traits, so the scheduler and
+//! supervisor are the same code whichever VMM (or test double) is underneath.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use builder_contract::{BuildParams, Secrets};
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// Kernel arguments every builder VM boots with, before the build parameters. Requests are
+/// checked against the command-line limit with these in front.
+pub const BASE_BOOT_ARGS: &str = builder_vmm::DEFAULT_BOOT_ARGS;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot start the builder VM of build {build_id}")]
+    Launch {
+        build_id: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot wait for the builder VM of build {build_id}")]
+    Wait {
+        build_id: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot kill the builder VM of build {build_id}")]
+    Kill {
+        build_id: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot clean up after the builder VM of build {build_id}")]
+    Cleanup {
+        build_id: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot reclaim what a previous run left behind")]
+    Reclaim(#[source] BoxError),
+}
+
+/// Everything needed to start one build's VM.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub build_id: String,
+    /// Goes on the kernel command line (after [`BASE_BOOT_ARGS`]).
+    pub params: BuildParams,
+    /// Goes on the read-only config drive, never on the command line.
+    pub secrets: Secrets,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub disk_gib: u32,
+    /// Host CPUs the VM is pinned to (one per vCPU, from the node's allocator).
+    pub cpus: Vec<u32>,
+    pub egress_allow: Vec<String>,
+    /// Where the serial console is written; it outlives the VM's work dir.
+    pub console_log: PathBuf,
+    /// The build's time limit; the supervisor enforces it, a launcher may add a backstop.
+    pub timeout: Duration,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// The VMM's exit status, when it exited (not killed by a signal).
+    pub code: Option<i32>,
+    /// A sentence for logs and error messages (`exited with status 0`, `killed by signal 9`).
+    pub description: String,
+}
+
+/// One started VM. Dropping it without [`RunningVm::cleanup`] leaves host state behind for the
+/// next start's reclaim.
+pub trait RunningVm: Send {
+    /// The VMM process id.
+    fn pid(&self) -> Option<u32>;
+    /// Resolves when the VMM process has exited.
+    fn wait(&mut self) -> BoxFuture<'_, Result<VmExit, VmError>>;
+    /// Kills the VMM now.
+    fn kill(&mut self) -> BoxFuture<'_, Result<(), VmError>>;
+    /// Removes everything the VM created on the host, last created first.
+    fn cleanup(self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>>;
+}
+
+/// One readiness check of `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    pub fn new(name: &str, ok: bool, detail: impl Into<String>) -> Self {
+        Check {
+            name: name.to_string(),
+            ok,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Starts builder VMs on this host.
+pub trait Launcher: Send + Sync {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>>;
+    /// Removes what a crashed previous run left (VMs, TAPs, netns, cgroups, work dirs) and says
+    /// how many things it removed.
+    fn reclaim(&self) -> BoxFuture<'_, Result<u64, VmError>>;
+    /// Whether a VM could be launched now (binaries, kernel, image, KVM or TCG).
+    fn readiness(&self) -> Vec<Check>;
+}

@@ -1,0 +1,341 @@
+//! The [`Launcher`] over the `builder-vmm` layer: turns a [`LaunchSpec`] into a [`VmSpec`]
+//! (scratch disk, config drive with the secrets, network slot, egress rules, CPU pinning, the
+//! report callback reachable from inside the VM) and a started VM into a [`RunningVm`].
+//!
+//! Every VM this node starts is tagged `bvm-<node tag>-<build id>`, the node tag being derived
+//! from the node id, so the reclaim at start removes this node's leftovers and never another
+//! node agent's (or another program's) VMs on the same host.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use builder_vmm::{
+    AddressPool, CpuSet, Driver, EgressPolicy, EgressRule, FirecrackerConfig, NetworkSpec,
+    QemuConfig, Vm, VmSpec, Vmm, VmmConfig, DEFAULT_BOOT_ARGS, TAG_PREFIX,
+};
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, VmmKind};
+use crate::vm::{Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit};
+
+/// How long past the build's own timeout the VMM layer's backstop kills a VM.
+const BACKSTOP: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot find the VMM binaries")]
+    Locate(#[source] builder_vmm::LocateError),
+}
+
+/// The builder-vmm driver for this host.
+pub struct VmmLauncher {
+    vmm: Vmm,
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    /// `<node tag>-`: the start of every VM id of this node.
+    id_prefix: String,
+    pool: AddressPool,
+    slots: Arc<Mutex<BTreeSet<u32>>>,
+    dns: Vec<Ipv4Addr>,
+    kind: VmmKind,
+}
+
+/// Builds the launcher the config asks for.
+pub fn launcher(config: &Config) -> Result<Arc<dyn Launcher>, SetupError> {
+    let driver = match config.vmm {
+        VmmKind::Qemu => Driver::Qemu(QemuConfig::from_env().map_err(SetupError::Locate)?),
+        VmmKind::Firecracker => Driver::Firecracker(
+            FirecrackerConfig::from_env(
+                config.work_dir.join("jail"),
+                config.jailer_uid,
+                config.jailer_gid,
+            )
+            .map_err(SetupError::Locate)?,
+        ),
+    };
+    let pool = config.vm_network;
+    let digest = Sha256::digest(config.node_id.as_bytes());
+    Ok(Arc::new(VmmLauncher {
+        vmm: Vmm::new(VmmConfig {
+            work_root: config.vms_dir(),
+            pool,
+            driver,
+        }),
+        kernel: config.kernel.clone(),
+        rootfs: config.rootfs.clone(),
+        id_prefix: format!("{}-", &hex::encode(digest)[..8]),
+        pool,
+        slots: Arc::default(),
+        dns: host_resolvers(),
+        kind: config.vmm,
+    }))
+}
+
+/// IPv4 resolvers of the host that a guest can reach through NAT (not loopback).
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .take(2)
+        .collect()
+}
+
+fn boxed(build_id: &str, e: impl std::error::Error + Send + Sync + 'static) -> VmError {
+    VmError::Launch {
+        build_id: build_id.to_string(),
+        source: Box::new(e),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LaunchError {
+    #[error("all {slots} network slots of {pool} are in use")]
+    NoSlot { slots: u32, pool: AddressPool },
+    #[error("{field} = {value} is more than the VMM accepts")]
+    TooBig { field: &'static str, value: u64 },
+    #[error("cannot link the console log {link} to {target}")]
+    Console {
+        link: PathBuf,
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmmLauncher {
+    fn take_slot(&self) -> Option<u32> {
+        let mut used = self.slots.lock().expect("slot lock");
+        let slot = (0..self.pool.slots()).find(|s| !used.contains(s))?;
+        used.insert(slot);
+        Some(slot)
+    }
+
+    async fn start(&self, spec: LaunchSpec, slot: u32) -> Result<Vm, VmError> {
+        let id = spec.build_id.clone();
+        let addresses = self.pool.addresses(slot).map_err(|e| boxed(&id, e))?;
+        let mut params = spec.params;
+        // A callback on loopback or the wildcard address is this host: from inside the VM that
+        // is the host end of its veth.
+        let mut host_port = None;
+        if let Some(url) = params.notify_url.as_mut() {
+            let local = match url.host_str().and_then(|h| h.parse::<IpAddr>().ok()) {
+                Some(ip) => ip.is_loopback() || ip.is_unspecified(),
+                None => url.host_str() == Some("localhost"),
+            };
+            if local {
+                let _ = url.set_host(Some(&addresses.host_veth.to_string()));
+                host_port = url.port_or_known_default();
+            }
+        }
+        let allow = spec
+            .egress_allow
+            .iter()
+            .map(|r| r.parse::<EgressRule>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| boxed(&id, e))?;
+        let too_big = |field, value| boxed(&id, LaunchError::TooBig { field, value });
+        let vm_spec = VmSpec {
+            id: format!("{}{}", self.id_prefix, spec.build_id),
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+            scratch_mib: u64::from(spec.disk_gib) * 1024,
+            secrets: Some(spec.secrets),
+            vcpus: u8::try_from(spec.vcpus).map_err(|_| too_big("vcpus", u64::from(spec.vcpus)))?,
+            mem_mib: u32::try_from(spec.mem_mib).map_err(|_| too_big("mem_mib", spec.mem_mib))?,
+            boot_args: DEFAULT_BOOT_ARGS.to_string(),
+            params: Some(params),
+            network: Some(NetworkSpec {
+                slot,
+                egress: EgressPolicy {
+                    host_port,
+                    allow: (!allow.is_empty()).then_some(allow),
+                },
+                dns: self.dns.clone(),
+            }),
+            timeout: spec.timeout + BACKSTOP,
+            cpus: (!spec.cpus.is_empty()).then(|| CpuSet::new(spec.cpus.clone())),
+        };
+        let vm = self.vmm.start(vm_spec).await.map_err(|e| boxed(&id, e))?;
+        let _ = std::fs::remove_file(&spec.console_log);
+        if let Err(source) = std::os::unix::fs::symlink(vm.console_log(), &spec.console_log) {
+            let error = LaunchError::Console {
+                link: spec.console_log.clone(),
+                target: vm.console_log().to_path_buf(),
+                source,
+            };
+            let mut vm = vm;
+            let _ = vm.kill().await;
+            let _ = vm.cleanup().await;
+            return Err(boxed(&id, error));
+        }
+        Ok(vm)
+    }
+}
+
+impl Launcher for VmmLauncher {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>> {
+        Box::pin(async move {
+            let Some(slot) = self.take_slot() else {
+                return Err(boxed(
+                    &spec.build_id,
+                    LaunchError::NoSlot {
+                        slots: self.pool.slots(),
+                        pool: self.pool,
+                    },
+                ));
+            };
+            let build_id = spec.build_id.clone();
+            let console_log = spec.console_log.clone();
+            match self.start(spec, slot).await {
+                Ok(vm) => Ok(Box::new(BuilderVm {
+                    build_id,
+                    vm,
+                    console_log,
+                    slot,
+                    slots: self.slots.clone(),
+                }) as Box<dyn RunningVm>),
+                Err(e) => {
+                    self.slots.lock().expect("slot lock").remove(&slot);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn reclaim(&self) -> BoxFuture<'_, Result<u64, VmError>> {
+        Box::pin(async move {
+            let prefix = format!("{TAG_PREFIX}{}", self.id_prefix);
+            let vmm = self.vmm.clone();
+            let report = tokio::task::spawn_blocking(move || vmm.reclaim_matching(&prefix))
+                .await
+                .map_err(|e| VmError::Reclaim(Box::new(e)))?;
+            for error in &report.errors {
+                tracing::warn!(error, "reclaim could not remove something");
+            }
+            Ok(report.total() as u64)
+        })
+    }
+
+    fn readiness(&self) -> Vec<Check> {
+        let file = |name: &str, path: &Path| match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => Check::new(
+                name,
+                true,
+                format!("{} ({} bytes)", path.display(), m.len()),
+            ),
+            Ok(_) => Check::new(name, false, format!("{} is not a file", path.display())),
+            Err(e) => Check::new(name, false, format!("{}: {e}", path.display())),
+        };
+        let mut checks = vec![file("kernel", &self.kernel), file("rootfs", &self.rootfs)];
+        match &self.vmm.config().driver {
+            Driver::Qemu(q) => {
+                checks.push(file("qemu", &q.qemu_bin));
+                let accel = q.accel.resolve();
+                checks.push(Check::new("accel", true, format!("{accel:?}")));
+            }
+            Driver::Firecracker(f) => {
+                checks.push(file("firecracker", &f.firecracker_bin));
+                checks.push(file("jailer", &f.jailer_bin));
+                let kvm = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm");
+                checks.push(Check::new(
+                    "kvm",
+                    kvm.is_ok(),
+                    kvm.map_or_else(|e| format!("/dev/kvm: {e}"), |_| "/dev/kvm opens".into()),
+                ));
+            }
+        }
+        checks.push(Check::new("vmm", true, format!("{:?}", self.kind)));
+        checks
+    }
+}
+
+struct BuilderVm {
+    build_id: String,
+    vm: Vm,
+    console_log: PathBuf,
+    slot: u32,
+    slots: Arc<Mutex<BTreeSet<u32>>>,
+}
+
+fn exit_of(exit: builder_vmm::VmExit) -> VmExit {
+    let description = match &exit.cause {
+        builder_vmm::ExitCause::GuestShutdown => "shut down".to_string(),
+        builder_vmm::ExitCause::GuestPanic => "kernel panicked".to_string(),
+        builder_vmm::ExitCause::VmmFailed { code } => format!("VMM exited with status {code}"),
+        builder_vmm::ExitCause::VmmCrashed { signal } => {
+            format!("VMM was killed by signal {signal}")
+        }
+        builder_vmm::ExitCause::VmmGone => "VMM disappeared".to_string(),
+        builder_vmm::ExitCause::Killed => "was killed".to_string(),
+        builder_vmm::ExitCause::TimedOut { after_s } => {
+            format!("ran past the VMM's {after_s} s backstop")
+        }
+    };
+    VmExit {
+        code: exit.vmm_exit_code,
+        description,
+    }
+}
+
+impl RunningVm for BuilderVm {
+    fn pid(&self) -> Option<u32> {
+        u32::try_from(self.vm.pid()).ok()
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Result<VmExit, VmError>> {
+        Box::pin(async move {
+            self.vm
+                .wait()
+                .await
+                .map(exit_of)
+                .map_err(|e| VmError::Wait {
+                    build_id: self.build_id.clone(),
+                    source: Box::new(e),
+                })
+        })
+    }
+
+    fn kill(&mut self) -> BoxFuture<'_, Result<(), VmError>> {
+        Box::pin(async move {
+            self.vm.kill().await.map(|_| ()).map_err(|e| VmError::Kill {
+                build_id: self.build_id.clone(),
+                source: Box::new(e),
+            })
+        })
+    }
+
+    /// Keeps the console (the link becomes a copy) and removes everything else.
+    fn cleanup(self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>> {
+        Box::pin(async move {
+            let BuilderVm {
+                build_id,
+                mut vm,
+                console_log,
+                slot,
+                slots,
+            } = *self;
+            let exit = vm.kill().await.ok();
+            let source = exit.map_or_else(|| vm.console_log().to_path_buf(), |e| e.console_log);
+            let _ = std::fs::remove_file(&console_log);
+            if let Err(e) = std::fs::copy(&source, &console_log) {
+                tracing::warn!(build_id, error = %e, from = %source.display(), "console log not kept");
+            }
+            let result = vm.cleanup().await;
+            slots.lock().expect("slot lock").remove(&slot);
+            result.map_err(|e| VmError::Cleanup {
+                build_id,
+                source: Box::new(e),
+            })
+        })
+    }
+}

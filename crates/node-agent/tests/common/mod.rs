@@ -1,0 +1,414 @@
+//! Test harness: the daemon in-process on loopback (real HTTP, real database) with a launcher
+//! whose "VM" is a real child process running a shell script, so the scheduler, supervisor,
+//! timeouts and cancels act on real processes; a webhook receiver; and a private PostgreSQL
+//! cluster in a temp dir when `NODE_AGENT_TEST_POSTGRES_URL` is not given.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use node_agent::config::{Config, ServeArgs};
+use node_agent::node::Node;
+use node_agent::vm::{Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit};
+
+/// A launcher whose VMs are `sh -c SCRIPT` with the console on stdout.
+pub struct ScriptLauncher {
+    pub script: Mutex<String>,
+    pub launched: Mutex<Vec<LaunchSpec>>,
+    pub pids: Mutex<Vec<u32>>,
+    pub running: Arc<AtomicUsize>,
+    pub max_running: Arc<AtomicUsize>,
+    pub reclaimable: usize,
+}
+
+impl ScriptLauncher {
+    pub fn new(script: &str) -> Arc<Self> {
+        Arc::new(ScriptLauncher {
+            script: Mutex::new(script.to_string()),
+            launched: Mutex::default(),
+            pids: Mutex::default(),
+            running: Arc::default(),
+            max_running: Arc::default(),
+            reclaimable: 0,
+        })
+    }
+
+    pub fn spec(&self, build_id: &str) -> Option<LaunchSpec> {
+        self.launched
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.build_id == build_id)
+            .cloned()
+    }
+}
+
+struct ScriptVm {
+    child: tokio::process::Child,
+    running: Arc<AtomicUsize>,
+}
+
+impl Launcher for ScriptLauncher {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>> {
+        Box::pin(async move {
+            let console = std::fs::File::create(&spec.console_log).unwrap();
+            let child = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(self.script.lock().unwrap().clone())
+                .stdout(Stdio::from(console))
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| VmError::Launch {
+                    build_id: spec.build_id.clone(),
+                    source: Box::new(e),
+                })?;
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_running.fetch_max(now, Ordering::SeqCst);
+            self.pids.lock().unwrap().push(child.id().unwrap());
+            self.launched.lock().unwrap().push(spec);
+            Ok(Box::new(ScriptVm {
+                child,
+                running: self.running.clone(),
+            }) as Box<dyn RunningVm>)
+        })
+    }
+
+    fn reclaim(&self) -> BoxFuture<'_, Result<u64, VmError>> {
+        Box::pin(async move { Ok(self.reclaimable as u64) })
+    }
+
+    fn readiness(&self) -> Vec<Check> {
+        vec![Check::new("script", true, "sh")]
+    }
+}
+
+impl RunningVm for ScriptVm {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+    fn wait(&mut self) -> BoxFuture<'_, Result<VmExit, VmError>> {
+        Box::pin(async move {
+            let status = self.child.wait().await.unwrap();
+            Ok(VmExit {
+                code: status.code(),
+                description: format!("exited ({status})"),
+            })
+        })
+    }
+    fn kill(&mut self) -> BoxFuture<'_, Result<(), VmError>> {
+        Box::pin(async move {
+            let _ = self.child.start_kill();
+            Ok(())
+        })
+    }
+    fn cleanup(self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>> {
+        Box::pin(async move {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+pub struct Daemon {
+    pub base: String,
+    pub token: String,
+    pub node: Arc<Node>,
+    pub work_dir: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub struct Options {
+    pub database_url: Option<String>,
+    pub capacity_vcpus: u32,
+    pub node_id: String,
+    pub grace_period_s: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            database_url: None,
+            capacity_vcpus: 2,
+            node_id: "test-node".into(),
+            grace_period_s: 5,
+        }
+    }
+}
+
+pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> Daemon {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let args = ServeArgs {
+        work_dir: Some(work_dir.to_path_buf()),
+        database_url: o.database_url,
+        capacity_vcpus: Some(o.capacity_vcpus),
+        capacity_mem_mib: Some(16384),
+        node_id: Some(o.node_id),
+        listen: Some(addr),
+        grace_period_s: Some(o.grace_period_s),
+        poll_interval_ms: Some(50),
+        max_body_bytes: Some(4096),
+        webhook_attempts: Some(3),
+        ..Default::default()
+    };
+    let config = Config::load(&args).unwrap();
+    let node = Node::start(config, launcher).await.unwrap();
+    let token = node.api_token.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(node_agent::serve_on(listener, node.clone(), async move {
+        let _ = rx.await;
+    }));
+    Daemon {
+        base: format!("http://{addr}"),
+        token,
+        node,
+        work_dir: work_dir.to_path_buf(),
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+impl Daemon {
+    pub fn client(&self) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: self.base.clone(),
+            token: self.token.clone(),
+        }
+    }
+
+    /// SIGTERM's path: drain, then stop.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn submit(&self, extra: serde_json::Value) -> String {
+        let mut body = serde_json::json!({"repo_url": "https://git.example/app.git", "ref": "main", "vcpus": 1, "mem_mib": 512});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, v) = self.post("/v1/builds", &body).await;
+        assert_eq!(status, 202, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn build(&self, id: &str) -> serde_json::Value {
+        let (status, v) = self.get(&format!("/v1/builds/{id}")).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// Polls until the build is in a terminal state.
+    pub async fn wait_terminal(&self, id: &str, within: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let b = self.build(id).await;
+            if ["succeeded", "failed", "timed_out", "cancelled"]
+                .contains(&b["state"].as_str().unwrap())
+            {
+                return b;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "build {id} not finished in {within:?}: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_state(&self, id: &str, state: &str, within: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let b = self.build(id).await;
+            if b["state"] == state {
+                return b;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "build {id} never {state}: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A webhook receiver on loopback that records every request.
+pub struct Receiver {
+    pub url: String,
+    pub hits: Arc<Mutex<Vec<(axum::http::HeaderMap, bytes::Bytes)>>>,
+}
+
+pub async fn receiver() -> Receiver {
+    use axum::routing::post;
+    let hits: Arc<Mutex<Vec<(axum::http::HeaderMap, bytes::Bytes)>>> = Arc::default();
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let h = h.clone();
+            async move {
+                h.lock().unwrap().push((headers, body));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Receiver { url, hits }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // A zombie is not alive: it has exited.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split(' ').nth(2).is_none_or(|st| st != "Z"))
+        .unwrap_or(false)
+}
+
+/// A PostgreSQL database for one test: `NODE_AGENT_TEST_POSTGRES_URL` (a server the test may
+/// create databases on), else a private cluster in a temp dir run as the `postgres` user on a
+/// free loopback port, stopped when dropped.
+pub struct Postgres {
+    pub url: String,
+    cluster: Option<(tempfile::TempDir, PathBuf)>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some((dir, bin)) = &self.cluster {
+            let _ = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("pg_ctl"))
+                .args(["-D"])
+                .arg(dir.path().join("data"))
+                .args(["-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("Debian's postgresql is installed")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL version").join("bin")
+}
+
+pub async fn postgres() -> Postgres {
+    let db = format!("na_{}", node_agent::random_hex(6));
+    if let Ok(server) = std::env::var("NODE_AGENT_TEST_POSTGRES_URL") {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&server)
+            .await
+            .expect("NODE_AGENT_TEST_POSTGRES_URL answers");
+        sqlx::Executor::execute(&mut c, format!("CREATE DATABASE {db}").as_str())
+            .await
+            .unwrap();
+        let mut url = url::Url::parse(&server).unwrap();
+        url.set_path(&db);
+        return Postgres {
+            url: url.to_string(),
+            cluster: None,
+        };
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = pg_bin();
+    let chown = |p: &Path| {
+        assert!(std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(p)
+            .status()
+            .unwrap()
+            .success())
+    };
+    chown(dir.path());
+    let as_pg = |cmd: &str| {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(cmd));
+        c
+    };
+    let out = as_pg("initdb")
+        .args(["-A", "trust", "-U", "postgres", "-D"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+        dir.path().display()
+    );
+    let out = as_pg("pg_ctl")
+        .args(["-D"])
+        .arg(dir.path().join("data"))
+        .args(["-l"])
+        .arg(dir.path().join("log"))
+        .args(["-w", "-o", &opts, "start"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_ctl start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(&server).await.unwrap();
+    sqlx::Executor::execute(&mut c, format!("CREATE DATABASE {db}").as_str())
+        .await
+        .unwrap();
+    Postgres {
+        url: format!("postgres://postgres@127.0.0.1:{port}/{db}"),
+        cluster: Some((dir, bin)),
+    }
+}
