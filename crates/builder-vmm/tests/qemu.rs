@@ -60,6 +60,7 @@ async fn boots_to_exit_with_disks_network_and_console() {
         ..Default::default()
     });
     let mut vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let guest = vm.addresses().unwrap().guest;
     assert!(
         vm.cmdline().contains(&format!("ip={guest}::")),
@@ -94,6 +95,7 @@ async fn timeout_kills_the_vm() {
     let mut spec = hanging("timeout", dir.path());
     spec.timeout = Duration::from_secs(3);
     let mut vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let exit = vm.wait().await.unwrap();
     assert_eq!(exit.cause, ExitCause::TimedOut { after_s: 3 });
     assert!(exit.runtime >= Duration::from_secs(3));
@@ -111,6 +113,7 @@ async fn kill_from_another_task_is_reported_as_killed() {
     let dir = tempfile::tempdir().unwrap();
     let vmm = vmm(&dir.path().join("vms"));
     let mut vm = vmm.start(hanging("kill", dir.path())).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let killer = vm.kill_handle();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -134,6 +137,7 @@ async fn reclaim_after_a_crash_leaves_nothing() {
     let mut spec = hanging("crash", dir.path());
     spec.network = Some(network(4101));
     let vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let tag = vm.tag().to_string();
     // The daemon dies: the handle and its cleanup stack are gone, the VM keeps running.
     drop(vm);

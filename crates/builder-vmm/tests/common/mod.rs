@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use builder_vmm::cleanup::{CleanupErrors, CleanupStack};
-use builder_vmm::{cgroup, reclaim, VmSpec, DEFAULT_BOOT_ARGS, TAG_PREFIX};
+use builder_vmm::{cgroup, reclaim, VmSpec, Vmm, DEFAULT_BOOT_ARGS, TAG_PREFIX};
 
 /// `bvm-t<pid>-`: every resource of this test process, and nothing of a parallel one.
 pub fn prefix() -> String {
@@ -34,11 +34,26 @@ pub fn kernel() -> PathBuf {
     path
 }
 
-/// Writes the smallest ELF Firecracker will load: one PT_LOAD at 1 MiB holding `hlt; jmp .-1`.
-pub fn tiny_elf(path: &Path) {
+/// What the guest of [`tiny_elf`] does.
+#[derive(Clone, Copy)]
+pub enum TinyGuest {
+    /// Halts forever: the VM runs until killed.
+    Halt,
+    /// Resets the machine through the i8042 controller (what `reboot=k` does): the VMM exits 0.
+    Reset,
+}
+
+/// Writes the smallest ELF Firecracker will load: one PT_LOAD at 1 MiB holding a few
+/// instructions (Linux itself cannot run under this host's nested KVM; these can).
+pub fn tiny_elf(path: &Path, guest: TinyGuest) {
     const LOAD: u64 = 0x10_0000;
     const CODE_OFFSET: u64 = 64 + 56;
-    let code = [0xf4u8, 0xeb, 0xfd];
+    let code: &[u8] = match guest {
+        // hlt; jmp .-1
+        TinyGuest::Halt => &[0xf4, 0xeb, 0xfd],
+        // mov al, 0xfe; out 0x64, al; hlt; jmp .-1
+        TinyGuest::Reset => &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd],
+    };
     let size = CODE_OFFSET + code.len() as u64;
     let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0];
     elf.resize(16, 0);
@@ -138,5 +153,17 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.run();
+    }
+}
+
+/// Reclaims everything tagged `.1` when the test fails half-way, so a failure leaves nothing.
+pub struct ReclaimOnPanic(pub Vmm, pub String);
+
+impl Drop for ReclaimOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let report = self.0.reclaim_matching(&self.1);
+            eprintln!("reclaimed after the failure: {report:?}");
+        }
     }
 }
