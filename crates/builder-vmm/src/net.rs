@@ -341,73 +341,67 @@ impl NetworkPlan {
         text
     }
 
-    /// The host-side iptables rules as `(table, chain, insert, rule)`, each tagged.
-    fn host_rules(&self) -> Vec<(&'static str, &'static str, bool, String)> {
+    /// The host-side rules as an `iptables-restore --noflush` script, each rule tagged with a
+    /// comment. `add`: FORWARD and INPUT rules are inserted on top (the port ACCEPT after the
+    /// DROP, so above it), NAT appended; otherwise the same rules are deleted.
+    pub fn host_rules(&self, add: bool) -> String {
         let (hv, tag) = (&self.host_veth, &self.tag);
         let comment = format!("-m comment --comment {tag}");
-        let mut rules = vec![
-            (
-                "nat",
-                "POSTROUTING",
-                false,
-                format!(
-                    "-s {}/32 ! -o {hv} {comment} -j MASQUERADE",
-                    self.addresses.ns_veth
-                ),
-            ),
-            (
-                "filter",
-                "FORWARD",
-                true,
-                format!("-i {hv} {comment} -j ACCEPT"),
-            ),
-            (
-                "filter",
-                "FORWARD",
-                true,
-                format!("-o {hv} -m conntrack --ctstate ESTABLISHED,RELATED {comment} -j ACCEPT"),
-            ),
-            (
-                "filter",
-                "INPUT",
-                true,
-                format!("-i {hv} {comment} -j DROP"),
-            ),
-        ];
+        let (insert, append) = if add { ("-I", "-A") } else { ("-D", "-D") };
+        let mut text = String::from("*filter\n");
+        text.push_str(&format!("{insert} FORWARD -i {hv} {comment} -j ACCEPT\n"));
+        text.push_str(&format!(
+            "{insert} FORWARD -o {hv} -m conntrack --ctstate ESTABLISHED,RELATED {comment} \
+             -j ACCEPT\n"
+        ));
+        text.push_str(&format!("{insert} INPUT -i {hv} {comment} -j DROP\n"));
         if let Some(port) = self.spec.egress.host_port {
-            // Inserted after the DROP, so it lands above it.
-            rules.push((
-                "filter",
-                "INPUT",
-                true,
-                format!("-i {hv} -p tcp --dport {port} {comment} -j ACCEPT"),
+            text.push_str(&format!(
+                "{insert} INPUT -i {hv} -p tcp --dport {port} {comment} -j ACCEPT\n"
             ));
         }
-        rules
+        text.push_str("COMMIT\n*nat\n");
+        text.push_str(&format!(
+            "{append} POSTROUTING -s {}/32 ! -o {hv} {comment} -j MASQUERADE\nCOMMIT\n",
+            self.addresses.ns_veth
+        ));
+        text
     }
 
-    /// Every host command, in order, each with its undo.
-    pub fn steps(&self) -> Vec<Step> {
-        let (ns, hv, tag) = (
-            self.tag.as_str(),
-            self.host_veth.as_str(),
-            self.tag.as_str(),
-        );
+    /// `ip -batch` input run inside the namespace: loopback, veth end, TAP, default route.
+    fn netns_links(&self) -> String {
         let a = &self.addresses;
+        let owner = self
+            .tap_owner
+            .map(|uid| format!(" user {uid}"))
+            .unwrap_or_default();
+        [
+            "link set dev lo up".to_string(),
+            format!("addr add {}/30 dev {NS_VETH}", a.ns_veth),
+            format!("link set dev {NS_VETH} up"),
+            format!("tuntap add dev {TAP} mode tap{owner}"),
+            format!("addr add {}/30 dev {TAP}", a.gateway),
+            format!("link set dev {TAP} up"),
+            format!("route add default via {}", a.host_veth),
+        ]
+        .map(|line| line + "\n")
+        .concat()
+    }
+
+    /// Every host command, in order, each with its undo. Commands that only touch the inside of
+    /// the namespace need none: they go with it.
+    pub fn steps(&self) -> Vec<Step> {
+        let (ns, hv) = (self.tag.as_str(), self.host_veth.as_str());
         let ip = |args: &[&str]| HostCommand::new("ip", args.iter().copied());
-        let ip_ns = |args: &[&str]| {
-            HostCommand::new("ip", ["-n", ns].into_iter().chain(args.iter().copied()))
+        let host_veth = format!(
+            "link set dev {hv} alias {ns} up\naddr add {}/30 dev {hv}\n",
+            self.addresses.host_veth
+        );
+        let restore = |add| {
+            HostCommand::new("iptables-restore", ["-w", "--noflush"])
+                .with_stdin(self.host_rules(add))
         };
-        let host_cidr = format!("{}/30", a.host_veth);
-        let ns_cidr = format!("{}/30", a.ns_veth);
-        let gw_cidr = format!("{}/30", a.gateway);
-        let host_veth_ip = a.host_veth.to_string();
-        let mut tap = vec!["tuntap", "add", "dev", TAP, "mode", "tap"];
-        let owner = self.tap_owner.map(|uid| uid.to_string());
-        if let Some(owner) = &owner {
-            tap.extend(["user", owner]);
-        }
-        let mut steps: Vec<Step> = vec![
+        vec![
             (
                 ip(&["netns", "add", ns]),
                 Some(ip(&["netns", "delete", ns])),
@@ -418,56 +412,32 @@ impl NetworkPlan {
                 ]),
                 Some(ip(&["link", "delete", hv])),
             ),
-            (ip(&["link", "set", "dev", hv, "alias", tag, "up"]), None),
-            (ip(&["addr", "add", &host_cidr, "dev", hv]), None),
-            (ip_ns(&["link", "set", "dev", "lo", "up"]), None),
-            (ip_ns(&["addr", "add", &ns_cidr, "dev", NS_VETH]), None),
-            (ip_ns(&["link", "set", "dev", NS_VETH, "up"]), None),
-            (ip_ns(&tap), None),
-            (ip_ns(&["addr", "add", &gw_cidr, "dev", TAP]), None),
-            (ip_ns(&["link", "set", "dev", TAP, "up"]), None),
+            (ip(&["-batch", "-"]).with_stdin(host_veth), None),
             (
-                ip_ns(&["route", "add", "default", "via", &host_veth_ip]),
+                ip(&["-n", ns, "-batch", "-"]).with_stdin(self.netns_links()),
                 None,
             ),
             (
-                HostCommand::new(
-                    "ip",
-                    [
-                        "netns",
-                        "exec",
-                        ns,
-                        "sysctl",
-                        "-qw",
-                        "net.ipv4.ip_forward=1",
-                    ],
-                ),
+                ip(&[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ]),
                 None,
             ),
             (
-                HostCommand::new("ip", ["netns", "exec", ns, "iptables-restore"])
-                    .with_stdin(self.netns_rules()),
+                ip(&["netns", "exec", ns, "iptables-restore"]).with_stdin(self.netns_rules()),
                 None,
             ),
             (
                 HostCommand::new("sysctl", ["-qw", "net.ipv4.ip_forward=1"]),
                 None,
             ),
-        ];
-        for (table, chain, insert, rule) in self.host_rules() {
-            let args = |op: &str| {
-                ["-w", "-t", table, op, chain]
-                    .into_iter()
-                    .map(String::from)
-                    .chain(rule.split(' ').map(String::from))
-                    .collect::<Vec<_>>()
-            };
-            steps.push((
-                HostCommand::new("iptables", args(if insert { "-I" } else { "-A" })),
-                Some(HostCommand::new("iptables", args("-D"))),
-            ));
-        }
-        steps
+            (restore(true), Some(restore(false))),
+        ]
     }
 
     /// Runs every step, pushing each undo onto `stack` as soon as its resource exists.
@@ -503,7 +473,10 @@ pub(crate) mod tests {
 
     impl Host for RecordingHost {
         fn run(&self, command: &HostCommand) -> Result<String, HostError> {
-            let text = command.to_string();
+            let mut text = command.to_string();
+            if let Some(input) = &command.stdin {
+                text = format!("{text}\n{input}");
+            }
             self.calls.lock().unwrap().push(text.clone());
             if self.fail_on.is_some_and(|f| text.contains(f)) {
                 return Err(HostError::Failed {
@@ -624,22 +597,43 @@ pub(crate) mod tests {
             calls[1],
             "ip link add bvh-1 type veth peer name veth0 netns bvm-a"
         );
-        assert!(calls.contains(&"ip -n bvm-a tuntap add dev tap0 mode tap user 10000".into()));
-        assert!(calls.contains(&"ip netns exec bvm-a iptables-restore <stdin>".into()));
-        assert!(calls.contains(
-            &"iptables -w -t filter -I INPUT -i bvh-1 -p tcp --dport 8080 -m comment --comment \
-              bvm-a -j ACCEPT"
-                .into()
-        ));
-        // netns, veth, and one per host rule (NAT, 2x FORWARD, 2x INPUT).
-        assert_eq!(stack.len(), 7);
+        assert_eq!(
+            calls[2],
+            "ip -batch - <stdin>\nlink set dev bvh-1 alias bvm-a up\naddr add 10.200.0.9/30 dev bvh-1\n"
+        );
+        assert!(calls[3].starts_with("ip -n bvm-a -batch - <stdin>\n"));
+        assert!(calls[3].contains("\ntuntap add dev tap0 mode tap user 10000\n"));
+        assert!(calls[3].ends_with("route add default via 10.200.0.9\n"));
+        assert!(calls[5].starts_with("ip netns exec bvm-a iptables-restore <stdin>\n*filter"));
+        assert_eq!(
+            calls[7],
+            "iptables-restore -w --noflush <stdin>\n*filter\n\
+             -I FORWARD -i bvh-1 -m comment --comment bvm-a -j ACCEPT\n\
+             -I FORWARD -o bvh-1 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
+             --comment bvm-a -j ACCEPT\n\
+             -I INPUT -i bvh-1 -m comment --comment bvm-a -j DROP\n\
+             -I INPUT -i bvh-1 -p tcp --dport 8080 -m comment --comment bvm-a -j ACCEPT\n\
+             COMMIT\n*nat\n\
+             -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-1 -m comment --comment bvm-a -j MASQUERADE\n\
+             COMMIT\n"
+        );
+        // netns, veth, host rules.
+        assert_eq!(stack.len(), 3);
         recorder.calls.lock().unwrap().clear();
         stack.run().unwrap();
         let undone = recorder.calls.lock().unwrap().clone();
-        assert_eq!(undone.len(), 7);
-        assert!(undone[0].starts_with("iptables -w -t filter -D INPUT -i bvh-1 -p tcp"));
-        assert_eq!(undone[5], "ip link delete bvh-1");
-        assert_eq!(undone[6], "ip netns delete bvm-a");
+        assert_eq!(undone.len(), 3);
+        assert_eq!(
+            undone[0],
+            format!(
+                "iptables-restore -w --noflush <stdin>\n{}",
+                plan.host_rules(false)
+            )
+        );
+        assert!(undone[0].contains("-D INPUT -i bvh-1 -p tcp --dport 8080"));
+        assert!(undone[0].contains("-D POSTROUTING -s 10.200.0.10/32"));
+        assert_eq!(undone[1], "ip link delete bvh-1");
+        assert_eq!(undone[2], "ip netns delete bvm-a");
     }
 
     #[test]
@@ -654,7 +648,7 @@ pub(crate) mod tests {
         let err = plan.apply(&host, &mut stack).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "setting up the VM network failed at `ip -n bvm-a tuntap add dev tap0 mode tap`"
+            "setting up the VM network failed at `ip -n bvm-a -batch - <stdin>`"
         );
         assert_eq!(stack.len(), 2, "{stack:?}");
     }
