@@ -136,9 +136,27 @@ async fn reclaim_after_a_crash_leaves_nothing() {
     let vmm = vmm(&work_root);
     let mut spec = hanging("crash", dir.path());
     spec.network = Some(network(4101));
+    spec.cpus = Some("0".parse().unwrap());
     let vm = vmm.start(spec).await.unwrap();
     let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let tag = vm.tag().to_string();
+    // QEMU itself (exec'd by `ip netns exec` and `taskset`) runs pinned, in the VM's namespace.
+    let exe = || std::fs::read_link(format!("/proc/{}/exe", vm.pid())).unwrap();
+    for _ in 0..500 {
+        if exe().to_string_lossy().contains("qemu-system") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        exe().to_string_lossy().contains("qemu-system"),
+        "{:?}",
+        exe()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    assert!(status.contains("Cpus_allowed_list:\t0\n"), "{status}");
+    let netns = std::fs::read_link(format!("/proc/{}/ns/net", vm.pid())).unwrap();
+    assert_ne!(netns, std::fs::read_link("/proc/self/ns/net").unwrap());
     // The daemon dies: the handle and its cleanup stack are gone, the VM keeps running.
     drop(vm);
     assert!(!common::leftovers(&tag, &[&work_root]).is_empty());
