@@ -79,7 +79,8 @@ bt_ensure_deps() {
 	local -A needs=(
 		[dockerd]=docker.io [containerd]=containerd [runc]=runc [git]=git [curl]=curl
 		[ip]=iproute2 [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [python3]=python3
-		[setsid]=util-linux [flock]=util-linux [tar]=tar [ca-certificates]=ca-certificates
+		[setsid]=util-linux [flock]=util-linux [mount]=mount [setcap]=libcap2-bin [tar]=tar
+		[ca-certificates]=ca-certificates
 	)
 	for cmd in "${!needs[@]}"; do
 		pkg=${needs[$cmd]}
@@ -362,9 +363,12 @@ bt_stop_all() {
 
 # Leases let concurrent test runs share the services: the last one out stops them, unless a
 # developer started them by hand (`scripts/services.sh start`, which marks them manual).
+# The caller releases it in its EXIT trap; an interrupt or SIGTERM exits through that trap too.
 bt_lease_take() {
 	mkdir -p "$BT_STATE/leases"
 	: >"$BT_STATE/leases/$$"
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
 }
 
 bt_lease_release() {
