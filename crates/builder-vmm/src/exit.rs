@@ -53,7 +53,12 @@ pub struct VmExit {
     pub console_log: PathBuf,
     /// The VMM's own log (QEMU's stderr, Firecracker's logger), in the VM's work dir.
     pub vmm_log: PathBuf,
+    #[serde(rename = "runtime_ms", serialize_with = "millis")]
     pub runtime: Duration,
+}
+
+fn millis<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u128(duration.as_millis())
 }
 
 /// Who stopped the VM, if we did.
@@ -130,6 +135,28 @@ mod tests {
         assert_eq!(
             classify(ProcessExit::Unknown, None, &dir.path().join("missing")),
             ExitCause::VmmGone
+        );
+    }
+
+    #[test]
+    fn serializes_flat_for_the_node_agent() {
+        let exit = VmExit {
+            cause: ExitCause::TimedOut { after_s: 20 },
+            vmm_exit_code: None,
+            console_log: "/w/console.log".into(),
+            vmm_log: "/w/qemu.log".into(),
+            runtime: Duration::from_millis(20_005),
+        };
+        assert_eq!(
+            serde_json::to_value(&exit).unwrap(),
+            serde_json::json!({
+                "cause": "timed_out",
+                "after_s": 20,
+                "vmm_exit_code": null,
+                "console_log": "/w/console.log",
+                "vmm_log": "/w/qemu.log",
+                "runtime_ms": 20_005,
+            })
         );
     }
 }

@@ -252,6 +252,7 @@ impl QemuConfig {
             vmm_log: log_path,
             collect: vec![],
             api_socket: None,
+            metrics: None,
         })
     }
 }

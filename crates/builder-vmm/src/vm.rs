@@ -147,6 +147,8 @@ pub(crate) struct Launched {
     /// Files copied into the work dir when the VMM exits (from, to).
     pub collect: Vec<(PathBuf, PathBuf)>,
     pub api_socket: Option<PathBuf>,
+    /// Firecracker's metrics file while the VM runs.
+    pub metrics: Option<PathBuf>,
 }
 
 /// Starts VMs on this host.
@@ -404,6 +406,12 @@ impl Vm {
     /// Firecracker's API socket (`None` under QEMU).
     pub fn api_socket(&self) -> Option<&Path> {
         self.launched.api_socket.as_deref()
+    }
+
+    /// Firecracker's metrics file as it is being written (`None` under QEMU); flush it with
+    /// `PUT /actions {"action_type": "FlushMetrics"}` on [`Vm::api_socket`].
+    pub fn metrics_file(&self) -> Option<&Path> {
+        self.launched.metrics.as_deref()
     }
 
     pub fn kill_handle(&self) -> KillHandle {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use builder_contract::Secrets;
-use builder_vmm::firecracker::api::{ApiClient, ApiError};
+use builder_vmm::firecracker::api::{ActionType, ApiClient, ApiError, InstanceAction};
 use builder_vmm::{
     cgroup, AddressPool, Driver, EgressPolicy, ExitCause, FirecrackerConfig, NetworkSpec, VmSpec,
     Vmm, VmmConfig,
@@ -138,6 +138,18 @@ async fn configures_starts_rejects_unknown_fields_and_cleans_up() {
         "{message}"
     );
     assert!(message.contains("unknown field `bogus`"), "{message}");
+
+    // Metrics are written where the node agent can scrape them.
+    api.put(
+        "/actions",
+        &InstanceAction {
+            action_type: ActionType::FlushMetrics,
+        },
+    )
+    .await
+    .unwrap();
+    let metrics = std::fs::read_to_string(vm.metrics_file().unwrap()).unwrap();
+    assert!(metrics.contains("\"utc_timestamp_ms\""), "{metrics}");
 
     let exit = vm.kill().await.unwrap();
     assert_eq!(exit.cause, ExitCause::Killed);

@@ -170,3 +170,23 @@ async fn reclaim_after_a_crash_leaves_nothing() {
     assert_eq!(report.work_dirs, 1, "{report:?}");
     assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_refused_start_undoes_what_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let work_root = dir.path().join("vms");
+    let vmm = vmm(&work_root);
+    let mut spec = common::spec(
+        common::id("long"),
+        common::kernel(),
+        common::rootfs(dir.path()),
+    );
+    spec.network = Some(network(4102));
+    spec.boot_args = format!("{DEFAULT_BOOT_ARGS} {}", "x".repeat(2048));
+    let tag = spec.tag();
+    let err = vmm.start(spec).await.unwrap_err();
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains("over the 2048-byte limit"), "{chain}");
+    // The work dir, disks and network made before the check are gone again.
+    assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
+}

@@ -213,6 +213,7 @@ impl FirecrackerConfig {
             vmm_log: plan.work_dir.join(LOG_FILE),
             collect,
             api_socket: Some(socket),
+            metrics: Some(root.join(METRICS_FILE)),
         })
     }
 
