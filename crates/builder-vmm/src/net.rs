@@ -357,7 +357,8 @@ impl NetworkPlan {
         text.push_str(&format!("{insert} INPUT -i {hv} {comment} -j DROP\n"));
         if let Some(port) = self.spec.egress.host_port {
             text.push_str(&format!(
-                "{insert} INPUT -i {hv} -p tcp --dport {port} {comment} -j ACCEPT\n"
+                "{insert} INPUT -i {hv} -d {}/32 -p tcp --dport {port} {comment} -j ACCEPT\n",
+                self.addresses.host_veth
             ));
         }
         text.push_str("COMMIT\n*nat\n");
@@ -612,7 +613,8 @@ pub(crate) mod tests {
              -I FORWARD -o bvh-1 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
              --comment bvm-a -j ACCEPT\n\
              -I INPUT -i bvh-1 -m comment --comment bvm-a -j DROP\n\
-             -I INPUT -i bvh-1 -p tcp --dport 8080 -m comment --comment bvm-a -j ACCEPT\n\
+             -I INPUT -i bvh-1 -d 10.200.0.9/32 -p tcp --dport 8080 -m comment --comment bvm-a \
+             -j ACCEPT\n\
              COMMIT\n*nat\n\
              -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-1 -m comment --comment bvm-a -j MASQUERADE\n\
              COMMIT\n"
@@ -630,7 +632,7 @@ pub(crate) mod tests {
                 plan.host_rules(false)
             )
         );
-        assert!(undone[0].contains("-D INPUT -i bvh-1 -p tcp --dport 8080"));
+        assert!(undone[0].contains("-D INPUT -i bvh-1 -d 10.200.0.9/32 -p tcp --dport 8080"));
         assert!(undone[0].contains("-D POSTROUTING -s 10.200.0.10/32"));
         assert_eq!(undone[1], "ip link delete bvh-1");
         assert_eq!(undone[2], "ip netns delete bvm-a");

@@ -190,3 +190,214 @@ async fn a_refused_start_undoes_what_it_made() {
     // The work dir, disks and network made before the check are gone again.
     assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
 }
+
+/// A root filesystem whose init (busybox) probes the network from inside the guest, prints what
+/// it got and reboots.
+fn probe_rootfs(dir: &Path, script: &str) -> std::path::PathBuf {
+    let root = dir.join("probe-root");
+    for sub in ["bin", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).unwrap();
+    let init = root.join("init");
+    std::fs::write(&init, format!("#!/bin/busybox sh\n{script}")).unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = dir.join("probe.ext4");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let status = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    image
+}
+
+/// Accepts connections on every address until the test ends, greeting each.
+fn greeter(port: u16) {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut &conn, b"hello\n");
+        }
+    });
+}
+
+/// The host's main address (the source of its default route): part of "the host" too.
+fn host_address() -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "route", "get", "1.1.1.1"])
+        .output()
+        .unwrap();
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    routes[0]["prefsrc"].as_str().unwrap().to_string()
+}
+
+/// A stand-in for the Internet: a namespace behind a host veth, at `<net>.2/24` (`net` a
+/// documentation range), serving the greeting on `ports`. Removed when dropped.
+struct Outside {
+    netns: String,
+    host_link: String,
+    address: String,
+}
+
+impl Outside {
+    fn new(name: &str, net: &str, ports: &[u16]) -> Self {
+        let netns = format!("bvm-{}", common::id(name));
+        let host_link = format!(
+            "bvo{}{}",
+            std::process::id() % 100_000,
+            &name[name.len() - 1..]
+        );
+        let address = format!("{net}.2");
+        let sh = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        sh(&["netns", "add", &netns]);
+        let outside = Outside {
+            netns: netns.clone(),
+            host_link: host_link.clone(),
+            address: address.clone(),
+        };
+        let peer = ["peer", "name", "eth0", "netns", &netns];
+        sh(&[&["link", "add", &host_link, "type", "veth"][..], &peer].concat());
+        sh(&["addr", "add", &format!("{net}.1/24"), "dev", &host_link]);
+        sh(&["link", "set", &host_link, "up"]);
+        let cidr = format!("{address}/24");
+        sh(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]);
+        sh(&["-n", &netns, "link", "set", "eth0", "up"]);
+        for &port in ports {
+            let path = format!("/var/run/netns/{netns}");
+            let address = address.clone();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(path).unwrap();
+                // SAFETY: setns on this thread only, with a namespace fd we hold open.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0);
+                let listener = std::net::TcpListener::bind((address.as_str(), port)).unwrap();
+                ready_tx.send(()).unwrap();
+                for conn in listener.incoming().flatten() {
+                    let _ = std::io::Write::write_all(&mut &conn, b"hello\n");
+                }
+            });
+            ready_rx.recv().unwrap();
+        }
+        outside
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", &self.host_link])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}
+
+/// Boots a guest whose init runs `probes` (name, address, port), returns the console.
+async fn probe_from_guest(
+    name: &str,
+    egress: EgressPolicy,
+    slot: u32,
+    probes: &[(&str, String, u16)],
+) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = vmm(&dir.path().join("vms"));
+    let mut script = "/bin/busybox mount -t proc proc /proc\n".to_string();
+    for (name, addr, port) in probes {
+        script.push_str(&format!(
+            "echo \"{name}=[$(/bin/busybox nc -w 3 {addr} {port} </dev/null)]\"\n"
+        ));
+    }
+    script.push_str("/bin/busybox reboot -f\n");
+    let rootfs = probe_rootfs(dir.path(), &script);
+    let mut spec = common::spec(common::id(name), common::kernel(), rootfs);
+    spec.boot_args = format!("{DEFAULT_BOOT_ARGS} rootfstype=ext4 init=/init");
+    spec.network = Some(NetworkSpec {
+        slot,
+        egress,
+        dns: vec![],
+    });
+    let mut vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
+    let exit = vm.wait().await.unwrap();
+    let console = std::fs::read_to_string(&exit.console_log).unwrap();
+    assert_eq!(exit.cause, ExitCause::GuestShutdown, "{console}");
+    let tag = vm.tag().to_string();
+    vm.cleanup().await.unwrap();
+    assert_eq!(
+        common::leftovers(&tag, &[&dir.path().join("vms")]),
+        Vec::<String>::new()
+    );
+    console
+}
+
+#[tokio::test]
+async fn a_real_guest_reaches_the_outside_and_only_the_allowed_host_port() {
+    let slot = 4103;
+    let host_veth = AddressPool::default()
+        .addresses(slot)
+        .unwrap()
+        .host_veth
+        .to_string();
+    greeter(18090);
+    greeter(18091);
+    let outside = Outside::new("outside-a", "198.51.100", &[18092]);
+    let policy = EgressPolicy {
+        host_port: Some(18090),
+        allow: None,
+    };
+    let console = probe_from_guest(
+        "egress",
+        policy,
+        slot,
+        &[
+            ("ALLOWED", host_veth.clone(), 18090),
+            ("OTHER_PORT", host_veth, 18091),
+            ("HOST_MAIN_ADDRESS", host_address(), 18090),
+            ("OUTSIDE", outside.address.clone(), 18092),
+        ],
+    )
+    .await;
+    assert!(console.contains("ALLOWED=[hello]"), "{console}");
+    assert!(console.contains("OTHER_PORT=[]"), "{console}");
+    assert!(console.contains("HOST_MAIN_ADDRESS=[]"), "{console}");
+    assert!(console.contains("OUTSIDE=[hello]"), "{console}");
+}
+
+#[tokio::test]
+async fn an_allowlist_limits_the_guest_to_its_entries() {
+    let outside = Outside::new("outside-b", "203.0.113", &[18093, 18094]);
+    let policy = EgressPolicy {
+        host_port: None,
+        allow: Some(vec![format!("{}/32:18093", outside.address)
+            .parse()
+            .unwrap()]),
+    };
+    let console = probe_from_guest(
+        "listed",
+        policy,
+        4104,
+        &[
+            ("LISTED", outside.address.clone(), 18093),
+            ("UNLISTED", outside.address.clone(), 18094),
+        ],
+    )
+    .await;
+    assert!(console.contains("LISTED=[hello]"), "{console}");
+    assert!(console.contains("UNLISTED=[]"), "{console}");
+}
