@@ -256,9 +256,9 @@ impl FirecrackerConfig {
                 });
             }
             if jailer_status.is_some() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             } else if let Ok(status) =
-                tokio::time::timeout(Duration::from_millis(20), jailer.wait()).await
+                tokio::time::timeout(Duration::from_millis(5), jailer.wait()).await
             {
                 jailer_status = Some(status.map_err(watch(jailer.pid()))?);
             }
@@ -382,7 +382,7 @@ async fn connect(socket: &Path) -> Result<ApiClient, FirecrackerError> {
                         path: socket.to_path_buf(),
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err(e) => return Err(e.into()),
         }
