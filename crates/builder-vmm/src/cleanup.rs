@@ -2,7 +2,8 @@
 //! [`CleanupStack::run`] undoes them newest first (E2B style), on success, error and timeout
 //! alike. A failing step does not stop the others; every failure is returned.
 
-use std::fmt;
+use std::path::Path;
+use std::{fmt, fs, io};
 
 /// The error type an undo step returns.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -85,6 +86,16 @@ impl CleanupStack {
         } else {
             Err(CleanupErrors(errors))
         }
+    }
+}
+
+/// Removes a directory tree; one that is already gone is not an error.
+pub(crate) fn remove_dir_all_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        }
+        _ => Ok(()),
     }
 }
 

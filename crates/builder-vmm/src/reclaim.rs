@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup;
-use crate::firecracker::remove_dir_all_if_exists;
+use crate::cleanup::remove_dir_all_if_exists;
 use crate::host::{Host, HostCommand};
 use crate::net::HOST_VETH_PREFIX;
 use crate::process::Process;

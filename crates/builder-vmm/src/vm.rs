@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use builder_contract::params::check_cmdline_len;
 use builder_contract::ParamError;
 
-use crate::cleanup::{CleanupErrors, CleanupStack};
+use crate::cleanup::{remove_dir_all_if_exists, CleanupErrors, CleanupStack};
 use crate::disk::{self, DiskError};
 use crate::exit::{classify, Stop, VmExit};
-use crate::firecracker::{remove_dir_all_if_exists, FirecrackerConfig, FirecrackerError};
+use crate::firecracker::{FirecrackerConfig, FirecrackerError};
 use crate::host::{Host, SystemHost};
 use crate::net::{AddressPool, NetError, NetworkPlan, VmAddresses};
 use crate::process::Process;

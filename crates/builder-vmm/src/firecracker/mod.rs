@@ -24,7 +24,7 @@ use api::{
 };
 
 use crate::cgroup::{self, CgroupVersion, PARENT_CGROUP};
-use crate::cleanup::CleanupStack;
+use crate::cleanup::{remove_dir_all_if_exists, CleanupStack};
 use crate::net::TAP;
 use crate::process::{Process, ProcessExit};
 use crate::vm::{locate_binary, LaunchPlan, Launched, LocateError};
@@ -407,13 +407,4 @@ fn stage(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> Result<(), Firecr
         chown(to, Some(uid), Some(gid)).map_err(error)?;
     }
     Ok(())
-}
-
-pub(crate) fn remove_dir_all_if_exists(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
-        }
-        _ => Ok(()),
-    }
 }
