@@ -256,3 +256,77 @@ impl QemuConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::net::{AddressPool, EgressPolicy, NetworkPlan, NetworkSpec};
+    use crate::vm::DriveFile;
+
+    #[test]
+    fn command_line_runs_in_the_netns_pinned_with_disks_in_order() {
+        let net = NetworkPlan::new(
+            "bvm-a",
+            AddressPool::default(),
+            NetworkSpec {
+                slot: 2,
+                egress: EgressPolicy::default(),
+                dns: vec![],
+            },
+            None,
+        )
+        .unwrap();
+        let cpus: crate::CpuSet = "2-3".parse().unwrap();
+        let drive = |id, path: &str, read_only| DriveFile {
+            id,
+            path: path.into(),
+            read_only,
+            shared: false,
+        };
+        let plan = LaunchPlan {
+            tag: "bvm-a",
+            work_dir: Path::new("/w/bvm-a"),
+            kernel: Path::new("/k/vmlinux"),
+            drives: vec![
+                drive("rootfs", "/r/root,fs.ext4", true),
+                drive("scratch", "/w/bvm-a/scratch.ext4", false),
+            ],
+            cmdline: "console=ttyS0".into(),
+            vcpus: 1,
+            mem_mib: 512,
+            cpus: Some(&cpus),
+            net: Some(&net),
+        };
+        let config = QemuConfig {
+            qemu_bin: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        let argv = config.command_line(&plan).join(" ");
+        assert!(
+            argv.starts_with(
+                "ip netns exec bvm-a taskset -c 2,3 /usr/bin/qemu-system-x86_64 -name bvm-a \
+                 -M microvm,accel=tcg,acpi=off -cpu max -m 512 -smp 1"
+            ),
+            "{argv}"
+        );
+        assert!(argv.contains("-no-reboot"), "{argv}");
+        assert!(argv.contains("-serial file:/w/bvm-a/console.log"), "{argv}");
+        let rootfs = argv
+            .find("-drive id=rootfs,file=/r/root,,fs.ext4,format=raw,if=none,readonly=on")
+            .expect("commas in paths are escaped");
+        let scratch = argv
+            .find("-drive id=scratch,file=/w/bvm-a/scratch.ext4,format=raw,if=none -device")
+            .unwrap();
+        assert!(rootfs < scratch, "vda is the rootfs, vdb the scratch disk");
+        assert!(argv.ends_with(
+            "-netdev tap,id=net0,ifname=tap0,script=no,downscript=no \
+             -device virtio-net-device,netdev=net0,mac=06:00:0a:c8:00:16"
+        ));
+        assert_eq!(
+            "fast".parse::<Accel>().unwrap_err().to_string(),
+            "`fast` is not an accelerator; use auto, kvm or tcg"
+        );
+    }
+}
