@@ -155,7 +155,7 @@ impl Client {
         );
         bar.enable_steady_tick(Duration::from_millis(120));
         let log_bar = bar.clone();
-        let logs = self.logs(id, true, move |line| log_bar.println(format!("  | {line}")));
+        let logs = self.logs(id, true, move |line| say(&log_bar, format!("  | {line}")));
         tokio::pin!(logs);
         let mut logs_done = false;
         let mut last = String::new();
@@ -171,7 +171,7 @@ impl Client {
             );
             if now != last {
                 if !last.is_empty() {
-                    bar.println(format!("✓ {last}"));
+                    say(&bar, format!("✓ {last}"));
                 }
                 bar.set_message(now.clone());
                 last = now;
@@ -188,12 +188,21 @@ impl Client {
                 r = &mut logs, if !logs_done => {
                     logs_done = true;
                     if let Err(e) = r {
-                        bar.println(format!("(log stream ended: {e:#})"));
+                        say(&bar, format!("(log stream ended: {e:#})"));
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
+    }
+}
+
+/// A line above the progress bar, or on stdout when there is no terminal to draw it on.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
     }
 }
 

@@ -188,8 +188,13 @@ impl Node {
             .node_builds(node_id, &[BuildState::Running, BuildState::Uploading])
             .await?
         {
-            self.finish(&row, Outcome::Internal("node agent restarted".into()), None)
-                .await?;
+            self.finish(
+                &row,
+                &BuildState::ACTIVE,
+                Outcome::Internal("node agent restarted".into()),
+                None,
+            )
+            .await?;
         }
         for row in undelivered {
             let node = self.clone();
@@ -282,7 +287,10 @@ impl Node {
                 .map(|&i| node.host_cpus[i % node.host_cpus.len()])
                 .collect();
             let (outcome, exit_code) = node.supervise(&row, cpus, key, rx).await;
-            if let Err(e) = node.finish(&row, outcome, exit_code).await {
+            if let Err(e) = node
+                .finish(&row, &BuildState::ACTIVE, outcome, exit_code)
+                .await
+            {
                 tracing::error!(
                     build_id = row.id,
                     error = crate::error_chain(&e),
@@ -457,6 +465,9 @@ impl Node {
                         if current.cancel_requested {
                             return (Outcome::Cancelled("cancelled by request".into()), None);
                         }
+                        if current.state.is_terminal() {
+                            return (Outcome::Internal(format!("the build became {} elsewhere", current.state)), None);
+                        }
                     }
                 }
             }
@@ -484,6 +495,7 @@ impl Node {
     pub async fn finish(
         self: &Arc<Self>,
         row: &BuildRow,
+        from: &[BuildState],
         outcome: Outcome,
         exit_code: Option<i32>,
     ) -> Result<bool, DbError> {
@@ -575,13 +587,9 @@ impl Node {
         if row.notify_url.is_some() {
             update = update.set("webhook_state", "pending");
         }
-        let from: Vec<BuildState> = BuildState::ALL
-            .into_iter()
-            .filter(|s| !s.is_terminal())
-            .collect();
         let Some(t) = self
             .db
-            .transition(&row.id, &from, to, &self.config.node_id, &detail, update)
+            .transition(&row.id, from, to, &self.config.node_id, &detail, update)
             .await?
         else {
             return Ok(false);
@@ -630,6 +638,7 @@ impl Node {
             && self
                 .finish(
                     &row,
+                    &[BuildState::Queued],
                     Outcome::Cancelled("cancelled by request before it started".into()),
                     None,
                 )

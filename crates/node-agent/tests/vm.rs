@@ -1,0 +1,373 @@
+//! The real daemon binary with the real VMM (QEMU; set `BUILDER_VMM_ACCEL=tcg` where KVM is
+//! nested): kill -9 mid-build and restart, timeouts and capacity with real VMs, each ending
+//! with a check that no VMM process, netns, veth or work dir of the node is left. Slow and
+//! root-only: `cargo test -p node-agent --test vm -- --ignored --test-threads 1`.
+//!
+//! Guests: the project's kernel (`build/vms/vmlinux`, or `NODE_AGENT_TEST_KERNEL`) with a root
+//! disk that is not a filesystem panics at once and QEMU exits (the stub VM); with the builder
+//! image (`build/vms/builder-rootfs.ext4`, or `NODE_AGENT_TEST_ROOTFS`) and a repo on an
+//! unroutable address it runs until stopped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn project_file(env: &str, rel: &str) -> PathBuf {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel)
+    });
+    assert!(path.exists(), "{} is missing (set {env})", path.display());
+    path
+}
+
+struct Daemon {
+    child: Child,
+    base: String,
+    token: String,
+    work: PathBuf,
+    node_id: String,
+    rootfs: PathBuf,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Daemon {
+    fn start(work: &Path, node_id: &str, rootfs: &Path, port: u16, capacity: u32) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .arg("serve")
+            .arg("--work-dir")
+            .arg(work)
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{port}"))
+            .arg("--node-id")
+            .arg(node_id)
+            .arg("--capacity-vcpus")
+            .arg(capacity.to_string())
+            .arg("--capacity-mem-mib")
+            .arg("4096")
+            .arg("--kernel")
+            .arg(project_file("NODE_AGENT_TEST_KERNEL", "build/vms/vmlinux"))
+            .arg("--rootfs")
+            .arg(rootfs)
+            .arg("--vm-network")
+            .arg("10.218.0.0/16")
+            .arg("--grace-period-s")
+            .arg("2")
+            .env(
+                "BUILDER_VMM_ACCEL",
+                std::env::var("BUILDER_VMM_ACCEL").unwrap_or_else(|_| "tcg".into()),
+            )
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(work.join("daemon.log"))
+                    .unwrap(),
+            )
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::blocking_get(&format!("{base}/healthz")).is_none() {
+            assert!(Instant::now() < deadline, "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let token = std::fs::read_to_string(work.join("api-token")).unwrap();
+        Daemon {
+            child,
+            base,
+            token,
+            work: work.to_path_buf(),
+            node_id: node_id.into(),
+            rootfs: rootfs.into(),
+            port,
+        }
+    }
+
+    fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H"])
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg(format!("{}{path}", self.base));
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "-d"])
+                .arg(b.to_string());
+        }
+        let out = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    fn submit(&self, extra: Value) -> String {
+        let mut body = json!({"repo_url": "http://192.0.2.1/unreachable.git", "ref": "main", "vcpus": 1, "mem_mib": 512, "disk_gib": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, v) = self.api("POST", "/v1/builds", Some(body));
+        assert_eq!(status, 202, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn wait(&self, id: &str, done: impl Fn(&Value) -> bool, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, b) = self.api("GET", &format!("/v1/builds/{id}"), None);
+            if done(&b) {
+                return b;
+            }
+            assert!(Instant::now() < deadline, "build {id}: {b}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        leftovers(&self.work, &self.node_id)
+    }
+
+    fn sigterm(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "the daemon exited with {status} after SIGTERM"
+        );
+    }
+}
+
+/// What the VMs of node `node_id` (tagged `bvm-<node tag>-`) left on the host.
+fn leftovers(work: &Path, node_id: &str) -> Vec<String> {
+    {
+        let prefix = format!(
+            "bvm-{}-",
+            &hex::encode(Sha256::digest(node_id.as_bytes()))[..8]
+        );
+        let mut found = vec![];
+        let sh = |c: &str| {
+            String::from_utf8(Command::new("sh").arg("-c").arg(c).output().unwrap().stdout).unwrap()
+        };
+        for line in sh("ip netns list; ip -o link show; ps -eo pid,args").lines() {
+            if line.contains(&prefix) && !line.contains("ps -eo") {
+                found.push(line.to_string());
+            }
+        }
+        for e in std::fs::read_dir(work.join("vms")).unwrap().flatten() {
+            found.push(e.path().display().to_string());
+        }
+        found
+    }
+}
+
+mod reqwest {
+    /// A GET with curl that says whether it answered 2xx.
+    pub fn blocking_get(url: &str) -> Option<()> {
+        let ok = std::process::Command::new("curl")
+            .args(["-fs", "-o", "/dev/null", url])
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(())
+    }
+}
+
+fn builder_rootfs() -> PathBuf {
+    project_file("NODE_AGENT_TEST_ROOTFS", "build/vms/builder-rootfs.ext4")
+}
+
+fn stub_rootfs(dir: &Path) -> PathBuf {
+    let path = dir.join("not-a-filesystem.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    path
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.split(' ').nth(2) != Some("Z"))
+}
+
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn kill_9_mid_build_then_restart_fails_the_build_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = Daemon::start(
+        dir.path(),
+        &format!("kill9-{}", std::process::id()),
+        &builder_rootfs(),
+        port,
+        2,
+    );
+    let id = d.submit(json!({}));
+    let b = d.wait(&id, |b| b["state"] == "running", Duration::from_secs(60));
+    let detail = b["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["to_state"] == "running")
+        .unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid: i32 = detail
+        .split("pid ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let Daemon {
+        mut child,
+        work,
+        node_id,
+        rootfs,
+        port,
+        ..
+    } = d;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(pid_alive(pid), "the VMM should outlive a crashed daemon");
+    assert!(
+        !leftovers(&work, &node_id).is_empty(),
+        "a crash leaves the VM's resources behind"
+    );
+
+    let d = Daemon::start(&work, &node_id, &rootfs, port, 2);
+    let b = d.wait(&id, |b| b["state"] != "running", Duration::from_secs(30));
+    assert_eq!(b["state"], "failed", "{b}");
+    assert_eq!(b["error"]["message"], "node agent restarted");
+    assert!(!pid_alive(pid), "reclaim killed the VMM {pid}");
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    let metrics = String::from_utf8(
+        Command::new("curl")
+            .arg("-s")
+            .arg(format!("{}/metrics", d.base))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let reclaimed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("node_agent_reclaimed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        reclaimed >= 3,
+        "process, netns, veth, work dir at least: {reclaimed}"
+    );
+    d.sigterm();
+}
+
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn timeout_and_cancel_stop_real_vms_without_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &format!("timeout-{}", std::process::id()),
+        &builder_rootfs(),
+        free_port(),
+        2,
+    );
+    let timed = d.submit(json!({"timeout_s": 8}));
+    let cancelled = d.submit(json!({}));
+    d.wait(
+        &cancelled,
+        |b| b["state"] == "running",
+        Duration::from_secs(60),
+    );
+    let (status, _) = d.api("POST", &format!("/v1/builds/{cancelled}/cancel"), None);
+    assert_eq!(status, 202);
+    let b = d.wait(
+        &cancelled,
+        |b| b["state"] == "cancelled",
+        Duration::from_secs(30),
+    );
+    assert_eq!(b["error"]["class"], "user");
+    let b = d.wait(
+        &timed,
+        |b| b["state"] == "timed_out",
+        Duration::from_secs(60),
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("8 s time limit"),
+        "{b}"
+    );
+    // The console log outlives the VM.
+    let log = std::fs::read_to_string(d.work.join("logs").join(format!("{timed}.log"))).unwrap();
+    assert!(log.contains("Linux version"), "{log}");
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    d.sigterm();
+}
+
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn fifty_stub_vms_with_capacity_two_never_overlap_more_than_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = stub_rootfs(dir.path());
+    let d = Daemon::start(
+        dir.path(),
+        &format!("cap-{}", std::process::id()),
+        &rootfs,
+        free_port(),
+        2,
+    );
+    let ids: Vec<String> = (0..50).map(|_| d.submit(json!({}))).collect();
+    let mut spans = vec![];
+    for id in &ids {
+        let b = d.wait(
+            id,
+            |b| {
+                ["succeeded", "failed", "timed_out", "cancelled"]
+                    .contains(&b["state"].as_str().unwrap_or(""))
+            },
+            Duration::from_secs(600),
+        );
+        assert_eq!(b["state"], "failed", "{b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("kernel panicked"),
+            "{b}"
+        );
+        spans.push((
+            b["timings"]["vm_started_at_ms"].as_i64().unwrap(),
+            b["timings"]["finished_at_ms"].as_i64().unwrap(),
+        ));
+    }
+    // At every VM start, how many VMs were live (started and not finished)?
+    let most = spans
+        .iter()
+        .map(|(s, _)| spans.iter().filter(|(s2, f2)| s2 <= s && s < f2).count())
+        .max()
+        .unwrap();
+    assert!(most <= 2, "{most} VMs ran at once");
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    d.sigterm();
+}
