@@ -47,15 +47,18 @@ echo "== builder-agent run"
 status=0
 target/release/builder-agent run \
 	--params "repo_url=$BUILDER_TEST_GIT_URL/hello.git commit_sha=main build_id=$build_id" \
-	--out-dir ./out --work-dir "$scratch/work" --log-file "./$out/build.log" || status=$?
+	--out-dir ./out --work-dir "$scratch/work" --log-file "./$out/build.log" \
+	>"$out/report.json" || status=$?
 if ((status != 0)); then
-	echo "builder-agent failed (exit $status); its log: ./$out/build.log" >&2
+	echo "builder-agent failed (exit $status); its report: ./$out/report.json, its log: ./$out/build.log" >&2
 	exit "$status"
 fi
 
 echo
-echo "== the root filesystem"
+echo "== the root filesystem, its image config (rootfs.json), the build report and log"
 ls -l "$out"
+cat "$out/rootfs.json"
+echo
 echo "== debugfs -R 'ls -l /app' $out/rootfs.ext4"
 debugfs -R 'ls -l /app' "$out/rootfs.ext4" 2>/dev/null
 echo "== debugfs -R 'cat /app/motd.txt' $out/rootfs.ext4"
