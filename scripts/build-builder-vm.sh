@@ -15,6 +15,8 @@
 # The same settings as environment variables: BUILDER_VM_DISTRO, BUILDER_VM_SUITE,
 # BUILDER_VM_MIRROR, BUILDER_VM_DISK_SIZE, BUILDER_VM_OUT. BUILDER_AGENT_BIN names a
 # prebuilt static builder-agent; without it the agent is built with cargo.
+# PRELOAD_IMAGES="debian:bookworm-slim ./node.tar": base images baked into the image, each a
+# reference in the host's Docker (saved with `docker save`) or a `docker save` tar file.
 set -euo pipefail
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ disk_size=${BUILDER_VM_DISK_SIZE:-4G}
 out=${BUILDER_VM_OUT:-$repo_root/build/vms}
 
 usage() {
-	sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+	sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 	exit "${1:-0}"
 }
 while [ $# -gt 0 ]; do
@@ -97,7 +99,14 @@ image=$out/builder-rootfs.ext4
 kernel=$out/vmlinux
 manifest=$out/builder-vm.json
 agent_in_rootfs=/usr/local/bin/builder-agent
-boot_args="console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=$agent_in_rootfs"
+boot_args="console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro init=$agent_in_rootfs"
+# The root filesystem is mounted read-only, so every directory builder-agent mounts or binds
+# something onto must already exist in the image (crates/builder-agent/src/vm.rs).
+agent_mount_points=(mnt/scratch var/lib/docker var/lib/containerd var/log var/tmp run tmp dev proc sys)
+# Base images baked into the image (the "pre-pull common base images" knob): builder-agent
+# `docker load`s every tar in this directory before the build, so `FROM` needs no registry.
+preload_dir=usr/share/builder-vm/images
+preload_images=${PRELOAD_IMAGES:-}
 
 # ---- preflight --------------------------------------------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and image ownership need it): sudo $0"
@@ -236,12 +245,52 @@ step_finalize() {
 	: >"$rootfs/etc/machine-id"
 	rm -f "$rootfs/etc/resolv.conf"
 	apply_overlay
+	local dir
+	for dir in "${agent_mount_points[@]}"; do
+		mkdir -p "$rootfs/$dir"
+	done
 }
 timed "overlay and cleanup" step_finalize
 
-# ---- 6. ext4 image ----------------------------------------------------------------------------
+# ---- 6. preloaded base images ------------------------------------------------------------------
+# The stamp is the list plus each image's id (or tar's hash), so a changed tag is saved again.
+preload_identity() {
+	local ref
+	for ref in $preload_images; do
+		if [ -f "$ref" ]; then
+			printf '%s %s\n' "$ref" "$(sha256sum "$ref" | cut -d' ' -f1)"
+		else
+			printf '%s %s\n' "$ref" "$(docker image inspect --format '{{.Id}}' "$ref")" ||
+				die "PRELOAD_IMAGES: '$ref' is neither a tar file nor an image in the host's Docker"
+		fi
+	done
+}
+preload_inputs=$(preload_identity | sha256sum | cut -d' ' -f1)
+step_preload() {
+	local ref name
+	rm -rf "${rootfs:?}/$preload_dir"
+	mkdir -p "$rootfs/$preload_dir"
+	for ref in $preload_images; do
+		name=$(printf '%s' "$(basename "$ref" .tar)" | tr -c 'A-Za-z0-9._-' '_')
+		if [ -f "$ref" ]; then
+			cp "$ref" "$rootfs/$preload_dir/$name.tar"
+		else
+			docker save -o "$rootfs/$preload_dir/$name.tar" "$ref"
+		fi
+		log "preloaded $ref ($(du -h "$rootfs/$preload_dir/$name.tar" | cut -f1))"
+	done
+	write_stamp preload "$preload_inputs"
+}
+if stamp_matches preload "$preload_inputs"; then
+	log "preloaded images: unchanged (${preload_images:-none})"
+else
+	timed "preloaded images (${preload_images:-none})" step_preload
+fi
+
+# ---- 7. ext4 image ----------------------------------------------------------------------------
 overlay_hash=$(tar -C "$repo_root/vm/rootfs-overlay" --sort=name --owner=0 --group=0 --mtime=@0 -c . | sha256sum | cut -d' ' -f1)
-image_inputs=$(printf '%s\n' "$packages_inputs" "$agent_inputs" "$overlay_hash" "$disk_size" | sha256sum | cut -d' ' -f1)
+image_inputs=$(printf '%s\n' "$packages_inputs" "$agent_inputs" "$overlay_hash" "$preload_inputs" "$disk_size" \
+	"${agent_mount_points[*]}" | sha256sum | cut -d' ' -f1)
 step_image() {
 	rm -f "$stamps/image" "$image.tmp"
 	truncate -s "$disk_size" "$image.tmp"
@@ -259,7 +308,7 @@ fi
 
 wait_for_kernel
 
-# ---- 7. manifest -------------------------------------------------------------------------------
+# ---- 8. manifest -------------------------------------------------------------------------------
 pkg_version() { dpkg-query --admindir="$rootfs/var/lib/dpkg" -W -f='${Version}' "$1"; }
 write_manifest() {
 	BVM_KERNEL="$kernel" BVM_IMAGE="$image" BVM_ROOTFS="$rootfs" \
@@ -268,7 +317,7 @@ write_manifest() {
 	BVM_DISTRO="$distro" BVM_SUITE="$suite" BVM_MIRROR="$mirror" \
 	BVM_DOCKER="$(pkg_version docker.io)" BVM_CONTAINERD="$(pkg_version containerd)" \
 	BVM_RUNC="$(pkg_version runc)" BVM_GIT="$(pkg_version git)" BVM_AGENT="$agent_version" \
-	BVM_BOOT_ARGS="$boot_args" BVM_AGENT_PATH="$agent_in_rootfs" \
+	BVM_BOOT_ARGS="$boot_args" BVM_AGENT_PATH="$agent_in_rootfs" BVM_PRELOAD_DIR="$preload_dir" \
 	BVM_PARAMS_RS="$repo_root/crates/builder-contract/src/params.rs" \
 		python3 - "$manifest.tmp" <<'PY'
 import datetime, hashlib, json, os, re, sys
@@ -320,8 +369,9 @@ manifest = {
     "boot_args": env["BVM_BOOT_ARGS"],
     "agent_path": env["BVM_AGENT_PATH"],
     "root_device": "/dev/vda",
+    "preloaded_images": sorted(os.listdir(os.path.join(env["BVM_ROOTFS"], env["BVM_PRELOAD_DIR"]))),
     "defaults": {"vcpus": 4, "mem_mib": 2048, "disk_bytes": image["size_bytes"]},
-    "param_keys": re.findall(r'"([a-z_]+)"', keys.group(1)),
+    "param_keys": re.findall(r'"([a-z0-9_]+)"', keys.group(1)),
 }
 with open(sys.argv[1], "w") as f:
     json.dump(manifest, f, indent=2)

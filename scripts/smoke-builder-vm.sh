@@ -6,7 +6,8 @@
 #
 # The image itself is not modified: the test runs on a sparse copy into which a test init
 # script is written with debugfs, and the kernel is started with init=/smoke-init instead of
-# builder-agent. Prints host-side wall-clock times for each milestone.
+# builder-agent. Like builder-agent, the init keeps the root filesystem read-only and puts
+# Docker's state on a scratch disk (/dev/vdb). Prints host-side wall-clock times per milestone.
 #
 # Usage: scripts/smoke-builder-vm.sh [VM_DIR]          (default VM_DIR: build/vms)
 # Environment: SMOKE_ACCEL (tcg or kvm, default tcg), SMOKE_SMP (1),
@@ -28,7 +29,7 @@ die() { printf '[smoke] error: %s\n' "$*" >&2; exit 1; }
 for file in "$kernel" "$image"; do
 	[ -r "$file" ] || die "$file is missing; run 'make builder-vm' first"
 done
-for tool in qemu-system-x86_64 debugfs python3; do
+for tool in qemu-system-x86_64 debugfs mkfs.ext4 python3 bc; do
 	command -v "$tool" >/dev/null || die "'$tool' is needed and is not installed"
 done
 
@@ -58,8 +59,8 @@ cat >"$work/smoke-init" <<'INIT'
 # pid 1 inside the guest: the same setup builder-agent does, then a container and a build.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mark() { echo "SMOKE $1 uptime=$(cut -d' ' -f1 /proc/uptime)"; }
-fail() { echo "SMOKE-FAIL $1"; [ -f /run/dockerd.log ] && tail -n 30 /run/dockerd.log; poweroff_now; }
-poweroff_now() { sync; python3 -c 'import ctypes; ctypes.CDLL(None).reboot(0x01234567)'; }
+fail() { echo "SMOKE-FAIL $1"; [ -f /run/dockerd.log ] && tail -n 30 /run/dockerd.log; poweroff_now; exit 1; }
+poweroff_now() { sync; umount /var/lib/docker /var/lib/containerd /var/log /var/tmp /mnt/scratch 2>/dev/null; python3 -c 'import ctypes; ctypes.CDLL(None).reboot(0x01234567)'; }
 mount -t proc proc /proc
 mark init-start
 mount -t sysfs sysfs /sys
@@ -69,16 +70,28 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+# The root filesystem is read-only; Docker's state goes to the scratch disk, as with builder-agent.
+mount -o noatime /dev/vdb /mnt/scratch || fail "cannot mount the scratch disk"
+for pair in docker:/var/lib/docker containerd:/var/lib/containerd log:/var/log tmp:/var/tmp; do
+	mkdir -p "/mnt/scratch/${pair%%:*}"
+	mount --bind "/mnt/scratch/${pair%%:*}" "${pair#*:}" || fail "cannot bind ${pair#*:}"
+done
+cat /proc/net/pnp >/run/resolv.conf
+ip link set lo up
 hostname "$(cat /etc/hostname)"
+touch /probe 2>/dev/null && fail "the root filesystem is writable"
 echo "SMOKE cgroup-controllers $(cat /sys/fs/cgroup/cgroup.controllers)"
 echo "SMOKE resolv $(grep -m1 nameserver /etc/resolv.conf || echo none)"
 ip -4 -o addr show dev eth0 | sed 's/^/SMOKE eth0 /' || fail "eth0 has no address"
 mark mounts-done
-dockerd >/run/dockerd.log 2>&1 &
-i=0
+dockerd --host unix:///run/docker.sock --data-root /var/lib/docker --exec-root /run/docker \
+	--pidfile /run/docker.pid >/run/dockerd.log 2>&1 &
+dockerd_pid=$!
+export DOCKER_HOST=unix:///run/docker.sock
+deadline=$(($(cut -d. -f1 /proc/uptime) + 300))
 until docker info >/dev/null 2>&1; do
-	i=$((i + 1))
-	[ "$i" -le 600 ] || fail "dockerd did not answer within 300 s"
+	kill -0 "$dockerd_pid" 2>/dev/null || fail "dockerd exited"
+	[ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ] || fail "dockerd did not answer within 300 s"
 	sleep 0.5
 done
 mark dockerd-ready
@@ -100,12 +113,14 @@ INIT
 
 echo "[smoke] copying $image (sparse)" >&2
 cp --sparse=always "$image" "$work/rootfs.ext4"
+truncate -s 4G "$work/scratch.ext4"
+mkfs.ext4 -q -F -m 0 -L scratch "$work/scratch.ext4"
 debugfs -w -R "write $work/smoke-init smoke-init" "$work/rootfs.ext4" >/dev/null 2>&1
 debugfs -w -R "sif smoke-init mode 0100755" "$work/rootfs.ext4" >/dev/null 2>&1
 debugfs -R "stat smoke-init" "$work/rootfs.ext4" 2>/dev/null | grep -q 'Mode:  0755' ||
 	die "could not write the test init into the image copy"
 
-append="console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw init=/smoke-init $extra_args"
+append="console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro init=/smoke-init $extra_args"
 append="$append ip=10.0.2.15::10.0.2.2:255.255.255.0:builder:eth0:off:10.0.2.3"
 echo "[smoke] booting ($accel, $smp vCPU, $mem MiB, acpi=$acpi): $append" >&2
 started=$(date +%s.%N)
@@ -117,6 +132,8 @@ timeout "$timeout_s" qemu-system-x86_64 \
 	-kernel "$kernel" -append "$append" \
 	-drive "id=root,file=$work/rootfs.ext4,format=raw,if=none,cache=unsafe" \
 	-device virtio-blk-device,drive=root \
+	-drive "id=scratch,file=$work/scratch.ext4,format=raw,if=none,cache=unsafe" \
+	-device virtio-blk-device,drive=scratch \
 	-netdev user,id=net0 -device virtio-net-device,netdev=net0 </dev/null 2>&1 |
 	while IFS= read -r line; do
 		printf '%7.2f %s\n' "$(echo "$(date +%s.%N) - $started" | bc)" "${line%$'\r'}"
