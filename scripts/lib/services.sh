@@ -303,17 +303,23 @@ bt_start_git() {
 
 # --- all together -------------------------------------------------------------------------------
 
-# Serializes start/stop between concurrent callers (two test runs on one machine).
+# Serializes start/stop between concurrent callers (two test runs on one machine). Re-entrant:
+# an EXIT trap that stops the services may run while a failed start still holds the lock.
+BT_LOCK_DEPTH=0
 bt_lock() {
-	mkdir -p "$BT_STATE"
-	exec {BT_LOCK_FD}>"$BT_STATE/lock"
-	flock "$BT_LOCK_FD"
+	if ((BT_LOCK_DEPTH++ == 0)); then
+		mkdir -p "$BT_STATE"
+		exec {BT_LOCK_FD}>"$BT_STATE/lock"
+		flock "$BT_LOCK_FD"
+	fi
 }
 
 bt_unlock() {
-	[[ -n ${BT_LOCK_FD:-} ]] || return 0
-	exec {BT_LOCK_FD}>&-
-	unset BT_LOCK_FD
+	((BT_LOCK_DEPTH > 0)) || return 0
+	if ((--BT_LOCK_DEPTH == 0)); then
+		exec {BT_LOCK_FD}>&-
+		unset BT_LOCK_FD
+	fi
 }
 
 # Starts every service (idempotently): `--with-s3`, or `--no-s3` to leave S3 out.
