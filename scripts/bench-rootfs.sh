@@ -18,6 +18,8 @@
 #   BENCH_DIR (/var/tmp/bench-rootfs)  BENCH_ROUNDS (2)  BENCH_SMALL_FILES (52000)
 #   BENCH_BIG_MIB (1024)  BUILDER_AGENT (target/release/builder-agent, built if missing)
 #   BENCH_KEEP_IMAGE=1 keeps the image (and reuses it next time when the knobs are unchanged).
+#   BENCH_FS_GIB=N runs everything in a fresh N GiB loop-mounted ext4 at BENCH_DIR (mounted
+#   without online discard, as a VM's scratch disk would be), isolating the host's mount options.
 set -euo pipefail
 
 : "${DOCKER_HOST:?DOCKER_HOST is not set: start the services (scripts/services.sh start; eval \"\$(scripts/services.sh env)\")}"
@@ -32,7 +34,7 @@ small_files=${BENCH_SMALL_FILES:-52000}
 big_mib=${BENCH_BIG_MIB:-1024}
 agent=${BUILDER_AGENT:-$repo/target/release/builder-agent}
 params="base=$BUILDER_TEST_BASE_IMAGE small=$small_files big=$big_mib"
-image=bench-rootfs:latest
+image=bench-rootfs:$small_files-$big_mib
 
 log() { echo "bench-rootfs: $*" >&2; }
 now() { date +%s.%N; }
@@ -43,7 +45,9 @@ cleanup() {
 	mountpoint -q "$dir/mnt" && umount "$dir/mnt"
 	[ -n "${cid:-}" ] && $docker rm -f "$cid" >/dev/null 2>&1
 	[ "${BENCH_KEEP_IMAGE:-0}" = 1 ] || $docker rmi -f "$image" >/dev/null 2>&1 || true
-	rm -rf "$dir/work" "$dir/extract" "$dir/context"
+	clean_outputs
+	rm -rf "$dir/context"
+	if [ -n "${BENCH_FS_GIB:-}" ] && mountpoint -q "$dir"; then umount "$dir" && rm -f "$dir.img"; fi
 }
 trap cleanup EXIT
 
@@ -53,6 +57,11 @@ if [ ! -x "$agent" ]; then
 fi
 
 mkdir -p "$dir"
+if [ -n "${BENCH_FS_GIB:-}" ]; then
+	truncate -s "${BENCH_FS_GIB}G" "$dir.img"
+	mkfs.ext4 -q -F "$dir.img"
+	mount -o loop "$dir.img" "$dir"
+fi
 if [ "$($docker image inspect -f '{{index .Config.Labels "bench.params"}}' "$image" 2>/dev/null)" != "$params" ]; then
 	log "generating the build context ($small_files small files, $big_mib MiB in large files)"
 	rm -rf "$dir/context"
@@ -103,20 +112,29 @@ log "image: $image_bytes bytes; baseline file systems: $fs_bytes bytes"
 mkdir -p "$dir/mnt"
 declare -A runs
 
+# Removes every run's outputs; called after each run, outside the timing, followed by sync, so
+# no run pays for freeing the previous one's blocks.
+clean_outputs() {
+	rm -rf "$dir/image.tar" "$dir/ours.ext4" "$dir/work" "$dir/extract" "$dir/b.ext4" "$dir/c.ext4" "$dir/raw.bin"
+}
+
 run_ours() {
-	rm -f "$dir/image.tar" "$dir/ours.ext4"
-	rm -rf "$dir/work" && mkdir -p "$dir/work"
+	mkdir -p "$dir/work"
 	local t0 t1
 	t0=$(now)
 	$docker save -o "$dir/image.tar" "$image"
 	/usr/bin/time -f %M -o "$dir/rss" "$agent" convert "$dir/image.tar" "$dir/ours.ext4" --work-dir "$dir/work" >"$dir/ours.json"
 	t1=$(now)
 	peak_rss_kib=$(cat "$dir/rss")
+	[ -n "${used_mib:-}" ] || used_mib=$(dumpe2fs -h "$dir/ours.ext4" 2>/dev/null |
+		awk -F: '/^Block count/{c=$2} /^Free blocks/{f=$2} /^Block size/{b=$2} END{print int((c-f)*b/1048576)+1}')
+	ours_size_bytes=$(stat -c %s "$dir/ours.ext4")
+	ours_allocated_bytes=$(($(stat -c %b "$dir/ours.ext4") * 512))
 	elapsed "$t0" "$t1"
 }
 
 run_export_tar_mkfs() {
-	rm -rf "$dir/extract" "$dir/b.ext4" && mkdir -p "$dir/extract"
+	mkdir -p "$dir/extract"
 	local t0 t1
 	t0=$(now)
 	cid=$($docker create "$image" /bin/true)
@@ -130,7 +148,6 @@ run_export_tar_mkfs() {
 }
 
 run_mkfs_loop_export() {
-	rm -f "$dir/c.ext4"
 	local t0 t1
 	t0=$(now)
 	truncate -s "$fs_bytes" "$dir/c.ext4"
@@ -146,13 +163,10 @@ run_mkfs_loop_export() {
 }
 
 run_raw_write() {
-	local used t0 t1
-	used=$(dumpe2fs -h "$dir/ours.ext4" 2>/dev/null | awk -F: '/^Block count/{c=$2} /^Free blocks/{f=$2} /^Block size/{b=$2} END{print int((c-f)*b/1048576)+1}')
-	rm -f "$dir/raw.bin"
+	local t0 t1
 	t0=$(now)
-	dd if=/dev/zero of="$dir/raw.bin" bs=1M count="$used" conv=fsync status=none
+	dd if=/dev/zero of="$dir/raw.bin" bs=1M count="$used_mib" conv=fsync status=none
 	t1=$(now)
-	rm -f "$dir/raw.bin"
 	elapsed "$t0" "$t1"
 }
 
@@ -176,10 +190,13 @@ run_docker_export_only() {
 
 # ours runs first in round 1 so raw_write knows the used size; each round rotates the order.
 order=(ours export_tar_mkfs mkfs_loop_export raw_write docker_save_only docker_export_only)
+clean_outputs
+sync
 for round in $(seq 1 "$rounds"); do
 	for name in "${order[@]}"; do
-		sync
 		"run_$name"
+		clean_outputs
+		sync
 		if [ "$name" = ours ]; then runs[peak_rss_kib]+="$peak_rss_kib "; fi
 		runs[$name]+="$result "
 		log "round $round: $name=$result"
@@ -193,11 +210,11 @@ for name in ours export_tar_mkfs mkfs_loop_export raw_write docker_save_only doc
 	echo "$name=$(eval echo "\$m_$name")"
 done
 echo "ours_peak_rss_kib=$(median "${runs[peak_rss_kib]}" | cut -d. -f1)"
-echo "ours_size_bytes=$(stat -c %s "$dir/ours.ext4") ours_allocated_bytes=$(($(stat -c %b "$dir/ours.ext4") * 512))"
+echo "ours_size_bytes=$ours_size_bytes ours_allocated_bytes=$ours_allocated_bytes used_mib=$used_mib"
 python3 - "$m_ours" "$m_export_tar_mkfs" "$m_mkfs_loop_export" "$m_raw_write" <<-'EOF'
 	import sys
 	ours, b, c, raw = map(float, sys.argv[1:])
 	print(f"ratio_vs_best_baseline={ours / min(b, c):.2f}")
 	print(f"ratio_vs_raw_write={ours / raw:.2f}")
 EOF
-rm -f "$dir/image.tar" "$dir/ours.ext4" "$dir/b.ext4" "$dir/c.ext4" "$dir/rss" "$dir/ours.json"
+rm -f "$dir/rss" "$dir/ours.json"
