@@ -134,6 +134,7 @@ timed() {
 # Runs a shell script inside the root filesystem, in a private mount namespace so that
 # /proc, /sys and /dev are unmounted by the kernel however the script ends.
 in_chroot() {
+	# shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
 	unshare --mount --propagation private -- /bin/sh -ec '
 		mount -t proc proc "$1/proc"
 		mount -t sysfs sysfs "$1/sys"
