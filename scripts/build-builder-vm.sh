@@ -256,13 +256,14 @@ timed "overlay and cleanup" step_finalize
 # ---- 6. preloaded base images ------------------------------------------------------------------
 # The stamp is the list plus each image's id (or tar's hash), so a changed tag is saved again.
 preload_identity() {
-	local ref
+	local ref id
 	for ref in $preload_images; do
 		if [ -f "$ref" ]; then
 			printf '%s %s\n' "$ref" "$(sha256sum "$ref" | cut -d' ' -f1)"
 		else
-			printf '%s %s\n' "$ref" "$(docker image inspect --format '{{.Id}}' "$ref")" ||
+			id=$(docker image inspect --format '{{.Id}}' "$ref" 2>/dev/null) ||
 				die "PRELOAD_IMAGES: '$ref' is neither a tar file nor an image in the host's Docker"
+			printf '%s %s\n' "$ref" "$id"
 		fi
 	done
 }
