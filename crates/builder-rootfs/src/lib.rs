@@ -144,6 +144,7 @@ fn convert_inner(
             span,
         })?;
     }
+    tree.add_mount_points();
     tracing::debug!(
         layers = layers.len(),
         nodes = tree.nodes.len(),

@@ -23,6 +23,8 @@ pub(crate) const DEFAULT_MTIME: i64 = 1;
 const MAX_MTIME: u64 = 0x3_7FFF_FFFF;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// Directories every container has, whether or not its image defines them.
+const MOUNT_POINTS: &[&[u8]] = &[b"dev", b"proc", b"sys"];
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
 
@@ -114,6 +116,28 @@ impl Tree {
         match &mut self.nodes[id].kind {
             Kind::Dir(children) => children,
             _ => unreachable!("only directories are resolved as parents"),
+        }
+    }
+
+    /// Adds the directories the container runtime (and our init) mounts on, when the image
+    /// lacks them: `docker export` shows them too, as empty 0755 root directories. An image
+    /// entry of another type at one of these names is left alone.
+    pub fn add_mount_points(&mut self) {
+        for name in MOUNT_POINTS {
+            if self.children(ROOT).is_some_and(|c| !c.contains_key(*name)) {
+                self.nodes.push(Node {
+                    kind: Kind::Dir(BTreeMap::new()),
+                    meta: Meta {
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime: DEFAULT_MTIME,
+                        xattrs: Vec::new(),
+                    },
+                });
+                let id = self.nodes.len() - 1;
+                self.children_mut(ROOT).insert(name.to_vec(), id);
+            }
         }
     }
 

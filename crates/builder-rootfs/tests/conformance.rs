@@ -43,29 +43,26 @@ RUN set -e; \
     rm /keepdir/lower
 "#;
 
-/// Paths `docker export` adds to every container (its init layer: `/.dockerenv`, `/etc/{hostname,hosts,resolv.conf}`,
-/// the `/etc/mtab` symlink; the mount points `/dev/*`, `/proc`, `/sys`), which
-/// are not part of the image; the ext4 has `lost+found`, which `mkfs.ext4` always creates.
+/// What `docker export` adds to every container and is not part of the image: its init layer
+/// (`/.dockerenv`, `/etc/{hostname,hosts,resolv.conf}`, the `/etc/mtab` symlink, and `/etc`
+/// recreated above the image so overlayfs shows its mtime) and what is mounted in `/dev`. The
+/// mount points `/dev`, `/proc`, `/sys` exist in both (the converter adds them as Docker does),
+/// with the container's creation time in the export. The ext4 has `lost+found`, which
+/// `mkfs.ext4` always creates.
 fn drop_known_differences(export: &mut Snapshot, ext4: &mut Snapshot) {
     let container_only = |p: &Vec<u8>| {
         matches!(
             p.as_slice(),
-            b".dockerenv"
-                | b"etc/hostname"
-                | b"etc/hosts"
-                | b"etc/resolv.conf"
-                | b"etc/mtab"
-                | b"dev"
-                | b"proc"
-                | b"sys"
+            b".dockerenv" | b"etc/hostname" | b"etc/hosts" | b"etc/resolv.conf" | b"etc/mtab"
         ) || p.starts_with(b"dev/")
     };
     export.entries.retain(|p, _| !container_only(p));
     ext4.entries.retain(|p, _| p.as_slice() != b"lost+found");
-    // The init layer recreates /etc above the image layers, so overlayfs shows its mtime.
     for snapshot in [&mut *export, &mut *ext4] {
-        if let Some(etc) = snapshot.entries.get_mut(&b"etc"[..]) {
-            etc.mtime = 0;
+        for dir in [&b"etc"[..], b"dev", b"proc", b"sys"] {
+            if let Some(attrs) = snapshot.entries.get_mut(dir) {
+                attrs.mtime = 0;
+            }
         }
     }
 }
