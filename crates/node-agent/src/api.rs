@@ -407,10 +407,10 @@ async fn logs(
     let row = load(&node, &id).await?;
     let path = node.config.log_path(&id);
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !path.exists() {
+    let follow = query.follow.unwrap_or(true) && !row.state.is_terminal();
+    if !follow && !path.exists() {
         return Ok((text_plain, row.log_tail.unwrap_or_default()).into_response());
     }
-    let follow = query.follow.unwrap_or(true) && !row.state.is_terminal();
     struct Tail {
         node: Arc<Node>,
         id: String,
@@ -427,6 +427,8 @@ async fn logs(
         follow,
         last_round: false,
     };
+    // Read what the file has, wait while the build runs, read once more when it has ended; a
+    // build that ends without a log here (it ran on another node) gets the stored tail.
     let stream = futures_util::stream::unfold(tail, |mut t| async move {
         loop {
             let mut buf = Vec::new();
@@ -444,6 +446,13 @@ async fn logs(
             }
             match t.node.db.get(&t.id).await {
                 Ok(Some(r)) if !r.state.is_terminal() => tokio::time::sleep(LOG_POLL).await,
+                Ok(Some(r)) if t.offset == 0 && !t.path.exists() => {
+                    t.last_round = true;
+                    let stored = r.log_tail.unwrap_or_default();
+                    if !stored.is_empty() {
+                        return Some((Ok(Bytes::from(stored)), t));
+                    }
+                }
                 _ => t.last_round = true,
             }
         }

@@ -77,6 +77,13 @@ pub async fn serve(node: std::sync::Arc<node::Node>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, node_id = node.config.node_id, "node agent listening");
+    if listen.ip().is_loopback() {
+        tracing::warn!(
+            %listen,
+            "the API listens on loopback only: builder VMs reach the host through their veth, so \
+             their reports will not arrive; listen on 0.0.0.0 (or the host's address) for real builds"
+        );
+    }
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let shutdown = async move {

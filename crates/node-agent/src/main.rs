@@ -177,7 +177,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!("{}", client::summary(b));
             }
             if let Some(c) = list.next_cursor {
-                println!("(more: --cursor {c})");
+                eprintln!("(more: --cursor {c})");
             }
             Ok(0)
         }
