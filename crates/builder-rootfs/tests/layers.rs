@@ -417,3 +417,20 @@ fn file_system_is_right_sized_and_sparse() {
         );
     }
 }
+
+/// An image without layers (FROM scratch with only config) still gives a bootable skeleton.
+#[test]
+fn image_without_layers_gives_the_mount_points() {
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = scratch.path().join("image.tar");
+    docker_archive(&archive, &[], CONFIG);
+    let (report, mount) = converted(scratch.path(), &archive);
+    assert_eq!(report.entries, 3);
+    for dir in ["dev", "proc", "sys"] {
+        let meta = std::fs::symlink_metadata(mount.path().join(dir)).unwrap();
+        assert!(
+            meta.is_dir() && meta.mode() & 0o7777 == 0o755 && meta.uid() == 0,
+            "{dir}"
+        );
+    }
+}
