@@ -18,6 +18,11 @@ bt_lease_take
 trap bt_lease_release EXIT
 bt_start_all --with-s3
 eval "$(bt_env)"
+# Firecracker and its jailer: from the environment, else where CI keeps them beside the checkout.
+for bin in firecracker jailer; do
+	var=${bin^^}_BIN
+	if [[ -z ${!var:-} && -x ../shared/bin/$bin ]]; then export "$var=$(realpath "../shared/bin/$bin")"; fi
+done
 setup_time=$((SECONDS - started)) started=$SECONDS
 
 echo "== cargo build --workspace --all-targets"

@@ -73,19 +73,24 @@ bt_apt_install() {
 	apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# Installs whatever of the services' and the pipeline's tools is missing; cheap when nothing is.
+# Installs whatever the services and the tests need that is missing; cheap when nothing is.
+# Tools the workspace's tests call: e2fsprogs (the rootfs), procps/iptables (VM networks),
+# qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount.
 bt_ensure_deps() {
 	local missing=() cmd pkg
 	local -A needs=(
 		[dockerd]=docker.io [containerd]=containerd [runc]=runc [git]=git [curl]=curl
 		[ip]=iproute2 [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [python3]=python3
-		[setsid]=util-linux [flock]=util-linux [mount]=mount [setcap]=libcap2-bin [tar]=tar
+		[setsid]=util-linux [flock]=util-linux [runuser]=util-linux [mount]=mount [tar]=tar
+		[pgrep]=procps [sysctl]=procps [iptables]=iptables [setcap]=libcap2-bin
+		[qemu-system-x86_64]=qemu-system-x86 [postgres]=postgresql
 		[ca-certificates]=ca-certificates
 	)
 	for cmd in "${!needs[@]}"; do
 		pkg=${needs[$cmd]}
 		case $cmd in
 		ca-certificates) [[ -e /etc/ssl/certs/ca-certificates.crt ]] && continue ;;
+		postgres) compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && continue ;;
 		*) PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null && continue ;;
 		esac
 		[[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
