@@ -69,6 +69,7 @@ struct Layered {
     vmm: VmmKind,
     kernel: PathBuf,
     rootfs: PathBuf,
+    boot_args: Option<String>,
     vm_network: String,
     jailer_uid: u32,
     jailer_gid: u32,
@@ -138,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_ROOTFS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<PathBuf>,
+    /// Kernel arguments before the network and build parameters (default: the VMM layer's,
+    /// plus `init=` the agent named in `builder-vm.json` beside the rootfs).
+    #[arg(long, env = "NODE_AGENT_BOOT_ARGS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
     /// IPv4 range (CIDR) the VMs' networks are carved from, a /29 per VM.
     #[arg(long, env = "NODE_AGENT_VM_NETWORK")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,6 +194,7 @@ pub struct Config {
     pub vmm: VmmKind,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
+    pub boot_args: Option<String>,
     pub vm_network: builder_vmm::AddressPool,
     pub jailer_uid: u32,
     pub jailer_gid: u32,
@@ -275,6 +282,7 @@ impl Config {
             vmm: l.vmm,
             kernel: l.kernel,
             rootfs: l.rootfs,
+            boot_args: l.boot_args,
             vm_network: parse_pool(&l.vm_network)?,
             jailer_uid: l.jailer_uid,
             jailer_gid: l.jailer_gid,

@@ -29,6 +29,44 @@ const BACKSTOP: Duration = Duration::from_secs(60);
 pub enum SetupError {
     #[error("cannot find the VMM binaries")]
     Locate(#[source] builder_vmm::LocateError),
+    #[error("cannot read the image manifest {path}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the image manifest {path} is not valid")]
+    ManifestJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The part of `builder-vm.json` (written by `make builder-vm` beside the rootfs) the node
+/// agent reads: where the image's init is.
+#[derive(Debug, serde::Deserialize)]
+struct Manifest {
+    agent_path: String,
+}
+
+/// The VMM layer's boot arguments, plus `init=` the image's agent when the rootfs has a
+/// manifest beside it; `boot_args` from the config replaces both.
+fn boot_args(config: &Config) -> Result<String, SetupError> {
+    if let Some(args) = &config.boot_args {
+        return Ok(args.clone());
+    }
+    let path = config.rootfs.with_file_name("builder-vm.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(DEFAULT_BOOT_ARGS.to_string())
+        }
+        Err(source) => return Err(SetupError::Manifest { path, source }),
+    };
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|source| SetupError::ManifestJson { path, source })?;
+    Ok(format!("{DEFAULT_BOOT_ARGS} init={}", manifest.agent_path))
 }
 
 /// The builder-vmm driver for this host.
@@ -42,6 +80,7 @@ pub struct VmmLauncher {
     slots: Arc<Mutex<BTreeSet<u32>>>,
     dns: Vec<Ipv4Addr>,
     kind: VmmKind,
+    boot_args: String,
 }
 
 /// Builds the launcher the config asks for.
@@ -72,6 +111,7 @@ pub fn launcher(config: &Config) -> Result<Arc<dyn Launcher>, SetupError> {
         slots: Arc::default(),
         dns: host_resolvers(),
         kind: config.vmm,
+        boot_args: boot_args(config)?,
     }))
 }
 
@@ -149,7 +189,7 @@ impl VmmLauncher {
             secrets: Some(spec.secrets),
             vcpus: u8::try_from(spec.vcpus).map_err(|_| too_big("vcpus", u64::from(spec.vcpus)))?,
             mem_mib: u32::try_from(spec.mem_mib).map_err(|_| too_big("mem_mib", spec.mem_mib))?,
-            boot_args: DEFAULT_BOOT_ARGS.to_string(),
+            boot_args: self.boot_args.clone(),
             params: Some(params),
             network: Some(NetworkSpec {
                 slot,

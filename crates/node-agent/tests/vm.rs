@@ -371,3 +371,45 @@ fn fifty_stub_vms_with_capacity_two_never_overlap_more_than_two() {
     assert_eq!(d.leftovers(), Vec::<String>::new());
     d.sigterm();
 }
+
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn a_real_guest_reports_through_its_veth_with_its_own_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &format!("guest-{}", std::process::id()),
+        &builder_rootfs(),
+        free_port(),
+        2,
+    );
+    // DNS fails at once inside the VM, so the guest agent reports a user error in `clone`.
+    let id = d.submit(json!({"repo_url": "https://nonexistent.invalid/repo.git", "vcpus": 2, "mem_mib": 2048, "timeout_s": 300}));
+    let b = d.wait(
+        &id,
+        |b| {
+            ["succeeded", "failed", "timed_out", "cancelled"]
+                .contains(&b["state"].as_str().unwrap_or(""))
+        },
+        Duration::from_secs(300),
+    );
+    assert_eq!(b["state"], "failed", "{b}");
+    assert_eq!(b["error"]["class"], "user", "{b}");
+    assert_eq!(b["error"]["phase"], "clone", "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nonexistent.invalid"),
+        "{b}"
+    );
+    // The guest powered itself off after its report was accepted.
+    assert_eq!(b["vmm_exit_code"], 0, "{b}");
+    let log = std::fs::read_to_string(d.work.join("logs").join(format!("{id}.log"))).unwrap();
+    assert!(
+        log.contains("webhook: delivered") && log.contains("HTTP 204"),
+        "{log}"
+    );
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    d.sigterm();
+}
