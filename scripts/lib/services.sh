@@ -344,9 +344,12 @@ bt_start_all() {
 }
 
 # Processes still running from this state directory (a container shim, a crashed daemon's child).
+# Only those under this root directory: a chroot sharing the pid namespace has the same paths.
 bt_leftovers() {
-	local pid comm
+	local pid comm root
+	root=$(stat -L -c %d:%i /proc/self/root)
 	for pid in $(pgrep -f -- "$BT_STATE/|$BT_DATA/" || true); do
+		[[ $(stat -L -c %d:%i "/proc/$pid/root" 2>/dev/null) == "$root" ]] || continue
 		comm=$(cat "/proc/$pid/comm" 2>/dev/null) || continue
 		case $comm in dockerd | containerd* | runc | weed | git-daemon | git | docker-proxy)
 			echo "$pid"
