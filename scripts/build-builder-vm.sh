@@ -13,8 +13,8 @@
 # Usage: sudo scripts/build-builder-vm.sh [--distro debian|ubuntu] [--suite SUITE]
 #                                         [--mirror URL] [--disk-size SIZE] [--out DIR]
 # The same settings as environment variables: BUILDER_VM_DISTRO, BUILDER_VM_SUITE,
-# BUILDER_VM_MIRROR, BUILDER_VM_DISK_SIZE, BUILDER_VM_OUT. BUILDER_AGENT_BIN names a
-# prebuilt static builder-agent; without it the agent is built with cargo.
+# BUILDER_VM_MIRROR, BUILDER_VM_DISK_SIZE, BUILDER_VM_OUT. BUILDER_BIN_DIR names a directory
+# with prebuilt static builder-agent and builder-init; without it they are built with cargo.
 # PRELOAD_IMAGES="debian:bookworm-slim ./node.tar": base images baked into the image, each a
 # reference in the host's Docker (saved with `docker save`) or a `docker save` tar file.
 set -euo pipefail
@@ -209,30 +209,36 @@ else
 	timed "packages (CHROOT_CMDS)" step_packages
 fi
 
-# ---- 4. builder-agent -------------------------------------------------------------------------
-build_agent() {
-	(cd "$repo_root" && RUSTFLAGS="-C target-feature=+crt-static" \
-		cargo build --release -p builder-agent --target x86_64-unknown-linux-gnu)
-}
-if [ -n "${BUILDER_AGENT_BIN:-}" ]; then
-	agent_bin=$BUILDER_AGENT_BIN
+# ---- 4. builder-agent and builder-init ---------------------------------------------------------
+# builder-agent is the VM's init; it injects builder-init (found beside it) into every rootfs it
+# converts. Both must run before anything else and without the rootfs's dynamic loader.
+# shellcheck source=scripts/lib/static-binaries.sh
+source "$repo_root/scripts/lib/static-binaries.sh"
+if [ -n "${BUILDER_BIN_DIR:-}" ]; then
+	bin_dir=$BUILDER_BIN_DIR
 else
-	timed "builder-agent (cargo, static)" build_agent
-	agent_bin=$repo_root/target/x86_64-unknown-linux-gnu/release/builder-agent
+	timed "builder-agent and builder-init (cargo, static)" build_static_binaries
+	bin_dir=$STATIC_BIN_DIR
 fi
-[ -x "$agent_bin" ] || die "the builder-agent binary $agent_bin does not exist"
-# It runs before anything else in the guest and must not need the rootfs's dynamic loader.
-if readelf -l "$agent_bin" | grep -q 'program interpreter'; then
-	die "$agent_bin is dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static'"
-fi
+agent_bin=$bin_dir/builder-agent
+init_bin=$bin_dir/builder-init
+for bin in "$agent_bin" "$init_bin"; do
+	[ -x "$bin" ] || die "the binary $bin does not exist"
+	if readelf -l "$bin" | grep -q 'program interpreter'; then
+		die "$bin is dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static'"
+	fi
+done
 agent_version=$("$agent_bin" --version) || die "'$agent_bin --version' failed"
-agent_inputs=$(sha256sum "$agent_bin" | cut -d' ' -f1)
-if stamp_matches agent "$agent_inputs" && cmp -s "$agent_bin" "$rootfs$agent_in_rootfs"; then
+agent_inputs=$(cat "$agent_bin" "$init_bin" | sha256sum | cut -d' ' -f1)
+init_in_rootfs=$(dirname "$agent_in_rootfs")/builder-init
+if stamp_matches agent "$agent_inputs" && cmp -s "$agent_bin" "$rootfs$agent_in_rootfs" \
+	&& cmp -s "$init_bin" "$rootfs$init_in_rootfs"; then
 	log "builder-agent: installed before ($agent_version)"
 else
 	install -D -m 0755 -o 0 -g 0 "$agent_bin" "$rootfs$agent_in_rootfs"
+	install -D -m 0755 -o 0 -g 0 "$init_bin" "$rootfs$init_in_rootfs"
 	write_stamp agent "$agent_inputs"
-	log "builder-agent: installed $agent_version"
+	log "builder-agent: installed $agent_version (and builder-init)"
 fi
 
 # ---- 5. overlay and cleanup (cheap, every run) -----------------------------------------------

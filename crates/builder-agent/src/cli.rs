@@ -70,6 +70,9 @@ struct RunArgs {
     /// Keep the scratch directory after the build.
     #[arg(long)]
     keep_work: bool,
+    /// The static init injected into the rootfs (default: `builder-init` beside this binary).
+    #[arg(long, env = "BUILDER_INIT")]
+    init: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +87,20 @@ struct ConvertArgs {
     /// Free space left in the filesystem, in percent of its content.
     #[arg(long)]
     free_space_percent: Option<u32>,
+    /// The static init injected into the rootfs (default: `builder-init` beside this binary).
+    #[arg(long, env = "BUILDER_INIT", conflicts_with = "no_init")]
+    init: Option<PathBuf>,
+    /// Write the image's filesystem only, without the init that makes it bootable.
+    #[arg(long)]
+    no_init: bool,
+}
+
+/// `builder-init` in the directory of the running executable.
+pub fn default_init() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("builder-init")))
+        .unwrap_or_else(|| PathBuf::from("builder-init"))
 }
 
 /// Parses the command line, runs it, returns the process exit code.
@@ -148,6 +165,7 @@ fn run(args: RunArgs) -> i32 {
         },
         part_size: args.part_size_mib << 20,
         keep_work: args.keep_work,
+        init: args.init.unwrap_or_else(default_init),
     };
     let outcome = runtime().block_on(pipeline::run(&options));
     println!(
@@ -164,6 +182,9 @@ fn convert(args: ConvertArgs) -> i32 {
     }
     if let Some(percent) = args.free_space_percent {
         options.free_space_percent = percent;
+    }
+    if !args.no_init {
+        options.init = Some(args.init.unwrap_or_else(default_init));
     }
     match builder_rootfs::convert(&args.image, &args.output, &options) {
         Ok(report) => {
@@ -182,7 +203,11 @@ fn convert(args: ConvertArgs) -> i32 {
         }
         Err(e) => {
             eprintln!("error: {}", crate::error::chain(&e));
-            exit_code::INTERNAL_ERROR
+            if e.is_user_caused() {
+                exit_code::USER_ERROR
+            } else {
+                exit_code::INTERNAL_ERROR
+            }
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub part_size: u64,
     /// Keep the scratch directory (for debugging).
     pub keep_work: bool,
+    /// The static init injected into the rootfs, which makes it bootable.
+    pub init: PathBuf,
 }
 
 /// The report, and whether it reached the webhook.
@@ -369,7 +371,14 @@ async fn build(
         .phase(
             log,
             Phase::Convert,
-            convert(log, &archive, &rootfs_path, &config_path, scratch),
+            convert(
+                log,
+                &archive,
+                &rootfs_path,
+                &config_path,
+                scratch,
+                &options.init,
+            ),
         )
         .await?;
     let _ = std::fs::remove_file(&archive);
@@ -460,9 +469,11 @@ async fn convert(
     rootfs: &Path,
     config: &Path,
     scratch: &Path,
+    init: &Path,
 ) -> Result<ConvertReport, BuildError> {
     let options = ConvertOptions {
         work_dir: scratch.join("convert"),
+        init: Some(init.to_path_buf()),
         ..ConvertOptions::default()
     };
     let (archive, rootfs_owned) = (archive.to_path_buf(), rootfs.to_path_buf());
@@ -484,6 +495,8 @@ async fn convert(
     .map_err(|e| {
         if e.is_disk_full() {
             BuildError::disk_full(Phase::Convert, "writing the root filesystem")
+        } else if e.is_user_caused() {
+            BuildError::from_chain(Phase::Convert, ErrorClass::User, &e)
         } else {
             BuildError::from_chain(Phase::Convert, ErrorClass::Internal, &e)
         }

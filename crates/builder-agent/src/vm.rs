@@ -242,6 +242,7 @@ pub fn build() -> i32 {
         notify_retry: RetryPolicy::default(),
         part_size: crate::s3::DEFAULT_PART_SIZE,
         keep_work: false,
+        init: crate::cli::default_init(),
     };
     match &ready {
         Ok(()) => runtime.block_on(load_base_images()),

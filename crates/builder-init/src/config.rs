@@ -35,8 +35,12 @@ pub fn launch(config: &ImageConfig, hostname: &str) -> Result<Launch, String> {
     if argv.is_empty() {
         return Err("the image defines neither Entrypoint nor Cmd: nothing to run".into());
     }
-    let credentials = resolve_user(&config.user, "/etc/passwd", "/etc/group")?;
-    let mut env = config.env.clone();
+    let credentials = resolve_user(
+        config.user.as_deref().unwrap_or_default(),
+        "/etc/passwd",
+        "/etc/group",
+    )?;
+    let mut env = config.env().to_vec();
     let mut add_default = |name: &str, value: &str| {
         if config.env_value(name).is_none() {
             env.push(format!("{name}={value}"));
@@ -61,11 +65,11 @@ pub fn launch(config: &ImageConfig, hostname: &str) -> Result<Launch, String> {
             .iter()
             .map(|e| cstring(e, "the environment entry"))
             .collect::<Result<_, _>>()?,
-        cwd: if config.working_dir.is_empty() {
-            "/".into()
-        } else {
-            config.working_dir.clone()
-        },
+        cwd: config
+            .working_dir
+            .clone()
+            .filter(|dir| !dir.is_empty())
+            .unwrap_or_else(|| "/".into()),
         credentials,
     })
 }

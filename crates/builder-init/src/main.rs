@@ -19,8 +19,7 @@ mod user;
 use std::ffi::CString;
 use std::time::Duration;
 
-/// Where the converter installs the image config.
-pub const CONFIG_PATH: &str = "/.builder-vm/config.json";
+use builder_contract::image::CONFIG_PATH;
 
 fn console(message: &str) {
     eprintln!("builder-init: {message}");

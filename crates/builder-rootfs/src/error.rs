@@ -50,6 +50,12 @@ pub enum ConvertError {
         #[source]
         source: io::Error,
     },
+    /// The init to inject would not run in every image: it needs a dynamic loader.
+    #[error(
+        "the init {path} is not a statically linked x86-64 ELF executable ({reason}); build it \
+         with RUSTFLAGS=\"-C target-feature=+crt-static\" --target x86_64-unknown-linux-gnu"
+    )]
+    InitNotStatic { path: PathBuf, reason: String },
     /// `mkfs.ext4` could not be started or failed.
     #[error("mkfs.ext4 failed on {path}: {detail}")]
     Mkfs {
@@ -146,6 +152,7 @@ impl ConvertError {
             | ConvertError::InvalidMetadata { .. }
             | ConvertError::CorruptLayer { .. }
             | ConvertError::Io { .. }
+            | ConvertError::InitNotStatic { .. }
             | ConvertError::Mkfs { .. }
             | ConvertError::Ext4Layout { .. } => false,
         }

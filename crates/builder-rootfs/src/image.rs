@@ -2,9 +2,8 @@
 //! (Docker 20.10: `manifest.json`) or an OCI image layout archive (`index.json` → manifest),
 //! and extracts the runtime part of the image config.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use builder_contract::ImageConfig;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::archive::ArchiveIndex;
@@ -14,27 +13,6 @@ use crate::error::ConvertError;
 const MAX_METADATA_BYTES: u64 = 16 << 20;
 /// How many nested OCI indexes are followed.
 const MAX_INDEX_DEPTH: usize = 4;
-
-/// What the image says about how to run it: the fields the init of the microVM needs.
-///
-/// Deserialized from the `config` object of an image config, which has more fields than these
-/// (Labels, Volumes, Healthcheck, ...), so unknown fields are ignored here on purpose.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ImageConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub working_dir: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
-}
 
 /// The parts of an image that the conversion needs.
 pub(crate) struct Image {

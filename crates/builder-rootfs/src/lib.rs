@@ -26,13 +26,13 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+pub use builder_contract::ImageConfig;
 pub use error::{ConvertError, EntryProblem};
-pub use image::ImageConfig;
 
 use archive::{ArchiveIndex, Span, Window};
 use error::io_err;
 use image::Image;
-use tree::{LayerInput, Limits, Tree};
+use tree::{Content, LayerInput, Limits, Tree};
 
 /// How to convert.
 #[derive(Debug, Clone)]
@@ -48,7 +48,12 @@ pub struct ConvertOptions {
     pub max_entries: u64,
     /// Most bytes a compressed layer may inflate to.
     pub max_layer_bytes: u64,
+    /// The static init to make the rootfs bootable: installed as [`INIT_PATH`], with the image
+    /// config beside it as [`CONFIG_PATH`]; the VM then boots with `init=/.builder-vm/init`.
+    pub init: Option<PathBuf>,
 }
+
+pub use builder_contract::image::{CONFIG_PATH, INIT_PATH};
 
 impl Default for ConvertOptions {
     fn default() -> Self {
@@ -58,6 +63,7 @@ impl Default for ConvertOptions {
             min_free_bytes: 64 << 20,
             max_entries: 10_000_000,
             max_layer_bytes: 256 << 30,
+            init: None,
         }
     }
 }
@@ -145,6 +151,44 @@ fn convert_inner(
         })?;
     }
     tree.add_mount_points();
+    // The init and its config are two more sources of file content, like the layers.
+    let mut injected: Vec<(&[u8], u32, File, u64)> = Vec::new();
+    if let Some(init) = &options.init {
+        let config_path = work.path().join("config.json");
+        let config = serde_json::to_vec_pretty(&image.config).expect("a config always serializes");
+        std::fs::write(&config_path, &config).map_err(io_err("write", &config_path))?;
+        check_static_elf(init)?;
+        for (name, mode, path) in [
+            (&b"init"[..], 0o755, init.as_path()),
+            (&b"config.json"[..], 0o644, config_path.as_path()),
+        ] {
+            let file = File::open(path).map_err(io_err("open", path))?;
+            let len = file.metadata().map_err(io_err("stat", path))?.len();
+            injected.push((name, mode, file, len));
+        }
+    }
+    if !injected.is_empty() {
+        let files: Vec<(&[u8], u32, Content)> = injected
+            .iter()
+            .enumerate()
+            .map(|(i, (name, mode, _, len))| {
+                let source = sources.len() + i;
+                (
+                    *name,
+                    *mode,
+                    Content {
+                        source,
+                        span: Span {
+                            offset: 0,
+                            len: *len,
+                        },
+                    },
+                )
+            })
+            .collect();
+        tree.inject(b".builder-vm", &files);
+        sources.extend(injected.iter().map(|(_, _, file, _)| file));
+    }
     tracing::debug!(
         layers = layers.len(),
         nodes = tree.nodes.len(),
@@ -171,6 +215,50 @@ fn convert_inner(
         sha256,
         entries: usage.entries,
     })
+}
+
+/// Refuses an init that has a program interpreter (`PT_INTERP`): in a scratch or Alpine image
+/// there is no glibc loader to run it.
+fn check_static_elf(path: &Path) -> Result<(), ConvertError> {
+    const PT_INTERP: u32 = 3;
+    let bytes = std::fs::read(path).map_err(io_err("read", path))?;
+    let fail = |reason: &str| ConvertError::InitNotStatic {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let u16_at = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let u64_at = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    // e_ident: magic, ELFCLASS64, little endian; e_machine: x86-64.
+    if bytes.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) || u16_at(18) != Some(62) {
+        return Err(fail("not a 64-bit little-endian x86-64 ELF file"));
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+        return Err(fail("truncated ELF header"));
+    };
+    for i in 0..usize::from(phnum) {
+        let at = usize::try_from(phoff)
+            .unwrap_or(usize::MAX)
+            .saturating_add(i * usize::from(phentsize));
+        match u32_at(at) {
+            Some(PT_INTERP) => return Err(fail("it has a program interpreter")),
+            Some(_) => {}
+            None => return Err(fail("truncated program headers")),
+        }
+    }
+    Ok(())
 }
 
 enum Compression {
@@ -229,4 +317,20 @@ fn inflate(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_init_that_needs_a_dynamic_loader_is_refused() {
+        let err = check_static_elf(Path::new("/bin/sh")).unwrap_err();
+        assert!(err.to_string().contains("program interpreter"), "{err}");
+        assert!(!err.is_user_caused());
+        let text = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
+        let err = check_static_elf(text.path()).unwrap_err();
+        assert!(err.to_string().contains("not a 64-bit"), "{err}");
+    }
 }

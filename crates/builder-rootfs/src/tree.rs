@@ -142,6 +142,33 @@ impl Tree {
     }
 
     /// Applies one layer tar on top of the tree.
+    /// Puts a directory of our own at `/<dir>`, holding `files` (name, mode, content), owned by
+    /// root. Whatever the image had at that name is replaced, as a later layer would replace
+    /// it, so an image cannot redirect the injection with a planted symlink.
+    pub fn inject(&mut self, dir: &[u8], files: &[(&[u8], u32, Content)]) {
+        let meta = |mode| Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: DEFAULT_MTIME,
+            xattrs: Vec::new(),
+        };
+        let mut children = BTreeMap::new();
+        for &(name, mode, content) in files {
+            self.nodes.push(Node {
+                kind: Kind::File(content),
+                meta: meta(mode),
+            });
+            children.insert(name.to_vec(), self.nodes.len() - 1);
+        }
+        self.nodes.push(Node {
+            kind: Kind::Dir(children),
+            meta: meta(0o755),
+        });
+        let id = self.nodes.len() - 1;
+        self.children_mut(ROOT).insert(dir.to_vec(), id);
+    }
+
     pub fn apply_layer(&mut self, layer: &LayerInput<'_>) -> Result<(), ConvertError> {
         let corrupt = |source| ConvertError::CorruptLayer {
             layer: layer.name.to_owned(),

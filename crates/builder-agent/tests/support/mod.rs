@@ -268,7 +268,8 @@ impl Scratch {
             .arg(&out_dir)
             .arg("--log-file")
             .arg(&log_file)
-            .env("DOCKER_HOST", env("DOCKER_HOST"));
+            .env("DOCKER_HOST", env("DOCKER_HOST"))
+            .env("BUILDER_INIT", env("BUILDER_INIT"));
         if !extra.contains(&"--work-dir") {
             cmd.arg("--work-dir").arg(self.path().join("work"));
         }
