@@ -38,14 +38,15 @@ rm -rf "$repo"
 git clone -q --bare "$scratch/src" "$repo"
 echo "== example repository: $BUILDER_TEST_GIT_URL/hello.git at $(git -C "$repo" rev-parse main)"
 
-echo "== cargo build --release -p builder-agent"
-cargo build --release --locked -p builder-agent
+echo "== cargo build (static builder-agent and builder-init, the init injected into the rootfs)"
+source scripts/lib/static-binaries.sh
+build_static_binaries
 
 rm -rf "$out"
 mkdir -p "$out"
 echo "== builder-agent run"
 status=0
-target/release/builder-agent run \
+"$STATIC_BIN_DIR/builder-agent" run \
 	--params "repo_url=$BUILDER_TEST_GIT_URL/hello.git commit_sha=main build_id=$build_id" \
 	--out-dir ./out --work-dir "$scratch/work" --log-file "./$out/build.log" \
 	>"$out/report.json" || status=$?
@@ -63,5 +64,7 @@ echo "== debugfs -R 'ls -l /app' $out/rootfs.ext4"
 debugfs -R 'ls -l /app' "$out/rootfs.ext4" 2>/dev/null
 echo "== debugfs -R 'cat /app/motd.txt' $out/rootfs.ext4"
 debugfs -R 'cat /app/motd.txt' "$out/rootfs.ext4" 2>/dev/null
+echo "== debugfs -R 'ls -l /.builder-vm' $out/rootfs.ext4 (what makes it bootable: init=/.builder-vm/init)"
+debugfs -R 'ls -l /.builder-vm' "$out/rootfs.ext4" 2>/dev/null
 echo
 echo "Mount it read-only to look around: mount -o loop,ro $out/rootfs.ext4 /mnt"

@@ -31,6 +31,12 @@ for bin in firecracker jailer; do
 	var=${bin^^}_BIN
 	if [[ -z ${!var:-} && -x ../shared/bin/$bin ]]; then export "$var=$(realpath "../shared/bin/$bin")"; fi
 done
+# The static init the converter injects (the debug builder-init is dynamically linked).
+source scripts/lib/static-binaries.sh
+build_static_binaries
+export BUILDER_INIT=$STATIC_BIN_DIR/builder-init
+# This machine's /dev/kvm is nested and crawls: VM tests run QEMU under TCG unless told otherwise.
+export BUILDER_VMM_ACCEL=${BUILDER_VMM_ACCEL:-tcg}
 setup_time=$((SECONDS - started)) started=$SECONDS
 
 echo "== cargo build --workspace --all-targets"
