@@ -39,83 +39,47 @@ fn console(message: &str) {
     eprintln!("builder-agent: {message}");
 }
 
-fn mount(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> Result<(), String> {
-    std::fs::create_dir_all(target).map_err(|e| format!("cannot create {target}: {e}"))?;
-    let c = |s: &str| CString::new(s).expect("mount arguments have no NUL");
-    let (source_c, target_c, fstype_c, data_c) = (c(source), c(target), c(fstype), c(data));
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source_c.as_ptr(),
-            target_c.as_ptr(),
-            fstype_c.as_ptr(),
-            flags,
-            if data.is_empty() {
-                std::ptr::null()
-            } else {
-                data_c.as_ptr().cast()
-            },
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EBUSY) {
-            return Ok(());
-        }
-        return Err(format!(
-            "cannot mount {source} ({fstype}) on {target}: {err}"
-        ));
-    }
-    Ok(())
-}
-
 fn bind(source: &str, target: &str) -> Result<(), String> {
     std::fs::create_dir_all(source).map_err(|e| format!("cannot create {source}: {e}"))?;
-    mount(source, target, "", libc::MS_BIND, "")
+    builder_guest::mount(source, target, "", libc::MS_BIND, "")
 }
 
 /// Mounts everything the build needs. Runs in pid 1.
 fn prepare_filesystems() -> Result<(), String> {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount("proc", "/proc", "proc", nosuid, "")?;
-    mount("sysfs", "/sys", "sysfs", nosuid, "")?;
-    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
-    mount(
+    builder_guest::mount("proc", "/proc", "proc", nosuid, "")?;
+    builder_guest::mount("sysfs", "/sys", "sysfs", nosuid, "")?;
+    builder_guest::mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    builder_guest::mount(
         "devpts",
         "/dev/pts",
         "devpts",
         libc::MS_NOSUID | libc::MS_NOEXEC,
         "gid=5,mode=620,ptmxmode=666",
     )?;
-    mount(
+    builder_guest::mount(
         "tmpfs",
         "/dev/shm",
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=1777",
     )?;
-    mount(
+    builder_guest::mount(
         "tmpfs",
         "/run",
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=0755",
     )?;
-    mount(
+    builder_guest::mount(
         "tmpfs",
         "/tmp",
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=1777",
     )?;
-    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, "")?;
-    mount(SCRATCH_DEVICE, SCRATCH_MOUNT, "ext4", libc::MS_NOATIME, "")?;
+    builder_guest::mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, "")?;
+    builder_guest::mount(SCRATCH_DEVICE, SCRATCH_MOUNT, "ext4", libc::MS_NOATIME, "")?;
     for (dir, target) in [
         ("docker", "/var/lib/docker"),
         ("containerd", "/var/lib/containerd"),
@@ -125,7 +89,7 @@ fn prepare_filesystems() -> Result<(), String> {
         bind(&format!("{SCRATCH_MOUNT}/{dir}"), target)?;
     }
     if Path::new(CONFIG_DEVICE).exists() {
-        mount(
+        builder_guest::mount(
             CONFIG_DEVICE,
             CONFIG_MOUNT,
             "ext4",
@@ -204,14 +168,7 @@ fn power_off() -> ! {
         // SAFETY: valid path pointer.
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
-    // reboot(2) does not return for pid 1; if it did, there is nothing left to do.
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    builder_guest::reboot()
 }
 
 /// The build child: start dockerd, run the pipeline, stop dockerd. Returns the exit code.

@@ -16,7 +16,6 @@ mod net;
 mod process;
 mod user;
 
-use std::ffi::CString;
 use std::time::Duration;
 
 use builder_contract::image::CONFIG_PATH;
@@ -25,28 +24,10 @@ fn console(message: &str) {
     eprintln!("builder-init: {message}");
 }
 
-/// Mounts a filesystem, creating the mount point; an already-mounted target is fine.
+/// Mounts a filesystem; a failure is reported and init goes on (the app may not need it).
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
-    let _ = std::fs::create_dir_all(target);
-    let c = |s: &str| CString::new(s).expect("mount arguments have no NUL");
-    let (source_c, target_c, fstype_c, data_c) = (c(source), c(target), c(fstype), c(data));
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source_c.as_ptr(),
-            target_c.as_ptr(),
-            fstype_c.as_ptr(),
-            flags,
-            data_c.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EBUSY) {
-            console(&format!(
-                "warning: cannot mount {fstype} on {target}: {err}"
-            ));
-        }
+    if let Err(e) = builder_guest::mount(source, target, fstype, flags, data) {
+        console(&format!("warning: {e}"));
     }
 }
 
@@ -114,12 +95,5 @@ fn main() {
         std::process::exit(code);
     }
     process::terminate_all(Duration::from_secs(2));
-    // SAFETY: plain syscalls; data reaches the disk before the VM goes away.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    builder_guest::reboot()
 }

@@ -58,6 +58,20 @@ pub(crate) struct Meta {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Meta {
+    /// What the converter gives an entry no layer describes: owned by root, no xattrs,
+    /// [`DEFAULT_MTIME`].
+    fn synthetic(mode: u32) -> Self {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: DEFAULT_MTIME,
+            xattrs: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Node {
     pub kind: Kind,
@@ -90,13 +104,7 @@ impl Tree {
     pub fn new(limits: Limits) -> Self {
         let root = Node {
             kind: Kind::Dir(BTreeMap::new()),
-            meta: Meta {
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: DEFAULT_MTIME,
-                xattrs: Vec::new(),
-            },
+            meta: Meta::synthetic(0o755),
         };
         Tree {
             nodes: vec![root],
@@ -127,13 +135,7 @@ impl Tree {
             if self.children(ROOT).is_some_and(|c| !c.contains_key(*name)) {
                 self.nodes.push(Node {
                     kind: Kind::Dir(BTreeMap::new()),
-                    meta: Meta {
-                        mode: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        mtime: DEFAULT_MTIME,
-                        xattrs: Vec::new(),
-                    },
+                    meta: Meta::synthetic(0o755),
                 });
                 let id = self.nodes.len() - 1;
                 self.children_mut(ROOT).insert(name.to_vec(), id);
@@ -146,24 +148,17 @@ impl Tree {
     /// root. Whatever the image had at that name is replaced, as a later layer would replace
     /// it, so an image cannot redirect the injection with a planted symlink.
     pub fn inject(&mut self, dir: &[u8], files: &[(&[u8], u32, Content)]) {
-        let meta = |mode| Meta {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: DEFAULT_MTIME,
-            xattrs: Vec::new(),
-        };
         let mut children = BTreeMap::new();
         for &(name, mode, content) in files {
             self.nodes.push(Node {
                 kind: Kind::File(content),
-                meta: meta(mode),
+                meta: Meta::synthetic(mode),
             });
             children.insert(name.to_vec(), self.nodes.len() - 1);
         }
         self.nodes.push(Node {
             kind: Kind::Dir(children),
-            meta: meta(0o755),
+            meta: Meta::synthetic(0o755),
         });
         let id = self.nodes.len() - 1;
         self.children_mut(ROOT).insert(dir.to_vec(), id);
@@ -327,13 +322,7 @@ impl Tree {
                 None => {
                     self.nodes.push(Node {
                         kind: Kind::Dir(BTreeMap::new()),
-                        meta: Meta {
-                            mode: 0o755,
-                            uid: 0,
-                            gid: 0,
-                            mtime: DEFAULT_MTIME,
-                            xattrs: Vec::new(),
-                        },
+                        meta: Meta::synthetic(0o755),
                     });
                     let id = self.nodes.len() - 1;
                     self.children_mut(current).insert(component.to_vec(), id);
