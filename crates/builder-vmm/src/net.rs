@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::cleanup::CleanupStack;
 use crate::host::{Host, HostCommand, HostError};
 
-/// Prefix of every host-side veth name (`bvh-<slot>`).
+/// Prefix of every host-side veth name (`bvh-<hex of its address>`: unique on the host even
+/// when several node agents with their own address ranges share it).
 pub const HOST_VETH_PREFIX: &str = "bvh-";
 /// Name of the veth end inside the namespace.
 pub const NS_VETH: &str = "veth0";
@@ -269,10 +270,11 @@ impl NetworkPlan {
         spec: NetworkSpec,
         tap_owner: Option<u32>,
     ) -> Result<Self, NetError> {
+        let addresses = pool.addresses(spec.slot)?;
         Ok(NetworkPlan {
             tag: tag.to_string(),
-            host_veth: format!("{HOST_VETH_PREFIX}{}", spec.slot),
-            addresses: pool.addresses(spec.slot)?,
+            host_veth: format!("{HOST_VETH_PREFIX}{:08x}", u32::from(addresses.host_veth)),
+            addresses,
             pool,
             spec,
             tap_owner,
@@ -596,11 +598,11 @@ pub(crate) mod tests {
         assert_eq!(calls[0], "ip netns add bvm-a");
         assert_eq!(
             calls[1],
-            "ip link add bvh-1 type veth peer name veth0 netns bvm-a"
+            "ip link add bvh-0ac80009 type veth peer name veth0 netns bvm-a"
         );
         assert_eq!(
             calls[2],
-            "ip -batch - <stdin>\nlink set dev bvh-1 alias bvm-a up\naddr add 10.200.0.9/30 dev bvh-1\n"
+            "ip -batch - <stdin>\nlink set dev bvh-0ac80009 alias bvm-a up\naddr add 10.200.0.9/30 dev bvh-0ac80009\n"
         );
         assert!(calls[3].starts_with("ip -n bvm-a -batch - <stdin>\n"));
         assert!(calls[3].contains("\ntuntap add dev tap0 mode tap user 10000\n"));
@@ -609,14 +611,14 @@ pub(crate) mod tests {
         assert_eq!(
             calls[7],
             "iptables-restore -w --noflush <stdin>\n*filter\n\
-             -I FORWARD -i bvh-1 -m comment --comment bvm-a -j ACCEPT\n\
-             -I FORWARD -o bvh-1 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
+             -I FORWARD -i bvh-0ac80009 -m comment --comment bvm-a -j ACCEPT\n\
+             -I FORWARD -o bvh-0ac80009 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
              --comment bvm-a -j ACCEPT\n\
-             -I INPUT -i bvh-1 -m comment --comment bvm-a -j DROP\n\
-             -I INPUT -i bvh-1 -d 10.200.0.9/32 -p tcp --dport 8080 -m comment --comment bvm-a \
+             -I INPUT -i bvh-0ac80009 -m comment --comment bvm-a -j DROP\n\
+             -I INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 -m comment --comment bvm-a \
              -j ACCEPT\n\
              COMMIT\n*nat\n\
-             -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-1 -m comment --comment bvm-a -j MASQUERADE\n\
+             -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-0ac80009 -m comment --comment bvm-a -j MASQUERADE\n\
              COMMIT\n"
         );
         // netns, veth, host rules.
@@ -632,9 +634,9 @@ pub(crate) mod tests {
                 plan.host_rules(false)
             )
         );
-        assert!(undone[0].contains("-D INPUT -i bvh-1 -d 10.200.0.9/32 -p tcp --dport 8080"));
+        assert!(undone[0].contains("-D INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080"));
         assert!(undone[0].contains("-D POSTROUTING -s 10.200.0.10/32"));
-        assert_eq!(undone[1], "ip link delete bvh-1");
+        assert_eq!(undone[1], "ip link delete bvh-0ac80009");
         assert_eq!(undone[2], "ip netns delete bvm-a");
     }
 
