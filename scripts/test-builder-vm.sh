@@ -95,6 +95,12 @@ on_exit() {
 	local status=$? i
 	set +e
 	for ((i = ${#undo[@]} - 1; i >= 0; i--)); do eval "${undo[i]}"; done
+	# The script's own namespace, link and services must be gone too.
+	if ip netns list | grep -qw "^$ns" || ip link show "$host_link" >/dev/null 2>&1 ||
+		pgrep -f -- "$work/" >/dev/null; then
+		echo "test-builder-vm: FAILED: teardown left $ns, $host_link or a process under $work" >&2
+		((status != 0)) || status=1
+	fi
 	if [[ ${KEEP_WORK:-} == 1 || $status -ne 0 ]]; then
 		echo "test-builder-vm: work dir kept: $work" >&2
 	else
@@ -122,6 +128,7 @@ spawn() {
 	# shellcheck disable=SC2016
 	setsid bash -c 'echo $$ >"$0"; exec "$@"' "$work/$name.pid" "$@" \
 		</dev/null >>"$work/$name.log" 2>&1 &
+	disown $! # no job notice when the group is stopped
 	until [[ -s $work/$name.pid ]]; do sleep 0.05; done
 	undo+=("stop_group $work/$name.pid")
 }
@@ -297,13 +304,13 @@ echo "phases (from the report):"
 jq -r '.phases[] | "  \(.phase | . + " " * (10 - length)) \(.duration_ms / 1000) s"' "$report"
 jq -r '"  total      \(.duration_ms / 1000) s (agent start to report)"' "$report"
 if [[ -f $console_log ]]; then
-	echo "boot (from the console, agent start):"
-	grep -o 'builder-agent: filesystems ready in [0-9]* ms\|builder-agent: dockerd ready in [0-9]* ms\|builder-agent: exit=[0-9]*' \
+	echo "boot (from the console: kernel clock at init, then the agent's own clock):"
+	grep -o '\[ *[0-9.]*\] Run [^ ]* as init process\|builder-agent: filesystems ready in [0-9]* ms\|builder-agent: dockerd ready in [0-9]* ms\|builder-agent: exit=[0-9]*' \
 		"$console_log" | sed 's/^/  /' || true
 else
 	fail "no console log at $console_log"
 fi
-jq -r '"VMM exit: \(.vmm_exit_code // "none")   state: \(.state)   webhook: \(.webhook.state // "-")"' \
+jq -r '"node agent: state \(.state), admission \(.timings.admission_ms // "-") ms, duration \(.timings.duration_ms // "-") ms, VMM start to end \((.timings.finished_at_ms // 0) - (.timings.vm_started_at_ms // 0)) ms, VMM exit \(.vmm_exit_code // "-"), webhook \(.webhook.state // "-")"' \
 	"$work/build.json" 2>/dev/null || true
 
 # The VM shut itself down: the agent printed its exit marker and the VMM exited on its own.
