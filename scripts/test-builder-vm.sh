@@ -322,7 +322,7 @@ grep -q 'builder-agent: exit=' "$console_log" ||
 status=$(jq -r .status "$report")
 if $expect_user_error; then
 	class=$(jq -r '.error.class // "-"' "$report")
-	jq -r '"error: \(.error.class) in \(.error.phase): \(.error.message)"' "$report"
+	jq -r '.error // empty | "error: \(.class) in \(.phase): \(.message)"' "$report"
 	[[ $status == failed && $class == user ]] ||
 		fail "expected a user error, got status $status class $class"
 	[[ $submit_status -eq 1 ]] || fail "node-agent submit exited $submit_status, not 1 (user error)"
@@ -358,7 +358,8 @@ for pid in $(pgrep -f "qemu-system|firecracker" || true); do
 	grep -q -- "$work/" "/proc/$pid/cmdline" 2>/dev/null && leftovers+=("process $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline"))")
 done
 for dir in "$work/node/vms" "$work/node/jail"; do
-	[[ -d $dir ]] && [[ -n $(ls -A "$dir") ]] && leftovers+=("files in $dir: $(ls -A "$dir" | tr '\n' ' ')")
+	left=$(find "$dir" -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null || true)
+	[[ -z $left ]] || leftovers+=("files in $dir: $left")
 done
 mark "leftover check" "$t"
 if ((${#leftovers[@]})); then
@@ -370,5 +371,9 @@ echo "  none: no netns $node_tag*, no address in $vm_network, no tagged iptables
 mark "whole run" "$t_start"
 say "wall times"
 printf '  %s\n' "${timings[@]}"
-echo "console log: $console_log (removed with the work dir; KEEP_WORK=1 keeps it)"
+if [[ ${KEEP_WORK:-} == 1 ]]; then
+	echo "console log: $console_log"
+else
+	echo "console log: $console_log (removed with the work dir; KEEP_WORK=1 keeps it)"
+fi
 echo "test-builder-vm: OK"
