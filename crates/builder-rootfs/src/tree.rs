@@ -133,12 +133,7 @@ impl Tree {
     pub fn add_mount_points(&mut self) {
         for name in MOUNT_POINTS {
             if self.children(ROOT).is_some_and(|c| !c.contains_key(*name)) {
-                self.nodes.push(Node {
-                    kind: Kind::Dir(BTreeMap::new()),
-                    meta: Meta::synthetic(0o755),
-                });
-                let id = self.nodes.len() - 1;
-                self.children_mut(ROOT).insert(name.to_vec(), id);
+                self.add_synthetic_dir(ROOT, name);
             }
         }
     }
@@ -288,6 +283,32 @@ impl Tree {
         }
     }
 
+    /// `node`, reached through `path`, if it can be a parent: a real directory, not a symlink
+    /// to one (that could lead anywhere) nor any other kind of entry.
+    fn as_parent(&self, node: NodeId, path: &[&[u8]]) -> Result<NodeId, EntryProblem> {
+        match &self.nodes[node].kind {
+            Kind::Dir(_) => Ok(node),
+            Kind::Symlink(_) => Err(EntryProblem::ThroughSymlink {
+                symlink: lossy(&path.join(&b'/')),
+            }),
+            _ => Err(EntryProblem::ThroughNonDirectory {
+                component: lossy(&path.join(&b'/')),
+            }),
+        }
+    }
+
+    /// Adds an empty root-owned 0755 directory `name` under `parent`, as Docker creates a
+    /// parent no entry describes.
+    fn add_synthetic_dir(&mut self, parent: NodeId, name: &[u8]) -> NodeId {
+        self.nodes.push(Node {
+            kind: Kind::Dir(BTreeMap::new()),
+            meta: Meta::synthetic(0o755),
+        });
+        let id = self.nodes.len() - 1;
+        self.children_mut(parent).insert(name.to_vec(), id);
+        id
+    }
+
     /// Walks `components` from the root; each must be an existing real directory.
     /// `Ok(None)` when one is missing.
     fn lookup_dir(&self, components: &[&[u8]]) -> Result<Option<NodeId>, EntryProblem> {
@@ -296,19 +317,7 @@ impl Tree {
             let Some(&child) = self.children(current).and_then(|c| c.get(*component)) else {
                 return Ok(None);
             };
-            match &self.nodes[child].kind {
-                Kind::Dir(_) => current = child,
-                Kind::Symlink(_) => {
-                    return Err(EntryProblem::ThroughSymlink {
-                        symlink: lossy(&components[..=i].join(&b'/')),
-                    })
-                }
-                _ => {
-                    return Err(EntryProblem::ThroughNonDirectory {
-                        component: lossy(&components[..=i].join(&b'/')),
-                    })
-                }
-            }
+            current = self.as_parent(child, &components[..=i])?;
         }
         Ok(Some(current))
     }
@@ -319,29 +328,9 @@ impl Tree {
         for (i, component) in components.iter().enumerate() {
             let child = match self.children(current).and_then(|c| c.get(*component)) {
                 Some(&child) => child,
-                None => {
-                    self.nodes.push(Node {
-                        kind: Kind::Dir(BTreeMap::new()),
-                        meta: Meta::synthetic(0o755),
-                    });
-                    let id = self.nodes.len() - 1;
-                    self.children_mut(current).insert(component.to_vec(), id);
-                    id
-                }
+                None => self.add_synthetic_dir(current, component),
             };
-            match &self.nodes[child].kind {
-                Kind::Dir(_) => current = child,
-                Kind::Symlink(_) => {
-                    return Err(EntryProblem::ThroughSymlink {
-                        symlink: lossy(&components[..=i].join(&b'/')),
-                    })
-                }
-                _ => {
-                    return Err(EntryProblem::ThroughNonDirectory {
-                        component: lossy(&components[..=i].join(&b'/')),
-                    })
-                }
-            }
+            current = self.as_parent(child, &components[..=i])?;
         }
         Ok(current)
     }
