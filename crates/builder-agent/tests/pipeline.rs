@@ -60,12 +60,8 @@ fn simple_dockerfile_becomes_a_rootfs_and_a_signed_webhook() {
     let commit = repo.commit("first");
     let hook = Receiver::start();
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), None);
     let id = unique("simple");
-    let run = scratch.run(
-        &params(&repo, "main", &id, &format!("notify_url={}", hook.url)),
-        &["--secrets", secrets.to_str().unwrap()],
-    );
+    let run = scratch.run_notifying(&params(&repo, "main", &id, ""), &hook.url, None, &[]);
     assert_eq!(run.code, 0, "{}", run.log);
     let rootfs = run.rootfs(&id);
     assert_eq!(
@@ -142,23 +138,19 @@ fn upload_lands_in_s3_with_metadata_and_matching_sha256() {
     let commit = repo.commit("first");
     let hook = Receiver::start();
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), None);
     let id = unique("upload");
     let bucket = env("BUILDER_TEST_S3_BUCKET");
     let key = format!("rootfs/{id}.ext4");
-    let run = scratch.run(
+    let run = scratch.run_notifying(
         &params(
             &repo,
             &commit,
             &id,
-            &format!("s3_bucket={bucket} s3_key={key} notify_url={}", hook.url),
+            &format!("s3_bucket={bucket} s3_key={key}"),
         ),
-        &[
-            "--secrets",
-            secrets.to_str().unwrap(),
-            "--part-size-mib",
-            "5",
-        ],
+        &hook.url,
+        None,
+        &["--part-size-mib", "5"],
     );
     assert_eq!(run.code, 0, "{}", run.log);
     let report = hook.only_report();
@@ -293,15 +285,11 @@ fn failing_run_step_is_a_user_error_and_is_reported() {
     repo.commit("first");
     let hook = Receiver::start();
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), None);
-    let run = scratch.run(
-        &params(
-            &repo,
-            "main",
-            &unique("failrun"),
-            &format!("notify_url={}", hook.url),
-        ),
-        &["--secrets", secrets.to_str().unwrap()],
+    let run = scratch.run_notifying(
+        &params(&repo, "main", &unique("failrun"), ""),
+        &hook.url,
+        None,
+        &[],
     );
     assert_failed(
         &run,
@@ -350,16 +338,16 @@ fn missing_commit_and_missing_dockerfile_are_user_errors() {
 fn bad_params_name_the_key_upload_nothing_and_still_notify() {
     let hook = Receiver::start();
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), None);
     let bucket = env("BUILDER_TEST_S3_BUCKET");
     let id = unique("badparams");
     let key = format!("rootfs/{id}.ext4");
-    let run = scratch.run(
+    let run = scratch.run_notifying(
         &format!(
-            "build_id={id} repo_url=ftp://example/x commit_sha=main s3_bucket={bucket} s3_key={key} notify_url={}",
-            hook.url
+            "build_id={id} repo_url=ftp://example/x commit_sha=main s3_bucket={bucket} s3_key={key}"
         ),
-        &["--secrets", secrets.to_str().unwrap()],
+        &hook.url,
+        None,
+        &[],
     );
     assert_failed(&run, ErrorClass::User, Phase::Params, "invalid `repo_url`");
     assert_eq!(s3_get(&bucket, &key).0, 404);
@@ -380,16 +368,17 @@ fn s3_down_is_an_internal_error_and_the_webhook_is_still_sent() {
     repo.commit("first");
     let hook = Receiver::start();
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), Some(&closed_port_url("")));
     let id = unique("s3down");
-    let run = scratch.run(
+    let run = scratch.run_notifying(
         &params(
             &repo,
             "main",
             &id,
-            &format!("s3_bucket=builds s3_key=k/{id} notify_url={}", hook.url),
+            &format!("s3_bucket=builds s3_key=k/{id}"),
         ),
-        &["--secrets", secrets.to_str().unwrap()],
+        &hook.url,
+        Some(&closed_port_url("")),
+        &[],
     );
     assert_failed(
         &run,
@@ -408,20 +397,11 @@ fn webhook_receiver_down_is_retried_then_given_up() {
     repo.write("Dockerfile", &format!("FROM {}\n", base()));
     repo.commit("first");
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), None);
-    let run = scratch.run(
-        &params(
-            &repo,
-            "main",
-            &unique("hookdown"),
-            &format!("notify_url={}", closed_port_url("/hook")),
-        ),
-        &[
-            "--secrets",
-            secrets.to_str().unwrap(),
-            "--notify-attempts",
-            "3",
-        ],
+    let run = scratch.run_notifying(
+        &params(&repo, "main", &unique("hookdown"), ""),
+        &closed_port_url("/hook"),
+        None,
+        &["--notify-attempts", "3"],
     );
     assert_eq!(run.report.status, BuildStatus::Succeeded);
     assert_eq!(
@@ -451,12 +431,8 @@ fn secrets_stay_out_of_the_log_and_the_image() {
     repo.commit("first");
     let hook = Receiver::start();
     let scratch = Scratch::new();
-    let secrets = secrets_file(scratch.path(), None);
     let id = unique("secrets");
-    let run = scratch.run(
-        &params(&repo, "main", &id, &format!("notify_url={}", hook.url)),
-        &["--secrets", secrets.to_str().unwrap()],
-    );
+    let run = scratch.run_notifying(&params(&repo, "main", &id, ""), &hook.url, None, &[]);
     assert_eq!(run.code, 0, "{}", run.log);
     assert!(
         run.log.contains("PATH="),

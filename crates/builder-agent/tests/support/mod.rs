@@ -258,6 +258,21 @@ impl Scratch {
         self.dir.path()
     }
 
+    /// Runs the agent with a secrets file for `s3_endpoint` (default: the test S3) and
+    /// `notify_url=<hook_url>` added to `params`.
+    pub fn run_notifying(
+        &self,
+        params: &str,
+        hook_url: &str,
+        s3_endpoint: Option<&str>,
+        extra: &[&str],
+    ) -> Run {
+        let secrets = secrets_file(self.path(), s3_endpoint);
+        let mut args = vec!["--secrets", secrets.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.run(&format!("{params} notify_url={hook_url}"), &args)
+    }
+
     /// Runs the agent with `params` and extra flags; the work dir defaults to `<scratch>/work`.
     pub fn run(&self, params: &str, extra: &[&str]) -> Run {
         let out_dir = self.path().join("out");
