@@ -222,12 +222,7 @@ else
 fi
 agent_bin=$bin_dir/builder-agent
 init_bin=$bin_dir/builder-init
-for bin in "$agent_bin" "$init_bin"; do
-	[ -x "$bin" ] || die "the binary $bin does not exist"
-	if readelf -l "$bin" | grep -q 'program interpreter'; then
-		die "$bin is dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static'"
-	fi
-done
+check_static_binaries "$bin_dir" || die "$bin_dir cannot go into the builder VM"
 agent_version=$("$agent_bin" --version) || die "'$agent_bin --version' failed"
 agent_inputs=$(cat "$agent_bin" "$init_bin" | sha256sum | cut -d' ' -f1)
 init_in_rootfs=$(dirname "$agent_in_rootfs")/builder-init

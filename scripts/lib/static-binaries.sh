@@ -14,10 +14,19 @@ build_static_binaries() {
 	(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
 		cargo build --release --locked -p builder-agent -p builder-init --target "$STATIC_TARGET" >&2)
 	STATIC_BIN_DIR=$repo/target/$STATIC_TARGET/release
-	local bin
+	check_static_binaries "$STATIC_BIN_DIR"
+}
+
+# Fails unless DIR holds both binaries, executable and without a program interpreter.
+check_static_binaries() {
+	local dir=$1 bin
 	for bin in builder-agent builder-init; do
-		if readelf -l "$STATIC_BIN_DIR/$bin" | grep -q 'program interpreter'; then
-			echo "error: $STATIC_BIN_DIR/$bin is dynamically linked" >&2
+		if [ ! -x "$dir/$bin" ]; then
+			echo "error: the binary $dir/$bin does not exist" >&2
+			return 1
+		fi
+		if readelf -l "$dir/$bin" | grep -q 'program interpreter'; then
+			echo "error: $dir/$bin is dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static'" >&2
 			return 1
 		fi
 	done
