@@ -20,6 +20,7 @@ mod error;
 mod ext4;
 mod image;
 mod materialize;
+mod source;
 mod tree;
 
 use std::fs::File;
@@ -32,6 +33,7 @@ pub use error::{ConvertError, EntryProblem};
 use archive::{ArchiveIndex, Span, Window};
 use error::io_err;
 use image::Image;
+use source::Sources;
 use tree::{Content, LayerInput, Limits, Tree};
 
 /// How to convert.
@@ -109,8 +111,13 @@ fn convert_inner(
         .tempdir_in(&options.work_dir)
         .map_err(io_err("create a work directory in", &options.work_dir))?;
 
-    // Source 0 is the archive; inflated layers follow.
-    let mut inflated: Vec<File> = Vec::new();
+    let mut sources = Sources::default();
+    let archive = sources.add(
+        index
+            .file()
+            .try_clone()
+            .map_err(io_err("open", image_archive))?,
+    );
     let mut layers = Vec::with_capacity(image.layers.len());
     for name in &image.layers {
         let span = index.span(name)?;
@@ -120,13 +127,12 @@ fn convert_inner(
                 source,
             }
         })? {
-            Compression::None => layers.push((name.as_str(), 0, span)),
+            Compression::None => layers.push((name.as_str(), archive, span)),
             Compression::Gzip => {
-                let path = work.path().join(format!("layer-{}.tar", inflated.len()));
+                let path = work.path().join(format!("layer-{}.tar", layers.len()));
                 let file = inflate(index.file(), span, &path, name, options.max_layer_bytes)?;
                 let len = file.metadata().map_err(io_err("stat", &path))?.len();
-                inflated.push(file);
-                layers.push((name.as_str(), inflated.len(), Span { offset: 0, len }));
+                layers.push((name.as_str(), sources.add(file), Span { offset: 0, len }));
             }
             Compression::Zstd => {
                 return Err(ConvertError::CorruptLayer {
@@ -136,8 +142,6 @@ fn convert_inner(
             }
         }
     }
-    let mut sources: Vec<&File> = vec![index.file()];
-    sources.extend(inflated.iter());
 
     let mut tree = Tree::new(Limits {
         max_entries: options.max_entries,
@@ -145,72 +149,80 @@ fn convert_inner(
     for &(name, source, span) in &layers {
         tree.apply_layer(&LayerInput {
             name,
-            file: sources[source],
+            file: sources.file(source),
             source,
             span,
         })?;
-    }
-    tree.add_mount_points();
-    // The init and its config are two more sources of file content, like the layers.
-    let mut injected: Vec<(&[u8], u32, File, u64)> = Vec::new();
-    if let Some(init) = &options.init {
-        let config_path = work.path().join("config.json");
-        let config = serde_json::to_vec_pretty(&image.config).expect("a config always serializes");
-        std::fs::write(&config_path, &config).map_err(io_err("write", &config_path))?;
-        check_static_elf(init)?;
-        for (name, mode, path) in [
-            (&b"init"[..], 0o755, init.as_path()),
-            (&b"config.json"[..], 0o644, config_path.as_path()),
-        ] {
-            let file = File::open(path).map_err(io_err("open", path))?;
-            let len = file.metadata().map_err(io_err("stat", path))?.len();
-            injected.push((name, mode, file, len));
-        }
-    }
-    if !injected.is_empty() {
-        let files: Vec<(&[u8], u32, Content)> = injected
-            .iter()
-            .enumerate()
-            .map(|(i, (name, mode, _, len))| {
-                let source = sources.len() + i;
-                (
-                    *name,
-                    *mode,
-                    Content {
-                        source,
-                        span: Span {
-                            offset: 0,
-                            len: *len,
-                        },
-                    },
-                )
-            })
-            .collect();
-        tree.inject(b".builder-vm", &files);
-        sources.extend(injected.iter().map(|(_, _, file, _)| file));
     }
     tracing::debug!(
         layers = layers.len(),
         nodes = tree.nodes.len(),
         "layers applied"
     );
+    write_rootfs(
+        tree,
+        sources,
+        &image.id,
+        image.config,
+        output,
+        options,
+        work,
+    )
+}
+
+/// The part every input shares: adds the mount points and (with `options.init`) the init and
+/// the image config to `tree`, writes the ext4 file and removes the work area.
+fn write_rootfs(
+    mut tree: Tree,
+    mut sources: Sources,
+    image_id: &str,
+    config: ImageConfig,
+    output: &Path,
+    options: &ConvertOptions,
+    work: tempfile::TempDir,
+) -> Result<ConvertReport, ConvertError> {
+    tree.add_mount_points();
+    if let Some(init) = &options.init {
+        check_static_elf(init)?;
+        let config_path = work.path().join("config.json");
+        let config_json = serde_json::to_vec_pretty(&config).expect("a config always serializes");
+        std::fs::write(&config_path, &config_json).map_err(io_err("write", &config_path))?;
+        let mut files: Vec<(&[u8], u32, Content)> = Vec::new();
+        for (name, mode, path) in [
+            (&b"init"[..], 0o755, init.as_path()),
+            (&b"config.json"[..], 0o644, config_path.as_path()),
+        ] {
+            let file = File::open(path).map_err(io_err("open", path))?;
+            let len = file.metadata().map_err(io_err("stat", path))?.len();
+            let source = sources.add(file);
+            files.push((
+                name,
+                mode,
+                Content {
+                    source,
+                    span: Span { offset: 0, len },
+                },
+            ));
+        }
+        tree.inject(b".builder-vm", &files);
+    }
 
     let staging = work.path().join("rootfs");
     std::fs::create_dir(&staging).map_err(io_err("create", &staging))?;
     let usage = materialize::materialize(&tree, &sources, &staging)?;
     let root = tree.nodes[tree::ROOT].meta.clone();
     drop(tree);
-    drop(inflated);
+    drop(sources);
 
     let sizing = ext4::size_for(&usage, options.free_space_percent, options.min_free_bytes);
-    ext4::make_filesystem(&staging, output, work.path(), &sizing, &image.id)?;
+    ext4::make_filesystem(&staging, output, work.path(), &sizing, image_id)?;
     ext4::finish_inodes(output, &root)?;
     let (size_bytes, sha256) = ext4::digest_file(output)?;
     work.close()
         .map_err(io_err("remove the work directory in", &options.work_dir))?;
     Ok(ConvertReport {
-        image_id: image.id,
-        config: image.config,
+        image_id: image_id.to_owned(),
+        config,
         size_bytes,
         sha256,
         entries: usage.entries,

@@ -17,7 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::ConvertError;
-use crate::tree::{Kind, Meta, NodeId, Tree, ROOT};
+use crate::source::Sources;
+use crate::tree::{Content, Kind, Meta, NodeId, Tree, ROOT};
 
 const BLOCK: u64 = 4096;
 const COPY_CHUNK: usize = 1 << 20;
@@ -35,7 +36,7 @@ pub(crate) struct Usage {
 
 pub(crate) fn materialize(
     tree: &Tree,
-    sources: &[&File],
+    sources: &Sources,
     dir: &Path,
 ) -> Result<Usage, ConvertError> {
     let root = open_dir_path(dir).map_err(|source| ConvertError::Io {
@@ -71,7 +72,7 @@ struct Writer<'a> {
     /// The staging root, which hardlink sources are resolved against.
     root: RawFd,
     tree: &'a Tree,
-    sources: &'a [&'a File],
+    sources: &'a Sources,
     dir: &'a Path,
     /// Path (relative to the staging root) where each multiply-linked inode was first written.
     first_paths: HashMap<NodeId, CString>,
@@ -148,7 +149,7 @@ impl Writer<'_> {
                 let fd = open_at(dirfd, &cname, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY)
                     .map_err(|source| self.io("create", path, b"", source))?;
                 let file = File::from(fd);
-                self.copy_content(&file, content.source, content.span.offset, content.span.len)
+                self.copy_content(&file, content)
                     .map_err(|source| self.io("write", path, b"", source))?;
                 set_owner_mode(file.as_raw_fd(), None, &node.meta, true)
                     .and_then(|()| set_xattrs(file.as_raw_fd(), None, &node.meta))
@@ -175,14 +176,8 @@ impl Writer<'_> {
     }
 
     /// Copies `len` bytes at `offset` of a source into `file`, leaving zero blocks as holes.
-    fn copy_content(
-        &mut self,
-        file: &File,
-        source: usize,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        let source = self.sources[source];
+    fn copy_content(&mut self, file: &File, content: &Content) -> io::Result<()> {
+        let (source, offset, len) = self.sources.locate(content);
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(COPY_CHUNK as u64) as usize;
