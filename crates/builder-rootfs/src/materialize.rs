@@ -177,7 +177,8 @@ impl Writer<'_> {
 
     /// Copies `len` bytes at `offset` of a source into `file`, leaving zero blocks as holes.
     fn copy_content(&mut self, file: &File, content: &Content) -> io::Result<()> {
-        let (source, offset, len) = self.sources.locate(content);
+        let located = self.sources.locate(content)?;
+        let (source, offset, len) = (located.file(), located.offset, located.len);
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(COPY_CHUNK as u64) as usize;

@@ -23,12 +23,25 @@ impl Sources {
         &self.files[source]
     }
 
-    /// The file and byte offset where `content` starts, and its length.
-    pub fn locate(&self, content: &Content) -> (&File, u64, u64) {
-        (
-            &self.files[content.source],
-            content.span.offset,
-            content.span.len,
-        )
+    /// Where `content`'s bytes are.
+    pub fn locate(&self, content: &Content) -> std::io::Result<Located<'_>> {
+        Ok(Located {
+            file: &self.files[content.source],
+            offset: content.span.offset,
+            len: content.span.len,
+        })
+    }
+}
+
+/// A file's content: `len` bytes at `offset` of [`Located::file`].
+pub(crate) struct Located<'a> {
+    file: &'a File,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Located<'_> {
+    pub fn file(&self) -> &File {
+        self.file
     }
 }
