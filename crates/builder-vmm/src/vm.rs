@@ -17,6 +17,7 @@ use builder_contract::ParamError;
 use crate::cleanup::{remove_dir_all_if_exists, CleanupErrors, CleanupStack};
 use crate::disk::{self, DiskError};
 use crate::exit::{classify, Stop, VmExit};
+use crate::firecracker::metrics::{MetricsFileError, MetricsTotals};
 use crate::firecracker::{FirecrackerConfig, FirecrackerError};
 use crate::host::{Host, SystemHost};
 use crate::net::{AddressPool, NetError, NetworkPlan, VmAddresses};
@@ -311,6 +312,18 @@ impl Vmm {
             exit: None,
             cleanup: CleanupStack::new(),
         })
+    }
+
+    /// Firecracker's counters for each running VM whose tag starts with `prefix`, by tag
+    /// (see [`crate::firecracker::metrics`]); QEMU writes no metrics file, so none there.
+    pub fn metrics_matching(
+        &self,
+        prefix: &str,
+    ) -> Vec<(String, Result<MetricsTotals, MetricsFileError>)> {
+        match &self.config.driver {
+            Driver::Firecracker(fc) => fc.metrics_matching(prefix),
+            Driver::Qemu(_) => Vec::new(),
+        }
     }
 
     /// Removes what VMs of a crashed run left behind (see [`reclaim`]).

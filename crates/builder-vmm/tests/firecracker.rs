@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use builder_contract::Secrets;
 use builder_vmm::firecracker::api::{ActionType, ApiClient, ApiError, InstanceAction};
+use builder_vmm::firecracker::metrics::MetricsTotals;
 use builder_vmm::{
     cgroup, AddressPool, Driver, EgressPolicy, ExitCause, FirecrackerConfig, NetworkSpec, VmSpec,
     Vmm, VmmConfig,
@@ -148,8 +149,33 @@ async fn configures_starts_rejects_unknown_fields_and_cleans_up() {
     )
     .await
     .unwrap();
-    let metrics = std::fs::read_to_string(vm.metrics_file().unwrap()).unwrap();
-    assert!(metrics.contains("\"utc_timestamp_ms\""), "{metrics}");
+    let metrics = MetricsTotals::read(vm.metrics_file().unwrap()).unwrap();
+    assert!(
+        metrics.lines >= 1 && metrics.last_flush_ms.is_some(),
+        "{metrics:?}"
+    );
+    // The configuration above went through the API: every PUT is counted, none failed.
+    assert!(
+        metrics.get("put_api_requests.actions_count").unwrap() >= 2,
+        "{metrics:?}"
+    );
+    assert!(
+        metrics.get("put_api_requests.drive_count").unwrap() >= 3,
+        "{metrics:?}"
+    );
+    assert_eq!(metrics.get("put_api_requests.drive_fails"), Some(0));
+    assert_eq!(
+        metrics.get("put_api_requests.machine_cfg_fails"),
+        Some(1),
+        "the bogus field"
+    );
+    assert!(metrics.get("block.read_bytes").is_some(), "{metrics:?}");
+    assert!(metrics.get("net.tx_bytes_count").is_some(), "{metrics:?}");
+    // The same totals, found by tag prefix the way the node agent scrapes running VMs.
+    let found = setup.vmm.metrics_matching(&tag);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, tag);
+    assert_eq!(found[0].1.as_ref().unwrap(), &metrics);
 
     let exit = vm.kill().await.unwrap();
     assert_eq!(exit.cause, ExitCause::Killed);

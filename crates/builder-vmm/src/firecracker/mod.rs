@@ -9,6 +9,7 @@
 //! can be read.
 
 pub mod api;
+pub mod metrics;
 
 use std::fs;
 use std::io;
@@ -22,6 +23,8 @@ use api::{
     ActionType, ApiClient, ApiError, BootSource, Drive, InstanceAction, Logger, MachineConfig,
     Metrics, NetworkInterface, Serial,
 };
+
+use metrics::{MetricsFileError, MetricsTotals};
 
 use crate::cgroup::{self, CgroupVersion, PARENT_CGROUP};
 use crate::cleanup::{remove_dir_all_if_exists, CleanupStack};
@@ -109,6 +112,31 @@ impl FirecrackerConfig {
     /// The chroot of one VM (`.../<tag>/root`).
     pub fn chroot(&self, tag: &str) -> PathBuf {
         self.jail_dir().join(tag).join("root")
+    }
+
+    /// The metrics of every VM whose tag starts with `prefix` and whose chroot holds a metrics
+    /// file (running VMs: the chroot goes with the VM's cleanup), by tag.
+    pub fn metrics_matching(
+        &self,
+        prefix: &str,
+    ) -> Vec<(String, Result<MetricsTotals, MetricsFileError>)> {
+        let Ok(entries) = fs::read_dir(self.jail_dir()) else {
+            return Vec::new();
+        };
+        let mut found: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|tag| tag.starts_with(prefix))
+            .filter_map(|tag| {
+                let file = self.chroot(&tag).join(METRICS_FILE);
+                match MetricsTotals::read(&file) {
+                    Err(e) if e.source.kind() == io::ErrorKind::NotFound => None,
+                    result => Some((tag, result)),
+                }
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
     }
 
     fn jailer_command(&self, plan: &LaunchPlan<'_>) -> Command {
