@@ -573,6 +573,12 @@ async fn metrics(State(node): State<Arc<Node>>) -> ApiResult<Response> {
         capacity_mem_mib: node.config.capacity_mem_mib,
         used_vcpus,
         used_mem_mib,
+        vms: {
+            let node = node.clone();
+            tokio::task::spawn_blocking(move || node.vmm_metrics())
+                .await
+                .unwrap_or_default()
+        },
     };
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -1,12 +1,15 @@
 //! Prometheus metrics: in-process histograms and counters (phase durations, admission latency,
 //! VMM exit codes), rendered in the text exposition format together with the gauges read at
-//! scrape time (builds by state from the database, queue depth, capacity and usage).
+//! scrape time (builds by state from the database, queue depth, capacity and usage) and a
+//! curated set of each running Firecracker VM's own counters ([`VM_COUNTERS`], every non-zero
+//! `*_fails`), labelled by build id.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
 use builder_contract::Phase;
+use builder_vmm::firecracker::metrics::MetricsTotals;
 
 use crate::model::BuildState;
 
@@ -87,6 +90,143 @@ pub struct Snapshot {
     pub capacity_mem_mib: u64,
     pub used_vcpus: u32,
     pub used_mem_mib: u64,
+    /// Firecracker's counters of each running VM, by build id.
+    pub vms: Vec<(String, MetricsTotals)>,
+}
+
+/// One exported series family fed by Firecracker counters: (name, help, extra label name,
+/// [(label value, Firecracker `group.field`s summed into it)]).
+type VmCounter = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static [&'static str])],
+);
+
+/// The Firecracker counters exported per running VM (`build_id` label), all Prometheus
+/// counters. Sources absent from a file (an older Firecracker) give no series.
+pub const VM_COUNTERS: [VmCounter; 7] = [
+    (
+        "node_agent_vm_block_bytes_total",
+        "Bytes the guest read from and wrote to its disks (Firecracker block.read_bytes, block.write_bytes).",
+        "op",
+        &[("read", &["block.read_bytes"]), ("write", &["block.write_bytes"])],
+    ),
+    (
+        "node_agent_vm_block_requests_total",
+        "Disk requests of the guest (Firecracker block.read_count, block.write_count, block.flush_count).",
+        "op",
+        &[
+            ("read", &["block.read_count"]),
+            ("write", &["block.write_count"]),
+            ("flush", &["block.flush_count"]),
+        ],
+    ),
+    (
+        "node_agent_vm_net_bytes_total",
+        "Bytes the guest received and sent (Firecracker net.rx_bytes_count, net.tx_bytes_count).",
+        "direction",
+        &[("rx", &["net.rx_bytes_count"]), ("tx", &["net.tx_bytes_count"])],
+    ),
+    (
+        "node_agent_vm_net_packets_total",
+        "Packets the guest received and sent (Firecracker net.rx_packets_count, net.tx_packets_count).",
+        "direction",
+        &[("rx", &["net.rx_packets_count"]), ("tx", &["net.tx_packets_count"])],
+    ),
+    (
+        "node_agent_vm_vcpu_exits_total",
+        "vCPU exits to the VMM for port and MMIO accesses (Firecracker vcpu.exit_*).",
+        "kind",
+        &[
+            ("io_in", &["vcpu.exit_io_in"]),
+            ("io_out", &["vcpu.exit_io_out"]),
+            ("mmio_read", &["vcpu.exit_mmio_read"]),
+            ("mmio_write", &["vcpu.exit_mmio_write"]),
+        ],
+    ),
+    (
+        "node_agent_vm_api_requests_total",
+        "Requests to the VM's Firecracker API (Firecracker {get,put,patch}_api_requests.*_count).",
+        "method",
+        &[
+            ("GET", &["get_api_requests.*_count"]),
+            ("PUT", &["put_api_requests.*_count"]),
+            ("PATCH", &["patch_api_requests.*_count"]),
+        ],
+    ),
+    (
+        "node_agent_vm_seccomp_faults_total",
+        "System calls Firecracker's seccomp filter refused (Firecracker seccomp.num_faults).",
+        "",
+        &[("", &["seccomp.num_faults"])],
+    ),
+];
+
+/// Sums the counters `pattern` names: `group.field`, or `group.*_suffix` for every field of
+/// the group with that suffix. `None` when the file has none of them.
+fn vm_counter(totals: &MetricsTotals, pattern: &str) -> Option<u64> {
+    match pattern.split_once(".*") {
+        None => totals.get(pattern),
+        Some((group, suffix)) => {
+            let prefix = format!("{group}.");
+            totals
+                .counters
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix) && k.ends_with(suffix))
+                .map(|(_, n)| *n)
+                .reduce(|a, b| a + b)
+        }
+    }
+}
+
+/// Firecracker's failure counters: every `*_fails` field plus `vcpu.failures`.
+fn is_failure_counter(name: &str) -> bool {
+    name.ends_with("_fails") || name == "vcpu.failures"
+}
+
+fn render_vms(out: &mut String, vms: &[(String, MetricsTotals)]) {
+    for (name, help, label, series) in VM_COUNTERS {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
+        for (build_id, totals) in vms {
+            for (value, sources) in series {
+                let sum = sources
+                    .iter()
+                    .filter_map(|s| vm_counter(totals, s))
+                    .reduce(|a, b| a + b);
+                let Some(sum) = sum else { continue };
+                if label.is_empty() {
+                    let _ = writeln!(out, "{name}{{build_id=\"{build_id}\"}} {sum}");
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{build_id=\"{build_id}\",{label}=\"{value}\"}} {sum}"
+                    );
+                }
+            }
+        }
+    }
+    out.push_str("# HELP node_agent_vm_vmm_failures_total Non-zero Firecracker failure counters (every *_fails and vcpu.failures), by metric.\n# TYPE node_agent_vm_vmm_failures_total counter\n");
+    for (build_id, totals) in vms {
+        for (metric, n) in &totals.counters {
+            if is_failure_counter(metric) && *n > 0 {
+                let _ = writeln!(
+                    out,
+                    "node_agent_vm_vmm_failures_total{{build_id=\"{build_id}\",metric=\"{metric}\"}} {n}"
+                );
+            }
+        }
+    }
+    out.push_str("# HELP node_agent_vm_metrics_flushed_timestamp_seconds When Firecracker last wrote the VM's metrics (every 60 s).\n# TYPE node_agent_vm_metrics_flushed_timestamp_seconds gauge\n");
+    for (build_id, totals) in vms {
+        if let Some(ms) = totals.last_flush_ms {
+            let _ = writeln!(
+                out,
+                "node_agent_vm_metrics_flushed_timestamp_seconds{{build_id=\"{build_id}\"}} {}",
+                ms as f64 / 1000.0
+            );
+        }
+    }
 }
 
 impl Metrics {
@@ -171,6 +311,103 @@ impl Metrics {
         inner
             .admission
             .render(&mut out, "node_agent_admission_seconds", "");
+        render_vms(&mut out, &s.vms);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first two lines of a real Firecracker v1.17 metrics file (a VM configured over the
+    /// API, started, then flushed).
+    const CAPTURED: &str = include_str!("../tests/data/firecracker-metrics.jsonl");
+
+    fn snapshot(vms: Vec<(String, MetricsTotals)>) -> Snapshot {
+        Snapshot {
+            by_state: Vec::new(),
+            capacity_vcpus: 2,
+            capacity_mem_mib: 4096,
+            used_vcpus: 1,
+            used_mem_mib: 2048,
+            vms,
+        }
+    }
+
+    fn series<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn exports_the_curated_counters_of_a_captured_metrics_file() {
+        let mut totals = MetricsTotals::parse(CAPTURED);
+        assert_eq!(totals.lines, 2);
+        // The capture's guest never ran far (no KVM here): give it traffic and a failure.
+        totals.counters.insert("block.read_bytes".into(), 4096);
+        totals.counters.insert("net.tx_bytes_count".into(), 1500);
+        totals.counters.insert("net.tap_write_fails".into(), 2);
+        let text = Metrics::new(0).render(&snapshot(vec![("b1".into(), totals)]));
+
+        assert_eq!(
+            series(&text, "node_agent_vm_block_bytes_total{"),
+            [
+                r#"node_agent_vm_block_bytes_total{build_id="b1",op="read"} 4096"#,
+                r#"node_agent_vm_block_bytes_total{build_id="b1",op="write"} 0"#,
+            ]
+        );
+        assert!(
+            text.contains("node_agent_vm_net_bytes_total{build_id=\"b1\",direction=\"tx\"} 1500\n")
+        );
+        assert!(text
+            .contains("node_agent_vm_vcpu_exits_total{build_id=\"b1\",kind=\"mmio_write\"} 0\n"));
+        assert!(text.contains("node_agent_vm_seccomp_faults_total{build_id=\"b1\"} 0\n"));
+        // PUT /metrics, /boot-source, /machine-config and /actions (InstanceStart and the
+        // flushes): 6 in the first line, 1 in the second, summed.
+        let puts = series(
+            &text,
+            "node_agent_vm_api_requests_total{build_id=\"b1\",method=\"PUT\"}",
+        );
+        assert_eq!(puts.len(), 1);
+        let n: u64 = puts[0].rsplit(' ').next().unwrap().parse().unwrap();
+        assert_eq!(n, 7, "{puts:?}");
+        // One GET /, before the start.
+        assert!(
+            text.contains("node_agent_vm_api_requests_total{build_id=\"b1\",method=\"GET\"} 1\n")
+        );
+        // Only non-zero failure counters, whatever group they are in.
+        assert_eq!(
+            series(&text, "node_agent_vm_vmm_failures_total{"),
+            [r#"node_agent_vm_vmm_failures_total{build_id="b1",metric="net.tap_write_fails"} 2"#]
+        );
+        assert_eq!(
+            series(&text, "node_agent_vm_metrics_flushed_timestamp_seconds{"),
+            [format!(
+                "node_agent_vm_metrics_flushed_timestamp_seconds{{build_id=\"b1\"}} {}",
+                MetricsTotals::parse(CAPTURED).last_flush_ms.unwrap() as f64 / 1000.0
+            )]
+        );
+        // Every sample line belongs to a family with a TYPE line.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let family = line.split(['{', ' ']).next().unwrap();
+            let family = family.trim_end_matches("_bucket").trim_end_matches("_sum");
+            let family = family.trim_end_matches("_count");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+        }
+    }
+
+    #[test]
+    fn no_vms_no_vm_series_and_absent_fields_no_series() {
+        let text = Metrics::new(0).render(&snapshot(Vec::new()));
+        assert!(text.contains("# TYPE node_agent_vm_block_bytes_total counter\n"));
+        assert!(!text.contains("build_id="), "{text}");
+        let only_block = MetricsTotals::parse("{\"block\":{\"read_bytes\":7}}\n");
+        let text = Metrics::new(0).render(&snapshot(vec![("b2".into(), only_block)]));
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.contains("build_id="))
+                .collect::<Vec<_>>(),
+            [r#"node_agent_vm_block_bytes_total{build_id="b2",op="read"} 7"#]
+        );
     }
 }

@@ -694,6 +694,11 @@ impl Node {
     pub fn readiness(&self) -> Vec<crate::vm::Check> {
         self.launcher.readiness()
     }
+
+    /// The VMM counters of the VMs running here, by build id (see [`Launcher::vmm_metrics`]).
+    pub fn vmm_metrics(&self) -> Vec<(String, builder_vmm::firecracker::metrics::MetricsTotals)> {
+        self.launcher.vmm_metrics()
+    }
 }
 
 /// Follows a console log for the guest agent's `==> PHASE` lines.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use builder_contract::{BuildParams, Secrets};
+use builder_vmm::firecracker::metrics::MetricsTotals;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -114,4 +115,7 @@ pub trait Launcher: Send + Sync {
     fn reclaim(&self) -> BoxFuture<'_, Result<u64, VmError>>;
     /// Whether a VM could be launched now (binaries, kernel, image, KVM or TCG).
     fn readiness(&self) -> Vec<Check>;
+    /// The VMM's own counters for each running VM, by build id: Firecracker's metrics files
+    /// (none under QEMU, which writes no such file). Reads files: call off the async runtime.
+    fn vmm_metrics(&self) -> Vec<(String, MetricsTotals)>;
 }

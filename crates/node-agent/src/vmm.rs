@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use builder_vmm::firecracker::metrics::MetricsTotals;
 use builder_vmm::{
     AddressPool, CpuSet, Driver, EgressPolicy, EgressRule, FirecrackerConfig, NetworkSpec,
     QemuConfig, Vm, VmSpec, Vmm, VmmConfig, DEFAULT_BOOT_ARGS, TAG_PREFIX,
@@ -296,6 +297,19 @@ impl Launcher for VmmLauncher {
         }
         checks.push(Check::new("vmm", true, format!("{:?}", self.kind)));
         checks
+    }
+
+    fn vmm_metrics(&self) -> Vec<(String, MetricsTotals)> {
+        let prefix = format!("{TAG_PREFIX}{}", self.id_prefix);
+        let mut found = Vec::new();
+        for (tag, totals) in self.vmm.metrics_matching(&prefix) {
+            let build_id = tag[prefix.len()..].to_string();
+            match totals {
+                Ok(totals) => found.push((build_id, totals)),
+                Err(error) => tracing::warn!(build_id, error = %error, "VM metrics not read"),
+            }
+        }
+        found
     }
 }
 

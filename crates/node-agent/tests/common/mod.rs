@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use builder_vmm::firecracker::metrics::MetricsTotals;
 use futures_util::future::BoxFuture;
 use node_agent::config::{Config, ServeArgs};
 use node_agent::node::Node;
@@ -84,6 +85,11 @@ impl Launcher for ScriptLauncher {
 
     fn readiness(&self) -> Vec<Check> {
         vec![Check::new("script", true, "sh")]
+    }
+
+    /// Shell scripts have no VMM, hence no VMM metrics.
+    fn vmm_metrics(&self) -> Vec<(String, MetricsTotals)> {
+        Vec::new()
     }
 }
 
