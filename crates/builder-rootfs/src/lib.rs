@@ -17,7 +17,7 @@
 
 mod archive;
 mod error;
-mod ext4;
+mod mkfs;
 mod image;
 mod materialize;
 mod source;
@@ -214,10 +214,10 @@ fn write_rootfs(
     drop(tree);
     drop(sources);
 
-    let sizing = ext4::size_for(&usage, options.free_space_percent, options.min_free_bytes);
-    ext4::make_filesystem(&staging, output, work.path(), &sizing, image_id)?;
-    ext4::finish_inodes(output, &root)?;
-    let (size_bytes, sha256) = ext4::digest_file(output)?;
+    let sizing = mkfs::size_for(&usage, options.free_space_percent, options.min_free_bytes);
+    mkfs::make_filesystem(&staging, output, work.path(), &sizing, image_id)?;
+    mkfs::finish_inodes(output, &root)?;
+    let (size_bytes, sha256) = mkfs::digest_file(output)?;
     work.close()
         .map_err(io_err("remove the work directory in", &options.work_dir))?;
     Ok(ConvertReport {
