@@ -105,7 +105,10 @@ pub enum EntryProblem {
         "the extended attributes take {bytes} bytes, more than the {max} an ext4 inode can hold"
     )]
     XattrsTooLarge { bytes: usize, max: usize },
-    #[error("the extended attribute name {name:?} is invalid")]
+    #[error(
+        "the extended attribute name {name:?} cannot be stored in ext4 (names start with user., \
+         trusted. or security., or are a POSIX ACL, and are at most 255 bytes)"
+    )]
     BadXattrName { name: String },
     #[error("the data ({size} bytes at offset {offset}) runs past the end of the layer ({layer_size} bytes): truncated or lying header")]
     Truncated {

@@ -9,17 +9,16 @@
 //! 3. `tree`: apply every layer, validated as hostile input, to an in-memory tree whose file
 //!    contents are byte ranges of the archive (gzip layers are first inflated into the work
 //!    area, since a compressed stream cannot be addressed);
-//! 4. `materialize`: write the tree into a staging directory under `work_dir`;
-//! 5. `ext4`: `mkfs.ext4 -d` into a right-sized sparse file, with identifiers derived from the
-//!    image id and timestamps pinned, so the same image always gives the same bytes.
+//! 4. `ext4`: write the tree straight into a right-sized, sparse ext4 file in one sequential
+//!    pass (every content byte read once from its source, written once, hashed on the way),
+//!    with identifiers derived from the image id, so the same image always gives the same bytes.
 //!
 //! Nothing is read or written outside the archive, `work_dir` and the output file.
 
 mod archive;
 mod error;
-mod mkfs;
+mod ext4;
 mod image;
-mod materialize;
 mod source;
 mod tree;
 
@@ -39,7 +38,7 @@ use tree::{Content, LayerInput, Limits, Tree};
 /// How to convert.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Scratch space (staging directory, inflated gzip layers). Must exist; the converter
+    /// Scratch space (inflated gzip layers, the image config to inject). Must exist; the converter
     /// works in a fresh directory inside it and removes that directory when done.
     pub work_dir: PathBuf,
     /// Free space left in the file system, as a percentage of what the image uses.
@@ -207,25 +206,25 @@ fn write_rootfs(
         tree.inject(b".builder-vm", &files);
     }
 
-    let staging = work.path().join("rootfs");
-    std::fs::create_dir(&staging).map_err(io_err("create", &staging))?;
-    let usage = materialize::materialize(&tree, &sources, &staging)?;
-    let root = tree.nodes[tree::ROOT].meta.clone();
-    drop(tree);
+    let written = ext4::write(
+        &tree,
+        &sources,
+        image_id,
+        &ext4::Ext4Options {
+            free_space_percent: options.free_space_percent,
+            min_free_bytes: options.min_free_bytes,
+        },
+        output,
+    )?;
     drop(sources);
-
-    let sizing = mkfs::size_for(&usage, options.free_space_percent, options.min_free_bytes);
-    mkfs::make_filesystem(&staging, output, work.path(), &sizing, image_id)?;
-    mkfs::finish_inodes(output, &root)?;
-    let (size_bytes, sha256) = mkfs::digest_file(output)?;
     work.close()
         .map_err(io_err("remove the work directory in", &options.work_dir))?;
     Ok(ConvertReport {
         image_id: image_id.to_owned(),
         config,
-        size_bytes,
-        sha256,
-        entries: usage.entries,
+        size_bytes: written.size_bytes,
+        sha256: written.sha256,
+        entries: written.entries,
     })
 }
 

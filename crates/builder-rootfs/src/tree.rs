@@ -8,6 +8,7 @@ use std::fs::File;
 
 use crate::archive::{lossy, Span, Window};
 use crate::error::{ConvertError, EntryProblem};
+use crate::ext4;
 
 /// Deepest directory nesting accepted.
 pub(crate) const MAX_DEPTH: usize = 256;
@@ -15,8 +16,6 @@ pub(crate) const MAX_DEPTH: usize = 256;
 const MAX_NAME: usize = 255;
 /// Longest symlink target ext4 can store with 4 KiB blocks.
 const MAX_SYMLINK_TARGET: usize = 4095;
-/// Room for extended attributes: what fits in one 4 KiB xattr block beside its headers.
-pub(crate) const MAX_XATTR_BYTES: usize = 3900;
 /// Timestamp for directories the image creates implicitly (a parent no entry describes).
 pub(crate) const DEFAULT_MTIME: i64 = 1;
 /// ext4 with 256-byte inodes stores seconds up to 2446-05-10.
@@ -491,18 +490,8 @@ fn parse_entry(
             let Some(name) = key.strip_prefix(b"SCHILY.xattr.") else {
                 continue;
             };
-            if name.is_empty() || name.len() > 255 || name.contains(&0) || !name.contains(&b'.') {
-                return Err(EntryProblem::BadXattrName { name: lossy(name) }.into());
-            }
             let value = extension.value_bytes();
-            xattr_bytes += name.len() + value.len() + 16;
-            if xattr_bytes > MAX_XATTR_BYTES {
-                return Err(EntryProblem::XattrsTooLarge {
-                    bytes: xattr_bytes,
-                    max: MAX_XATTR_BYTES,
-                }
-                .into());
-            }
+            check_xattr(name, value, &mut xattr_bytes)?;
             xattrs.push((name.to_vec(), value.to_vec()));
         }
     }
@@ -517,6 +506,28 @@ fn parse_entry(
             xattrs,
         },
     }))
+}
+
+/// Checks one extended attribute of an entry: ext4 must be able to store its name (`user.`,
+/// `trusted.`, `security.`, POSIX ACLs), and all of the entry's attributes must fit in one
+/// xattr block. Adds its size to `total` (what the entry's attributes take so far).
+pub(crate) fn check_xattr(
+    name: &[u8],
+    value: &[u8],
+    total: &mut usize,
+) -> Result<(), EntryProblem> {
+    let footprint = (name.len() <= MAX_NAME && !name.contains(&0))
+        .then(|| ext4::xattr_footprint(name, value))
+        .flatten()
+        .ok_or_else(|| EntryProblem::BadXattrName { name: lossy(name) })?;
+    *total += footprint;
+    if *total > ext4::XATTR_ROOM {
+        return Err(EntryProblem::XattrsTooLarge {
+            bytes: *total,
+            max: ext4::XATTR_ROOM,
+        });
+    }
+    Ok(())
 }
 
 /// Largest PAX or GNU long-name header body accepted: the tar reader holds them in memory.

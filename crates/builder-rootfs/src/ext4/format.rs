@@ -1,0 +1,587 @@
+//! The on-disk encodings of ext4 this writer produces: superblock, group descriptors, inodes,
+//! extent tree nodes, directory blocks and the jbd2 journal superblock, with their CRC-32C
+//! checksums (`metadata_csum`). Everything is little endian except the journal (big endian).
+//!
+//! Field offsets follow the kernel's `fs/ext4/ext4.h` and `include/linux/jbd2.h`.
+
+/// File system block size.
+pub(crate) const BLOCK: u64 = 4096;
+pub(crate) const BLOCK_USIZE: usize = BLOCK as usize;
+pub(crate) const BLOCKS_PER_GROUP: u64 = 32768;
+pub(crate) const INODE_SIZE: usize = 256;
+pub(crate) const INODES_PER_BLOCK: u64 = BLOCK / INODE_SIZE as u64;
+pub(crate) const DESC_SIZE: usize = 64;
+/// `i_extra_isize`: the extended inode fields up to `i_projid`.
+const EXTRA_ISIZE: u16 = 32;
+/// Where in-inode extended attributes start: after the 128-byte base inode and the extra fields.
+pub(crate) const INLINE_XATTR_START: usize = 128 + EXTRA_ISIZE as usize;
+pub(crate) const ROOT_INO: u32 = 2;
+pub(crate) const JOURNAL_INO: u32 = 8;
+pub(crate) const FIRST_INO: u32 = 11;
+/// An initialized extent covers at most this many blocks.
+pub(crate) const MAX_EXTENT_LEN: u64 = 32768;
+/// Extent entries (or index entries) in the inode's `i_block` and in a tree block.
+pub(crate) const EXTENTS_IN_INODE: usize = 4;
+pub(crate) const EXTENTS_IN_BLOCK: usize = (BLOCK_USIZE - 12 - 4) / 12;
+/// Bytes of a directory block available to entries: the last 12 hold the checksum tail.
+pub(crate) const DIR_BLOCK_ROOM: usize = BLOCK_USIZE - 12;
+/// Most links an inode can have (`EXT4_LINK_MAX`); directories above it count 1 (`dir_nlink`).
+pub(crate) const LINK_MAX: u32 = 65000;
+/// A symlink target shorter than this is stored in the inode itself.
+pub(crate) const FAST_SYMLINK_MAX: usize = 59;
+
+pub(crate) const S_IFIFO: u16 = 0o010000;
+pub(crate) const S_IFCHR: u16 = 0o020000;
+pub(crate) const S_IFDIR: u16 = 0o040000;
+pub(crate) const S_IFBLK: u16 = 0o060000;
+pub(crate) const S_IFREG: u16 = 0o100000;
+pub(crate) const S_IFLNK: u16 = 0o120000;
+
+/// `EXT4_EXTENTS_FL`.
+pub(crate) const EXTENTS_FL: u32 = 0x80000;
+
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
+const COMPAT_EXT_ATTR: u32 = 0x8;
+const COMPAT_DIR_INDEX: u32 = 0x20;
+const INCOMPAT_FILETYPE: u32 = 0x2;
+const INCOMPAT_EXTENTS: u32 = 0x40;
+const INCOMPAT_64BIT: u32 = 0x80;
+const INCOMPAT_FLEX_BG: u32 = 0x200;
+const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+const RO_COMPAT_LARGE_FILE: u32 = 0x2;
+const RO_COMPAT_HUGE_FILE: u32 = 0x8;
+const RO_COMPAT_DIR_NLINK: u32 = 0x20;
+const RO_COMPAT_EXTRA_ISIZE: u32 = 0x40;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+/// `EXT4_BG_INODE_ZEROED`: the inode table is zeroed (it is, as holes of a fresh file).
+const BG_INODE_ZEROED: u16 = 0x4;
+
+pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put32_be(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// CRC-32C (Castagnoli) without pre- or post-inversion, as ext4 chains it.
+pub(crate) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
+    const TABLE: [[u32; 256]; 8] = {
+        let mut table = [[0u32; 256]; 8];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0x82F6_3B78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            table[0][i] = c;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 256 {
+            let mut t = 1;
+            while t < 8 {
+                let prev = table[t - 1][i];
+                table[t][i] = (prev >> 8) ^ table[0][(prev & 0xFF) as usize];
+                t += 1;
+            }
+            i += 1;
+        }
+        table
+    };
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        let lo = crc ^ u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        crc = TABLE[7][(lo & 0xFF) as usize]
+            ^ TABLE[6][((lo >> 8) & 0xFF) as usize]
+            ^ TABLE[5][((lo >> 16) & 0xFF) as usize]
+            ^ TABLE[4][(lo >> 24) as usize]
+            ^ TABLE[3][chunk[4] as usize]
+            ^ TABLE[2][chunk[5] as usize]
+            ^ TABLE[1][chunk[6] as usize]
+            ^ TABLE[0][chunk[7] as usize];
+    }
+    for &b in chunks.remainder() {
+        crc = TABLE[0][((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+    }
+    crc
+}
+
+/// The seconds field and the `_extra` field (epoch bits, no nanoseconds) of a timestamp, as
+/// `ext4_encode_extra_time` splits it.
+pub(crate) fn encode_time(seconds: i64) -> (u32, u32) {
+    let extra = (((seconds - i64::from(seconds as i32)) >> 32) & 0b11) as u32;
+    (seconds as u32, extra)
+}
+
+/// The file system as a whole: what the superblock and group descriptors describe.
+pub(crate) struct Geometry {
+    pub blocks: u64,
+    pub groups: u64,
+    pub inodes_per_group: u64,
+    pub gdt_blocks: u64,
+    pub uuid: [u8; 16],
+    pub hash_seed: [u8; 16],
+    /// `crc32c(~0, uuid)`: the seed of every metadata checksum.
+    pub csum_seed: u32,
+    /// Timestamp of the file system itself (creation, last write, last check).
+    pub time: i64,
+}
+
+impl Geometry {
+    pub fn inodes(&self) -> u64 {
+        self.groups * self.inodes_per_group
+    }
+
+    pub fn itable_blocks(&self) -> u64 {
+        self.inodes_per_group / INODES_PER_BLOCK
+    }
+
+    /// Whether `group` holds a superblock and descriptor backup (`sparse_super`): groups 0, 1
+    /// and powers of 3, 5 and 7.
+    pub fn has_backup(group: u64) -> bool {
+        if group <= 1 {
+            return true;
+        }
+        [3u64, 5, 7].iter().any(|&base| {
+            let mut n = base;
+            while n < group {
+                n *= base;
+            }
+            n == group
+        })
+    }
+}
+
+/// What the superblock records besides the geometry.
+pub(crate) struct SuperblockCounts {
+    pub free_blocks: u64,
+    pub free_inodes: u64,
+    /// The journal inode's `i_block` and size, backed up in the superblock.
+    pub journal_blocks: [u8; 60],
+    pub journal_size: u64,
+}
+
+/// The 1024-byte superblock as stored in `group` (0 for the primary copy).
+pub(crate) fn superblock(geo: &Geometry, counts: &SuperblockCounts, group: u64) -> [u8; 1024] {
+    let mut sb = [0u8; 1024];
+    put32(&mut sb, 0x00, geo.inodes() as u32);
+    put32(&mut sb, 0x04, geo.blocks as u32);
+    put32(&mut sb, 0x0C, counts.free_blocks as u32);
+    put32(&mut sb, 0x10, counts.free_inodes as u32);
+    put32(&mut sb, 0x14, 0); // first data block
+    put32(&mut sb, 0x18, 2); // log2(block size) - 10
+    put32(&mut sb, 0x1C, 2); // log2(cluster size) - 10
+    put32(&mut sb, 0x20, BLOCKS_PER_GROUP as u32);
+    put32(&mut sb, 0x24, BLOCKS_PER_GROUP as u32);
+    put32(&mut sb, 0x28, geo.inodes_per_group as u32);
+    let (time, _) = encode_time(geo.time);
+    put32(&mut sb, 0x30, time); // last write
+    put16(&mut sb, 0x36, 0xFFFF); // max mount count: no periodic check
+    put16(&mut sb, 0x38, 0xEF53);
+    put16(&mut sb, 0x3A, 1); // state: clean
+    put16(&mut sb, 0x3C, 1); // errors: continue
+    put32(&mut sb, 0x40, time); // last check
+    put32(&mut sb, 0x4C, 1); // dynamic revision
+    put32(&mut sb, 0x54, FIRST_INO);
+    put16(&mut sb, 0x58, INODE_SIZE as u16);
+    put16(&mut sb, 0x5A, group as u16);
+    put32(
+        &mut sb,
+        0x5C,
+        COMPAT_HAS_JOURNAL | COMPAT_EXT_ATTR | COMPAT_DIR_INDEX,
+    );
+    put32(
+        &mut sb,
+        0x60,
+        INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG,
+    );
+    put32(
+        &mut sb,
+        0x64,
+        RO_COMPAT_SPARSE_SUPER
+            | RO_COMPAT_LARGE_FILE
+            | RO_COMPAT_HUGE_FILE
+            | RO_COMPAT_DIR_NLINK
+            | RO_COMPAT_EXTRA_ISIZE
+            | RO_COMPAT_METADATA_CSUM,
+    );
+    sb[0x68..0x78].copy_from_slice(&geo.uuid);
+    put32(&mut sb, 0xE0, JOURNAL_INO);
+    sb[0xEC..0xFC].copy_from_slice(&geo.hash_seed);
+    sb[0xFC] = 1; // default directory hash: half MD4
+    sb[0xFD] = 1; // s_jnl_blocks holds a backup of the journal inode's blocks
+    put16(&mut sb, 0xFE, DESC_SIZE as u16);
+    put32(&mut sb, 0x100, 0x0004 | 0x0008); // default mount options: user_xattr, acl
+    put32(&mut sb, 0x108, time); // mkfs time
+    sb[0x10C..0x148].copy_from_slice(&counts.journal_blocks);
+    put32(&mut sb, 0x148, (counts.journal_size >> 32) as u32);
+    put32(&mut sb, 0x14C, counts.journal_size as u32);
+    put32(&mut sb, 0x150, (geo.blocks >> 32) as u32);
+    put32(&mut sb, 0x158, (counts.free_blocks >> 32) as u32);
+    put16(&mut sb, 0x15C, EXTRA_ISIZE);
+    put16(&mut sb, 0x15E, EXTRA_ISIZE);
+    put32(&mut sb, 0x160, 0x1); // directory hashes use signed chars (x86)
+    sb[0x174] = 4; // 16 groups per flex group
+    sb[0x175] = 1; // checksum type: crc32c
+    let csum = crc32c(!0, &sb[..0x3FC]);
+    put32(&mut sb, 0x3FC, csum);
+    sb
+}
+
+/// One group's descriptor fields.
+pub(crate) struct GroupDesc {
+    pub block_bitmap: u64,
+    pub inode_bitmap: u64,
+    pub inode_table: u64,
+    pub free_blocks: u32,
+    pub free_inodes: u32,
+    pub used_dirs: u32,
+    pub itable_unused: u32,
+    pub block_bitmap_csum: u32,
+    pub inode_bitmap_csum: u32,
+}
+
+/// The 64-byte descriptor of `group`, checksummed.
+pub(crate) fn group_desc(geo: &Geometry, group: u64, d: &GroupDesc) -> [u8; DESC_SIZE] {
+    let mut b = [0u8; DESC_SIZE];
+    put32(&mut b, 0x00, d.block_bitmap as u32);
+    put32(&mut b, 0x04, d.inode_bitmap as u32);
+    put32(&mut b, 0x08, d.inode_table as u32);
+    put16(&mut b, 0x0C, d.free_blocks as u16);
+    put16(&mut b, 0x0E, d.free_inodes as u16);
+    put16(&mut b, 0x10, d.used_dirs as u16);
+    put16(&mut b, 0x12, BG_INODE_ZEROED);
+    put16(&mut b, 0x18, d.block_bitmap_csum as u16);
+    put16(&mut b, 0x1A, d.inode_bitmap_csum as u16);
+    put16(&mut b, 0x1C, d.itable_unused as u16);
+    put32(&mut b, 0x20, (d.block_bitmap >> 32) as u32);
+    put32(&mut b, 0x24, (d.inode_bitmap >> 32) as u32);
+    put32(&mut b, 0x28, (d.inode_table >> 32) as u32);
+    put16(&mut b, 0x2C, (d.free_blocks >> 16) as u16);
+    put16(&mut b, 0x2E, (d.free_inodes >> 16) as u16);
+    put16(&mut b, 0x30, (d.used_dirs >> 16) as u16);
+    put16(&mut b, 0x32, (d.itable_unused >> 16) as u16);
+    put16(&mut b, 0x38, (d.block_bitmap_csum >> 16) as u16);
+    put16(&mut b, 0x3A, (d.inode_bitmap_csum >> 16) as u16);
+    let csum = crc32c(crc32c(geo.csum_seed, &(group as u32).to_le_bytes()), &b);
+    put16(&mut b, 0x1E, csum as u16);
+    b
+}
+
+/// An inode's fields, before encoding.
+pub(crate) struct Inode {
+    /// File type and permission bits.
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub links: u16,
+    /// In 512-byte units: data, extent tree and xattr blocks.
+    pub sectors: u64,
+    pub flags: u32,
+    pub mtime: i64,
+    pub i_block: [u8; 60],
+    pub xattr_block: u64,
+    /// The in-inode extended attribute area (after the extra fields), if any.
+    pub inline_xattrs: Option<Box<[u8]>>,
+}
+
+/// The 256-byte on-disk inode `ino`, checksummed. Access, change and creation times are the
+/// modification time.
+pub(crate) fn inode(geo: &Geometry, ino: u32, n: &Inode) -> [u8; INODE_SIZE] {
+    let mut b = [0u8; INODE_SIZE];
+    put16(&mut b, 0x00, n.mode);
+    put16(&mut b, 0x02, n.uid as u16);
+    put32(&mut b, 0x04, n.size as u32);
+    let (time, extra) = encode_time(n.mtime);
+    for at in [0x08, 0x0C, 0x10, 0x90] {
+        put32(&mut b, at, time);
+    }
+    put16(&mut b, 0x18, n.gid as u16);
+    put16(&mut b, 0x1A, n.links);
+    put32(&mut b, 0x1C, n.sectors as u32);
+    put32(&mut b, 0x20, n.flags);
+    b[0x28..0x64].copy_from_slice(&n.i_block);
+    put32(&mut b, 0x68, n.xattr_block as u32);
+    put32(&mut b, 0x6C, (n.size >> 32) as u32);
+    put16(&mut b, 0x74, (n.sectors >> 32) as u16);
+    put16(&mut b, 0x76, (n.xattr_block >> 32) as u16);
+    put16(&mut b, 0x78, (n.uid >> 16) as u16);
+    put16(&mut b, 0x7A, (n.gid >> 16) as u16);
+    put16(&mut b, 0x80, EXTRA_ISIZE);
+    for at in [0x84, 0x88, 0x8C, 0x94] {
+        put32(&mut b, at, extra);
+    }
+    if let Some(area) = &n.inline_xattrs {
+        b[INLINE_XATTR_START..INLINE_XATTR_START + area.len()].copy_from_slice(area);
+    }
+    let csum = crc32c(
+        crc32c(geo.csum_seed, &ino.to_le_bytes()),
+        &0u32.to_le_bytes(), // i_generation
+    );
+    let csum = crc32c(csum, &b);
+    put16(&mut b, 0x7C, csum as u16);
+    put16(&mut b, 0x82, (csum >> 16) as u16);
+    b
+}
+
+/// A contiguous run of a file: `len` blocks at logical block `logical`, physical `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub logical: u32,
+    pub start: u64,
+    pub len: u32,
+}
+
+fn extent_header(b: &mut [u8], entries: usize, max: usize, depth: u16) {
+    put16(b, 0, 0xF30A);
+    put16(b, 2, entries as u16);
+    put16(b, 4, max as u16);
+    put16(b, 6, depth);
+}
+
+fn leaf_entry(b: &mut [u8], e: &Extent) {
+    put32(b, 0, e.logical);
+    put16(b, 4, e.len as u16);
+    put16(b, 6, (e.start >> 32) as u16);
+    put32(b, 8, e.start as u32);
+}
+
+fn index_entry(b: &mut [u8], logical: u32, block: u64) {
+    put32(b, 0, logical);
+    put32(b, 4, block as u32);
+    put16(b, 8, (block >> 32) as u16);
+}
+
+/// How many tree blocks an extent tree over `extents` extents needs (0 when they fit in the
+/// inode).
+pub(crate) fn extent_tree_blocks(extents: usize) -> u64 {
+    let mut nodes = extents;
+    let mut blocks = 0;
+    while nodes > EXTENTS_IN_INODE {
+        nodes = nodes.div_ceil(EXTENTS_IN_BLOCK);
+        blocks += nodes as u64;
+    }
+    blocks
+}
+
+/// Builds the extent tree of inode `ino`: returns its `i_block` and the tree blocks, which
+/// are written at `tree_blocks` (as many as [`extent_tree_blocks`] says), leaves first.
+pub(crate) fn extent_tree(
+    geo: &Geometry,
+    ino: u32,
+    extents: &[Extent],
+    tree_blocks: &[u64],
+) -> ([u8; 60], Vec<[u8; BLOCK_USIZE]>) {
+    let mut i_block = [0u8; 60];
+    // Each level: (first logical block, physical block) of its nodes.
+    let mut level: Vec<(u32, u64)> = Vec::new();
+    let mut blocks = Vec::new();
+    let mut next = tree_blocks.iter();
+    let mut depth = 0u16;
+    if extents.len() <= EXTENTS_IN_INODE {
+        extent_header(&mut i_block, extents.len(), EXTENTS_IN_INODE, 0);
+        for (i, e) in extents.iter().enumerate() {
+            leaf_entry(&mut i_block[12 + 12 * i..], e);
+        }
+        return (i_block, blocks);
+    }
+    for chunk in extents.chunks(EXTENTS_IN_BLOCK) {
+        let mut b = [0u8; BLOCK_USIZE];
+        extent_header(&mut b, chunk.len(), EXTENTS_IN_BLOCK, 0);
+        for (i, e) in chunk.iter().enumerate() {
+            leaf_entry(&mut b[12 + 12 * i..], e);
+        }
+        let at = *next.next().expect("enough tree blocks were allocated");
+        level.push((chunk[0].logical, at));
+        blocks.push(b);
+    }
+    depth += 1;
+    while level.len() > EXTENTS_IN_INODE {
+        let mut upper = Vec::new();
+        for chunk in level.chunks(EXTENTS_IN_BLOCK) {
+            let mut b = [0u8; BLOCK_USIZE];
+            extent_header(&mut b, chunk.len(), EXTENTS_IN_BLOCK, depth);
+            for (i, &(logical, block)) in chunk.iter().enumerate() {
+                index_entry(&mut b[12 + 12 * i..], logical, block);
+            }
+            let at = *next.next().expect("enough tree blocks were allocated");
+            upper.push((chunk[0].0, at));
+            blocks.push(b);
+        }
+        level = upper;
+        depth += 1;
+    }
+    extent_header(&mut i_block, level.len(), EXTENTS_IN_INODE, depth);
+    for (i, &(logical, block)) in level.iter().enumerate() {
+        index_entry(&mut i_block[12 + 12 * i..], logical, block);
+    }
+    let seed = crc32c(
+        crc32c(geo.csum_seed, &ino.to_le_bytes()),
+        &0u32.to_le_bytes(),
+    );
+    for b in &mut blocks {
+        let tail = 12 + 12 * EXTENTS_IN_BLOCK;
+        let csum = crc32c(seed, &b[..tail]);
+        put32(b, tail, csum);
+    }
+    (i_block, blocks)
+}
+
+/// Directory entry file types.
+pub(crate) fn dirent_type(mode: u16) -> u8 {
+    match mode & 0o170000 {
+        S_IFREG => 1,
+        S_IFDIR => 2,
+        S_IFCHR => 3,
+        S_IFBLK => 4,
+        S_IFIFO => 5,
+        S_IFLNK => 7,
+        _ => 0,
+    }
+}
+
+/// Bytes a directory entry named `name` takes at least.
+pub(crate) fn dirent_len(name: &[u8]) -> usize {
+    (8 + name.len()).next_multiple_of(4)
+}
+
+/// Packs directory entries `(name, inode, type)` into blocks, in order, each block closed by
+/// the checksum tail. The same packing gives [`dir_block_count`].
+pub(crate) fn dir_blocks(
+    geo: &Geometry,
+    ino: u32,
+    entries: impl Iterator<Item = (Vec<u8>, u32, u8)>,
+) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut block = [0u8; BLOCK_USIZE];
+    let mut used = 0usize;
+    let mut last = 0usize;
+    let seed = crc32c(
+        crc32c(geo.csum_seed, &ino.to_le_bytes()),
+        &0u32.to_le_bytes(),
+    );
+    let close = |block: &mut [u8; BLOCK_USIZE], last: usize, out: &mut Vec<u8>| {
+        // The last entry's record stretches to the tail.
+        put16(block, last + 4, (DIR_BLOCK_ROOM - last) as u16);
+        put16(block, DIR_BLOCK_ROOM + 4, 12);
+        block[DIR_BLOCK_ROOM + 7] = 0xDE;
+        let csum = crc32c(seed, &block[..DIR_BLOCK_ROOM]);
+        put32(block, DIR_BLOCK_ROOM + 8, csum);
+        out.extend_from_slice(block);
+        *block = [0u8; BLOCK_USIZE];
+    };
+    for (name, inode, kind) in entries {
+        let len = dirent_len(&name);
+        if used + len > DIR_BLOCK_ROOM {
+            close(&mut block, last, &mut out);
+            used = 0;
+        }
+        put32(&mut block, used, inode);
+        put16(&mut block, used + 4, len as u16);
+        block[used + 6] = name.len() as u8;
+        block[used + 7] = kind;
+        block[used + 8..used + 8 + name.len()].copy_from_slice(&name);
+        last = used;
+        used += len;
+    }
+    close(&mut block, last, &mut out);
+    out
+}
+
+/// Blocks [`dir_blocks`] fills with entries of these name lengths.
+pub(crate) fn dir_block_count(name_lens: impl Iterator<Item = usize>) -> u64 {
+    let mut blocks = 1;
+    let mut used = 0;
+    for name_len in name_lens {
+        let len = (8 + name_len).next_multiple_of(4);
+        if used + len > DIR_BLOCK_ROOM {
+            blocks += 1;
+            used = 0;
+        }
+        used += len;
+    }
+    blocks
+}
+
+/// The jbd2 superblock (v2) of an empty internal journal of `blocks` blocks.
+pub(crate) fn journal_superblock(geo: &Geometry, blocks: u64) -> [u8; BLOCK_USIZE] {
+    let mut b = [0u8; BLOCK_USIZE];
+    put32_be(&mut b, 0x00, 0xC03B_3998);
+    put32_be(&mut b, 0x04, 4); // superblock v2
+    put32_be(&mut b, 0x0C, BLOCK as u32);
+    put32_be(&mut b, 0x10, blocks as u32);
+    put32_be(&mut b, 0x14, 1); // first log block
+    put32_be(&mut b, 0x18, 1); // first expected sequence
+    b[0x30..0x40].copy_from_slice(&geo.uuid);
+    put32_be(&mut b, 0x40, 1); // one user: this file system
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(!crc32c(!0, b"123456789"), 0xE306_9283);
+        let long: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let bytewise = long.iter().fold(!0u32, |crc, &b| crc32c(crc, &[b]));
+        assert_eq!(crc32c(!0, &long), bytewise);
+    }
+
+    #[test]
+    fn times_keep_their_epoch_bits() {
+        assert_eq!(encode_time(1), (1, 0));
+        assert_eq!(encode_time(0x8000_0000), (0x8000_0000, 1));
+        assert_eq!(encode_time(0x3_7FFF_FFFF), (0x7FFF_FFFF, 3));
+        assert_eq!(encode_time(-1), (u32::MAX, 0));
+    }
+
+    #[test]
+    fn backup_groups_are_0_1_and_powers_of_3_5_7() {
+        let backups: Vec<u64> = (0..100).filter(|&g| Geometry::has_backup(g)).collect();
+        assert_eq!(backups, [0, 1, 3, 5, 7, 9, 25, 27, 49, 81]);
+    }
+
+    #[test]
+    fn extent_tree_sizes() {
+        assert_eq!(extent_tree_blocks(4), 0);
+        assert_eq!(extent_tree_blocks(5), 1);
+        assert_eq!(extent_tree_blocks(340 * 4), 4);
+        assert_eq!(extent_tree_blocks(340 * 4 + 1), 5 + 1);
+    }
+
+    #[test]
+    fn directory_packing_matches_its_count() {
+        let names: Vec<Vec<u8>> = (0..700)
+            .map(|i| format!("file-{i:05}").into_bytes())
+            .collect();
+        let geo = Geometry {
+            blocks: 1,
+            groups: 1,
+            inodes_per_group: 16,
+            gdt_blocks: 1,
+            uuid: [0; 16],
+            hash_seed: [0; 16],
+            csum_seed: 0,
+            time: 0,
+        };
+        let bytes = dir_blocks(&geo, 12, names.iter().map(|n| (n.clone(), 13, 1)));
+        assert_eq!(
+            bytes.len() as u64 / BLOCK,
+            dir_block_count(names.iter().map(Vec::len))
+        );
+    }
+}

@@ -1,0 +1,839 @@
+//! Planning the file system before a byte is written: inode numbers (depth first, names
+//! sorted), the size (content + metadata + free space) and inode count, and the place of every
+//! block. The result is a list of [`Placed`] items in block order that [`super::write`] streams
+//! out front to back, so the output is written once, sequentially, and hashed on the way.
+//!
+//! Block order: superblock and descriptors, every group's block bitmap, inode bitmap and inode
+//! table (`flex_bg` lets them all sit at the start), the journal, directory / symlink / xattr
+//! blocks in inode order, file data in inode order, extent tree blocks; superblock backups of
+//! groups 1, 3, 5, 7, 9, 25, ... where `sparse_super` puts them, with runs split around them.
+
+use std::os::fd::AsRawFd;
+
+use super::format::{
+    self, dir_block_count, dirent_type, extent_tree, extent_tree_blocks, Extent, Geometry,
+    GroupDesc, Inode, BLOCK, BLOCKS_PER_GROUP, DESC_SIZE, EXTENTS_FL, FAST_SYMLINK_MAX, FIRST_INO,
+    INODES_PER_BLOCK, JOURNAL_INO, LINK_MAX, MAX_EXTENT_LEN, ROOT_INO, S_IFBLK, S_IFCHR, S_IFDIR,
+    S_IFIFO, S_IFLNK, S_IFREG,
+};
+use super::xattr::{self, Placement};
+use super::Ext4Options;
+use crate::error::ConvertError;
+use crate::source::{Located, Sources};
+use crate::tree::{Kind, NodeId, Tree, ROOT};
+
+const LOST_FOUND: &[u8] = b"lost+found";
+/// Files at least this large are probed for holes (`SEEK_DATA`); smaller ones are taken whole.
+const PROBE_HOLES_FROM: u64 = 1 << 20;
+
+/// What an inode number stands for.
+#[derive(Clone, Copy)]
+pub(crate) enum Owner {
+    /// Reserved inodes that hold nothing (1, 3–7, 9, 10).
+    Unused,
+    Node(NodeId),
+    LostFound,
+    Journal,
+}
+
+/// One piece of the output, `len` blocks at block `start`.
+pub(crate) struct Placed {
+    pub start: u64,
+    pub len: u64,
+    pub item: Item,
+}
+
+pub(crate) enum Item {
+    /// The superblock copy of a group (the primary at byte 1024 of block 0).
+    Superblock {
+        group: u64,
+    },
+    /// The group descriptor table (every copy is the same).
+    Descriptors,
+    BlockBitmap {
+        group: u64,
+    },
+    InodeBitmap {
+        group: u64,
+    },
+    InodeTable {
+        group: u64,
+    },
+    /// Metadata encoded while planning: directory, symlink, xattr, extent tree and journal
+    /// superblock blocks.
+    Bytes(Vec<u8>),
+    /// `len` blocks of inode `ino`'s content from logical block `logical`.
+    FileData {
+        ino: u32,
+        logical: u64,
+    },
+}
+
+/// The planned file system.
+pub(crate) struct Layout<'t> {
+    pub geo: Geometry,
+    /// Index `ino - 1`, up to the last inode in use.
+    pub owners: Vec<Owner>,
+    pub inodes: Vec<Option<Inode>>,
+    pub items: Vec<Placed>,
+    pub descs: Vec<GroupDesc>,
+    pub block_bitmaps: Vec<Vec<u8>>,
+    pub inode_bitmaps: Vec<Vec<u8>>,
+    pub superblock_counts: format::SuperblockCounts,
+    /// Directory entries from the image (hardlinks counted per name, root excluded).
+    pub entries: u64,
+    first_name: Vec<Option<(NodeId, &'t [u8])>>,
+}
+
+impl Layout<'_> {
+    /// `/path/of/node` in the image, for error messages.
+    pub fn path_of(&self, node: NodeId) -> std::path::PathBuf {
+        image_path(&self.first_name, node)
+    }
+}
+
+/// Per-inode facts gathered before sizing.
+struct Needs {
+    /// Logical block ranges holding data (files), or the block count (dirs, slow symlinks).
+    ranges: Vec<(u64, u64)>,
+    /// Content length of a regular file.
+    size: u64,
+    xattrs: Placement,
+}
+
+pub(crate) fn plan<'t>(
+    tree: &'t Tree,
+    sources: &Sources,
+    image_id: &str,
+    options: &Ext4Options,
+) -> Result<Layout<'t>, ConvertError> {
+    // 1. Inode numbers, link counts, entries.
+    let mut node_ino = vec![0u32; tree.nodes.len()];
+    let mut links = vec![0u32; tree.nodes.len()];
+    let mut owners = vec![Owner::Unused; FIRST_INO as usize - 1];
+    owners[ROOT_INO as usize - 1] = Owner::Node(ROOT);
+    owners[JOURNAL_INO as usize - 1] = Owner::Journal;
+    node_ino[ROOT] = ROOT_INO;
+    let has_lost_found = tree
+        .children(ROOT)
+        .is_some_and(|c| c.contains_key(LOST_FOUND));
+    if !has_lost_found {
+        owners.push(Owner::LostFound);
+    }
+    let mut numbering = Numbering {
+        node_ino: &mut node_ino,
+        links: &mut links,
+        owners: &mut owners,
+        parent_ino: vec![0; tree.nodes.len()],
+        first_name: vec![None; tree.nodes.len()],
+        entries: 0,
+    };
+    numbering.number(tree, ROOT);
+    let Numbering {
+        mut parent_ino,
+        first_name,
+        entries,
+        ..
+    } = numbering;
+    parent_ino[ROOT] = ROOT_INO;
+    for (node, &count) in links.iter().enumerate() {
+        if count > LINK_MAX && !matches!(tree.nodes[node].kind, Kind::Dir(_)) {
+            return Err(ConvertError::LimitExceeded {
+                what: "hardlinks to one file",
+                limit: u64::from(LINK_MAX),
+            });
+        }
+    }
+
+    // 2. What every inode needs.
+    let mut needs: Vec<Needs> = Vec::with_capacity(owners.len());
+    for owner in &owners {
+        needs.push(match *owner {
+            Owner::Unused | Owner::Journal => Needs {
+                ranges: Vec::new(),
+                size: 0,
+                xattrs: Placement::None,
+            },
+            Owner::LostFound => Needs {
+                ranges: vec![(0, 1)],
+                size: 0,
+                xattrs: Placement::None,
+            },
+            Owner::Node(node) => {
+                let meta = &tree.nodes[node].meta;
+                let mut size = 0;
+                let ranges = match &tree.nodes[node].kind {
+                    Kind::Dir(_) => {
+                        let names =
+                            dir_entries(tree, node, &node_ino, &parent_ino, !has_lost_found)
+                                .map(|(name, _, _)| name.len());
+                        vec![(0, dir_block_count(names))]
+                    }
+                    Kind::File(content) => {
+                        let located =
+                            sources.locate(content).map_err(|source| ConvertError::Io {
+                                op: "open the content of",
+                                path: image_path(&first_name, node),
+                                source,
+                            })?;
+                        size = located.len;
+                        data_ranges(&located)
+                    }
+                    Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => vec![(0, 1)],
+                    _ => Vec::new(),
+                };
+                Needs {
+                    ranges,
+                    size,
+                    xattrs: xattr::placement(&meta.xattrs),
+                }
+            }
+        });
+    }
+
+    // 3. Size.
+    let content_blocks: u64 = needs
+        .iter()
+        .map(|n| {
+            let blocks: u64 = n.ranges.iter().map(|r| r.1).sum();
+            let extents = n.ranges.len()
+                + n.ranges.iter().map(|r| r.1 / MAX_EXTENT_LEN).sum::<u64>() as usize;
+            blocks
+                + extent_tree_blocks(extents + 1)
+                + u64::from(matches!(n.xattrs, Placement::Block))
+        })
+        .sum();
+    let used_inodes = owners.len() as u64;
+    let percent = u64::from(options.free_space_percent);
+    let wanted_inodes = used_inodes + (used_inodes * percent / 100).max(1024);
+    let journal_blocks = (content_blocks / 32)
+        .clamp(1024, 16384)
+        .next_multiple_of(256);
+    let free = (content_blocks * percent / 100).max(options.min_free_bytes.div_ceil(BLOCK));
+    let mut groups = 1u64;
+    let (blocks, inodes_per_group, gdt_blocks) = loop {
+        let ipg = wanted_inodes
+            .div_ceil(groups)
+            .next_multiple_of(INODES_PER_BLOCK)
+            .max(INODES_PER_BLOCK);
+        if ipg > BLOCKS_PER_GROUP {
+            groups = wanted_inodes.div_ceil(BLOCKS_PER_GROUP);
+            continue;
+        }
+        let gdt = (groups * DESC_SIZE as u64).div_ceil(BLOCK);
+        let backups = (0..groups).filter(|&g| Geometry::has_backup(g)).count() as u64;
+        // Runs split around each backup can each cost one more extent tree block.
+        let overhead = backups * (1 + gdt) + groups * (2 + ipg / INODES_PER_BLOCK) + backups;
+        let mut total = overhead + journal_blocks + content_blocks + free;
+        let last = total % BLOCKS_PER_GROUP;
+        let last_group = total / BLOCKS_PER_GROUP;
+        if last != 0 && Geometry::has_backup(last_group) && last < 2 + gdt {
+            total += 2 + gdt - last;
+        }
+        let needed = total.div_ceil(BLOCKS_PER_GROUP);
+        if needed <= groups {
+            break (total, ipg, gdt);
+        }
+        groups = needed;
+    };
+    let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
+    let uuid = derived_id(image_id, "filesystem uuid");
+    let geo = Geometry {
+        blocks,
+        groups,
+        inodes_per_group,
+        gdt_blocks,
+        uuid,
+        hash_seed: derived_id(image_id, "directory hash seed"),
+        csum_seed: format::crc32c(!0, &uuid),
+        time: crate::tree::DEFAULT_MTIME,
+    };
+
+    // 4. Place every block.
+    let mut alloc = Allocator::new(&geo);
+    let mut items = Vec::new();
+    for group in (0..groups).filter(|&g| Geometry::has_backup(g)) {
+        let start = group * BLOCKS_PER_GROUP;
+        items.push(Placed {
+            start,
+            len: 1,
+            item: Item::Superblock { group },
+        });
+        items.push(Placed {
+            start: start + 1,
+            len: gdt_blocks,
+            item: Item::Descriptors,
+        });
+    }
+    let mut block_bitmap_at = Vec::with_capacity(groups as usize);
+    let mut inode_bitmap_at = Vec::with_capacity(groups as usize);
+    let mut inode_table_at = Vec::with_capacity(groups as usize);
+    for group in 0..groups {
+        let at = alloc.contiguous(1)?;
+        block_bitmap_at.push(at);
+        items.push(Placed {
+            start: at,
+            len: 1,
+            item: Item::BlockBitmap { group },
+        });
+    }
+    for group in 0..groups {
+        let at = alloc.contiguous(1)?;
+        inode_bitmap_at.push(at);
+        items.push(Placed {
+            start: at,
+            len: 1,
+            item: Item::InodeBitmap { group },
+        });
+    }
+    for group in 0..groups {
+        let len = geo.itable_blocks();
+        let at = alloc.contiguous(len)?;
+        inode_table_at.push(at);
+        items.push(Placed {
+            start: at,
+            len,
+            item: Item::InodeTable { group },
+        });
+    }
+
+    let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); owners.len()];
+    let journal_extents = alloc.extents(0, journal_blocks)?;
+    items.push(Placed {
+        start: journal_extents[0].start,
+        len: 1,
+        item: Item::Bytes(format::journal_superblock(&geo, journal_blocks).to_vec()),
+    });
+    extents[JOURNAL_INO as usize - 1] = journal_extents;
+
+    // Directory, symlink and xattr blocks.
+    let mut xattr_block_at = vec![0u64; owners.len()];
+    for (index, owner) in owners.iter().enumerate() {
+        let ino = index as u32 + 1;
+        let bytes = match *owner {
+            Owner::LostFound => Some(format::dir_blocks(
+                &geo,
+                ino,
+                [(b".".to_vec(), ino, 2), (b"..".to_vec(), ROOT_INO, 2)].into_iter(),
+            )),
+            Owner::Node(node) => match &tree.nodes[node].kind {
+                Kind::Dir(_) => Some(format::dir_blocks(
+                    &geo,
+                    ino,
+                    dir_entries(tree, node, &node_ino, &parent_ino, !has_lost_found),
+                )),
+                Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => {
+                    let mut block = target.clone();
+                    block.resize(BLOCK as usize, 0);
+                    Some(block)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(bytes) = bytes {
+            let blocks = bytes.len() as u64 / BLOCK;
+            let placed = alloc.extents(0, blocks)?;
+            let mut offset = 0usize;
+            for e in &placed {
+                let end = offset + e.len as usize * BLOCK as usize;
+                items.push(Placed {
+                    start: e.start,
+                    len: u64::from(e.len),
+                    item: Item::Bytes(bytes[offset..end].to_vec()),
+                });
+                offset = end;
+            }
+            extents[index] = placed;
+        }
+        if let (Placement::Block, Owner::Node(node)) = (&needs[index].xattrs, owner) {
+            let at = alloc.contiguous(1)?;
+            xattr_block_at[index] = at;
+            items.push(Placed {
+                start: at,
+                len: 1,
+                item: Item::Bytes(
+                    xattr::block(geo.csum_seed, at, &tree.nodes[*node].meta.xattrs).to_vec(),
+                ),
+            });
+        }
+    }
+
+    // File data.
+    for (index, owner) in owners.iter().enumerate() {
+        let Owner::Node(node) = *owner else { continue };
+        if !matches!(tree.nodes[node].kind, Kind::File(_)) {
+            continue;
+        }
+        for &(logical, len) in &needs[index].ranges {
+            let placed = alloc.extents(logical, len)?;
+            for e in &placed {
+                items.push(Placed {
+                    start: e.start,
+                    len: u64::from(e.len),
+                    item: Item::FileData {
+                        ino: index as u32 + 1,
+                        logical: u64::from(e.logical),
+                    },
+                });
+            }
+            extend_merged(&mut extents[index], &placed);
+        }
+    }
+
+    // Extent trees, and the inodes themselves.
+    let mut inodes: Vec<Option<Inode>> = Vec::with_capacity(owners.len());
+    let mut used_dirs = vec![0u32; groups as usize];
+    for (index, owner) in owners.iter().enumerate() {
+        let ino = index as u32 + 1;
+        let tree_blocks = extent_tree_blocks(extents[index].len());
+        let mut tree_at = Vec::with_capacity(tree_blocks as usize);
+        for _ in 0..tree_blocks {
+            tree_at.push(alloc.contiguous(1)?);
+        }
+        let (i_block, nodes) = extent_tree(&geo, ino, &extents[index], &tree_at);
+        for (at, node_block) in tree_at.iter().zip(nodes) {
+            items.push(Placed {
+                start: *at,
+                len: 1,
+                item: Item::Bytes(node_block.to_vec()),
+            });
+        }
+        let data_blocks: u64 = extents[index].iter().map(|e| u64::from(e.len)).sum();
+        let xattr_blocks = u64::from(xattr_block_at[index] != 0);
+        let sectors = (data_blocks + tree_blocks + xattr_blocks) * (BLOCK / 512);
+        let inode = match *owner {
+            Owner::Unused => None,
+            Owner::Journal => Some(Inode {
+                mode: S_IFREG | 0o600,
+                uid: 0,
+                gid: 0,
+                size: journal_blocks * BLOCK,
+                links: 1,
+                sectors,
+                flags: EXTENTS_FL,
+                mtime: geo.time,
+                i_block,
+                xattr_block: 0,
+                inline_xattrs: None,
+            }),
+            Owner::LostFound => Some(Inode {
+                mode: S_IFDIR | 0o700,
+                uid: 0,
+                gid: 0,
+                size: data_blocks * BLOCK,
+                links: 2,
+                sectors,
+                flags: EXTENTS_FL,
+                mtime: geo.time,
+                i_block,
+                xattr_block: 0,
+                inline_xattrs: None,
+            }),
+            Owner::Node(node) => {
+                let n = &tree.nodes[node];
+                let (kind_mode, size, flags, i_block, links) = match &n.kind {
+                    Kind::Dir(children) => {
+                        let subdirs = children
+                            .values()
+                            .filter(|&&c| matches!(tree.nodes[c].kind, Kind::Dir(_)))
+                            .count() as u32
+                            + u32::from(node == ROOT && !has_lost_found);
+                        let links = 2 + subdirs;
+                        (
+                            S_IFDIR,
+                            data_blocks * BLOCK,
+                            EXTENTS_FL,
+                            i_block,
+                            if links > LINK_MAX { 1 } else { links },
+                        )
+                    }
+                    Kind::File(_) => (S_IFREG, needs[index].size, EXTENTS_FL, i_block, links[node]),
+                    Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => (
+                        S_IFLNK,
+                        target.len() as u64,
+                        EXTENTS_FL,
+                        i_block,
+                        links[node],
+                    ),
+                    Kind::Symlink(target) => {
+                        let mut inline = [0u8; 60];
+                        inline[..target.len()].copy_from_slice(target);
+                        (S_IFLNK, target.len() as u64, 0, inline, links[node])
+                    }
+                    Kind::CharDevice { major, minor } => {
+                        (S_IFCHR, 0, 0, device(*major, *minor), links[node])
+                    }
+                    Kind::BlockDevice { major, minor } => {
+                        (S_IFBLK, 0, 0, device(*major, *minor), links[node])
+                    }
+                    Kind::Fifo => (S_IFIFO, 0, 0, [0u8; 60], links[node]),
+                };
+                Some(Inode {
+                    mode: kind_mode | (n.meta.mode & 0o7777) as u16,
+                    uid: n.meta.uid,
+                    gid: n.meta.gid,
+                    size,
+                    links: links as u16,
+                    sectors,
+                    flags,
+                    mtime: n.meta.mtime,
+                    i_block,
+                    xattr_block: xattr_block_at[index],
+                    inline_xattrs: match &needs[index].xattrs {
+                        Placement::Inline(area) => Some(area.clone()),
+                        _ => None,
+                    },
+                })
+            }
+        };
+        if inode.as_ref().is_some_and(|i| i.mode & 0o170000 == S_IFDIR) {
+            used_dirs[(index as u64 / inodes_per_group) as usize] += 1;
+        }
+        inodes.push(inode);
+    }
+    items.sort_by_key(|p| p.start);
+
+    // 5. Bitmaps and descriptors.
+    let mut descs = Vec::with_capacity(groups as usize);
+    let mut block_bitmaps = Vec::with_capacity(groups as usize);
+    let mut inode_bitmaps = Vec::with_capacity(groups as usize);
+    let mut free_blocks_total = 0u64;
+    let mut free_inodes_total = 0u64;
+    for group in 0..groups {
+        let first = group * BLOCKS_PER_GROUP;
+        let mut bitmap = vec![0u8; BLOCK as usize];
+        let mut free_blocks = 0u32;
+        for bit in 0..BLOCKS_PER_GROUP {
+            let block = first + bit;
+            if block >= blocks || alloc.is_used(block) {
+                bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+            } else {
+                free_blocks += 1;
+            }
+        }
+        let first_ino = group * inodes_per_group;
+        let used_in_group = (owners.len() as u64)
+            .saturating_sub(first_ino)
+            .min(inodes_per_group);
+        let mut ibitmap = vec![0u8; BLOCK as usize];
+        for bit in (0..used_in_group).chain(inodes_per_group..BLOCK * 8) {
+            ibitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+        }
+        let free_inodes = (inodes_per_group - used_in_group) as u32;
+        free_blocks_total += u64::from(free_blocks);
+        free_inodes_total += u64::from(free_inodes);
+        descs.push(GroupDesc {
+            block_bitmap: block_bitmap_at[group as usize],
+            inode_bitmap: inode_bitmap_at[group as usize],
+            inode_table: inode_table_at[group as usize],
+            free_blocks,
+            free_inodes,
+            used_dirs: used_dirs[group as usize],
+            itable_unused: free_inodes,
+            block_bitmap_csum: format::crc32c(geo.csum_seed, &bitmap),
+            inode_bitmap_csum: format::crc32c(
+                geo.csum_seed,
+                &ibitmap[..(inodes_per_group / 8) as usize],
+            ),
+        });
+        block_bitmaps.push(bitmap);
+        inode_bitmaps.push(ibitmap);
+    }
+    let journal = inodes[JOURNAL_INO as usize - 1]
+        .as_ref()
+        .expect("the journal inode is planned");
+    let superblock_counts = format::SuperblockCounts {
+        free_blocks: free_blocks_total,
+        free_inodes: free_inodes_total,
+        journal_blocks: journal.i_block,
+        journal_size: journal.size,
+    };
+    Ok(Layout {
+        geo,
+        owners,
+        inodes,
+        items,
+        descs,
+        block_bitmaps,
+        inode_bitmaps,
+        superblock_counts,
+        entries,
+        first_name,
+    })
+}
+
+/// Inode numbers given depth first, names in order, with what else that walk learns.
+struct Numbering<'a, 't> {
+    node_ino: &'a mut [u32],
+    /// Names per node.
+    links: &'a mut [u32],
+    owners: &'a mut Vec<Owner>,
+    /// The inode of each directory's parent.
+    parent_ino: Vec<u32>,
+    /// The first (parent, name) each node was reached by, for error messages.
+    first_name: Vec<Option<(NodeId, &'t [u8])>>,
+    entries: u64,
+}
+
+impl<'t> Numbering<'_, 't> {
+    fn number(&mut self, tree: &'t Tree, dir: NodeId) {
+        let children = tree.children(dir).expect("numbering starts at a directory");
+        for (name, &child) in children {
+            self.entries += 1;
+            self.links[child] += 1;
+            if self.node_ino[child] != 0 {
+                continue;
+            }
+            self.owners.push(Owner::Node(child));
+            self.node_ino[child] = self.owners.len() as u32;
+            self.first_name[child] = Some((dir, name));
+            if matches!(tree.nodes[child].kind, Kind::Dir(_)) {
+                self.parent_ino[child] = self.node_ino[dir];
+                self.number(tree, child);
+            }
+        }
+    }
+}
+
+/// `/path/of/node` in the image, for error messages.
+fn image_path(first_name: &[Option<(NodeId, &[u8])>], mut node: NodeId) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut names = Vec::new();
+    while let Some((parent, name)) = first_name[node] {
+        names.push(name);
+        node = parent;
+    }
+    let mut path = std::path::PathBuf::from("/");
+    for name in names.iter().rev() {
+        path.push(std::ffi::OsStr::from_bytes(name));
+    }
+    path
+}
+
+/// The entries of directory `dir`: `.`, `..`, its children and, for the root when the image
+/// has none, `lost+found` (inode 11), as (name, inode, type).
+fn dir_entries<'a>(
+    tree: &'a Tree,
+    dir: NodeId,
+    node_ino: &'a [u32],
+    parent_ino: &[u32],
+    with_lost_found: bool,
+) -> impl Iterator<Item = (Vec<u8>, u32, u8)> + 'a {
+    let ino = node_ino[dir];
+    let parent = parent_ino[dir];
+    let lost_found =
+        (dir == ROOT && with_lost_found).then(|| (LOST_FOUND.to_vec(), FIRST_INO, 2u8));
+    [(b".".to_vec(), ino, 2u8), (b"..".to_vec(), parent, 2u8)]
+        .into_iter()
+        .chain(lost_found)
+        .chain(
+            tree.children(dir)
+                .expect("a directory")
+                .iter()
+                .map(move |(name, &child)| {
+                    (
+                        name.clone(),
+                        node_ino[child],
+                        dirent_type(type_bits(&tree.nodes[child].kind)),
+                    )
+                }),
+        )
+}
+
+fn type_bits(kind: &Kind) -> u16 {
+    match kind {
+        Kind::Dir(_) => S_IFDIR,
+        Kind::File(_) => S_IFREG,
+        Kind::Symlink(_) => S_IFLNK,
+        Kind::CharDevice { .. } => S_IFCHR,
+        Kind::BlockDevice { .. } => S_IFBLK,
+        Kind::Fifo => S_IFIFO,
+    }
+}
+
+/// A device number in `i_block`, in the old 16-bit form when it fits, as the kernel stores it.
+fn device(major: u32, minor: u32) -> [u8; 60] {
+    let mut b = [0u8; 60];
+    if major < 256 && minor < 256 {
+        format::put32(&mut b, 0, (major << 8) | minor);
+    } else {
+        format::put32(
+            &mut b,
+            4,
+            (minor & 0xFF) | (major << 8) | ((minor & !0xFF) << 12),
+        );
+    }
+    b
+}
+
+/// Logical block ranges of `content` that hold data: the whole file, except that large files
+/// are probed for holes in their source (`SEEK_DATA`/`SEEK_HOLE`), which stay holes.
+fn data_ranges(located: &Located<'_>) -> Vec<(u64, u64)> {
+    let (offset, len) = (located.offset, located.len);
+    let blocks = len.div_ceil(BLOCK);
+    if len < PROBE_HOLES_FROM {
+        return if blocks == 0 {
+            Vec::new()
+        } else {
+            vec![(0, blocks)]
+        };
+    }
+    let fd = located.file().as_raw_fd();
+    let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
+        // SAFETY: lseek on a descriptor we hold; only the offset changes, and every read of
+        // content is positional (pread), so nothing depends on it.
+        let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+        (at >= 0).then_some(at as u64)
+    };
+    let end = offset + len;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let Some(data) = seek(pos, libc::SEEK_DATA).filter(|&d| d < end) else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+        let first = (data - offset) / BLOCK;
+        let last = (hole - offset).div_ceil(BLOCK);
+        match ranges.last_mut() {
+            Some((start, count)) if *start + *count >= first => {
+                *count = (*count).max(last - *start);
+            }
+            _ => ranges.push((first, last - first)),
+        }
+        pos = hole;
+    }
+    ranges
+}
+
+/// Appends `placed` to `extents`, joining runs that continue each other.
+fn extend_merged(extents: &mut Vec<Extent>, placed: &[Extent]) {
+    for e in placed {
+        if let Some(last) = extents.last_mut() {
+            if last.logical + last.len == e.logical
+                && last.start + u64::from(last.len) == e.start
+                && u64::from(last.len + e.len) <= MAX_EXTENT_LEN
+            {
+                last.len += e.len;
+                continue;
+            }
+        }
+        extents.push(*e);
+    }
+}
+
+/// Hands out blocks front to back, stepping over superblock and descriptor backups.
+struct Allocator {
+    next: u64,
+    blocks: u64,
+    /// Backup areas (start, len), in order.
+    reserved: Vec<(u64, u64)>,
+    used: Vec<u64>,
+}
+
+impl Allocator {
+    fn new(geo: &Geometry) -> Self {
+        let reserved: Vec<(u64, u64)> = (0..geo.groups)
+            .filter(|&g| Geometry::has_backup(g))
+            .map(|g| (g * BLOCKS_PER_GROUP, 1 + geo.gdt_blocks))
+            .collect();
+        let mut alloc = Allocator {
+            next: 1 + geo.gdt_blocks,
+            blocks: geo.blocks,
+            used: vec![0; geo.blocks.div_ceil(64) as usize],
+            reserved: reserved.clone(),
+        };
+        for (start, len) in reserved {
+            alloc.mark(start, len);
+        }
+        alloc
+    }
+
+    fn mark(&mut self, start: u64, len: u64) {
+        for block in start..start + len {
+            self.used[(block / 64) as usize] |= 1 << (block % 64);
+        }
+    }
+
+    fn is_used(&self, block: u64) -> bool {
+        self.used[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    /// The next reserved area that ends after `at`.
+    fn reserved_after(&self, at: u64) -> Option<(u64, u64)> {
+        let i = self.reserved.partition_point(|&(s, l)| s + l <= at);
+        self.reserved.get(i).copied()
+    }
+
+    fn too_small(&self) -> ConvertError {
+        ConvertError::Ext4Layout {
+            path: std::path::PathBuf::from("(planning)"),
+            reason: format!(
+                "the planned size of {} blocks is too small for the content",
+                self.blocks
+            ),
+        }
+    }
+
+    /// `len` blocks in one run.
+    fn contiguous(&mut self, len: u64) -> Result<u64, ConvertError> {
+        loop {
+            match self.reserved_after(self.next) {
+                Some((s, l)) if s < self.next + len => self.next = s + l,
+                _ => break,
+            }
+        }
+        let at = self.next;
+        if at + len > self.blocks {
+            return Err(self.too_small());
+        }
+        self.mark(at, len);
+        self.next += len;
+        Ok(at)
+    }
+
+    /// `len` blocks for logical blocks from `logical`, as extents split around reserved
+    /// areas and at the longest extent.
+    fn extents(&mut self, logical: u64, len: u64) -> Result<Vec<Extent>, ConvertError> {
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < len {
+            if let Some((s, l)) = self.reserved_after(self.next) {
+                if s <= self.next {
+                    self.next = s + l;
+                    continue;
+                }
+            }
+            let room = self
+                .reserved_after(self.next)
+                .map_or(self.blocks, |(s, _)| s)
+                - self.next;
+            let take = (len - done).min(room).min(MAX_EXTENT_LEN);
+            if take == 0 || self.next + take > self.blocks {
+                return Err(self.too_small());
+            }
+            out.push(Extent {
+                logical: (logical + done) as u32,
+                start: self.next,
+                len: take as u32,
+            });
+            self.mark(self.next, take);
+            self.next += take;
+            done += take;
+        }
+        Ok(out)
+    }
+}
+
+/// 16 bytes derived from the image id and a purpose (UUID, hash seed): same image, same bytes.
+fn derived_id(image_id: &str, purpose: &str) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"builder-rootfs ")
+        .chain_update(purpose)
+        .chain_update(b" ")
+        .chain_update(image_id)
+        .finalize();
+    digest[..16].try_into().expect("16 bytes")
+}
