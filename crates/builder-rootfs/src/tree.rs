@@ -21,11 +21,11 @@ pub(crate) const DEFAULT_MTIME: i64 = 1;
 /// ext4 with 256-byte inodes stores seconds up to 2446-05-10.
 const MAX_MTIME: u64 = 0x3_7FFF_FFFF;
 
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
+pub(crate) const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// Directories every container has, whether or not its image defines them.
 const MOUNT_POINTS: &[&[u8]] = &[b"dev", b"proc", b"sys"];
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
-const OPAQUE: &[u8] = b".wh..wh..opq";
+pub(crate) const OPAQUE: &[u8] = b".wh..wh..opq";
 
 pub(crate) type NodeId = usize;
 pub(crate) const ROOT: NodeId = 0;
@@ -90,6 +90,11 @@ pub(crate) struct Tree {
     limits: Limits,
 }
 
+/// (parent, name) pairs one layer has put in place so far: whiteouts and opaque markers only
+/// hide what lower layers provided.
+#[derive(Default)]
+pub(crate) struct Unpacked(HashSet<(NodeId, Vec<u8>)>);
+
 /// A layer being applied: where its tar is and what it has unpacked so far.
 pub(crate) struct LayerInput<'a> {
     /// Name used in error messages (the archive member).
@@ -137,7 +142,6 @@ impl Tree {
         }
     }
 
-    /// Applies one layer tar on top of the tree.
     /// Puts a directory of our own at `/<dir>`, holding `files` (name, mode, content), owned by
     /// root. Whatever the image had at that name is replaced, as a later layer would replace
     /// it, so an image cannot redirect the injection with a planted symlink.
@@ -158,25 +162,18 @@ impl Tree {
         self.children_mut(ROOT).insert(dir.to_vec(), id);
     }
 
+    /// Applies one layer tar on top of the tree.
     pub fn apply_layer(&mut self, layer: &LayerInput<'_>) -> Result<(), ConvertError> {
         let corrupt = |source| ConvertError::CorruptLayer {
             layer: layer.name.to_owned(),
             source,
         };
         check_extension_headers(layer).map_err(corrupt)??;
-        // (parent, name) pairs this layer has put in place: whiteouts and opaque markers only
-        // hide what lower layers provided.
-        let mut unpacked: HashSet<(NodeId, Vec<u8>)> = HashSet::new();
+        let mut unpacked = Unpacked::default();
         let mut archive = tar::Archive::new(Window::new(layer.file, layer.span));
         for entry in archive.entries_with_seek().map_err(corrupt)? {
             let mut entry = entry.map_err(corrupt)?;
-            self.applied += 1;
-            if self.applied > self.limits.max_entries {
-                return Err(ConvertError::LimitExceeded {
-                    what: "tar entries",
-                    limit: self.limits.max_entries,
-                });
-            }
+            self.count_entry()?;
             let raw_path = entry.path_bytes().into_owned();
             let invalid = |problem| ConvertError::InvalidEntry {
                 layer: layer.name.to_owned(),
@@ -188,26 +185,48 @@ impl Tree {
                 ParseError::Invalid(problem) => invalid(problem),
             })?;
             let Some(parsed) = parsed else { continue };
-            let components = split_path(&raw_path).map_err(invalid)?;
-            self.apply_entry(components, parsed, &mut unpacked)
+            self.apply_path(&raw_path, Some(parsed), &mut unpacked)
                 .map_err(invalid)?;
         }
         Ok(())
     }
 
+    /// Counts one more layer entry against [`Limits::max_entries`].
+    pub fn count_entry(&mut self) -> Result<(), ConvertError> {
+        self.applied += 1;
+        if self.applied > self.limits.max_entries {
+            return Err(ConvertError::LimitExceeded {
+                what: "tar entries",
+                limit: self.limits.max_entries,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies one layer entry at `path`, a path as a layer tar names it. `entry` is `None` for
+    /// a marker whose name says everything (`.wh.NAME`, `.wh..wh..opq`): how a layer directory's
+    /// whiteouts and opaque directories are given.
+    pub fn apply_path(
+        &mut self,
+        path: &[u8],
+        entry: Option<Parsed>,
+        unpacked: &mut Unpacked,
+    ) -> Result<(), EntryProblem> {
+        let components = split_path(path)?;
+        self.apply_entry(components, entry, &mut unpacked.0)
+    }
+
     fn apply_entry(
         &mut self,
         components: Vec<&[u8]>,
-        entry: Parsed,
+        entry: Option<Parsed>,
         unpacked: &mut HashSet<(NodeId, Vec<u8>)>,
     ) -> Result<(), EntryProblem> {
         let Some((name, parents)) = components.split_last() else {
-            // The root directory itself.
-            return match entry.kind {
-                ParsedKind::Dir => {
-                    self.nodes[ROOT].meta = entry.meta;
-                    Ok(())
-                }
+            // The root directory itself. Its metadata never shows in a container: Docker
+            // mounts the image under a root directory of its own (the container layer's).
+            return match entry.map(|e| e.kind) {
+                Some(ParsedKind::Dir) => Ok(()),
                 _ => Err(EntryProblem::ReplacesRoot),
             };
         };
@@ -232,6 +251,9 @@ impl Tree {
             }
             return Ok(());
         }
+        let Some(entry) = entry else {
+            return Err(EntryProblem::BadWhiteout);
+        };
         let parent = self.make_parents(parents)?;
         let existing = self.children(parent).and_then(|c| c.get(*name)).copied();
         if let (Some(id), ParsedKind::Dir) = (existing, &entry.kind) {
@@ -371,15 +393,18 @@ impl Tree {
     }
 }
 
-enum ParsedKind {
+/// What a layer entry is, as far as the tree is concerned.
+pub(crate) enum ParsedKind {
     Dir,
+    /// A hardlink to the entry at this path (as a layer tar names it).
     Hardlink(Vec<u8>),
     Other(Kind),
 }
 
-struct Parsed {
-    kind: ParsedKind,
-    meta: Meta,
+/// One layer entry, read and checked.
+pub(crate) struct Parsed {
+    pub kind: ParsedKind,
+    pub meta: Meta,
 }
 
 enum ParseError {
@@ -408,9 +433,7 @@ fn parse_entry(
     let uid = header.uid().map_err(ParseError::Corrupt)?;
     let gid = header.gid().map_err(ParseError::Corrupt)?;
     let mtime = header.mtime().map_err(ParseError::Corrupt)?;
-    if mtime > MAX_MTIME {
-        return Err(EntryProblem::BadMtime { mtime }.into());
-    }
+    check_mtime(mtime)?;
     let (uid, gid) = match (u32::try_from(uid), u32::try_from(gid)) {
         (Ok(uid), Ok(gid)) => (uid, gid),
         _ => {
@@ -460,11 +483,7 @@ fn parse_entry(
             ParsedKind::Hardlink(entry.link_name_bytes().unwrap_or_default().into_owned())
         }
         tar::EntryType::Symlink => {
-            let target = entry.link_name_bytes().unwrap_or_default().into_owned();
-            if target.is_empty() || target.len() > MAX_SYMLINK_TARGET || target.contains(&0) {
-                return Err(EntryProblem::BadSymlinkTarget.into());
-            }
-            ParsedKind::Other(Kind::Symlink(target))
+            symlink(entry.link_name_bytes().unwrap_or_default().into_owned())?
         }
         tar::EntryType::Char => {
             let (major, minor) = device(entry)?;
@@ -506,6 +525,22 @@ fn parse_entry(
             xattrs,
         },
     }))
+}
+
+/// Refuses an mtime (seconds since 1970) that ext4 cannot store.
+pub(crate) fn check_mtime(mtime: u64) -> Result<(), EntryProblem> {
+    if mtime > MAX_MTIME {
+        return Err(EntryProblem::BadMtime { mtime });
+    }
+    Ok(())
+}
+
+/// A symlink to `target`, refused when ext4 cannot store the target.
+pub(crate) fn symlink(target: Vec<u8>) -> Result<ParsedKind, EntryProblem> {
+    if target.is_empty() || target.len() > MAX_SYMLINK_TARGET || target.contains(&0) {
+        return Err(EntryProblem::BadSymlinkTarget);
+    }
+    Ok(ParsedKind::Other(Kind::Symlink(target)))
 }
 
 /// Checks one extended attribute of an entry: ext4 must be able to store its name (`user.`,
