@@ -39,6 +39,18 @@ pub enum ConvertError {
         entry: String,
         problem: EntryProblem,
     },
+    /// A layer directory of the Docker daemon's overlay2 store uses an overlayfs feature a
+    /// layer tar cannot express (redirected directories, metadata-only copy-up, user xattrs
+    /// of rootless overlayfs, ...): convert the image from `docker save` instead.
+    #[error(
+        "the layer directory {layer} cannot be read directly: {entry:?} {reason}; convert the \
+         image from docker save instead"
+    )]
+    UnsupportedLayerDir {
+        layer: PathBuf,
+        entry: String,
+        reason: String,
+    },
     /// The image is larger than the converter accepts.
     #[error("the image exceeds the limit on {what} ({limit})")]
     LimitExceeded { what: &'static str, limit: u64 },
@@ -153,6 +165,7 @@ impl ConvertError {
             | ConvertError::CorruptArchive { .. }
             | ConvertError::MissingMember { .. }
             | ConvertError::InvalidMetadata { .. }
+            | ConvertError::UnsupportedLayerDir { .. }
             | ConvertError::CorruptLayer { .. }
             | ConvertError::Io { .. }
             | ConvertError::InitNotStatic { .. }

@@ -19,6 +19,7 @@ mod archive;
 mod error;
 mod ext4;
 mod image;
+mod layerdir;
 mod source;
 mod tree;
 
@@ -167,6 +168,69 @@ fn convert_inner(
         options,
         work,
     )
+}
+
+/// Converts an image straight from the Docker daemon's overlay2 layer store into an ext4 file
+/// at `output` (replaced if it exists), giving the same file system as [`convert`] of its
+/// `docker save` archive. `layer_dirs` are the layers' `diff` directories
+/// (`<data-root>/overlay2/<id>/diff`, from `docker image inspect`'s `GraphDriver`), lowest
+/// first; `image_id` is the image's `sha256:` config digest (`docker image inspect`'s `Id`)
+/// and `config` the runtime part of that config. Each directory is read as the layer tar
+/// Docker makes of it; one using an overlayfs feature a tar cannot express is refused with
+/// [`ConvertError::UnsupportedLayerDir`] (then convert from `docker save`). On error, `output`
+/// is removed.
+pub fn convert_layer_dirs(
+    image_id: &str,
+    config: ImageConfig,
+    layer_dirs: &[PathBuf],
+    output: &Path,
+    options: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
+    let result = convert_layer_dirs_inner(image_id, config, layer_dirs, output, options);
+    if result.is_err() {
+        let _ = std::fs::remove_file(output);
+    }
+    result
+}
+
+fn convert_layer_dirs_inner(
+    image_id: &str,
+    config: ImageConfig,
+    layer_dirs: &[PathBuf],
+    output: &Path,
+    options: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
+    let is_digest = image_id.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if !is_digest {
+        return Err(ConvertError::InvalidMetadata {
+            member: "image id".into(),
+            reason: format!("{image_id:?} is not a sha256: digest"),
+        });
+    }
+    let work = tempfile::Builder::new()
+        .prefix("builder-rootfs-")
+        .tempdir_in(&options.work_dir)
+        .map_err(io_err("create a work directory in", &options.work_dir))?;
+    let mut sources = Sources::default();
+    let mut tree = Tree::new(Limits {
+        max_entries: options.max_entries,
+    });
+    for path in layer_dirs {
+        let dir = layerdir::open_layer_dir(path)?;
+        let layer = sources.add_layer_dir(dir.try_clone().map_err(io_err("open", path))?);
+        layerdir::apply(&mut tree, &mut sources, layer, &dir, path)?;
+    }
+    tracing::debug!(
+        layers = layer_dirs.len(),
+        nodes = tree.nodes.len(),
+        "layer directories applied"
+    );
+    write_rootfs(tree, sources, image_id, config, output, options, work)
 }
 
 /// The part every input shares: adds the mount points and (with `options.init`) the init and

@@ -1,6 +1,7 @@
 //! Conformance against the real Docker daemon: images built with `docker build` are saved,
 //! converted, loop-mounted and compared attribute by attribute with `docker export` of a
-//! container of the same image. Also: two conversions of one archive give the same bytes.
+//! container of the same image; the same image converted from the daemon's overlay2 layer
+//! directories gives the same bytes. Also: two conversions of one archive give the same bytes.
 
 mod common;
 
@@ -143,12 +144,21 @@ fn converted_image_equals_docker_export() {
     let exported = scratch.path().join("export.tar");
     save(&tag, &saved);
     export(&tag, &exported);
+    // What the pipeline does: read the image from the daemon's overlay2 layer directories.
+    let from_dirs_output = scratch.path().join("from-dirs.ext4");
+    let from_dirs = convert_layer_dirs_in(scratch.path(), &tag, &from_dirs_output);
     remove_image(&tag);
     remove_image(&cap_tag);
 
     let output = scratch.path().join("rootfs.ext4");
     let report = convert_in(scratch.path(), &saved, &output);
     e2fsck(&output);
+    assert_eq!(from_dirs.image_id, report.image_id);
+    assert_eq!(from_dirs.config, report.config);
+    assert_eq!(
+        from_dirs.sha256, report.sha256,
+        "the layer directories and the docker save archive give different file systems"
+    );
 
     let config = &report.config;
     assert_eq!(

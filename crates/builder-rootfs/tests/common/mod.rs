@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use builder_rootfs::{convert, ConvertOptions, ConvertReport};
+use builder_rootfs::{convert, convert_layer_dirs, ConvertOptions, ConvertReport, ImageConfig};
 use sha2::{Digest, Sha256};
 
 /// `/usr/bin/docker` against the test daemon; fails the test if the daemon is not configured.
@@ -84,6 +84,52 @@ pub fn convert_in(scratch: &Path, archive: &Path, output: &Path) -> ConvertRepor
     };
     convert(archive, output, &options)
         .unwrap_or_else(|e| panic!("conversion failed: {}", chain(&e)))
+}
+
+/// An image as the daemon's overlay2 store holds it: `docker image inspect`'s `Id`, `Config`
+/// and the layers' `diff` directories, lowest first.
+pub struct LayerDirs {
+    pub id: String,
+    pub config: ImageConfig,
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Reads where the layers of `tag` are (fails the test unless the daemon uses overlay2).
+pub fn layer_dirs(tag: &str) -> LayerDirs {
+    let json = run(docker().args(["image", "inspect", "-f", "{{json .}}", tag]));
+    let inspect: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    let driver = &inspect["GraphDriver"];
+    assert_eq!(driver["Name"], "overlay2", "{driver}");
+    let data = &driver["Data"];
+    let mut dirs: Vec<PathBuf> = data["LowerDir"]
+        .as_str()
+        .map(|lower| lower.split(':').rev().map(PathBuf::from).collect())
+        .unwrap_or_default();
+    dirs.push(PathBuf::from(data["UpperDir"].as_str().unwrap()));
+    assert_eq!(
+        dirs.len(),
+        inspect["RootFS"]["Layers"].as_array().unwrap().len(),
+        "{data}"
+    );
+    LayerDirs {
+        id: inspect["Id"].as_str().unwrap().to_owned(),
+        config: serde_json::from_value(inspect["Config"].clone()).unwrap(),
+        dirs,
+    }
+}
+
+/// Converts `tag` from its layer directories, with default options and a work area inside
+/// `scratch`.
+pub fn convert_layer_dirs_in(scratch: &Path, tag: &str, output: &Path) -> ConvertReport {
+    let work = scratch.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let options = ConvertOptions {
+        work_dir: work,
+        ..ConvertOptions::default()
+    };
+    let image = layer_dirs(tag);
+    convert_layer_dirs(&image.id, image.config, &image.dirs, output, &options)
+        .unwrap_or_else(|e| panic!("conversion from layer directories failed: {}", chain(&e)))
 }
 
 pub fn chain(e: &dyn std::error::Error) -> String {
