@@ -1,9 +1,11 @@
-//! The `builder-agent` command line: `run` (one build), `convert` (image archive → ext4).
+//! The `builder-agent` command line: `run` (one build), `convert` (image archive → ext4),
+//! `convert-image` (image in the Docker daemon → ext4, as the pipeline converts).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use builder_contract::report::exit_code;
+use builder_contract::ErrorClass;
 use clap::{Parser, Subcommand};
 
 use crate::notify::RetryPolicy;
@@ -26,6 +28,9 @@ enum Command {
     Run(RunArgs),
     /// Convert a `docker save` or OCI image archive into an ext4 root filesystem.
     Convert(ConvertArgs),
+    /// Convert an image in the Docker daemon into an ext4 root filesystem, as a build does:
+    /// from its overlay2 layer directories when readable here, else through `docker save`.
+    ConvertImage(ConvertImageArgs),
     /// Inside the builder VM: be its init (what pid 1 runs when started with no arguments).
     VmInit,
     /// Inside the builder VM: start dockerd and run the build (started by `vm-init`).
@@ -79,6 +84,28 @@ struct RunArgs {
 struct ConvertArgs {
     /// `docker save` archive or OCI image layout archive.
     image: PathBuf,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConvertImageArgs {
+    /// Image name or id in the daemon.
+    image: String,
+    #[command(flatten)]
+    output: OutputArgs,
+    /// The Docker daemon.
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    docker_host: String,
+}
+
+/// The ext4 file to write and how.
+#[derive(Debug, clap::Args)]
+struct OutputArgs {
     /// The ext4 file to write.
     output: PathBuf,
     /// Scratch space.
@@ -123,6 +150,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Convert(args) => convert(args),
+        Command::ConvertImage(args) => convert_image(args),
         Command::VmInit => crate::vm::init(),
         Command::VmBuild => crate::vm::build(),
     }
@@ -175,35 +203,86 @@ fn run(args: RunArgs) -> i32 {
     outcome.exit_code()
 }
 
+impl OutputArgs {
+    fn options(&self) -> builder_rootfs::ConvertOptions {
+        let mut options = builder_rootfs::ConvertOptions::default();
+        if let Some(dir) = &self.work_dir {
+            options.work_dir = dir.clone();
+        }
+        if let Some(percent) = self.free_space_percent {
+            options.free_space_percent = percent;
+        }
+        if !self.no_init {
+            options.init = Some(self.init.clone().unwrap_or_else(default_init));
+        }
+        options
+    }
+}
+
+/// Prints what a conversion produced as JSON, with `extra` fields.
+fn print_report(report: &builder_rootfs::ConvertReport, extra: serde_json::Value) {
+    let mut json = serde_json::json!({
+        "image_id": report.image_id,
+        "size_bytes": report.size_bytes,
+        "sha256": report.sha256,
+        "entries": report.entries,
+        "config": report.config,
+    });
+    if let (Some(json), serde_json::Value::Object(extra)) = (json.as_object_mut(), extra) {
+        json.extend(extra);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).expect("a report always serializes")
+    );
+}
+
 fn convert(args: ConvertArgs) -> i32 {
-    let mut options = builder_rootfs::ConvertOptions::default();
-    if let Some(dir) = args.work_dir {
-        options.work_dir = dir;
-    }
-    if let Some(percent) = args.free_space_percent {
-        options.free_space_percent = percent;
-    }
-    if !args.no_init {
-        options.init = Some(args.init.unwrap_or_else(default_init));
-    }
-    match builder_rootfs::convert(&args.image, &args.output, &options) {
+    match builder_rootfs::convert(&args.image, &args.output.output, &args.output.options()) {
         Ok(report) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "image_id": report.image_id,
-                    "size_bytes": report.size_bytes,
-                    "sha256": report.sha256,
-                    "entries": report.entries,
-                    "config": report.config,
-                }))
-                .expect("a report always serializes")
-            );
+            print_report(&report, serde_json::json!({}));
             exit_code::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {}", crate::error::chain(&e));
             if e.is_user_caused() {
+                exit_code::USER_ERROR
+            } else {
+                exit_code::INTERNAL_ERROR
+            }
+        }
+    }
+}
+
+fn convert_image(args: ConvertImageArgs) -> i32 {
+    let log = match crate::log::BuildLog::create(None, true) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("error: cannot start the log: {e}");
+            return exit_code::INTERNAL_ERROR;
+        }
+    };
+    let options = args.output.options();
+    let result = runtime().block_on(async {
+        let docker = crate::docker::DockerDaemon::connect(&args.docker_host).await?;
+        crate::convert::convert_image(&docker, &log, &args.image, &args.output.output, &options)
+            .await
+    });
+    match result {
+        Ok((report, route)) => {
+            let fallback = match &route {
+                crate::convert::ImageRoute::DockerSave(reason) => Some(reason.as_str()),
+                crate::convert::ImageRoute::LayerDirs(_) => None,
+            };
+            print_report(
+                &report,
+                serde_json::json!({ "route": route.name(), "fallback_reason": fallback }),
+            );
+            exit_code::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.class == ErrorClass::User {
                 exit_code::USER_ERROR
             } else {
                 exit_code::INTERNAL_ERROR

@@ -1,4 +1,5 @@
-//! The Docker daemon, through its Engine API: build the image, stream it out, remove it.
+//! The Docker daemon, through its Engine API: build the image, find its layer directories or
+//! stream it out, remove it.
 //!
 //! Uses the classic builder (Docker 20.10 has no buildx here). Build output is streamed into the
 //! build log line by line. Errors the daemon reports in the build stream (a failing `RUN`, a
@@ -6,13 +7,14 @@
 //! reached or answers 5xx before the build starts is ours.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use bollard::models::ImageInspect;
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, ImportImageOptionsBuilder, RemoveImageOptionsBuilder,
 };
 use bollard::Docker;
-use builder_contract::{ErrorClass, Phase};
+use builder_contract::{ErrorClass, ImageConfig, Phase};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
@@ -142,6 +144,43 @@ impl DockerDaemon {
         Ok(size)
     }
 
+    /// Where the files of `image` are: its id, its config and, when the daemon keeps it in
+    /// overlay2 without user-namespace remapping, the layers' `diff` directories.
+    pub async fn inspect_storage(&self, image: &str) -> Result<ImageStorage, BuildError> {
+        let fail = |what: &str, e: bollard::errors::Error| {
+            BuildError::internal(Phase::Convert, format!("cannot {what}: {}", chain(&e)))
+        };
+        let inspect = self
+            .docker
+            .inspect_image(image)
+            .await
+            .map_err(|e| fail(&format!("inspect the image {image}"), e))?;
+        let id = inspect
+            .id
+            .clone()
+            .ok_or_else(|| BuildError::internal(Phase::Convert, "the image has no id"))?;
+        let config = inspect.config.clone().map(image_config).unwrap_or_default();
+        let remapped = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| fail("ask the daemon for its settings", e))?
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|option| option.contains("name=userns"));
+        let layer_dirs = if remapped {
+            Err("the daemon remaps user namespaces (its layers hold shifted ids)".to_owned())
+        } else {
+            overlay2_layer_dirs(&inspect)
+        };
+        Ok(ImageStorage {
+            id,
+            config,
+            layer_dirs,
+        })
+    }
+
     /// Loads a `docker save` archive into the daemon (`docker load`); returns what it said.
     pub async fn load(&self, archive: &Path) -> Result<String, String> {
         let file = tokio::fs::File::open(archive)
@@ -168,6 +207,73 @@ impl DockerDaemon {
                 chain(&e)
             ));
         }
+    }
+}
+
+/// Where an image's files are, as the daemon describes it.
+pub struct ImageStorage {
+    /// `sha256:` digest of the image config (`docker image inspect`'s `Id`).
+    pub id: String,
+    /// The runtime part of the image config.
+    pub config: ImageConfig,
+    /// The layers' overlay2 `diff` directories, lowest first, or why there are none to read.
+    pub layer_dirs: Result<Vec<PathBuf>, String>,
+}
+
+/// The layer directories `GraphDriver` names: `LowerDir` (colon-separated, topmost first)
+/// below `UpperDir` (the top layer), one per layer of `RootFS`.
+fn overlay2_layer_dirs(inspect: &ImageInspect) -> Result<Vec<PathBuf>, String> {
+    let driver = inspect
+        .graph_driver
+        .as_ref()
+        .ok_or("the daemon does not say where the layers are")?;
+    if driver.name != "overlay2" {
+        return Err(format!(
+            "the storage driver is {:?}, not overlay2",
+            driver.name
+        ));
+    }
+    let upper = driver
+        .data
+        .get("UpperDir")
+        .ok_or("the overlay2 data has no UpperDir")?;
+    let mut dirs: Vec<PathBuf> = driver
+        .data
+        .get("LowerDir")
+        .map(|lower| lower.split(':').rev().map(PathBuf::from).collect())
+        .unwrap_or_default();
+    dirs.push(PathBuf::from(upper));
+    let layers = inspect
+        .root_fs
+        .as_ref()
+        .and_then(|root| root.layers.as_ref())
+        .map_or(0, Vec::len);
+    if dirs.len() != layers {
+        return Err(format!(
+            "the overlay2 data names {} layer directories for {layers} layers",
+            dirs.len()
+        ));
+    }
+    Ok(dirs)
+}
+
+/// The runtime part of an image config, as the converter writes it into the rootfs (the same
+/// fields the image's config document has: `docker image inspect` shows that document's
+/// `config`).
+fn image_config(config: bollard::models::ImageConfig) -> ImageConfig {
+    ImageConfig {
+        entrypoint: config.entrypoint,
+        cmd: config.cmd,
+        env: config.env,
+        working_dir: config.working_dir,
+        user: config.user,
+        // Docker omits an empty port set; an explicit null reads as empty here.
+        exposed_ports: config.exposed_ports.filter(|p| !p.is_empty()).map(|ports| {
+            ports
+                .into_iter()
+                .map(|port| (port, serde_json::json!({})))
+                .collect()
+        }),
     }
 }
 

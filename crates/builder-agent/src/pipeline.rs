@@ -1,5 +1,5 @@
-//! One build, end to end: parameters → clone → checkout → docker build → export → convert →
-//! upload → webhook, each phase timed, the first failure classed and reported.
+//! One build, end to end: parameters → clone → checkout → docker build → convert (from the
+//! daemon's layer directories, or docker save) → upload → webhook, each phase timed, the first failure classed and reported.
 //!
 //! Whatever happens, the build ends with exactly one report: written to the log, printed on
 //! stdout, and POSTed to `notify_url` when one was given and can be read, even when the other
@@ -18,6 +18,7 @@ use builder_rootfs::{ConvertOptions, ConvertReport};
 use url::Url;
 
 use crate::context::{write_context, ContextError};
+use crate::convert::{convert_image, create_work_dir};
 use crate::docker::DockerDaemon;
 use crate::error::{is_disk_full, BuildError};
 use crate::git::Git;
@@ -345,15 +346,6 @@ async fn build(
     progress.image_id = Some(image_id.clone());
     let docker = docker_slot.as_ref().expect("the build phase connected");
 
-    let archive = scratch.join("image.tar");
-    progress
-        .phase(log, Phase::Export, async {
-            let size = docker.save(tag, &archive).await?;
-            log.line(&format!("image archive: {size} bytes"));
-            Ok(())
-        })
-        .await?;
-
     let (rootfs_path, config_path) = match &params.s3 {
         Some(_) => (scratch.join("rootfs.ext4"), scratch.join("rootfs.json")),
         None => {
@@ -372,8 +364,9 @@ async fn build(
             log,
             Phase::Convert,
             convert(
+                docker,
                 log,
-                &archive,
+                tag,
                 &rootfs_path,
                 &config_path,
                 scratch,
@@ -381,7 +374,6 @@ async fn build(
             ),
         )
         .await?;
-    let _ = std::fs::remove_file(&archive);
 
     let artifact = match (&params.s3, &secrets.s3) {
         (Some(location), Some(credentials)) => {
@@ -462,10 +454,11 @@ async fn build(
     Ok(())
 }
 
-/// Converts the image archive into the rootfs and writes the image config beside it.
+/// Converts the image into the rootfs and writes the image config beside it.
 async fn convert(
+    docker: &DockerDaemon,
     log: &BuildLog,
-    archive: &Path,
+    image: &str,
     rootfs: &Path,
     config: &Path,
     scratch: &Path,
@@ -476,31 +469,11 @@ async fn convert(
         init: Some(init.to_path_buf()),
         ..ConvertOptions::default()
     };
-    let (archive, rootfs_owned) = (archive.to_path_buf(), rootfs.to_path_buf());
-    let report = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&options.work_dir)?;
-        let result = builder_rootfs::convert(&archive, &rootfs_owned, &options);
-        let _ = std::fs::remove_dir_all(&options.work_dir);
-        Ok::<_, std::io::Error>(result)
-    })
-    .await
-    .map_err(|e| BuildError::internal(Phase::Convert, format!("the converter crashed: {e}")))?
-    .map_err(|e| {
-        if is_disk_full(&e) {
-            BuildError::disk_full(Phase::Convert, "preparing the converter")
-        } else {
-            BuildError::internal(Phase::Convert, format!("cannot prepare the converter: {e}"))
-        }
-    })?
-    .map_err(|e| {
-        if e.is_disk_full() {
-            BuildError::disk_full(Phase::Convert, "writing the root filesystem")
-        } else if e.is_user_caused() {
-            BuildError::from_chain(Phase::Convert, ErrorClass::User, &e)
-        } else {
-            BuildError::from_chain(Phase::Convert, ErrorClass::Internal, &e)
-        }
-    })?;
+    create_work_dir(&options.work_dir)?;
+    let result = convert_image(docker, log, image, rootfs, &options).await;
+    let _ = std::fs::remove_dir_all(&options.work_dir);
+    let (report, route) = result?;
+    log.line(&format!("rootfs made from {}", route.name()));
     let json =
         serde_json::to_vec_pretty(&report.config).expect("an image config always serializes");
     std::fs::write(config, json).map_err(|e| {

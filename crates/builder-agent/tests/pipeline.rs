@@ -110,13 +110,14 @@ fn simple_dockerfile_becomes_a_rootfs_and_a_signed_webhook() {
     let phases: Vec<Phase> = report.phases.iter().map(|p| p.phase).collect();
     assert_eq!(
         phases,
-        [
-            Phase::Clone,
-            Phase::Checkout,
-            Phase::Build,
-            Phase::Export,
-            Phase::Convert
-        ]
+        [Phase::Clone, Phase::Checkout, Phase::Build, Phase::Convert]
+    );
+    assert!(
+        run.log
+            .contains("layer directories of the daemon's overlay2 store")
+            && run.log.contains("rootfs made from layer-dirs"),
+        "the image was not read from its layer directories:\n{}",
+        run.log
     );
     assert!(
         run.log.contains("==> build") && run.log.contains("Step 2/"),
@@ -473,10 +474,11 @@ fn a_full_disk_is_reported_as_a_user_error() {
         .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
         .arg(&small));
     let id = unique("diskfull");
+    let small = small.to_str().unwrap();
     let result = scratch.run(
         &params(&repo, "main", &id, ""),
-        &["--work-dir", small.to_str().unwrap()],
+        &["--work-dir", small, "--out-dir", small],
     );
-    let _ = std::process::Command::new("umount").arg(&small).status();
-    assert_failed(&result, ErrorClass::User, Phase::Export, "no space left");
+    let _ = std::process::Command::new("umount").arg(small).status();
+    assert_failed(&result, ErrorClass::User, Phase::Convert, "no space left");
 }

@@ -279,14 +279,15 @@ impl Scratch {
         let log_file = self.path().join("build.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder-agent"));
         cmd.args(["run", "--params", params, "--notify-first-delay-ms", "100"])
-            .arg("--out-dir")
-            .arg(&out_dir)
             .arg("--log-file")
             .arg(&log_file)
             .env("DOCKER_HOST", env("DOCKER_HOST"))
             .env("BUILDER_INIT", env("BUILDER_INIT"));
         if !extra.contains(&"--work-dir") {
             cmd.arg("--work-dir").arg(self.path().join("work"));
+        }
+        if !extra.contains(&"--out-dir") {
+            cmd.arg("--out-dir").arg(&out_dir);
         }
         cmd.args(extra);
         let out = cmd.output().expect("builder-agent runs");
