@@ -1,5 +1,6 @@
 //! The HTTP API (`/v1`, JSON, bearer-token auth), the guest's report endpoint (HMAC-signed with
-//! the build's own key, replays refused), health, readiness and metrics. Every failure is an
+//! the build's own key, replays refused), source uploads and the read-only git repositories
+//! they become ([`crate::sources`]), health, readiness and metrics. Every failure is an
 //! [`ApiError`], and [`ApiError::status`] is the one place that maps errors to status codes.
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use builder_contract::signature::{self, SignatureError, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use builder_contract::BuildReport;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ use crate::db::{BuildRow, DbError, EventRow, NewBuild};
 use crate::metrics::Snapshot;
 use crate::model::{BuildRequest, BuildState, RequestError};
 use crate::node::{Node, Signal};
+use crate::sources::{SourceError, Sources, Uploaded};
 use crate::vm::Check;
 
 const MAX_LIST_LIMIT: u32 = 500;
@@ -59,6 +61,10 @@ pub enum ApiError {
     Replay { id: String },
     #[error("the node agent is draining and admits no new builds")]
     Draining,
+    #[error("no source has this URL (it ended with its builds, or never existed)")]
+    NoSource,
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error("the database failed")]
     Db(#[from] DbError),
 }
@@ -73,10 +79,11 @@ impl ApiError {
             | ApiError::Invalid(_)
             | ApiError::Query(_)
             | ApiError::BadReport { .. } => StatusCode::BAD_REQUEST,
-            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Source(SourceError::BadBundle { .. }) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound { .. } | ApiError::NoSource => StatusCode::NOT_FOUND,
             ApiError::Finished { .. } | ApiError::Replay { .. } => StatusCode::CONFLICT,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Db(_) | ApiError::Source(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -118,9 +125,14 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn router(node: Arc<Node>) -> Router {
+pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
     let limit = node.config.max_body_bytes as usize;
+    let source_limit = node.config.max_source_bytes as usize;
     let authed = Router::new()
+        .route(
+            "/v1/sources",
+            post(upload_source).layer(DefaultBodyLimit::max(source_limit)),
+        )
         .route("/v1/builds", post(submit).get(list))
         .route("/v1/builds/{id}", get(show))
         .route("/v1/builds/{id}/logs", get(logs))
@@ -129,10 +141,12 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .merge(authed)
         .route("/v1/internal/builds/{id}/complete", post(complete))
+        .route("/v1/sources/{token}/repo.git/{*path}", get(source_file))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(Extension(sources))
         .with_state(node)
 }
 
@@ -177,6 +191,7 @@ pub struct Submitted {
 
 async fn submit(
     State(node): State<Arc<Node>>,
+    Extension(sources): Extension<Arc<Sources>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
     let bytes = body_bytes(&node, body)?;
@@ -198,6 +213,8 @@ async fn submit(
         request,
     };
     let row = node.db.insert(&new).await?;
+    // After the insert: the sweeper keeps a source while a build it names is not terminal.
+    sources.register(&new.request.repo_url, &id)?;
     node.wake();
     Ok((
         StatusCode::ACCEPTED,
@@ -206,6 +223,56 @@ async fn submit(
             state: row.state,
         }),
     ))
+}
+
+/// `POST /v1/sources`: a git bundle with the branch `main` becomes a repository builds can
+/// clone; the answer names its URL and commit.
+async fn upload_source(
+    State(node): State<Arc<Node>>,
+    Extension(sources): Extension<Arc<Sources>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Uploaded>)> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: node.config.max_source_bytes,
+            }
+        } else {
+            ApiError::Body(rejection)
+        }
+    })?;
+    if node.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let uploaded = tokio::task::spawn_blocking(move || sources.add(&bytes))
+        .await
+        .expect("the source upload task does not panic")?;
+    Ok((StatusCode::CREATED, Json(uploaded)))
+}
+
+/// `GET /v1/sources/{token}/repo.git/{path}`: git's dumb HTTP protocol, read-only, no bearer
+/// token (the VM has none; the random token in the URL is the credential).
+async fn source_file(
+    Extension(sources): Extension<Arc<Sources>>,
+    Path((token, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let file = sources.file(&token, &path).ok_or(ApiError::NoSource)?;
+    let bytes = tokio::fs::read(&file)
+        .await
+        .map_err(|_| ApiError::NoSource)?;
+    let content_type = if path.starts_with("objects/") && path != "objects/info/packs" {
+        "application/x-git-loose-object"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 /// A build as the API shows it.

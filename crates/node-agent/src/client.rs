@@ -1,5 +1,5 @@
-//! The CLI's side of the API: `submit`, `status`, `list`, `cancel`, `logs`, talking to a node
-//! agent over HTTP with the bearer token. `submit --wait` prints a line per state and phase
+//! The CLI's side of the API: `submit` (uploading a local directory first), `status`, `list`,
+//! `cancel`, `logs`, talking to a node agent over HTTP with the bearer token. `submit --wait` prints a line per state and phase
 //! (indicatif) and streams the build's console log.
 
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{BuildList, BuildView, ErrorBody, Submitted};
 use crate::model::{BuildRequest, BuildState};
+use crate::sources::Uploaded;
 
 /// How the CLI reaches the daemon.
 #[derive(Debug, Clone, clap::Args)]
@@ -81,6 +82,21 @@ impl Client {
         r.json()
             .await
             .context("the node agent's answer to a submit is not valid")
+    }
+
+    /// Uploads a git bundle (see [`crate::local_source`]) as a source builds can clone.
+    pub async fn upload_source(&self, bundle: Vec<u8>) -> Result<Uploaded> {
+        let r = self
+            .send(
+                self.http
+                    .post(self.url("/v1/sources")?)
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-git-bundle")
+                    .body(bundle),
+            )
+            .await?;
+        r.json()
+            .await
+            .context("the node agent's answer to a source upload is not valid")
     }
 
     pub async fn status(&self, id: &str) -> Result<BuildView> {

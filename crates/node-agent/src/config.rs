@@ -76,6 +76,7 @@ struct Layered {
     grace_period_s: u64,
     default_timeout_s: u64,
     max_body_bytes: u64,
+    max_source_bytes: u64,
     webhook_attempts: u32,
     poll_interval_ms: u64,
 }
@@ -168,6 +169,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_MAX_BODY_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Largest accepted source upload (`POST /v1/sources`, a git bundle).
+    #[arg(long, env = "NODE_AGENT_MAX_SOURCE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_source_bytes: Option<u64>,
     /// Delivery attempts of a requester webhook before giving up.
     #[arg(long, env = "NODE_AGENT_WEBHOOK_ATTEMPTS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +206,7 @@ pub struct Config {
     pub grace_period_s: u64,
     pub default_timeout_s: u64,
     pub max_body_bytes: u64,
+    pub max_source_bytes: u64,
     pub webhook_attempts: u32,
     pub poll_interval_ms: u64,
 }
@@ -247,6 +253,7 @@ impl Config {
             ("capacity_vcpus", 1, u64::from(capacity_vcpus)),
             ("capacity_mem_mib", 128, capacity_mem_mib),
             ("max_body_bytes", 1024, l.max_body_bytes),
+            ("max_source_bytes", 1024, l.max_source_bytes),
             ("webhook_attempts", 1, u64::from(l.webhook_attempts)),
             ("poll_interval_ms", 10, l.poll_interval_ms),
             ("default_timeout_s", 1, l.default_timeout_s),
@@ -289,10 +296,16 @@ impl Config {
             grace_period_s: l.grace_period_s,
             default_timeout_s: l.default_timeout_s,
             max_body_bytes: l.max_body_bytes,
+            max_source_bytes: l.max_source_bytes,
             webhook_attempts: l.webhook_attempts,
             poll_interval_ms: l.poll_interval_ms,
             work_dir: l.work_dir,
         })
+    }
+
+    /// Where uploaded sources are kept and served from (see [`crate::sources`]).
+    pub fn sources_dir(&self) -> PathBuf {
+        self.work_dir.join("sources")
     }
 
     /// Where a build's console log is kept on this node.

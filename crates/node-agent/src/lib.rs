@@ -7,10 +7,12 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod local_source;
 pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod notify;
+pub mod sources;
 pub mod vm;
 pub mod vmm;
 
@@ -53,19 +55,39 @@ pub async fn serve_on(
     node: std::sync::Arc<node::Node>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let sources = std::sync::Arc::new(
+        sources::Sources::new(node.config.sources_dir(), node.config.callback_url.clone())
+            .map_err(std::io::Error::other)?,
+    );
+    sweep_sources(&sources, &node).await;
     let scheduler = tokio::spawn(node.clone().run());
-    let app = api::router(node.clone());
-    let drained = async move {
-        shutdown.await;
-        tracing::info!("shutting down: draining");
-        node.drain().await;
-        tracing::info!("drained");
+    let sweeper = tokio::spawn(sources.clone().sweep_forever(node.db.clone()));
+    let app = api::router(node.clone(), sources.clone());
+    let drained = {
+        let node = node.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining");
+            node.drain().await;
+            tracing::info!("drained");
+        }
     };
     axum::serve(listener, app)
         .with_graceful_shutdown(drained)
         .await?;
     scheduler.abort();
+    sweeper.abort();
+    sweep_sources(&sources, &node).await;
     Ok(())
+}
+
+/// Removes the uploaded sources no build needs any more (at start: what a previous run left).
+async fn sweep_sources(sources: &sources::Sources, node: &node::Node) {
+    match sources.sweep(&node.db).await {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "uploaded sources removed"),
+        Err(e) => tracing::warn!(error = error_chain(&e), "cannot sweep uploaded sources"),
+    }
 }
 
 /// `node-agent serve`: binds the configured address and runs until SIGTERM or SIGINT.

@@ -1,9 +1,12 @@
 //! `node-agent`: `serve` runs the daemon; the other commands are its command-line client.
 
-use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use node_agent::client::{self, Client, Connection};
 use node_agent::config::{Config, ServeArgs};
+use node_agent::local_source::bundle_dir;
 use node_agent::model::BuildRequest;
 use node_agent::node::Node;
 
@@ -25,14 +28,19 @@ enum Command {
     Submit {
         #[command(flatten)]
         conn: Connection,
-        /// Git repository URL.
+        /// Git repository URL, or a local directory: uploaded to the node agent as one commit
+        /// (a git work tree's committed state, any other directory as it is).
         repo: String,
-        /// Branch or tag to build.
+        /// Branch or tag to build (repository URLs only).
         #[arg(long = "ref", conflicts_with = "commit")]
         git_ref: Option<String>,
-        /// Full commit id to build.
+        /// Full commit id to build (repository URLs only).
         #[arg(long)]
         commit: Option<String>,
+        /// Build a local directory in a git work tree as it is on disk, uncommitted changes
+        /// included, instead of its committed state.
+        #[arg(long)]
+        snapshot: bool,
         #[arg(long)]
         dockerfile: Option<String>,
         #[arg(long)]
@@ -121,8 +129,39 @@ async fn run(cli: Cli) -> Result<i32> {
             disk_gib,
             timeout_s,
             wait,
+            snapshot,
         } => {
             let client = Client::new(&conn)?;
+            let (repo, commit) = if Path::new(&repo).is_dir() {
+                if git_ref.is_some() || commit.is_some() {
+                    bail!("--ref and --commit name a revision of a repository URL; {repo} is a local directory, built as it is committed (or with --snapshot, as it is on disk)");
+                }
+                let dir = PathBuf::from(&repo);
+                let bundle = tokio::task::spawn_blocking(move || bundle_dir(&dir, snapshot))
+                    .await?
+                    .with_context(|| format!("cannot make a git bundle of {repo}"))?;
+                let size = bundle.bytes.len();
+                let uploaded = client
+                    .upload_source(bundle.bytes)
+                    .await
+                    .with_context(|| format!("cannot upload {} ({size} bytes)", bundle.what))?;
+                if uploaded.commit_sha != bundle.commit_sha {
+                    bail!(
+                        "the node agent stored commit {} of the upload, not {}",
+                        uploaded.commit_sha,
+                        bundle.commit_sha
+                    );
+                }
+                eprintln!(
+                    "uploaded {} as commit {} ({size} bytes)",
+                    bundle.what, uploaded.commit_sha
+                );
+                (uploaded.repo_url.to_string(), Some(uploaded.commit_sha))
+            } else if snapshot {
+                bail!("--snapshot applies to a local directory; {repo} is not one");
+            } else {
+                (repo, commit)
+            };
             let request = BuildRequest {
                 repo_url: repo,
                 commit_sha: commit,

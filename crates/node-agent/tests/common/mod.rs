@@ -16,6 +16,9 @@ use node_agent::config::{Config, ServeArgs};
 use node_agent::node::Node;
 use node_agent::vm::{Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit};
 
+/// The source upload limit of test daemons.
+pub const MAX_SOURCE_BYTES: u64 = 1 << 20;
+
 /// A launcher whose VMs are `sh -c SCRIPT` with the console on stdout.
 pub struct ScriptLauncher {
     pub script: Mutex<String>,
@@ -160,6 +163,7 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
         grace_period_s: Some(o.grace_period_s),
         poll_interval_ms: Some(50),
         max_body_bytes: Some(4096),
+        max_source_bytes: Some(MAX_SOURCE_BYTES),
         webhook_attempts: Some(3),
         ..Default::default()
     };
