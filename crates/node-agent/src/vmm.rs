@@ -163,17 +163,27 @@ impl VmmLauncher {
         let addresses = self.pool.addresses(slot).map_err(|e| boxed(&id, e))?;
         let mut params = spec.params;
         // A callback on loopback or the wildcard address is this host: from inside the VM that
-        // is the host end of its veth.
+        // is the host end of its veth. So is a source uploaded to this node agent, served on
+        // the same port (`node-agent submit DIR`).
+        let is_local = |url: &url::Url| match url.host_str().and_then(|h| h.parse::<IpAddr>().ok())
+        {
+            Some(ip) => ip.is_loopback() || ip.is_unspecified(),
+            None => url.host_str() == Some("localhost"),
+        };
         let mut host_port = None;
         if let Some(url) = params.notify_url.as_mut() {
-            let local = match url.host_str().and_then(|h| h.parse::<IpAddr>().ok()) {
-                Some(ip) => ip.is_loopback() || ip.is_unspecified(),
-                None => url.host_str() == Some("localhost"),
-            };
-            if local {
+            if is_local(url) {
                 let _ = url.set_host(Some(&addresses.host_veth.to_string()));
                 host_port = url.port_or_known_default();
             }
+        }
+        if is_local(&params.repo_url)
+            && host_port.is_some()
+            && params.repo_url.port_or_known_default() == host_port
+        {
+            let _ = params
+                .repo_url
+                .set_host(Some(&addresses.host_veth.to_string()));
         }
         let allow = spec
             .egress_allow
