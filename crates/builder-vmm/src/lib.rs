@@ -17,6 +17,7 @@ pub mod exit;
 pub mod firecracker;
 pub mod host;
 pub mod net;
+pub mod netlink;
 pub mod process;
 pub mod qemu;
 pub mod reclaim;

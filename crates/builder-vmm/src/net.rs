@@ -7,8 +7,8 @@
 //! of the veth (a `/30`), `.5` is the TAP (the guest's gateway) and `.6` the guest (another
 //! `/30`). The guest learns its address from the kernel `ip=` parameter.
 //!
-//! Egress, enforced in the namespace's `FORWARD` chain (gone with the namespace) and the host's
-//! `INPUT` chain (tagged with a comment): the guest may not reach the host itself (except one
+//! Egress, enforced in the namespace's nftables `forward` chain (gone with the namespace) and
+//! the host's iptables `INPUT` chain (tagged with a comment): the guest may not reach the host itself (except one
 //! allowed TCP port, the webhook endpoint), any address of the pool (other VMs), or link-local
 //! `169.254.0.0/16` (cloud metadata); everything else is allowed, or only an allowlist.
 
@@ -20,7 +20,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::cleanup::CleanupStack;
-use crate::host::{Host, HostCommand, HostError};
+use crate::host::{Host, HostCommand, HostError, HostOp, Sysctl, NETNS_RUN_DIR};
+use crate::netlink::NetOp;
 
 /// Prefix of every host-side veth name (`bvh-<hex of its address>`: unique on the host even
 /// when several node agents with their own address ranges share it).
@@ -33,6 +34,8 @@ pub const TAP: &str = "tap0";
 pub const GUEST_IFACE: &str = "eth0";
 /// Link-local range of cloud metadata services, always blocked.
 pub const LINK_LOCAL: &str = "169.254.0.0/16";
+/// The nftables table (family `ip`) holding the namespace's firewall.
+pub const NETNS_TABLE: &str = "builder";
 
 /// Why the network could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -260,8 +263,8 @@ pub struct NetworkPlan {
     pub tap_owner: Option<u32>,
 }
 
-/// A command and the command that undoes it.
-type Step = (HostCommand, Option<HostCommand>);
+/// A host step and the step that undoes it.
+type Step = (HostOp, Option<HostOp>);
 
 impl NetworkPlan {
     pub fn new(
@@ -283,7 +286,7 @@ impl NetworkPlan {
 
     /// Path of the namespace, as the jailer's `--netns` wants it.
     pub fn netns_path(&self) -> String {
-        format!("/var/run/netns/{}", self.tag)
+        format!("{NETNS_RUN_DIR}/{}", self.tag)
     }
 
     /// The kernel `ip=` parameter for this VM.
@@ -291,56 +294,73 @@ impl NetworkPlan {
         self.addresses.kernel_ip_param(&self.spec.dns)
     }
 
-    /// The rules loaded into the namespace with `iptables-restore`.
+    /// The namespace's firewall: one nftables table [`NETNS_TABLE`] loaded with one `nft -f -`
+    /// (one kernel transaction; `iptables-restore` in a fresh namespace took 20-45 ms here, `nft`
+    /// about 6). `forward` drops by default and lets the guest out to what its policy allows,
+    /// `input` keeps the guest off the namespace itself, `postrouting` masquerades on the veth.
     pub fn netns_rules(&self) -> String {
         let a = &self.addresses;
-        let mut forward = vec!["-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT".to_string()];
+        let tap = format!("iifname \"{TAP}\"");
+        let mut forward = vec!["ct state established,related accept".to_string()];
         if let Some(port) = self.spec.egress.host_port {
             forward.push(format!(
-                "-i {TAP} -d {}/32 -p tcp --dport {port} -j ACCEPT",
+                "{tap} ip daddr {}/32 tcp dport {port} accept",
                 a.host_veth
             ));
         }
-        forward.push(format!("-i {TAP} -d {} -j DROP", self.pool));
-        forward.push(format!("-i {TAP} -d {LINK_LOCAL} -j DROP"));
+        forward.push(format!("{tap} ip daddr {} drop", self.pool));
+        forward.push(format!("{tap} ip daddr {LINK_LOCAL} drop"));
         match &self.spec.egress.allow {
-            None => forward.push(format!("-i {TAP} -j ACCEPT")),
+            None => forward.push(format!("{tap} accept")),
             Some(rules) => {
                 for dns in self.spec.dns.iter().take(2) {
                     for proto in ["udp", "tcp"] {
-                        forward.push(format!(
-                            "-i {TAP} -d {dns}/32 -p {proto} --dport 53 -j ACCEPT"
-                        ));
+                        forward.push(format!("{tap} ip daddr {dns}/32 {proto} dport 53 accept"));
                     }
                 }
                 for rule in rules {
-                    let dest = format!("-i {TAP} -d {}/{}", rule.network, rule.prefix);
+                    let dest = format!("{tap} ip daddr {}/{}", rule.network, rule.prefix);
                     match rule.port {
-                        None => forward.push(format!("{dest} -j ACCEPT")),
+                        None => forward.push(format!("{dest} accept")),
                         Some(port) => {
                             for proto in ["tcp", "udp"] {
-                                forward.push(format!("{dest} -p {proto} --dport {port} -j ACCEPT"));
+                                forward.push(format!("{dest} {proto} dport {port} accept"));
                             }
                         }
                     }
                 }
             }
         }
-        let mut text = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n");
-        text.push_str(":OUTPUT ACCEPT [0:0]\n");
-        text.push_str(&format!(
-            "-A INPUT -i {TAP} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
-        ));
-        text.push_str(&format!("-A INPUT -i {TAP} -j DROP\n"));
-        for rule in forward {
-            text.push_str(&format!("-A FORWARD {rule}\n"));
-        }
-        text.push_str("COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n");
-        text.push_str(":OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
-        text.push_str(&format!(
-            "-A POSTROUTING -o {NS_VETH} -j MASQUERADE\nCOMMIT\n"
-        ));
-        text
+        let chain = |name: &str, head: &str, rules: &[String]| {
+            let mut text = format!("  chain {name} {{\n    {head}\n");
+            for rule in rules {
+                text.push_str(&format!("    {rule}\n"));
+            }
+            text + "  }\n"
+        };
+        [
+            format!("table ip {NETNS_TABLE} {{\n"),
+            chain(
+                "input",
+                "type filter hook input priority filter; policy accept;",
+                &[
+                    format!("{tap} ct state established,related accept"),
+                    format!("{tap} drop"),
+                ],
+            ),
+            chain(
+                "forward",
+                "type filter hook forward priority filter; policy drop;",
+                &forward,
+            ),
+            chain(
+                "postrouting",
+                "type nat hook postrouting priority srcnat; policy accept;",
+                &[format!("oifname \"{NS_VETH}\" masquerade")],
+            ),
+            "}\n".to_string(),
+        ]
+        .concat()
     }
 
     /// The host-side rules as an `iptables-restore --noflush` script, each rule tagged with a
@@ -371,89 +391,108 @@ impl NetworkPlan {
         text
     }
 
-    /// `ip -batch` input run inside the namespace: loopback, veth end, TAP, default route.
-    fn netns_links(&self) -> String {
-        let a = &self.addresses;
-        let owner = self
-            .tap_owner
-            .map(|uid| format!(" user {uid}"))
-            .unwrap_or_default();
-        [
-            "link set dev lo up".to_string(),
-            format!("addr add {}/30 dev {NS_VETH}", a.ns_veth),
-            format!("link set dev {NS_VETH} up"),
-            format!("tuntap add dev {TAP} mode tap{owner}"),
-            format!("addr add {}/30 dev {TAP}", a.gateway),
-            format!("link set dev {TAP} up"),
-            format!("route add default via {}", a.host_veth),
-        ]
-        .map(|line| line + "\n")
-        .concat()
-    }
-
-    /// Every host command, in order, each with its undo. Commands that only touch the inside of
-    /// the namespace need none: they go with it.
+    /// Every host step, in order, each with its undo. Steps that only touch the inside of the
+    /// namespace need none: they go with it.
     pub fn steps(&self) -> Vec<Step> {
+        let a = &self.addresses;
         let (ns, hv) = (self.tag.as_str(), self.host_veth.as_str());
-        let ip = |args: &[&str]| HostCommand::new("ip", args.iter().copied());
-        let host_veth = format!(
-            "link set dev {hv} alias {ns} up\naddr add {}/30 dev {hv}\n",
-            self.addresses.host_veth
-        );
+        let inside = Some(ns.to_string());
+        let net = HostOp::Net;
+        let up = |netns: &Option<String>, name: &str| {
+            net(NetOp::LinkUp {
+                netns: netns.clone(),
+                name: name.to_string(),
+                alias: None,
+            })
+        };
+        let address = |netns: &Option<String>, name: &str, address| {
+            net(NetOp::AddressAdd {
+                netns: netns.clone(),
+                name: name.to_string(),
+                address,
+                prefix: 30,
+            })
+        };
         let restore = |add| {
-            HostCommand::new("iptables-restore", ["-w", "--noflush"])
-                .with_stdin(self.host_rules(add))
+            HostOp::Run(
+                HostCommand::new("iptables-restore", ["-w", "--noflush"])
+                    .with_stdin(self.host_rules(add)),
+            )
+        };
+        let ip_forward = |netns: Option<&str>| {
+            HostOp::Sysctl(Sysctl {
+                key: "net.ipv4.ip_forward",
+                value: "1",
+                netns: netns.map(str::to_string),
+            })
         };
         vec![
             (
-                ip(&["netns", "add", ns]),
-                Some(ip(&["netns", "delete", ns])),
+                net(NetOp::NetnsAdd { name: ns.into() }),
+                Some(net(NetOp::NetnsDelete { name: ns.into() })),
             ),
             (
-                ip(&[
-                    "link", "add", hv, "type", "veth", "peer", "name", NS_VETH, "netns", ns,
-                ]),
-                Some(ip(&["link", "delete", hv])),
+                net(NetOp::VethAdd {
+                    name: hv.into(),
+                    peer: NS_VETH.into(),
+                    peer_netns: ns.into(),
+                }),
+                Some(net(NetOp::LinkDelete { name: hv.into() })),
             ),
-            (ip(&["-batch", "-"]).with_stdin(host_veth), None),
             (
-                ip(&["-n", ns, "-batch", "-"]).with_stdin(self.netns_links()),
+                net(NetOp::LinkUp {
+                    netns: None,
+                    name: hv.into(),
+                    alias: Some(ns.into()),
+                }),
                 None,
             ),
+            (address(&None, hv, a.host_veth), None),
+            (up(&inside, "lo"), None),
+            (address(&inside, NS_VETH, a.ns_veth), None),
+            (up(&inside, NS_VETH), None),
             (
-                ip(&[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
-                ]),
+                net(NetOp::TapAdd {
+                    netns: inside.clone(),
+                    name: TAP.into(),
+                    owner: self.tap_owner,
+                }),
                 None,
             ),
+            (address(&inside, TAP, a.gateway), None),
+            (up(&inside, TAP), None),
             (
-                ip(&["netns", "exec", ns, "iptables-restore"]).with_stdin(self.netns_rules()),
+                net(NetOp::DefaultRoute {
+                    netns: inside.clone(),
+                    via: a.host_veth,
+                }),
                 None,
             ),
+            (ip_forward(Some(ns)), None),
             (
-                HostCommand::new("sysctl", ["-qw", "net.ipv4.ip_forward=1"]),
+                HostOp::Run(
+                    HostCommand::new("nft", ["-f", "-"])
+                        .with_stdin(self.netns_rules())
+                        .in_netns(ns),
+                ),
                 None,
             ),
+            (ip_forward(None), None),
             (restore(true), Some(restore(false))),
         ]
     }
 
     /// Runs every step, pushing each undo onto `stack` as soon as its resource exists.
     pub fn apply(&self, host: &Arc<dyn Host>, stack: &mut CleanupStack) -> Result<(), NetError> {
-        for (command, undo) in self.steps() {
-            host.run(&command).map_err(|source| NetError::Step {
-                step: command.to_string(),
+        for (op, undo) in self.steps() {
+            op.apply(host.as_ref()).map_err(|source| NetError::Step {
+                step: op.to_string(),
                 source,
             })?;
             if let Some(undo) = undo {
                 let host = host.clone();
                 stack.push(undo.to_string(), move || {
-                    host.run(&undo).map(drop).map_err(Into::into)
+                    undo.apply(host.as_ref()).map_err(Into::into)
                 });
             }
         }
@@ -489,6 +528,23 @@ pub(crate) mod tests {
                 });
             }
             Ok(String::new())
+        }
+
+        fn sysctl(&self, sysctl: &Sysctl) -> Result<(), HostError> {
+            self.calls.lock().unwrap().push(sysctl.to_string());
+            Ok(())
+        }
+
+        fn net(&self, op: &NetOp) -> Result<(), HostError> {
+            let text = op.to_string();
+            self.calls.lock().unwrap().push(text.clone());
+            if self.fail_on.is_some_and(|f| text.contains(f)) {
+                return Err(HostError::Net {
+                    op: text,
+                    source: std::io::Error::from_raw_os_error(libc::EEXIST),
+                });
+            }
+            Ok(())
         }
     }
 
@@ -561,30 +617,38 @@ pub(crate) mod tests {
     fn netns_rules_block_host_pool_and_metadata_before_allowing() {
         let mut spec = spec(1);
         let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec.clone(), None).unwrap();
-        let rules = plan.netns_rules();
-        let forward: Vec<&str> = rules
-            .lines()
-            .filter(|l| l.starts_with("-A FORWARD"))
-            .collect();
         assert_eq!(
-            forward,
-            [
-                "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-                "-A FORWARD -i tap0 -d 10.200.0.9/32 -p tcp --dport 8080 -j ACCEPT",
-                "-A FORWARD -i tap0 -d 10.200.0.0/16 -j DROP",
-                "-A FORWARD -i tap0 -d 169.254.0.0/16 -j DROP",
-                "-A FORWARD -i tap0 -j ACCEPT",
-            ]
+            plan.netns_rules(),
+            "table ip builder {\n  \
+             chain input {\n    \
+             type filter hook input priority filter; policy accept;\n    \
+             iifname \"tap0\" ct state established,related accept\n    \
+             iifname \"tap0\" drop\n  \
+             }\n  \
+             chain forward {\n    \
+             type filter hook forward priority filter; policy drop;\n    \
+             ct state established,related accept\n    \
+             iifname \"tap0\" ip daddr 10.200.0.9/32 tcp dport 8080 accept\n    \
+             iifname \"tap0\" ip daddr 10.200.0.0/16 drop\n    \
+             iifname \"tap0\" ip daddr 169.254.0.0/16 drop\n    \
+             iifname \"tap0\" accept\n  \
+             }\n  \
+             chain postrouting {\n    \
+             type nat hook postrouting priority srcnat; policy accept;\n    \
+             oifname \"veth0\" masquerade\n  \
+             }\n\
+             }\n"
         );
-        assert!(rules.contains(":FORWARD DROP"));
-        assert!(rules.contains("-A POSTROUTING -o veth0 -j MASQUERADE"));
 
         spec.egress.allow = Some(vec!["192.0.2.0/24:443".parse().unwrap()]);
         let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec, None).unwrap();
         let rules = plan.netns_rules();
-        assert!(!rules.contains("-A FORWARD -i tap0 -j ACCEPT"));
-        assert!(rules.contains("-A FORWARD -i tap0 -d 1.1.1.1/32 -p udp --dport 53 -j ACCEPT"));
-        assert!(rules.contains("-A FORWARD -i tap0 -d 192.0.2.0/24 -p tcp --dport 443 -j ACCEPT"));
+        assert!(!rules.contains("iifname \"tap0\" accept"), "{rules}");
+        assert!(rules.contains("iifname \"tap0\" ip daddr 1.1.1.1/32 udp dport 53 accept\n"));
+        assert!(
+            rules.contains("iifname \"tap0\" ip daddr 192.0.2.0/24 tcp dport 443 accept\n"),
+            "{rules}"
+        );
     }
 
     #[test]
@@ -595,32 +659,37 @@ pub(crate) mod tests {
         let mut stack = CleanupStack::new();
         plan.apply(&host, &mut stack).unwrap();
         let calls = recorder.calls.lock().unwrap().clone();
-        assert_eq!(calls[0], "ip netns add bvm-a");
         assert_eq!(
-            calls[1],
-            "ip link add bvh-0ac80009 type veth peer name veth0 netns bvm-a"
+            calls[..15],
+            [
+                "ip netns add bvm-a",
+                "ip link add bvh-0ac80009 type veth peer name veth0 netns bvm-a",
+                "ip link set dev bvh-0ac80009 alias bvm-a up",
+                "ip addr add 10.200.0.9/30 dev bvh-0ac80009",
+                "[netns bvm-a] ip link set dev lo up",
+                "[netns bvm-a] ip addr add 10.200.0.10/30 dev veth0",
+                "[netns bvm-a] ip link set dev veth0 up",
+                "[netns bvm-a] ip tuntap add dev tap0 mode tap user 10000",
+                "[netns bvm-a] ip addr add 10.200.0.13/30 dev tap0",
+                "[netns bvm-a] ip link set dev tap0 up",
+                "[netns bvm-a] ip route add default via 10.200.0.9",
+                "[netns bvm-a] sysctl net.ipv4.ip_forward=1",
+                &format!("[netns bvm-a] nft -f - <stdin>\n{}", plan.netns_rules()),
+                "sysctl net.ipv4.ip_forward=1",
+                "iptables-restore -w --noflush <stdin>\n*filter\n\
+                 -I FORWARD -i bvh-0ac80009 -m comment --comment bvm-a -j ACCEPT\n\
+                 -I FORWARD -o bvh-0ac80009 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
+                 --comment bvm-a -j ACCEPT\n\
+                 -I INPUT -i bvh-0ac80009 -m comment --comment bvm-a -j DROP\n\
+                 -I INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 -m comment \
+                 --comment bvm-a -j ACCEPT\n\
+                 COMMIT\n*nat\n\
+                 -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-0ac80009 -m comment --comment bvm-a \
+                 -j MASQUERADE\n\
+                 COMMIT\n",
+            ]
         );
-        assert_eq!(
-            calls[2],
-            "ip -batch - <stdin>\nlink set dev bvh-0ac80009 alias bvm-a up\naddr add 10.200.0.9/30 dev bvh-0ac80009\n"
-        );
-        assert!(calls[3].starts_with("ip -n bvm-a -batch - <stdin>\n"));
-        assert!(calls[3].contains("\ntuntap add dev tap0 mode tap user 10000\n"));
-        assert!(calls[3].ends_with("route add default via 10.200.0.9\n"));
-        assert!(calls[5].starts_with("ip netns exec bvm-a iptables-restore <stdin>\n*filter"));
-        assert_eq!(
-            calls[7],
-            "iptables-restore -w --noflush <stdin>\n*filter\n\
-             -I FORWARD -i bvh-0ac80009 -m comment --comment bvm-a -j ACCEPT\n\
-             -I FORWARD -o bvh-0ac80009 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
-             --comment bvm-a -j ACCEPT\n\
-             -I INPUT -i bvh-0ac80009 -m comment --comment bvm-a -j DROP\n\
-             -I INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 -m comment --comment bvm-a \
-             -j ACCEPT\n\
-             COMMIT\n*nat\n\
-             -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-0ac80009 -m comment --comment bvm-a -j MASQUERADE\n\
-             COMMIT\n"
-        );
+        assert_eq!(calls.len(), 15);
         // netns, veth, host rules.
         assert_eq!(stack.len(), 3);
         recorder.calls.lock().unwrap().clear();
@@ -652,7 +721,7 @@ pub(crate) mod tests {
         let err = plan.apply(&host, &mut stack).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "setting up the VM network failed at `ip -n bvm-a -batch - <stdin>`"
+            "setting up the VM network failed at `[netns bvm-a] ip tuntap add dev tap0 mode tap`"
         );
         assert_eq!(stack.len(), 2, "{stack:?}");
     }
