@@ -5,7 +5,10 @@
 # files, deletions and overwrites across 6 layers on $BUILDER_TEST_BASE_IMAGE), then times, in
 # the same run and alternating the order each round, from the image in the daemon to a finished,
 # synced ext4 file:
-#   ours              docker save to a file, then `builder-agent convert` (as the pipeline does)
+#   ours              `builder-agent convert-image` (as the pipeline does: the image's overlay2 layer
+#                     directories read in place when readable here, else docker save)
+#   ours_docker_save  docker save to a file, then `builder-agent convert` (the path without the layer
+#                     directories)
 #   export_tar_mkfs   docker export | tar -x into a directory, then mkfs.ext4 -d (hypeman, BuildBuddy)
 #   mkfs_loop_export  sparse file + mkfs.ext4 + loop mount + docker export | tar -x (ignite, E2B)
 #   raw_write         dd conv=fsync of the rootfs's used byte count (the physical floor)
@@ -115,21 +118,36 @@ declare -A runs
 # Removes every run's outputs; called after each run, outside the timing, followed by sync, so
 # no run pays for freeing the previous one's blocks.
 clean_outputs() {
-	rm -rf "$dir/image.tar" "$dir/ours.ext4" "$dir/work" "$dir/extract" "$dir/b.ext4" "$dir/c.ext4" "$dir/raw.bin"
+	rm -rf "$dir/image.tar" "$dir/ours.ext4" "$dir/ours-save.ext4" "$dir/work" "$dir/extract" "$dir/b.ext4" "$dir/c.ext4" "$dir/raw.bin"
 }
 
 run_ours() {
 	mkdir -p "$dir/work"
 	local t0 t1
 	t0=$(now)
-	$docker save -o "$dir/image.tar" "$image"
-	/usr/bin/time -f %M -o "$dir/rss" "$agent" convert "$dir/image.tar" "$dir/ours.ext4" --work-dir "$dir/work" >"$dir/ours.json"
+	/usr/bin/time -f %M -o "$dir/rss" \
+		"$agent" convert-image "$image" "$dir/ours.ext4" --work-dir "$dir/work" >"$dir/ours.json"
+	sync -f "$dir/ours.ext4"
 	t1=$(now)
 	peak_rss_kib=$(cat "$dir/rss")
+	route=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["route"])' "$dir/ours.json")
 	[ -n "${used_mib:-}" ] || used_mib=$(dumpe2fs -h "$dir/ours.ext4" 2>/dev/null |
 		awk -F: '/^Block count/{c=$2} /^Free blocks/{f=$2} /^Block size/{b=$2} END{print int((c-f)*b/1048576)+1}')
 	ours_size_bytes=$(stat -c %s "$dir/ours.ext4")
 	ours_allocated_bytes=$(($(stat -c %b "$dir/ours.ext4") * 512))
+	ours_sha256=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["sha256"])' "$dir/ours.json")
+	elapsed "$t0" "$t1"
+}
+
+run_ours_docker_save() {
+	mkdir -p "$dir/work"
+	local t0 t1
+	t0=$(now)
+	$docker save -o "$dir/image.tar" "$image"
+	"$agent" convert "$dir/image.tar" "$dir/ours-save.ext4" --work-dir "$dir/work" >"$dir/ours-save.json"
+	sync -f "$dir/ours-save.ext4"
+	t1=$(now)
+	ours_save_sha256=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["sha256"])' "$dir/ours-save.json")
 	elapsed "$t0" "$t1"
 }
 
@@ -189,7 +207,7 @@ run_docker_export_only() {
 }
 
 # ours runs first in round 1 so raw_write knows the used size; each round rotates the order.
-order=(ours export_tar_mkfs mkfs_loop_export raw_write docker_save_only docker_export_only)
+order=(ours ours_docker_save export_tar_mkfs mkfs_loop_export raw_write docker_save_only docker_export_only)
 clean_outputs
 sync
 for round in $(seq 1 "$rounds"); do
@@ -205,11 +223,17 @@ for round in $(seq 1 "$rounds"); do
 done
 
 median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.3f}')" $1; }
-for name in ours export_tar_mkfs mkfs_loop_export raw_write docker_save_only docker_export_only; do
+for name in ours ours_docker_save export_tar_mkfs mkfs_loop_export raw_write docker_save_only docker_export_only; do
 	declare "m_$name=$(median "${runs[$name]}")"
 	echo "$name=$(eval echo "\$m_$name")"
 done
+echo "ours_route=$route"
 echo "ours_peak_rss_kib=$(median "${runs[peak_rss_kib]}" | cut -d. -f1)"
+if [ "$ours_sha256" = "$ours_save_sha256" ]; then
+	echo "ours_same_bytes_as_docker_save=yes"
+else
+	echo "ours_same_bytes_as_docker_save=no ($ours_sha256 vs $ours_save_sha256)"
+fi
 echo "ours_size_bytes=$ours_size_bytes ours_allocated_bytes=$ours_allocated_bytes used_mib=$used_mib"
 python3 - "$m_ours" "$m_export_tar_mkfs" "$m_mkfs_loop_export" "$m_raw_write" <<-'EOF'
 	import sys
@@ -217,4 +241,4 @@ python3 - "$m_ours" "$m_export_tar_mkfs" "$m_mkfs_loop_export" "$m_raw_write" <<
 	print(f"ratio_vs_best_baseline={ours / min(b, c):.2f}")
 	print(f"ratio_vs_raw_write={ours / raw:.2f}")
 EOF
-rm -f "$dir/rss" "$dir/ours.json"
+rm -f "$dir/rss" "$dir/ours.json" "$dir/ours-save.json"
