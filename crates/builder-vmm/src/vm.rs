@@ -15,7 +15,7 @@ use builder_contract::params::check_cmdline_len;
 use builder_contract::ParamError;
 
 use crate::cleanup::{remove_dir_all_if_exists, CleanupErrors, CleanupStack};
-use crate::disk::{self, DiskError};
+use crate::disk::{DiskError, DiskTemplates};
 use crate::exit::{classify, Stop, VmExit};
 use crate::firecracker::metrics::{MetricsFileError, MetricsTotals};
 use crate::firecracker::{FirecrackerConfig, FirecrackerError};
@@ -157,6 +157,7 @@ pub(crate) struct Launched {
 pub struct Vmm {
     config: VmmConfig,
     host: Arc<dyn Host>,
+    disks: Arc<DiskTemplates>,
 }
 
 impl Vmm {
@@ -166,7 +167,11 @@ impl Vmm {
 
     /// A VMM whose network commands go through `host`.
     pub fn with_host(config: VmmConfig, host: Arc<dyn Host>) -> Self {
-        Vmm { config, host }
+        Vmm {
+            config,
+            host,
+            disks: Arc::default(),
+        }
     }
 
     pub fn config(&self) -> &VmmConfig {
@@ -204,6 +209,7 @@ impl Vmm {
 
     async fn start_with(&self, spec: &VmSpec, stack: &mut CleanupStack) -> Result<Vm, VmError> {
         let tag = spec.tag();
+        let began = Instant::now();
         let work_dir = self.work_dir(&tag);
         let work_dir_error = |source| VmError::WorkDir {
             path: work_dir.clone(),
@@ -223,7 +229,7 @@ impl Vmm {
             shared: true,
         }];
         let scratch = work_dir.join("scratch.ext4");
-        disk::create_scratch_disk(&scratch, spec.scratch_mib)?;
+        self.disks.scratch_disk(&scratch, spec.scratch_mib)?;
         drives.push(DriveFile {
             id: "scratch",
             path: scratch,
@@ -232,7 +238,7 @@ impl Vmm {
         });
         if let Some(secrets) = &spec.secrets {
             let config = work_dir.join("config.ext4");
-            disk::create_config_drive(&config, secrets)?;
+            self.disks.config_drive(&config, secrets)?;
             drives.push(DriveFile {
                 id: "config",
                 path: config,
@@ -241,6 +247,7 @@ impl Vmm {
             });
         }
 
+        let disks = began.elapsed();
         let tap_owner = match &self.config.driver {
             Driver::Firecracker(fc) => Some(fc.uid),
             Driver::Qemu(_) => None,
@@ -268,6 +275,7 @@ impl Vmm {
             result?;
         }
 
+        let network = began.elapsed() - disks;
         let mut base = vec![spec.boot_args.trim().to_string()];
         if let Some(net) = &net {
             base.push(net.kernel_ip_param());
@@ -297,7 +305,16 @@ impl Vmm {
             Driver::Firecracker(fc) => fc.launch(&plan, stack).await?,
             Driver::Qemu(qemu) => qemu.launch(&plan, stack)?,
         };
-        tracing::info!(vm = %tag, pid = launched.process.pid(), "VM started");
+        // Where the start went, for the admission benchmark (scripts/bench-node-agent.sh).
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        tracing::info!(
+            vm = %tag,
+            pid = launched.process.pid(),
+            disks_ms = ms(disks),
+            network_ms = ms(network),
+            spawn_ms = ms(began.elapsed() - disks - network),
+            "VM started"
+        );
         let cmdline = plan.cmdline;
         Ok(Vm {
             tag,

@@ -1,6 +1,7 @@
 //! The QEMU driver for real: a kernel boots under `-M microvm` with all three disks and the
 //! network, panics for want of a root filesystem and makes QEMU exit; the console is captured;
-//! a timeout and a kill are detected; cleanup and reclaim leave nothing.
+//! a timeout and a kill are detected; cleanup and reclaim leave nothing; guests mount the
+//! disks made from templates.
 //!
 //! Set `BUILDER_VMM_ACCEL=tcg` where KVM is nested (as on the CI hosts).
 
@@ -191,11 +192,69 @@ async fn a_refused_start_undoes_what_it_made() {
     assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
 }
 
+/// Two guests in a row from one VMM, the second on disks copied from the templates the first
+/// made: each mounts its scratch disk read-write and its config drive, writes and reads back,
+/// finds only its own secrets, and the host's e2fsck finds both scratch disks clean afterwards.
+#[tokio::test]
+async fn guests_mount_scratch_disks_and_config_drives_made_from_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = vmm(&dir.path().join("vms"));
+    let script = "/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t ext4 /dev/vdb /scratch && echo scratch=mounted
+/bin/busybox echo written >/scratch/probe && /bin/busybox sync
+echo \"scratch=$(/bin/busybox cat /scratch/probe)\"
+/bin/busybox mount -t ext4 -o ro /dev/vdc /config && echo config=mounted
+echo \"secret=$(/bin/busybox grep -o 'key-[a-z]*' /config/secrets.json)\"
+/bin/busybox umount /scratch && echo scratch=unmounted
+/bin/busybox reboot -f
+";
+    let rootfs = probe_rootfs(dir.path(), script);
+    for name in ["disks-a", "disks-b"] {
+        let mut spec = common::spec(common::id(name), common::kernel(), rootfs.clone());
+        spec.boot_args = format!("{DEFAULT_BOOT_ARGS} rootfstype=ext4 init=/init");
+        spec.secrets = Some(Secrets {
+            webhook_secret: Some(format!("key-{}", &name[6..])),
+            ..Default::default()
+        });
+        let mut vm = vmm.start(spec).await.unwrap();
+        let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
+        let exit = vm.wait().await.unwrap();
+        let console = std::fs::read_to_string(&exit.console_log).unwrap();
+        assert_eq!(exit.cause, ExitCause::GuestShutdown, "{console}");
+        for line in [
+            "scratch=mounted",
+            "scratch=written",
+            "config=mounted",
+            &format!("secret=key-{}", &name[6..]),
+            "scratch=unmounted",
+        ] {
+            assert!(console.contains(line), "{line} missing:\n{console}");
+        }
+        let fsck = std::process::Command::new("e2fsck")
+            .arg("-fn")
+            .arg(vm.work_dir().join("scratch.ext4"))
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let tag = vm.tag().to_string();
+        vm.cleanup().await.unwrap();
+        assert_eq!(
+            common::leftovers(&tag, &[&dir.path().join("vms")]),
+            Vec::<String>::new()
+        );
+    }
+}
+
 /// A root filesystem whose init (busybox) probes the network from inside the guest, prints what
 /// it got and reboots.
 fn probe_rootfs(dir: &Path, script: &str) -> std::path::PathBuf {
     let root = dir.join("probe-root");
-    for sub in ["bin", "proc", "dev", "sys"] {
+    for sub in ["bin", "proc", "dev", "sys", "scratch", "config"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
     std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).unwrap();
