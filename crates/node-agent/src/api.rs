@@ -214,7 +214,13 @@ async fn submit(
     };
     let row = node.db.insert(&new).await?;
     // After the insert: the sweeper keeps a source while a build it names is not terminal.
-    sources.register(&new.request.repo_url, &id)?;
+    if let Err(e) = sources.register(&new.request.repo_url, &id) {
+        tracing::warn!(
+            build_id = id,
+            error = crate::error_chain(&e),
+            "the build's uploaded source is not kept for it: it goes 15 minutes after its upload"
+        );
+    }
     node.wake();
     Ok((
         StatusCode::ACCEPTED,

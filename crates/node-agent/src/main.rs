@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Submit a build.
     Submit {
         #[command(flatten)]
@@ -114,7 +114,7 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Serve(args) => serve(*args).await.map(|()| 0),
         Command::Submit {
             conn,
             repo,
