@@ -272,7 +272,7 @@ fn convert_image(args: ConvertImageArgs) -> i32 {
         Ok((report, route)) => {
             let fallback = match &route {
                 crate::convert::ImageRoute::DockerSave(reason) => Some(reason.as_str()),
-                crate::convert::ImageRoute::LayerDirs(_) => None,
+                crate::convert::ImageRoute::LayerDirs => None,
             };
             print_report(
                 &report,

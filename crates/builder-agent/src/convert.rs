@@ -21,8 +21,8 @@ use crate::log::BuildLog;
 /// How the image came out of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRoute {
-    /// Read from this many overlay2 layer directories.
-    LayerDirs(usize),
+    /// Read from the daemon's overlay2 layer directories.
+    LayerDirs,
     /// Streamed with `docker save`, for this reason.
     DockerSave(String),
 }
@@ -31,7 +31,7 @@ impl ImageRoute {
     /// `layer-dirs` or `docker-save`.
     pub fn name(&self) -> &'static str {
         match self {
-            ImageRoute::LayerDirs(_) => "layer-dirs",
+            ImageRoute::LayerDirs => "layer-dirs",
             ImageRoute::DockerSave(_) => "docker-save",
         }
     }
@@ -57,14 +57,13 @@ pub async fn convert_image(
                 "convert: reading {} layer directories of the daemon's overlay2 store",
                 dirs.len()
             ));
-            let count = dirs.len();
             let (id, config) = (storage.id.clone(), storage.config.clone());
             let result = blocking(output, options, move |output, options| {
                 builder_rootfs::convert_layer_dirs(&id, config, &dirs, output, options)
             })
             .await?;
             match result {
-                Ok(report) => return Ok((report, ImageRoute::LayerDirs(count))),
+                Ok(report) => return Ok((report, ImageRoute::LayerDirs)),
                 Err(e @ ConvertError::UnsupportedLayerDir { .. }) => chain(&e),
                 Err(e) => return Err(convert_error(&e)),
             }
