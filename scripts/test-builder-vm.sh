@@ -3,11 +3,11 @@
 # agent and builds a real repository inside it: clone → build → convert → upload → webhook →
 # the VM powers itself off.
 #
-# Usage: sudo scripts/test-builder-vm.sh [--expect-user-error] REPO REF [DOCKERFILE]
-#   REPO   a git URL the VM can reach, or a local directory: a git repository is served as is,
-#          any other directory is committed as branch REF first; either way the script's own git
-#          daemon serves it, so the VM clones over the network like any other repository.
-#   REF    branch or tag to build.
+# Usage: sudo scripts/test-builder-vm.sh [--expect-user-error] REPO [REF [DOCKERFILE]]
+#   REPO   a local directory, submitted as `node-agent submit DIR --wait` does it: the CLI
+#          uploads the directory's committed state (any directory outside git: as it is) and
+#          the node agent serves it to the VM over HTTP; or a git URL the VM can reach.
+#   REF    branch or tag to build (a git URL only; ignored for a directory).
 #   --expect-user-error  succeed only when the build fails for the user's reasons (a failing
 #          Dockerfile) and the VM still shut itself down.
 # Environment: VMM=firecracker|qemu (default: firecracker when installed and KVM is usable, else
@@ -17,13 +17,15 @@
 # Topology. The guest may not reach the host (builder-vmm's egress rules), so the services the
 # VM talks to live in a network namespace of this script, `bvt-out`, a stand-in for the
 # Internet: veth `bvt-host` 10.251.0.1/30 ↔ `eth0` 10.251.0.2/30 in the namespace, which holds
-# the git daemon, SeaweedFS (S3) and the requester's webhook receiver. The guest reaches them
-# through its own namespace's NAT and the host's forwarding, like any outside host. `FROM`
+# SeaweedFS (S3) and the requester's webhook receiver. The guest reaches them through its own
+# namespace's NAT and the host's forwarding, like any outside host. A local directory's source
+# comes from the node agent itself, at the host end of the VM's veth on the API port (the one
+# port of the host a VM may reach, where it also posts its report). `FROM`
 # images come from the rootfs: the busybox base image of the test dockerd is baked in with
 # PRELOAD_IMAGES (build-builder-vm.sh only redoes that step and the image when it changed).
 #
-# After the run it checks that no netns, veth, iptables rule, VMM process or VM work dir of
-# this node is left, and tears down its own namespace and services (also on failure).
+# After the run it checks that no netns, veth, iptables rule, VMM process, VM work dir or
+# uploaded source of this node is left, and tears down its own namespace and services (also on failure).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo_root=$PWD
@@ -35,11 +37,11 @@ if [[ ${1:-} == --expect-user-error ]]; then
 	expect_user_error=true
 	shift
 fi
-[[ $# -ge 2 && $# -le 3 ]] || {
+[[ $# -ge 1 && $# -le 3 ]] || {
 	sed -n '6,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
-repo_arg=$1 ref=$2 dockerfile=${3:-}
+repo_arg=$1 ref=${2:-} dockerfile=${3:-}
 bt_require_root "$0"
 
 say() { printf '\n== %s\n' "$*"; }
@@ -65,7 +67,6 @@ vm_network_re='^10\.219\.'
 node_id=test-builder-vm
 node_tag=bvm-$(printf '%s' "$node_id" | sha256sum | cut -c1-8)-
 api_port=17071
-git_port=9418
 webhook_port=8090
 s3_port=8333
 s3_bucket=rootfs
@@ -173,7 +174,7 @@ else
 fi
 
 # ---- the outside namespace and its services ----------------------------------------------------
-say "outside namespace $ns ($out_addr): git daemon, SeaweedFS S3, webhook receiver"
+say "outside namespace $ns ($out_addr): SeaweedFS S3, webhook receiver"
 t=$(now_ms)
 ip netns list | grep -qw "^$ns" && fail "network namespace $ns exists: another run, or a crashed one (ip netns delete $ns)"
 ip netns add "$ns"
@@ -188,41 +189,14 @@ ip -n "$ns" link set eth0 up
 ip -n "$ns" route add default via "$host_addr"
 # The host routes between the VMs' namespaces and this one (builder-vmm enables forwarding too).
 sysctl -qw net.ipv4.ip_forward=1
-in_ns() { ip netns exec "$ns" "$@"; }
 
-# git: a local directory is published as a bare repository under $work/git.
-git_root=$work/git
-mkdir -p "$git_root"
+# The source: a local directory goes through `node-agent submit DIR`; a URL as it is.
 if [[ $repo_arg == *://* || $repo_arg == *@*:* ]]; then
-	repo_url=$repo_arg
+	[[ -n $ref ]] || fail "REPO $repo_arg is a URL: give the REF to build"
+	source_args=("$repo_arg" --ref "$ref")
 else
 	[[ -d $repo_arg ]] || fail "REPO $repo_arg is neither a URL nor a directory"
-	src=$(realpath "$repo_arg")
-	name=$(basename "$src")
-	name=${name%.git}
-	if [[ $(git -C "$src" rev-parse --show-toplevel 2>/dev/null) == "$src" ]] ||
-		[[ $(git -C "$src" rev-parse --is-bare-repository 2>/dev/null) == true ]]; then
-		git clone -q --bare "$src" "$git_root/$name.git"
-	else
-		cp -a "$src" "$work/src"
-		(
-			cd "$work/src"
-			export GIT_AUTHOR_NAME=builder-vm GIT_AUTHOR_EMAIL=test@builder-vm.invalid
-			export GIT_COMMITTER_NAME=builder-vm GIT_COMMITTER_EMAIL=test@builder-vm.invalid
-			export GIT_AUTHOR_DATE=2026-01-01T00:00:00Z GIT_COMMITTER_DATE=2026-01-01T00:00:00Z
-			rm -rf .git
-			git init -q -b "$ref"
-			git add -A
-			git commit -q -m "test-builder-vm: $name"
-		)
-		git clone -q --bare "$work/src" "$git_root/$name.git"
-	fi
-	git -C "$git_root/$name.git" rev-parse -q --verify "$ref^{commit}" >/dev/null ||
-		fail "$repo_arg has no branch or tag $ref"
-	repo_url=git://$out_addr:$git_port/$name.git
-	spawn git-daemon ip netns exec "$ns" "$(git --exec-path)/git-daemon" --listen="$out_addr" \
-		--port=$git_port --base-path="$git_root" --export-all --reuseaddr --informative-errors "$git_root"
-	wait_for 20 "git daemon" in_ns git ls-remote "$repo_url"
+	source_args=("$repo_arg")
 fi
 
 # S3: SeaweedFS with one key pair and the bucket the build uploads to.
@@ -277,11 +251,11 @@ mark "node agent up" "$t"
 
 # ---- the build --------------------------------------------------------------------------------
 s3_key=test-builder-vm/$(date +%s)-$$.ext4
-say "node-agent submit $repo_url --ref $ref${dockerfile:+ --dockerfile $dockerfile} --wait"
+say "node-agent submit ${source_args[*]}${dockerfile:+ --dockerfile $dockerfile} --wait"
 t=$(now_ms)
 submit_status=0
-"$node_agent" submit "$repo_url" --server "http://127.0.0.1:$api_port" \
-	--token-file "$work/node/api-token" --ref "$ref" ${dockerfile:+--dockerfile "$dockerfile"} \
+"$node_agent" submit "${source_args[@]}" --server "http://127.0.0.1:$api_port" \
+	--token-file "$work/node/api-token" ${dockerfile:+--dockerfile "$dockerfile"} \
 	--s3-bucket "$s3_bucket" --s3-key "$s3_key" \
 	--notify-url "http://$out_addr:$webhook_port/hook" --vcpus 1 --mem-mib 2048 --disk-gib 4 \
 	--timeout-s 900 --wait | tee "$work/submit.out" || submit_status=$?
@@ -357,7 +331,7 @@ if iptables-save -t nat | grep -q -- "$node_tag"; then leftovers+=("nat rules ta
 for pid in $(pgrep -f "qemu-system|firecracker" || true); do
 	grep -q -- "$work/" "/proc/$pid/cmdline" 2>/dev/null && leftovers+=("process $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline"))")
 done
-for dir in "$work/node/vms" "$work/node/jail"; do
+for dir in "$work/node/vms" "$work/node/jail" "$work/node/sources"; do
 	left=$(find "$dir" -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null || true)
 	[[ -z $left ]] || leftovers+=("files in $dir: $left")
 done
@@ -366,7 +340,7 @@ if ((${#leftovers[@]})); then
 	printf '  left: %s\n' "${leftovers[@]}" >&2
 	fail "the build left ${#leftovers[@]} thing(s) behind"
 fi
-echo "  none: no netns $node_tag*, no address in $vm_network, no tagged iptables rule, no VMM process, no VM work dir"
+echo "  none: no netns $node_tag*, no address in $vm_network, no tagged iptables rule, no VMM process, no VM work dir, no uploaded source"
 
 mark "whole run" "$t_start"
 say "wall times"
