@@ -250,6 +250,20 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // A commit then syncs the write-ahead log once instead of a rollback
+                        // journal and the database file (about 1.3 ms against 4 on the
+                        // benchmark host, twice per admission); `synchronous` stays FULL, so a
+                        // committed build survives a power loss as before.
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(|source| DbError::Connect {
@@ -646,5 +660,23 @@ fn redact_url(url: &str) -> String {
             u.to_string()
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_commits_through_a_write_ahead_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/node-agent.db?mode=rwc", dir.path().display());
+        let db = Db::open(&url).await.unwrap();
+        let row = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.try_get::<String, _>(0).unwrap(), "wal");
+        assert!(dir.path().join("node-agent.db-wal").exists());
     }
 }
