@@ -18,8 +18,7 @@ mod layout;
 mod output;
 mod xattr;
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 pub(crate) use xattr::{footprint as xattr_footprint, BLOCK_ROOM as XATTR_ROOM};
@@ -56,14 +55,7 @@ pub(crate) fn write(
 ) -> Result<Written, ConvertError> {
     let layout = layout::plan(tree, sources, image_id, options)?;
     let geo = &layout.geo;
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_err("create", path))?;
-    let mut out = output::Output::new(file);
+    let mut out = output::Output::create(path).map_err(io_err("create", path))?;
     let write_err = |source| ConvertError::Io {
         op: "write",
         path: path.to_owned(),
@@ -127,7 +119,6 @@ pub(crate) fn write(
                         .file()
                         .read_exact_at(dst, located.offset + at)
                         .map_err(read_err)?;
-                    out.filled().map_err(write_err)?;
                     at += n as u64;
                 }
                 out.skip_to((placed.start + placed.len) * BLOCK);

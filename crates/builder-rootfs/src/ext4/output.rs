@@ -1,53 +1,132 @@
-//! The output file, written front to back exactly once: small gaps become zeros in the write
-//! buffer, long ones holes in the (sparse) file. Writeback of each flushed buffer starts at
-//! once, so the disk is busy while the next one fills. Every byte, holes included, goes
-//! through SHA-256 on a second thread as it is written, so the digest costs no extra pass.
+//! The output file, written front to back exactly once, as a three-stage pipeline: the
+//! planner's thread fills 4 KiB-aligned buffers, a hashing thread runs SHA-256 over every byte
+//! (holes included, so the digest needs no read-back pass), and a writing thread writes each
+//! buffer at its offset. Small gaps become zeros in the buffer, long ones holes in the sparse
+//! file. Where the file system allows it the file is opened `O_DIRECT`: the data goes from our
+//! buffers to the disk without being copied into (and later written back from) the page
+//! cache; elsewhere (tmpfs) writes are buffered and their writeback started at once.
 
-use std::fs::File;
+use std::alloc::{self, Layout};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
-/// Buffered bytes are written once there are this many.
-const FLUSH_AT: usize = 8 << 20;
+/// Alignment of buffers, offsets and lengths for `O_DIRECT`.
+const ALIGN: usize = 4096;
+/// Buffered bytes are handed on once there are this many.
+const FLUSH_AT: usize = 4 << 20;
 /// Zero runs at least this long are left as holes.
 const HOLE_FROM: u64 = 64 << 10;
 
+/// A fixed-capacity, 4 KiB-aligned byte buffer.
+struct Buffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively; it is moved between threads, never shared.
+unsafe impl Send for Buffer {}
+
+impl Buffer {
+    fn layout() -> Layout {
+        Layout::from_size_align(FLUSH_AT, ALIGN).expect("a valid layout")
+    }
+
+    fn new() -> Self {
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(Self::layout()) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(Self::layout()));
+        Buffer { ptr, len: 0 }
+    }
+
+    fn room(&self) -> usize {
+        FLUSH_AT - self.len
+    }
+
+    fn filled(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes are initialized (the allocation is zeroed).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Grows by `n` bytes (at most `room()`) and returns them, keeping whatever they held.
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        assert!(n <= self.room(), "buffer overflow");
+        let start = self.len;
+        self.len += n;
+        // SAFETY: within the allocation, initialized (zeroed at allocation, then only written).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), n) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout()) }
+    }
+}
+
 enum Chunk {
-    Data(Vec<u8>),
+    /// `buffer.filled()` belongs at `offset`.
+    Data {
+        buffer: Buffer,
+        offset: u64,
+    },
     Zeros(u64),
 }
 
 pub(crate) struct Output {
     file: File,
-    buf: Vec<u8>,
-    /// File offset of `buf[0]`.
+    buf: Buffer,
+    /// File offset of the buffer's first byte.
     buf_start: u64,
     /// Zeros after the buffer, not yet placed.
     pending_zeros: u64,
-    to_hasher: SyncSender<Chunk>,
-    recycled: Receiver<Vec<u8>>,
-    hasher: JoinHandle<[u8; 32]>,
+    to_hasher: Option<SyncSender<Chunk>>,
+    recycled: Receiver<Buffer>,
+    hasher: Option<JoinHandle<[u8; 32]>>,
+    writer: Option<JoinHandle<io::Result<()>>>,
 }
 
 impl Output {
-    pub fn new(file: File) -> Self {
-        let (to_hasher, chunks) = mpsc::sync_channel::<Chunk>(2);
-        let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
+    /// Creates (or truncates) `path`, never following a symlink.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let open = |direct: bool| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(
+                    libc::O_NOFOLLOW | libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 },
+                )
+                .open(path)
+        };
+        let (file, direct) = match open(true) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
+            Err(e) => return Err(e),
+        };
+        let (to_hasher, for_hasher) = mpsc::sync_channel::<Chunk>(2);
+        let (to_writer, for_writer) = mpsc::sync_channel::<(Buffer, u64)>(2);
+        let (recycle, recycled) = mpsc::channel::<Buffer>();
         let hasher = std::thread::Builder::new()
             .name("ext4-sha256".into())
             .spawn(move || {
                 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
                 let mut sha = Sha256::new();
-                for chunk in chunks {
+                for chunk in for_hasher {
                     match chunk {
-                        Chunk::Data(buf) => {
-                            sha.update(&buf);
-                            let _ = recycle.send(buf);
+                        Chunk::Data { buffer, offset } => {
+                            sha.update(buffer.filled());
+                            if to_writer.send((buffer, offset)).is_err() {
+                                break; // the writer failed; `finish` reports why
+                            }
                         }
                         Chunk::Zeros(mut n) => {
                             while n > 0 {
@@ -59,22 +138,46 @@ impl Output {
                     }
                 }
                 sha.finalize().into()
-            })
-            .expect("spawning a thread");
-        Output {
+            })?;
+        let out = file.try_clone()?;
+        let writer = std::thread::Builder::new()
+            .name("ext4-write".into())
+            .spawn(move || -> io::Result<()> {
+                for (buffer, offset) in for_writer {
+                    out.write_all_at(buffer.filled(), offset)?;
+                    if !direct {
+                        // Start writeback now, so the disk works while the next buffer fills
+                        // and the final sync only waits for the tail (a hint: errors show at
+                        // the sync).
+                        // SAFETY: a plain system call on a descriptor this thread owns.
+                        unsafe {
+                            libc::sync_file_range(
+                                out.as_raw_fd(),
+                                offset as libc::off64_t,
+                                buffer.len as libc::off64_t,
+                                libc::SYNC_FILE_RANGE_WRITE,
+                            );
+                        }
+                    }
+                    let _ = recycle.send(buffer);
+                }
+                Ok(())
+            })?;
+        Ok(Output {
             file,
-            buf: Vec::with_capacity(FLUSH_AT + (1 << 20)),
+            buf: Buffer::new(),
             buf_start: 0,
             pending_zeros: 0,
-            to_hasher,
+            to_hasher: Some(to_hasher),
             recycled,
-            hasher,
-        }
+            hasher: Some(hasher),
+            writer: Some(writer),
+        })
     }
 
     /// The offset the next byte goes to.
-    pub fn position(&self) -> u64 {
-        self.buf_start + self.buf.len() as u64 + self.pending_zeros
+    fn position(&self) -> u64 {
+        self.buf_start + self.buf.len as u64 + self.pending_zeros
     }
 
     /// Zeros up to `offset`.
@@ -87,95 +190,119 @@ impl Output {
         self.pending_zeros += n;
     }
 
-    pub fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+    pub fn put(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         self.settle()?;
-        self.buf.extend_from_slice(bytes);
-        self.flush_if_full()
+        while !bytes.is_empty() {
+            if self.buf.room() == 0 {
+                self.flush()?;
+            }
+            let n = bytes.len().min(self.buf.room());
+            self.buf.grow(n).copy_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        Ok(())
     }
 
-    /// `n` bytes of the output to fill in place (then call [`Output::filled`]).
+    /// `n` bytes (at most 1 MiB) of the output to fill in place.
     pub fn tail(&mut self, n: usize) -> io::Result<&mut [u8]> {
         self.settle()?;
-        let len = self.buf.len();
-        self.buf.resize(len + n, 0);
-        Ok(&mut self.buf[len..])
+        if self.buf.room() < n {
+            self.flush()?;
+        }
+        Ok(self.buf.grow(n))
     }
 
-    pub fn filled(&mut self) -> io::Result<()> {
-        self.flush_if_full()
-    }
-
-    /// Places pending zeros: in the buffer when few, as a hole when many.
+    /// Places pending zeros: in the buffer when few; as a hole when many, in whole blocks so
+    /// every write stays aligned.
     fn settle(&mut self) -> io::Result<()> {
-        if self.pending_zeros == 0 {
-            return Ok(());
-        }
         if self.pending_zeros >= HOLE_FROM {
+            let misalign = (self.buf_start + self.buf.len as u64) % ALIGN as u64;
+            let pad = (ALIGN as u64 - misalign) % ALIGN as u64;
+            self.fill_zeros(pad)?;
+            self.pending_zeros -= pad;
+            let hole = self.pending_zeros / ALIGN as u64 * ALIGN as u64;
             self.flush()?;
-            self.send(Chunk::Zeros(self.pending_zeros))?;
-            self.buf_start += self.pending_zeros;
-        } else {
-            let len = self.buf.len() + self.pending_zeros as usize;
-            self.buf.resize(len, 0);
+            debug_assert_eq!(self.buf.len, 0);
+            self.send(Chunk::Zeros(hole))?;
+            self.buf_start += hole;
+            self.pending_zeros -= hole;
         }
-        self.pending_zeros = 0;
+        let n = std::mem::take(&mut self.pending_zeros);
+        self.fill_zeros(n)
+    }
+
+    fn fill_zeros(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            if self.buf.room() == 0 {
+                self.flush()?;
+            }
+            let step = n.min(self.buf.room() as u64) as usize;
+            self.buf.grow(step).fill(0);
+            n -= step as u64;
+        }
         Ok(())
     }
 
-    fn flush_if_full(&mut self) -> io::Result<()> {
-        if self.buf.len() >= FLUSH_AT {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
+    /// Hands the whole blocks of the buffer on; a partial last block moves to the next one.
     fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        let whole = self.buf.len / ALIGN * ALIGN;
+        if whole == 0 {
             return Ok(());
         }
-        self.file.write_all_at(&self.buf, self.buf_start)?;
-        // Start writing these pages back now, so the disk works while the next buffer fills
-        // and the final sync only waits for the tail. (Only a hint: errors show at the sync.)
-        // SAFETY: a plain system call on a descriptor this struct owns.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                self.buf_start as libc::off64_t,
-                self.buf.len() as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+        let mut next = self.recycled.try_recv().unwrap_or_else(|_| Buffer::new());
+        next.len = 0;
+        let rest = self.buf.len - whole;
+        next.grow(rest).copy_from_slice(&self.buf.filled()[whole..]);
+        let mut full = std::mem::replace(&mut self.buf, next);
+        full.len = whole;
+        let offset = self.buf_start;
+        self.buf_start += whole as u64;
+        self.send(Chunk::Data {
+            buffer: full,
+            offset,
+        })
+    }
+
+    fn send(&mut self, chunk: Chunk) -> io::Result<()> {
+        let sent = self.to_hasher.as_ref().map(|tx| tx.send(chunk).is_ok());
+        if sent == Some(true) {
+            return Ok(());
         }
-        self.buf_start += self.buf.len() as u64;
-        let mut next = self
-            .recycled
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(FLUSH_AT + (1 << 20)));
-        next.clear();
-        let full = std::mem::replace(&mut self.buf, next);
-        self.send(Chunk::Data(full))
+        // A stage stopped: the writer's error says why.
+        Err(self
+            .join()
+            .err()
+            .unwrap_or_else(|| io::Error::other("the output pipeline stopped")))
     }
 
-    fn send(&self, chunk: Chunk) -> io::Result<()> {
-        self.to_hasher
-            .send(chunk)
-            .map_err(|_| io::Error::other("the hashing thread stopped"))
+    /// Ends the pipeline: waits for both threads; the digest, or the writer's error.
+    fn join(&mut self) -> io::Result<[u8; 32]> {
+        self.to_hasher = None;
+        let digest = self.hasher.take().map(|h| {
+            h.join()
+                .map_err(|_| io::Error::other("the hashing thread panicked"))
+        });
+        let written = self.writer.take().map(|w| {
+            w.join()
+                .map_err(|_| io::Error::other("the writing thread panicked"))
+        });
+        if let Some(result) = written {
+            result??;
+        }
+        digest.unwrap_or_else(|| Err(io::Error::other("the output pipeline already ended")))
     }
 
-    /// Writes what is buffered, sizes the file to `len` (the rest a hole), syncs it, and
-    /// returns the SHA-256 of all `len` bytes.
+    /// Writes what is left, sizes the file to `len` (a whole number of blocks; the rest a
+    /// hole), syncs it, and returns the SHA-256 of all `len` bytes.
     pub fn finish(mut self, len: u64) -> io::Result<[u8; 32]> {
+        debug_assert_eq!(len % ALIGN as u64, 0);
         self.skip_to(len);
-        let tail = self.pending_zeros;
-        self.pending_zeros = 0;
+        self.settle()?;
         self.flush()?;
-        if tail > 0 {
-            self.send(Chunk::Zeros(tail))?;
-        }
+        debug_assert_eq!(self.buf.len, 0, "the output ends on a block boundary");
+        let digest = self.join()?;
         self.file.set_len(len)?;
         self.file.sync_all()?;
-        drop(self.to_hasher);
-        self.hasher
-            .join()
-            .map_err(|_| io::Error::other("the hashing thread panicked"))
+        Ok(digest)
     }
 }
