@@ -68,16 +68,9 @@ pub enum ConvertError {
          with RUSTFLAGS=\"-C target-feature=+crt-static\" --target x86_64-unknown-linux-gnu"
     )]
     InitNotStatic { path: PathBuf, reason: String },
-    /// `mkfs.ext4` could not be started or failed.
-    #[error("mkfs.ext4 failed on {path}: {detail}")]
-    Mkfs {
-        path: PathBuf,
-        detail: String,
-        disk_full: bool,
-    },
-    /// The file system `mkfs.ext4` wrote does not have the layout the post-processing expects.
-    #[error("unexpected ext4 layout in {path}: {reason}")]
-    Ext4Layout { path: PathBuf, reason: String },
+    /// The planned file system turned out too small for what it must hold (a sizing bug).
+    #[error("the ext4 file system of {blocks} blocks planned for the image is too small for its content")]
+    Ext4TooSmall { blocks: u64 },
 }
 
 /// Why a single layer entry is rejected.
@@ -141,9 +134,6 @@ pub enum EntryProblem {
 impl ConvertError {
     /// Whether a write failed because a disk is full (ENOSPC anywhere in the chain).
     pub fn is_disk_full(&self) -> bool {
-        if let ConvertError::Mkfs { disk_full, .. } = self {
-            return *disk_full;
-        }
         let mut next: Option<&(dyn std::error::Error + 'static)> = self.source();
         while let Some(err) = next {
             if let Some(io) = err.downcast_ref::<io::Error>() {
@@ -169,8 +159,7 @@ impl ConvertError {
             | ConvertError::CorruptLayer { .. }
             | ConvertError::Io { .. }
             | ConvertError::InitNotStatic { .. }
-            | ConvertError::Mkfs { .. }
-            | ConvertError::Ext4Layout { .. } => false,
+            | ConvertError::Ext4TooSmall { .. } => false,
         }
     }
 }

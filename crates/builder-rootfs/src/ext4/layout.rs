@@ -767,12 +767,8 @@ impl Allocator {
     }
 
     fn too_small(&self) -> ConvertError {
-        ConvertError::Ext4Layout {
-            path: std::path::PathBuf::from("(planning)"),
-            reason: format!(
-                "the planned size of {} blocks is too small for the content",
-                self.blocks
-            ),
+        ConvertError::Ext4TooSmall {
+            blocks: self.blocks,
         }
     }
 
