@@ -92,7 +92,15 @@ pub fn convert(
     output: &Path,
     options: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
-    let result = convert_inner(image_archive, output, options);
+    removed_on_error(output, convert_inner(image_archive, output, options))
+}
+
+/// Passes `result` on, removing `output` first when it is an error, so that no partial file
+/// looks like a result.
+fn removed_on_error(
+    output: &Path,
+    result: Result<ConvertReport, ConvertError>,
+) -> Result<ConvertReport, ConvertError> {
     if result.is_err() {
         let _ = std::fs::remove_file(output);
     }
@@ -186,11 +194,10 @@ pub fn convert_layer_dirs(
     output: &Path,
     options: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
-    let result = convert_layer_dirs_inner(image_id, config, layer_dirs, output, options);
-    if result.is_err() {
-        let _ = std::fs::remove_file(output);
-    }
-    result
+    removed_on_error(
+        output,
+        convert_layer_dirs_inner(image_id, config, layer_dirs, output, options),
+    )
 }
 
 fn convert_layer_dirs_inner(

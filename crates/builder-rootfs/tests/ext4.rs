@@ -134,32 +134,14 @@ fn a_fragmented_sparse_file_gets_a_deep_extent_tree() {
     let islands = 1500u64;
     let stride = 68u64 << 10;
     let size = islands * stride;
-    let inner_header = craft::header(&file(b"sparse", b""), b"sparse", size);
-    let inner_len = 512 + size.next_multiple_of(512) + 1024;
-    let manifest = serde_json::json!([{ "Config": "c.json", "Layers": ["l/layer.tar"] }]);
-    let mut head = Vec::new();
-    craft::append(
-        &mut head,
-        &file(b"manifest.json", &serde_json::to_vec(&manifest).unwrap()),
-    );
-    craft::append(&mut head, &file(b"c.json", CONFIG));
-    let layer_entry = Entry {
-        claimed_size: Some(inner_len),
-        ..file(b"l/layer.tar", b"")
-    };
-    head.extend_from_slice(&craft::header(&layer_entry, b"l/layer.tar", inner_len));
-    let data_start = head.len() as u64 + 512;
-    head.extend_from_slice(&inner_header);
-    let out = std::fs::File::create(&archive).unwrap();
-    out.write_all_at(&head, 0).unwrap();
     let island = |i: u64| noise(4096, i + 1);
-    for i in 0..islands {
-        out.write_all_at(&island(i), data_start + i * stride)
-            .unwrap();
-    }
-    out.set_len(head.len() as u64 + inner_len - 512 + 1024)
-        .unwrap();
-    drop(out);
+    let data: Vec<Vec<u8>> = (0..islands).map(island).collect();
+    let pieces: Vec<(u64, &[u8])> = data
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| (i as u64 * stride, &bytes[..]))
+        .collect();
+    craft::sparse_file_archive(&archive, b"sparse", size, &pieces);
 
     let output = scratch.path().join("out.ext4");
     convert_in(scratch.path(), &archive, &output);

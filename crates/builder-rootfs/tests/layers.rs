@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use common::craft::{
@@ -299,32 +299,12 @@ fn files_over_4_gib_convert_sparse() {
     let archive = scratch.path().join("image.tar");
     let size: u64 = 5 << 30;
     let tail = b"end of a large file";
-    // Outer tar: manifest, config, then the layer member whose content is written by hand:
-    // inner header, a hole, the tail, padding and end blocks.
-    let inner_header = craft::header(&file(b"big", b""), b"big", size);
-    let inner_len = 512 + size.next_multiple_of(512) + 1024;
-    let manifest = serde_json::json!([{ "Config": "c.json", "Layers": ["l/layer.tar"] }]);
-    let mut head = Vec::new();
-    craft::append(
-        &mut head,
-        &file(b"manifest.json", &serde_json::to_vec(&manifest).unwrap()),
+    craft::sparse_file_archive(
+        &archive,
+        b"big",
+        size,
+        &[(size - tail.len() as u64, &tail[..])],
     );
-    craft::append(&mut head, &file(b"c.json", CONFIG));
-    let layer_entry = Entry {
-        claimed_size: Some(inner_len),
-        ..file(b"l/layer.tar", b"")
-    };
-    head.extend_from_slice(&craft::header(&layer_entry, b"l/layer.tar", inner_len));
-    let data_start = head.len() as u64 + 512;
-    head.extend_from_slice(&inner_header);
-    let out = std::fs::File::create(&archive).unwrap();
-    use std::os::unix::fs::FileExt;
-    out.write_all_at(&head, 0).unwrap();
-    out.write_all_at(tail, data_start + size - tail.len() as u64)
-        .unwrap();
-    out.set_len(head.len() as u64 + inner_len - 512 + 1024)
-        .unwrap();
-    drop(out);
 
     let (_, mount) = converted(scratch.path(), &archive);
     let big = mount.path().join("big");

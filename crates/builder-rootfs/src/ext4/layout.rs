@@ -265,37 +265,23 @@ pub(crate) fn plan<'t>(
             item: Item::Descriptors,
         });
     }
-    let mut block_bitmap_at = Vec::with_capacity(groups as usize);
-    let mut inode_bitmap_at = Vec::with_capacity(groups as usize);
-    let mut inode_table_at = Vec::with_capacity(groups as usize);
-    for group in 0..groups {
-        let at = alloc.contiguous(1)?;
-        block_bitmap_at.push(at);
-        items.push(Placed {
-            start: at,
-            len: 1,
-            item: Item::BlockBitmap { group },
-        });
-    }
-    for group in 0..groups {
-        let at = alloc.contiguous(1)?;
-        inode_bitmap_at.push(at);
-        items.push(Placed {
-            start: at,
-            len: 1,
-            item: Item::InodeBitmap { group },
-        });
-    }
-    for group in 0..groups {
-        let len = geo.itable_blocks();
-        let at = alloc.contiguous(len)?;
-        inode_table_at.push(at);
-        items.push(Placed {
-            start: at,
-            len,
-            item: Item::InodeTable { group },
-        });
-    }
+    // Every group's block bitmap, then every inode bitmap, then every inode table.
+    let mut per_group = |len: u64, item: fn(u64) -> Item| -> Result<Vec<u64>, ConvertError> {
+        (0..groups)
+            .map(|group| {
+                let start = alloc.contiguous(len)?;
+                items.push(Placed {
+                    start,
+                    len,
+                    item: item(group),
+                });
+                Ok(start)
+            })
+            .collect()
+    };
+    let block_bitmap_at = per_group(1, |group| Item::BlockBitmap { group })?;
+    let inode_bitmap_at = per_group(1, |group| Item::InodeBitmap { group })?;
+    let inode_table_at = per_group(geo.itable_blocks(), |group| Item::InodeTable { group })?;
 
     let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); owners.len()];
     let journal_extents = alloc.extents(0, journal_blocks)?;

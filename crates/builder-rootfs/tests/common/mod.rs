@@ -510,6 +510,36 @@ pub mod craft {
         pad(out);
     }
 
+    /// Writes a `docker save` archive whose one layer holds one regular file `name` of `size`
+    /// bytes, zero except for `pieces` (offset in the file, bytes), without writing the
+    /// zeros: the archive is sparse on disk.
+    pub fn sparse_file_archive(path: &Path, name: &[u8], size: u64, pieces: &[(u64, &[u8])]) {
+        use std::os::unix::fs::FileExt;
+        let inner_header = header(&file(name, b""), name, size);
+        let inner_len = 512 + size.next_multiple_of(512) + 1024;
+        let manifest = serde_json::json!([{ "Config": "c.json", "Layers": ["l/layer.tar"] }]);
+        let mut head = Vec::new();
+        append(
+            &mut head,
+            &file(b"manifest.json", &serde_json::to_vec(&manifest).unwrap()),
+        );
+        append(&mut head, &file(b"c.json", CONFIG));
+        let layer_entry = Entry {
+            claimed_size: Some(inner_len),
+            ..file(b"l/layer.tar", b"")
+        };
+        head.extend_from_slice(&header(&layer_entry, b"l/layer.tar", inner_len));
+        let data_start = head.len() as u64 + 512;
+        head.extend_from_slice(&inner_header);
+        let out = std::fs::File::create(path).unwrap();
+        out.write_all_at(&head, 0).unwrap();
+        for (offset, bytes) in pieces {
+            out.write_all_at(bytes, data_start + offset).unwrap();
+        }
+        out.set_len(head.len() as u64 + inner_len - 512 + 1024)
+            .unwrap();
+    }
+
     /// Writes a Docker 20.10 `docker save` archive with the given layers and config.
     pub fn docker_archive(path: &Path, layers: &[Vec<u8>], config: &[u8]) {
         let mut members: Vec<(String, Vec<u8>)> = Vec::new();
