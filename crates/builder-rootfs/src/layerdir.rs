@@ -408,50 +408,31 @@ fn proc_path(dir: RawFd, name: &CStr) -> CString {
 
 /// The NUL-separated xattr names of `path` (not following a symlink).
 fn list_xattrs(path: &CStr) -> io::Result<Vec<u8>> {
-    loop {
-        // SAFETY: path is NUL-terminated; a null buffer of size 0 asks for the size.
-        let size = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
-        if size <= 0 {
-            return if size == 0 {
-                Ok(Vec::new())
-            } else {
-                Err(io::Error::last_os_error())
-            };
-        }
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: buf is writable for its length.
-        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf);
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ERANGE) {
-            return Err(err);
-        }
-    }
+    // SAFETY: path is NUL-terminated; `buf` is null with length 0, or writable for its length.
+    read_sized(|buf, len| unsafe { libc::llistxattr(path.as_ptr(), buf.cast(), len) })
 }
 
 /// The value of the xattr `name` of `path` (not following a symlink).
 fn get_xattr(path: &CStr, name: &[u8]) -> io::Result<Vec<u8>> {
     let name = CString::new(name).expect("an xattr name from listxattr has no NUL");
+    // SAFETY: path and name are NUL-terminated; `buf` is null with length 0, or writable for
+    // its length.
+    read_sized(|buf, len| unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.cast(), len) })
+}
+
+/// Runs an xattr call that reports the size it needs when given no buffer (`call(null, 0)`)
+/// and fills a buffer otherwise, again while the attribute grows in between (`ERANGE`).
+fn read_sized(mut call: impl FnMut(*mut u8, usize) -> isize) -> io::Result<Vec<u8>> {
     loop {
-        // SAFETY: path and name are NUL-terminated; a null buffer of size 0 asks for the size.
-        let size =
-            unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        let size = call(std::ptr::null_mut(), 0);
         if size < 0 {
             return Err(io::Error::last_os_error());
         }
+        if size == 0 {
+            return Ok(Vec::new());
+        }
         let mut buf = vec![0u8; size as usize];
-        // SAFETY: buf is writable for its length.
-        let n = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = call(buf.as_mut_ptr(), buf.len());
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(buf);
