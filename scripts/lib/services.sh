@@ -74,7 +74,7 @@ bt_apt_install() {
 }
 
 # Installs whatever the services and the tests need that is missing; cheap when nothing is.
-# Tools the workspace's tests call: e2fsprogs (the rootfs), procps/iptables (VM networks),
+# Tools the workspace's tests call: e2fsprogs (the rootfs), procps/iptables/nftables (VM networks),
 # qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount.
 bt_ensure_deps() {
 	local missing=() cmd pkg
@@ -82,7 +82,7 @@ bt_ensure_deps() {
 		[dockerd]=docker.io [containerd]=containerd [runc]=runc [git]=git [curl]=curl
 		[ip]=iproute2 [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [python3]=python3
 		[setsid]=util-linux [flock]=util-linux [runuser]=util-linux [mount]=mount [tar]=tar
-		[pgrep]=procps [sysctl]=procps [iptables]=iptables [setcap]=libcap2-bin
+		[pgrep]=procps [sysctl]=procps [iptables]=iptables [nft]=nftables [setcap]=libcap2-bin
 		[qemu-system-x86_64]=qemu-system-x86 [postgres]=postgresql
 		[ca-certificates]=ca-certificates
 	)

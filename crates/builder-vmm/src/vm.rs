@@ -42,25 +42,31 @@ pub enum LocateError {
 
 /// The binary named by `env`, else `name` found on `PATH`.
 pub fn locate_binary(env: &'static str, name: &'static str) -> Result<PathBuf, LocateError> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        p.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
     if let Some(path) = std::env::var_os(env).filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
-        return if executable(&path) {
+        return if is_executable(&path) {
             Ok(path)
         } else {
             Err(LocateError::NotExecutable { env, path })
         };
     }
+    find_on_path(name).ok_or(LocateError::NotFound { name, env })
+}
+
+/// The executable `name` in the first `PATH` directory that has it, as a command run by name
+/// would find it.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(name))
-        .find(|p| executable(p))
-        .ok_or(LocateError::NotFound { name, env })
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Why a VM could not be started or watched.

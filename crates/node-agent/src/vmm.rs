@@ -306,6 +306,18 @@ impl Launcher for VmmLauncher {
             }
         }
         checks.push(Check::new("vmm", true, format!("{:?}", self.kind)));
+        // Every VM network is set up with these (namespace firewall, host NAT rules).
+        for tool in ["nft", "iptables-restore"] {
+            let found = builder_vmm::vm::find_on_path(tool);
+            checks.push(Check::new(
+                tool,
+                found.is_some(),
+                found.map_or_else(
+                    || format!("`{tool}` is not on PATH; VM networks need it"),
+                    |path| path.display().to_string(),
+                ),
+            ));
+        }
         checks
     }
 
