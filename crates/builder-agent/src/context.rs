@@ -1,8 +1,10 @@
 //! The build context: the checkout, minus what `.dockerignore` excludes, as a tar file.
 //!
 //! The tar is written to disk (memory stays flat whatever the repository's size) with
-//! deterministic headers: owner 0:0 and a fixed mtime, so rebuilding the same commit sends the
-//! same bytes and hits the same layer cache. The Dockerfile and `.dockerignore` are always sent,
+//! deterministic headers: owner 0:0 and the commit's time as every mtime (git keeps no file
+//! times; this is the `SOURCE_DATE_EPOCH` convention), so rebuilding the same commit sends the
+//! same bytes and hits the same layer cache, and files `COPY`'d into the image show when their
+//! commit was made. The Dockerfile and `.dockerignore` are always sent,
 //! as the Docker CLI does. `.git` is sent only when `.dockerignore` does not exclude it.
 
 use std::fs::File;
@@ -36,11 +38,13 @@ pub struct ContextSummary {
     pub ignored: u64,
 }
 
-/// Writes the context of `root` into `out` and checks the Dockerfile is there.
+/// Writes the context of `root` into `out`, every entry with the mtime `mtime`, and checks the
+/// Dockerfile is there.
 pub fn write_context(
     root: &Path,
     dockerfile: &RepoPath,
     out: &Path,
+    mtime: u64,
 ) -> Result<ContextSummary, ContextError> {
     let dockerfile_path = root.join(dockerfile.as_str());
     match std::fs::symlink_metadata(&dockerfile_path) {
@@ -66,8 +70,19 @@ pub fn write_context(
     };
     let file = File::create(out).map_err(io(&out.display().to_string()))?;
     let mut tar = tar::Builder::new(BufWriter::new(file));
-    tar.mode(tar::HeaderMode::Deterministic);
-    tar.follow_symlinks(false);
+    let mut append = |path: &Path, rel: &str, meta: &std::fs::Metadata| {
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(meta, tar::HeaderMode::Deterministic);
+        header.set_mtime(mtime);
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path)?;
+            tar.append_link(&mut header, rel, target)
+        } else if meta.is_file() {
+            tar.append_data(&mut header, rel, File::open(path)?)
+        } else {
+            tar.append_data(&mut header, rel, std::io::empty())
+        }
+    };
     let always = [dockerfile.as_str(), ".dockerignore"];
     let mut summary = ContextSummary::default();
     let mut stack = vec![String::new()];
@@ -95,7 +110,7 @@ pub fn write_context(
             let ignored = ignore.is_ignored(&rel) && !always.contains(&rel.as_str());
             if meta.is_dir() {
                 if !ignored {
-                    tar.append_path_with_name(&path, &rel).map_err(io(&rel))?;
+                    append(&path, &rel, &meta).map_err(io(&rel))?;
                 }
                 if !ignored || ignore.has_exclusions() {
                     stack.push(rel);
@@ -103,7 +118,7 @@ pub fn write_context(
             } else if ignored {
                 summary.ignored += 1;
             } else {
-                tar.append_path_with_name(&path, &rel).map_err(io(&rel))?;
+                append(&path, &rel, &meta).map_err(io(&rel))?;
                 summary.files += 1;
             }
         }

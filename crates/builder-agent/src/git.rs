@@ -185,8 +185,8 @@ impl Git {
         ))
     }
 
-    /// Checks out `FETCH_HEAD` with its submodules; returns the full commit id.
-    pub async fn checkout(&self, log: &BuildLog, dir: &Path) -> Result<String, BuildError> {
+    /// Checks out `FETCH_HEAD` with its submodules; returns the commit it checked out.
+    pub async fn checkout(&self, log: &BuildLog, dir: &Path) -> Result<Checkout, BuildError> {
         const PHASE: Phase = Phase::Checkout;
         let checkout = self
             .run(
@@ -225,16 +225,29 @@ impl Git {
                 ));
             }
         }
-        let head = self.run(log, PHASE, dir, &["rev-parse", "HEAD"]).await?;
-        let commit = head.tail.last().cloned().unwrap_or_default();
-        if !head.status.success() || commit.len() < 40 {
-            return Err(BuildError::internal(
+        let head = self
+            .run(log, PHASE, dir, &["show", "-s", "--format=%H %ct", "HEAD"])
+            .await?;
+        let line = head.tail.last().cloned().unwrap_or_default();
+        match line.split_once(' ') {
+            Some((commit, time)) if head.status.success() && commit.len() >= 40 => Ok(Checkout {
+                commit: commit.to_owned(),
+                committed_at: time.parse().unwrap_or(0),
+            }),
+            _ => Err(BuildError::internal(
                 PHASE,
                 "cannot read the checked-out commit id",
-            ));
+            )),
         }
-        Ok(commit)
     }
+}
+
+/// The commit a checkout left in the work tree.
+pub struct Checkout {
+    /// Full commit id.
+    pub commit: String,
+    /// Committer time (Unix seconds): the mtime of every file in the build context.
+    pub committed_at: u64,
 }
 
 fn last_line(text: &str) -> &str {

@@ -21,7 +21,7 @@ use crate::context::{write_context, ContextError};
 use crate::convert::{convert_image, create_work_dir};
 use crate::docker::DockerDaemon;
 use crate::error::{is_disk_full, BuildError};
-use crate::git::Git;
+use crate::git::{Checkout, Git};
 use crate::log::BuildLog;
 use crate::notify::{deliver, NotifyError, RetryPolicy};
 use crate::s3::{ObjectAttributes, S3Client};
@@ -306,7 +306,10 @@ async fn build(
             git.fetch(log, &params.repo_url, &params.revision, &source),
         )
         .await?;
-    let commit = progress
+    let Checkout {
+        commit,
+        committed_at,
+    } = progress
         .phase(log, Phase::Checkout, git.checkout(log, &source))
         .await?;
     log.line(&format!("commit {commit}"));
@@ -315,8 +318,8 @@ async fn build(
     let context = scratch.join("context.tar");
     let image_id = progress
         .phase(log, Phase::Build, async {
-            let summary =
-                write_context(&source, &params.dockerfile, &context).map_err(|e| match &e {
+            let summary = write_context(&source, &params.dockerfile, &context, committed_at)
+                .map_err(|e| match &e {
                     ContextError::Io { .. } if is_disk_full(&e) => {
                         BuildError::disk_full(Phase::Build, "writing the build context")
                     }

@@ -73,6 +73,11 @@ fn simple_dockerfile_becomes_a_rootfs_and_a_signed_webhook() {
         Some("built\n")
     );
     assert!(ext4_cat(&rootfs, "/bin/busybox").is_some());
+    // Files from the repository carry their commit's time (git keeps no file times).
+    assert_eq!(
+        ext4_mtime(&rootfs, "/app/hello.txt"),
+        repo.commit_time(&commit)
+    );
     let fsck = std::process::Command::new("e2fsck")
         .args(["-fn"])
         .arg(&rootfs)

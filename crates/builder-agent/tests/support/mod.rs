@@ -104,6 +104,19 @@ impl TestRepo {
         git(&["push", "-q", self.bare.to_str().unwrap(), "main"]);
         git(&["rev-parse", "HEAD"]).trim().to_string()
     }
+
+    /// The committer time of `commit`, in Unix seconds.
+    pub fn commit_time(&self, commit: &str) -> u64 {
+        run(Command::new("git").arg("-C").arg(self.work.path()).args([
+            "show",
+            "-s",
+            "--format=%ct",
+            commit,
+        ]))
+        .trim()
+        .parse()
+        .unwrap()
+    }
 }
 
 impl Drop for TestRepo {
@@ -319,6 +332,20 @@ pub fn ext4_cat(image: &Path, path: &str) -> Option<String> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     (out.status.success() && !stderr.contains("File not found")).then_some(text)
+}
+
+/// The mtime (seconds) of `path` in an ext4 image, from `debugfs`'s `mtime: 0x<hex>:...` line.
+pub fn ext4_mtime(image: &Path, path: &str) -> u64 {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("stat {path}")])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix("mtime: 0x"))
+        .and_then(|hex| u64::from_str_radix(hex.split(':').next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no mtime for {path} in debugfs output: {text}"))
 }
 
 /// GETs an object with curl's SigV4 signing: `(status, headers, body)`.
