@@ -3,7 +3,7 @@
 //! hide lower layers, hardlinks share an inode), and every entry is validated as hostile input.
 //! File contents stay in the archive: a node only records where its bytes are.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 
 use crate::archive::{lossy, Span, Window};
@@ -168,7 +168,7 @@ impl Tree {
             layer: layer.name.to_owned(),
             source,
         };
-        check_extension_headers(layer).map_err(corrupt)??;
+        let mut pax = check_extension_headers(layer).map_err(corrupt)??;
         let mut unpacked = Unpacked::default();
         let mut archive = tar::Archive::new(Window::new(layer.file, layer.span));
         for entry in archive.entries_with_seek().map_err(corrupt)? {
@@ -180,7 +180,8 @@ impl Tree {
                 entry: lossy(&raw_path),
                 problem,
             };
-            let parsed = parse_entry(&mut entry, layer).map_err(|e| match e {
+            let entry_pax = pax.remove(&entry.raw_header_position());
+            let parsed = parse_entry(&mut entry, layer, entry_pax).map_err(|e| match e {
                 ParseError::Corrupt(io) => corrupt(io),
                 ParseError::Invalid(problem) => invalid(problem),
             })?;
@@ -418,11 +419,12 @@ impl From<EntryProblem> for ParseError {
     }
 }
 
-/// Reads type, metadata and xattrs of one tar entry; `None` for entries that carry nothing
-/// (PAX global headers).
+/// Reads type, metadata and xattrs (from `pax`, its PAX records) of one tar entry; `None` for
+/// entries that carry nothing (PAX global headers).
 fn parse_entry(
     entry: &mut tar::Entry<'_, Window<'_>>,
     layer: &LayerInput<'_>,
+    pax: Option<EntryPax>,
 ) -> Result<Option<Parsed>, ParseError> {
     let header = entry.header();
     let entry_type = header.entry_type();
@@ -497,22 +499,16 @@ fn parse_entry(
         tar::EntryType::GNUSparse => return Err(EntryProblem::SparseUnsupported.into()),
         other => return Err(EntryProblem::UnsupportedType(other.as_byte() as char).into()),
     };
-    let mut xattrs = Vec::new();
+    let EntryPax {
+        mut xattrs,
+        gnu_sparse,
+    } = pax.unwrap_or_default();
+    if gnu_sparse {
+        return Err(EntryProblem::SparseUnsupported.into());
+    }
     let mut xattr_bytes = 0;
-    if let Some(extensions) = entry.pax_extensions().map_err(ParseError::Corrupt)? {
-        for extension in extensions {
-            let extension = extension.map_err(ParseError::Corrupt)?;
-            let key = extension.key_bytes();
-            if key.starts_with(b"GNU.sparse.") {
-                return Err(EntryProblem::SparseUnsupported.into());
-            }
-            let Some(name) = key.strip_prefix(b"SCHILY.xattr.") else {
-                continue;
-            };
-            let value = extension.value_bytes();
-            check_xattr(name, value, &mut xattr_bytes)?;
-            xattrs.push((name.to_vec(), value.to_vec()));
-        }
+    for (name, value) in &xattrs {
+        check_xattr(name, value, &mut xattr_bytes)?;
     }
     xattrs.sort();
     Ok(Some(Parsed {
@@ -568,15 +564,30 @@ pub(crate) fn check_xattr(
 /// Largest PAX or GNU long-name header body accepted: the tar reader holds them in memory.
 const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 
+/// What an entry's PAX extended header says that the converter uses.
+#[derive(Default)]
+struct EntryPax {
+    /// `SCHILY.xattr.NAME` records: (NAME, value).
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A `GNU.sparse.*` record: the entry is a sparse file in a form not supported.
+    gnu_sparse: bool,
+}
+
 /// Walks the raw headers of a layer before the tar reader does, refusing extension headers
-/// (`x`, `g`, `L`, `K`) whose body would have to be held in memory whole. Stops quietly at
-/// anything it does not understand (bad checksum, sparse entries, the end): the tar reader
-/// then reports that properly.
-fn check_extension_headers(layer: &LayerInput<'_>) -> std::io::Result<Result<(), ConvertError>> {
+/// (`x`, `g`, `L`, `K`) whose body would have to be held in memory whole, and reads each PAX
+/// header's records by their lengths (values are binary: a `security.capability` can hold a
+/// newline byte, which the tar crate's own record parser splits at). Returns them by the
+/// position of the header they apply to. Stops quietly at anything it does not understand (bad
+/// checksum, sparse entries, the end): the tar reader then reports that properly.
+fn check_extension_headers(
+    layer: &LayerInput<'_>,
+) -> std::io::Result<Result<HashMap<u64, EntryPax>, ConvertError>> {
     use std::os::unix::fs::FileExt;
     let mut header = [0u8; 512];
     let mut pos = 0u64;
     let mut pax_size: Option<u64> = None;
+    let mut pending = EntryPax::default();
+    let mut by_entry = HashMap::new();
     while pos + 512 <= layer.span.len {
         layer
             .file
@@ -621,12 +632,26 @@ fn check_extension_headers(layer: &LayerInput<'_>) -> std::io::Result<Result<(),
                     layer
                         .file
                         .read_exact_at(&mut body, layer.span.offset + pos + 512)?;
-                    pax_size = pax_record_size(&body);
+                    for (key, value) in pax_records(&body) {
+                        if key == b"size" {
+                            pax_size = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                        } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                            pending.xattrs.push((name.to_vec(), value.to_vec()));
+                        } else if key.starts_with(b"GNU.sparse.") {
+                            pending.gnu_sparse = true;
+                        }
+                    }
                 }
                 size
             }
             b'S' => break,
-            _ => pax_size.take().unwrap_or(size),
+            _ => {
+                let pax = std::mem::take(&mut pending);
+                if !pax.xattrs.is_empty() || pax.gnu_sparse {
+                    by_entry.insert(pos, pax);
+                }
+                pax_size.take().unwrap_or(size)
+            }
         };
         let Some(next) = size
             .checked_next_multiple_of(512)
@@ -636,7 +661,7 @@ fn check_extension_headers(layer: &LayerInput<'_>) -> std::io::Result<Result<(),
         };
         pos = next;
     }
-    Ok(Ok(()))
+    Ok(Ok(by_entry))
 }
 
 /// A tar numeric field: octal text, or base-256 when the high bit of the first byte is set.
@@ -657,26 +682,27 @@ fn header_size(field: &[u8]) -> Option<u64> {
     u64::from_str_radix(text, 8).ok()
 }
 
-/// The `size` record of a PAX extended header body, if any.
-fn pax_record_size(body: &[u8]) -> Option<u64> {
+/// The records (key, value) of a PAX extended header body, each `LEN KEY=VALUE\n` with LEN
+/// counting the whole record; stops at the first malformed one.
+fn pax_records(body: &[u8]) -> Vec<(&[u8], &[u8])> {
+    let mut records = Vec::new();
     let mut rest = body;
-    while !rest.is_empty() {
-        let space = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
-        if len <= space || len > rest.len() {
-            return None;
-        }
-        let record = &rest[space + 1..len];
-        if let Some(value) = record.strip_prefix(b"size=") {
-            return std::str::from_utf8(value)
-                .ok()?
-                .trim_end_matches('\n')
-                .parse()
-                .ok();
-        }
+    while let Some(space) = rest.iter().position(|&b| b == b' ') {
+        let Some(len) = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|&l| l > space + 1 && l <= rest.len() && rest[l - 1] == b'\n')
+        else {
+            break;
+        };
+        let record = &rest[space + 1..len - 1];
+        let Some(equals) = record.iter().position(|&b| b == b'=') else {
+            break;
+        };
+        records.push((&record[..equals], &record[equals + 1..]));
         rest = &rest[len..];
     }
-    None
+    records
 }
 
 /// Splits a layer path into components: `.` and empty components are dropped, absolute paths,
@@ -706,6 +732,37 @@ fn split_path(path: &[u8]) -> Result<Vec<&[u8]>, EntryProblem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pax_records_are_read_by_length_so_values_may_hold_newlines() {
+        let value = b"\x01\x00\x00\x02\x0a\x00\x00\x00";
+        let record = |key: &[u8], value: &[u8]| {
+            // LEN counts itself: settle its digit count.
+            let bare = key.len() + value.len() + 3; // space, '=', newline
+            let mut len = bare + 1;
+            while bare + len.to_string().len() != len {
+                len = bare + len.to_string().len();
+            }
+            [format!("{len} ").as_bytes(), key, b"=", value, b"\n"].concat()
+        };
+        let body = [
+            record(b"SCHILY.xattr.security.capability", value),
+            record(b"size", b"12"),
+        ]
+        .concat();
+        let records = pax_records(&body);
+        assert_eq!(
+            records,
+            vec![
+                (&b"SCHILY.xattr.security.capability"[..], &value[..]),
+                (&b"size"[..], &b"12"[..])
+            ]
+        );
+        assert!(
+            pax_records(b"99 path=x\n").is_empty(),
+            "a length past the end"
+        );
+    }
 
     #[test]
     fn paths_are_split_and_checked() {

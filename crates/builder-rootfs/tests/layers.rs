@@ -400,6 +400,36 @@ fn file_system_is_right_sized_and_sparse() {
     }
 }
 
+/// A capability set whose bytes include a newline (0x0A: CAP_DAC_OVERRIDE + CAP_FOWNER), as
+/// `setcap cap_dac_override,cap_fowner+ep` writes it: PAX records are read by length.
+#[test]
+fn xattr_values_holding_newline_bytes_survive() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cap = [
+        1u8, 0, 0, 2, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let xattrs: [(&str, &[u8]); 2] = [("security.capability", &cap), ("user.lines", b"a\nb\n")];
+    let archive = scratch.path().join("image.tar");
+    docker_archive(
+        &archive,
+        &[layer(&[Entry {
+            xattrs: &xattrs,
+            ..file(b"tool", b"#!/bin/sh\n")
+        }])],
+        CONFIG,
+    );
+    let (_, mount) = converted(scratch.path(), &archive);
+    let tool = mount.path().join("tool");
+    assert_eq!(
+        xattr::get(&tool, "security.capability").unwrap().as_deref(),
+        Some(&cap[..])
+    );
+    assert_eq!(
+        xattr::get(&tool, "user.lines").unwrap().as_deref(),
+        Some(&b"a\nb\n"[..])
+    );
+}
+
 /// An image without layers (FROM scratch with only config) still gives a bootable skeleton.
 #[test]
 fn image_without_layers_gives_the_mount_points() {
