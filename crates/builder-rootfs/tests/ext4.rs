@@ -181,3 +181,21 @@ fn extent_depth(image: &std::path::Path, path: &str) -> u32 {
         })
         .unwrap_or_else(|| panic!("no extent rows in debugfs output: {text}"))
 }
+
+/// A 16 TiB file (a sparse archive on tmpfs, which allows it) is more than ext4 with 4 KiB
+/// blocks holds: refused as the image's fault before anything is written.
+#[test]
+fn a_file_larger_than_ext4_holds_is_refused() {
+    let scratch = tempfile::tempdir_in("/dev/shm").unwrap();
+    let archive = scratch.path().join("image.tar");
+    craft::sparse_file_archive(&archive, b"huge", 1 << 44, &[(0, b"start")]);
+    let output = scratch.path().join("out.ext4");
+    let options = builder_rootfs::ConvertOptions {
+        work_dir: scratch.path().to_owned(),
+        ..Default::default()
+    };
+    let err = builder_rootfs::convert(&archive, &output, &options).unwrap_err();
+    assert!(err.is_user_caused(), "{err}");
+    assert!(err.to_string().contains("bytes in one file"), "{err}");
+    assert!(!output.exists());
+}

@@ -23,6 +23,8 @@ use crate::source::{Located, Sources};
 use crate::tree::{Kind, NodeId, Tree, ROOT};
 
 const LOST_FOUND: &[u8] = b"lost+found";
+/// The largest file ext4 holds with 4 KiB blocks: 2^32 - 1 logical blocks.
+const MAX_FILE_BYTES: u64 = (u32::MAX as u64) * BLOCK;
 /// Files at least this large are probed for holes (`SEEK_DATA`); smaller ones are taken whole.
 const PROBE_HOLES_FROM: u64 = 1 << 20;
 
@@ -177,6 +179,12 @@ pub(crate) fn plan<'t>(
                                 source,
                             })?;
                         size = located.len;
+                        if size > MAX_FILE_BYTES {
+                            return Err(ConvertError::LimitExceeded {
+                                what: "bytes in one file (ext4 with 4 KiB blocks)",
+                                limit: MAX_FILE_BYTES,
+                            });
+                        }
                         data_ranges(&located)
                     }
                     Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => vec![(0, 1)],

@@ -432,11 +432,19 @@ pub mod craft {
         }
     }
 
+    /// A numeric field: octal text, or GNU base-256 (high bit set, big endian) when the value
+    /// is too large for it.
     fn octal(field: &mut [u8], value: u64) {
         let text = format!("{:0width$o}", value, width = field.len() - 1);
-        assert!(text.len() < field.len(), "{value} does not fit a tar field");
-        field[..text.len()].copy_from_slice(text.as_bytes());
-        field[text.len()] = 0;
+        if text.len() < field.len() {
+            field[..text.len()].copy_from_slice(text.as_bytes());
+            field[text.len()] = 0;
+        } else {
+            field.fill(0);
+            let at = field.len() - 8;
+            field[at..].copy_from_slice(&value.to_be_bytes());
+            field[0] |= 0x80;
+        }
     }
 
     /// One 512-byte ustar header with a correct checksum.
