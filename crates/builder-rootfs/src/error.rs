@@ -32,6 +32,13 @@ pub enum ConvertError {
         #[source]
         source: io::Error,
     },
+    /// A layer's content does not hash to the `diff_id` the image config lists for it.
+    #[error("layer {layer:?} does not match the image config: its sha256 is {actual}, the config's diff_id is {expected}")]
+    LayerDigestMismatch {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
     /// An entry of a layer is rejected: the message names the layer, the entry and why.
     #[error("layer {layer:?}, entry {entry:?}: {problem}")]
     InvalidEntry {
@@ -157,6 +164,7 @@ impl ConvertError {
             | ConvertError::InvalidMetadata { .. }
             | ConvertError::UnsupportedLayerDir { .. }
             | ConvertError::CorruptLayer { .. }
+            | ConvertError::LayerDigestMismatch { .. }
             | ConvertError::Io { .. }
             | ConvertError::InitNotStatic { .. }
             | ConvertError::Ext4TooSmall { .. } => false,

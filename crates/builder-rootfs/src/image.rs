@@ -6,7 +6,7 @@ use builder_contract::ImageConfig;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::archive::ArchiveIndex;
+use crate::archive::{ArchiveIndex, Span, Window};
 use crate::error::ConvertError;
 
 /// The largest metadata document (manifest, index, config) read into memory.
@@ -21,6 +21,9 @@ pub(crate) struct Image {
     pub config: ImageConfig,
     /// Archive member names of the layers, lowest first.
     pub layers: Vec<String>,
+    /// The config's `rootfs.diff_ids`: the sha256 of each uncompressed layer, lowest first
+    /// (empty when the config lists none; then there is nothing to check the layers against).
+    pub diff_ids: Vec<String>,
 }
 
 impl Image {
@@ -55,11 +58,13 @@ impl Image {
                 })
             }
         };
-        let (id, config) = read_config(archive, &entry.config, None)?;
+        let (id, config, diff_ids) = read_config(archive, &entry.config, None)?;
+        check_layer_count(&entry.config, &diff_ids, entry.layers.len())?;
         Ok(Image {
             id,
             config,
             layers: entry.layers,
+            diff_ids,
         })
     }
 
@@ -112,13 +117,20 @@ impl Image {
             }
             let manifest: Manifest = parse(archive, &blob)?;
             let config_member = blob_member(&blob, &manifest.config.digest)?;
-            let (id, config) = read_config(archive, &config_member, Some(&manifest.config.digest))?;
-            let layers = manifest
+            let (id, config, diff_ids) =
+                read_config(archive, &config_member, Some(&manifest.config.digest))?;
+            let layers: Vec<String> = manifest
                 .layers
                 .iter()
                 .map(|layer| blob_member(&blob, &layer.digest))
                 .collect::<Result<_, _>>()?;
-            return Ok(Image { id, config, layers });
+            check_layer_count(&config_member, &diff_ids, layers.len())?;
+            return Ok(Image {
+                id,
+                config,
+                layers,
+                diff_ids,
+            });
         }
         Err(ConvertError::InvalidMetadata {
             member,
@@ -156,16 +168,72 @@ fn parse<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Reads the image config; returns the image id (digest of the document) and its runtime part.
+/// A config that lists diff_ids must list one per layer.
+fn check_layer_count(member: &str, diff_ids: &[String], layers: usize) -> Result<(), ConvertError> {
+    if diff_ids.is_empty() || diff_ids.len() == layers {
+        return Ok(());
+    }
+    Err(ConvertError::InvalidMetadata {
+        member: member.to_owned(),
+        reason: format!(
+            "it lists {} diff_ids for the {layers} layers of the manifest",
+            diff_ids.len()
+        ),
+    })
+}
+
+/// Checks that the uncompressed layers (name, file, span) hash to the config's `diff_ids`
+/// (none listed: nothing to check).
+pub(crate) fn check_diff_ids(
+    layers: &[(&str, &std::fs::File, Span)],
+    diff_ids: &[String],
+) -> Result<(), ConvertError> {
+    use std::io::Read;
+    for (&(name, file, span), expected) in layers.iter().zip(diff_ids) {
+        let corrupt = |source| ConvertError::CorruptLayer {
+            layer: name.to_owned(),
+            source,
+        };
+        let mut sha = Sha256::new();
+        let mut window = Window::new(file, span);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = window.read(&mut buf).map_err(corrupt)?;
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+        }
+        let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+        if &actual != expected {
+            return Err(ConvertError::LayerDigestMismatch {
+                layer: name.to_owned(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads the image config; returns the image id (digest of the document), its runtime part
+/// and its `rootfs.diff_ids`.
 fn read_config(
     archive: &ArchiveIndex,
     member: &str,
     expected_digest: Option<&str>,
-) -> Result<(String, ImageConfig), ConvertError> {
+) -> Result<(String, ImageConfig, Vec<String>), ConvertError> {
     #[derive(Deserialize)]
     struct Document {
         #[serde(default)]
         config: Option<ImageConfig>,
+        #[serde(default)]
+        rootfs: Option<RootFs>,
+    }
+    #[derive(Deserialize)]
+    struct RootFs {
+        #[serde(default)]
+        diff_ids: Vec<String>,
     }
     let bytes = archive.read_small(member, MAX_METADATA_BYTES)?;
     let id = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
@@ -182,5 +250,9 @@ fn read_config(
             member: member.to_owned(),
             reason: e.to_string(),
         })?;
-    Ok((id, document.config.unwrap_or_default()))
+    Ok((
+        id,
+        document.config.unwrap_or_default(),
+        document.rootfs.map(|r| r.diff_ids).unwrap_or_default(),
+    ))
 }

@@ -154,14 +154,24 @@ fn convert_inner(
     let mut tree = Tree::new(Limits {
         max_entries: options.max_entries,
     });
-    for &(name, source, span) in &layers {
-        tree.apply_layer(&LayerInput {
-            name,
-            file: sources.file(source),
-            source,
-            span,
-        })?;
-    }
+    // The layers are hashed against the config's diff_ids on a second thread while the tree
+    // is built from them (both read the same, by then cached, bytes).
+    let hashed: Vec<(&str, &File, Span)> = layers
+        .iter()
+        .map(|&(name, source, span)| (name, sources.file(source), span))
+        .collect();
+    std::thread::scope(|scope| {
+        let verified = scope.spawn(|| image::check_diff_ids(&hashed, &image.diff_ids));
+        for &(name, source, span) in &layers {
+            tree.apply_layer(&LayerInput {
+                name,
+                file: sources.file(source),
+                source,
+                span,
+            })?;
+        }
+        verified.join().expect("the diff_id check does not panic")
+    })?;
     tracing::debug!(
         layers = layers.len(),
         nodes = tree.nodes.len(),

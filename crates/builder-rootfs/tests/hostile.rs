@@ -401,3 +401,58 @@ fn corrupt_outer_archives_are_rejected() {
         "{text}"
     );
 }
+
+/// A layer whose bytes are not what the config's `diff_ids` say (a tampered or swapped
+/// layer), and a config listing more diff_ids than there are layers, are refused naming the
+/// layer / the config; the right digest converts.
+#[test]
+fn layers_that_do_not_match_the_configs_diff_ids_are_rejected() {
+    let arena = Arena::new();
+    let archive = arena.path("image.tar");
+    let one = layer(&[file(b"etc/motd", b"original\n")]);
+    let config_with = |diff_ids: &[String]| {
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/app"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap()
+    };
+    let right = format!("sha256:{}", craft::sha256_hex(&one));
+    let wrong = format!("sha256:{}", craft::sha256_hex(b"another layer"));
+
+    docker_archive(
+        &archive,
+        std::slice::from_ref(&one),
+        &config_with(std::slice::from_ref(&wrong)),
+    );
+    let err = arena.convert_fails(&archive, None);
+    let text = chain(&err);
+    assert!(
+        matches!(err, ConvertError::LayerDigestMismatch { .. }) && !err.is_user_caused(),
+        "{text}"
+    );
+    assert!(
+        text.contains("0000000000000000000000000000000000000000000000000000000000000000/layer.tar")
+            && text.contains(&wrong)
+            && text.contains(&right),
+        "{text}"
+    );
+
+    docker_archive(
+        &archive,
+        std::slice::from_ref(&one),
+        &config_with(&[right.clone(), right.clone()]),
+    );
+    let text = chain(&arena.convert_fails(&archive, None));
+    assert!(text.contains("2 diff_ids for the 1 layers"), "{text}");
+
+    docker_archive(&archive, &[one], &config_with(&[right]));
+    let output = arena.path("out.ext4");
+    let options = ConvertOptions {
+        work_dir: arena.path("work"),
+        ..Default::default()
+    };
+    convert(&archive, &output, &options).expect("the matching layer converts");
+}
