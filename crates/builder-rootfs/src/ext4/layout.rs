@@ -396,34 +396,26 @@ pub(crate) fn plan<'t>(
         let data_blocks: u64 = extents[index].iter().map(|e| u64::from(e.len)).sum();
         let xattr_blocks = u64::from(xattr_block_at[index] != 0);
         let sectors = (data_blocks + tree_blocks + xattr_blocks) * (BLOCK / 512);
+        // An inode of the file system's own: root's, the fixed time, extents, no xattrs.
+        let own = |mode: u16, size: u64, links: u16| {
+            Some(Inode {
+                mode,
+                uid: 0,
+                gid: 0,
+                size,
+                links,
+                sectors,
+                flags: EXTENTS_FL,
+                mtime: geo.time,
+                i_block,
+                xattr_block: 0,
+                inline_xattrs: None,
+            })
+        };
         let inode = match *owner {
             Owner::Unused => None,
-            Owner::Journal => Some(Inode {
-                mode: S_IFREG | 0o600,
-                uid: 0,
-                gid: 0,
-                size: journal_blocks * BLOCK,
-                links: 1,
-                sectors,
-                flags: EXTENTS_FL,
-                mtime: geo.time,
-                i_block,
-                xattr_block: 0,
-                inline_xattrs: None,
-            }),
-            Owner::LostFound => Some(Inode {
-                mode: S_IFDIR | 0o700,
-                uid: 0,
-                gid: 0,
-                size: data_blocks * BLOCK,
-                links: 2,
-                sectors,
-                flags: EXTENTS_FL,
-                mtime: geo.time,
-                i_block,
-                xattr_block: 0,
-                inline_xattrs: None,
-            }),
+            Owner::Journal => own(S_IFREG | 0o600, journal_blocks * BLOCK, 1),
+            Owner::LostFound => own(S_IFDIR | 0o700, data_blocks * BLOCK, 2),
             Owner::Node(node) => {
                 let n = &tree.nodes[node];
                 let (kind_mode, size, flags, i_block, links) = match &n.kind {
