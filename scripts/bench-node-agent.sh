@@ -56,9 +56,11 @@ trap cleanup EXIT
 truncate -s 1M "$work/not-a-filesystem.img"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
+# A VM network of its own (make test-builder-vm uses 10.219/16, node-agent's VM tests 10.218/16):
+# host-side veth names derive from addresses, so daemons on one host must not share a range.
 "$bin" serve --work-dir "$work/state" --listen "127.0.0.1:$port" --capacity-vcpus 2 \
     --capacity-mem-mib 4096 --kernel "$kernel" --rootfs "$work/not-a-filesystem.img" \
-    --vm-network 10.219.0.0/16 --poll-interval-ms 1000 >"$work/daemon.log" 2>&1 &
+    --vm-network 10.217.0.0/16 --poll-interval-ms 1000 >"$work/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 100); do
     curl -fs "$base/healthz" >/dev/null 2>&1 && break
