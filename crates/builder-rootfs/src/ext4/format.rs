@@ -279,6 +279,15 @@ pub(crate) fn group_desc(geo: &Geometry, group: u64, d: &GroupDesc) -> [u8; DESC
     b
 }
 
+/// The checksum seed of everything that belongs to inode `ino` (the inode itself, its extent
+/// tree and directory blocks): the file system seed, then the inode number and generation (0).
+fn inode_seed(geo: &Geometry, ino: u32) -> u32 {
+    crc32c(
+        crc32c(geo.csum_seed, &ino.to_le_bytes()),
+        &0u32.to_le_bytes(),
+    )
+}
+
 /// An inode's fields, before encoding.
 pub(crate) struct Inode {
     /// File type and permission bits.
@@ -326,11 +335,7 @@ pub(crate) fn inode(geo: &Geometry, ino: u32, n: &Inode) -> [u8; INODE_SIZE] {
     if let Some(area) = &n.inline_xattrs {
         b[INLINE_XATTR_START..INLINE_XATTR_START + area.len()].copy_from_slice(area);
     }
-    let csum = crc32c(
-        crc32c(geo.csum_seed, &ino.to_le_bytes()),
-        &0u32.to_le_bytes(), // i_generation
-    );
-    let csum = crc32c(csum, &b);
+    let csum = crc32c(inode_seed(geo, ino), &b);
     put16(&mut b, 0x7C, csum as u16);
     put16(&mut b, 0x82, (csum >> 16) as u16);
     b
@@ -427,10 +432,7 @@ pub(crate) fn extent_tree(
     for (i, &(logical, block)) in level.iter().enumerate() {
         index_entry(&mut i_block[12 + 12 * i..], logical, block);
     }
-    let seed = crc32c(
-        crc32c(geo.csum_seed, &ino.to_le_bytes()),
-        &0u32.to_le_bytes(),
-    );
+    let seed = inode_seed(geo, ino);
     for b in &mut blocks {
         let tail = 12 + 12 * EXTENTS_IN_BLOCK;
         let csum = crc32c(seed, &b[..tail]);
@@ -468,10 +470,7 @@ pub(crate) fn dir_blocks(
     let mut block = [0u8; BLOCK_USIZE];
     let mut used = 0usize;
     let mut last = 0usize;
-    let seed = crc32c(
-        crc32c(geo.csum_seed, &ino.to_le_bytes()),
-        &0u32.to_le_bytes(),
-    );
+    let seed = inode_seed(geo, ino);
     let close = |block: &mut [u8; BLOCK_USIZE], last: usize, out: &mut Vec<u8>| {
         // The last entry's record stretches to the tail.
         put16(block, last + 4, (DIR_BLOCK_ROOM - last) as u16);

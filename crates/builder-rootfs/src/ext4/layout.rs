@@ -19,8 +19,8 @@ use super::format::{
 use super::xattr::{self, Placement};
 use super::Ext4Options;
 use crate::error::ConvertError;
-use crate::source::{Located, Sources};
-use crate::tree::{Kind, NodeId, Tree, ROOT};
+use crate::source::Sources;
+use crate::tree::{Content, Kind, NodeId, Tree, ROOT};
 
 const LOST_FOUND: &[u8] = b"lost+found";
 /// The largest file ext4 holds with 4 KiB blocks: 2^32 - 1 logical blocks.
@@ -172,20 +172,18 @@ pub(crate) fn plan<'t>(
                         vec![(0, dir_block_count(names))]
                     }
                     Kind::File(content) => {
-                        let located =
-                            sources.locate(content).map_err(|source| ConvertError::Io {
-                                op: "open the content of",
-                                path: image_path(&first_name, node),
-                                source,
-                            })?;
-                        size = located.len;
+                        size = content.span.len;
                         if size > MAX_FILE_BYTES {
                             return Err(ConvertError::LimitExceeded {
                                 what: "bytes in one file (ext4 with 4 KiB blocks)",
                                 limit: MAX_FILE_BYTES,
                             });
                         }
-                        data_ranges(&located)
+                        data_ranges(sources, content).map_err(|source| ConvertError::Io {
+                            op: "open the content of",
+                            path: image_path(&first_name, node),
+                            source,
+                        })?
                     }
                     Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => vec![(0, 1)],
                     _ => Vec::new(),
@@ -655,16 +653,19 @@ fn device(major: u32, minor: u32) -> [u8; 60] {
 
 /// Logical block ranges of `content` that hold data: the whole file, except that large files
 /// are probed for holes in their source (`SEEK_DATA`/`SEEK_HOLE`), which stay holes.
-fn data_ranges(located: &Located<'_>) -> Vec<(u64, u64)> {
-    let (offset, len) = (located.offset, located.len);
+fn data_ranges(sources: &Sources, content: &Content) -> std::io::Result<Vec<(u64, u64)>> {
+    let len = content.span.len;
     let blocks = len.div_ceil(BLOCK);
     if len < PROBE_HOLES_FROM {
-        return if blocks == 0 {
+        // Taken whole without opening it (a layer directory's file is opened only to be read).
+        return Ok(if blocks == 0 {
             Vec::new()
         } else {
             vec![(0, blocks)]
-        };
+        });
     }
+    let located = sources.locate(content)?;
+    let offset = located.offset;
     let fd = located.file().as_raw_fd();
     let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
         // SAFETY: lseek on a descriptor we hold; only the offset changes, and every read of
@@ -690,7 +691,7 @@ fn data_ranges(located: &Located<'_>) -> Vec<(u64, u64)> {
         }
         pos = hole;
     }
-    ranges
+    Ok(ranges)
 }
 
 /// Appends `placed` to `extents`, joining runs that continue each other.

@@ -24,7 +24,7 @@ use std::path::Path;
 pub(crate) use xattr::{footprint as xattr_footprint, BLOCK_ROOM as XATTR_ROOM};
 
 use crate::error::{io_err, ConvertError};
-use crate::source::Sources;
+use crate::source::{Located, Sources};
 use crate::tree::{Kind, Tree};
 use format::BLOCK;
 use layout::{Item, Owner};
@@ -61,6 +61,8 @@ pub(crate) fn write(
         path: path.to_owned(),
         source,
     };
+    // The file whose data is being written, kept open across its extents.
+    let mut open_file: Option<(u32, Located<'_>)> = None;
     for placed in &layout.items {
         out.skip_to(placed.start * BLOCK);
         match &placed.item {
@@ -108,7 +110,15 @@ pub(crate) fn write(
                     path: layout.path_of(node),
                     source,
                 };
-                let located = sources.locate(content).map_err(read_err)?;
+                // A file's extents follow each other: open it once for all of them.
+                let located = match &mut open_file {
+                    Some((open_ino, located)) if open_ino == ino => located,
+                    slot => {
+                        &slot
+                            .insert((*ino, sources.locate(content).map_err(read_err)?))
+                            .1
+                    }
+                };
                 let from = logical * BLOCK;
                 let until = ((logical + placed.len) * BLOCK).min(located.len);
                 let mut at = from;
