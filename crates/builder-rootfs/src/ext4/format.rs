@@ -349,24 +349,33 @@ pub(crate) struct Extent {
     pub len: u32,
 }
 
-fn extent_header(b: &mut [u8], entries: usize, max: usize, depth: u16) {
+/// One extent tree node: the header, then its 12-byte entries (leaf extents at depth 0,
+/// index entries above).
+fn extent_node(b: &mut [u8], entries: &[(u32, [u8; 12])], max: usize, depth: u16) {
     put16(b, 0, 0xF30A);
-    put16(b, 2, entries as u16);
+    put16(b, 2, entries.len() as u16);
     put16(b, 4, max as u16);
     put16(b, 6, depth);
+    for (i, (_, entry)) in entries.iter().enumerate() {
+        b[12 + 12 * i..24 + 12 * i].copy_from_slice(entry);
+    }
 }
 
-fn leaf_entry(b: &mut [u8], e: &Extent) {
-    put32(b, 0, e.logical);
-    put16(b, 4, e.len as u16);
-    put16(b, 6, (e.start >> 32) as u16);
-    put32(b, 8, e.start as u32);
+fn leaf_entry(e: &Extent) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    put32(&mut b, 0, e.logical);
+    put16(&mut b, 4, e.len as u16);
+    put16(&mut b, 6, (e.start >> 32) as u16);
+    put32(&mut b, 8, e.start as u32);
+    b
 }
 
-fn index_entry(b: &mut [u8], logical: u32, block: u64) {
-    put32(b, 0, logical);
-    put32(b, 4, block as u32);
-    put16(b, 8, (block >> 32) as u16);
+fn index_entry(logical: u32, block: u64) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    put32(&mut b, 0, logical);
+    put32(&mut b, 4, block as u32);
+    put16(&mut b, 8, (block >> 32) as u16);
+    b
 }
 
 /// How many tree blocks an extent tree over `extents` extents needs (0 when they fit in the
@@ -389,49 +398,27 @@ pub(crate) fn extent_tree(
     extents: &[Extent],
     tree_blocks: &[u64],
 ) -> ([u8; 60], Vec<[u8; BLOCK_USIZE]>) {
-    let mut i_block = [0u8; 60];
-    // Each level: (first logical block, physical block) of its nodes.
-    let mut level: Vec<(u32, u64)> = Vec::new();
+    // Each level's entries with the first logical block they cover: the extents, then, while
+    // they do not fit in the inode, one index entry per full block of the level below.
+    let mut level: Vec<(u32, [u8; 12])> =
+        extents.iter().map(|e| (e.logical, leaf_entry(e))).collect();
     let mut blocks = Vec::new();
     let mut next = tree_blocks.iter();
     let mut depth = 0u16;
-    if extents.len() <= EXTENTS_IN_INODE {
-        extent_header(&mut i_block, extents.len(), EXTENTS_IN_INODE, 0);
-        for (i, e) in extents.iter().enumerate() {
-            leaf_entry(&mut i_block[12 + 12 * i..], e);
-        }
-        return (i_block, blocks);
-    }
-    for chunk in extents.chunks(EXTENTS_IN_BLOCK) {
-        let mut b = [0u8; BLOCK_USIZE];
-        extent_header(&mut b, chunk.len(), EXTENTS_IN_BLOCK, 0);
-        for (i, e) in chunk.iter().enumerate() {
-            leaf_entry(&mut b[12 + 12 * i..], e);
-        }
-        let at = *next.next().expect("enough tree blocks were allocated");
-        level.push((chunk[0].logical, at));
-        blocks.push(b);
-    }
-    depth += 1;
     while level.len() > EXTENTS_IN_INODE {
         let mut upper = Vec::new();
         for chunk in level.chunks(EXTENTS_IN_BLOCK) {
             let mut b = [0u8; BLOCK_USIZE];
-            extent_header(&mut b, chunk.len(), EXTENTS_IN_BLOCK, depth);
-            for (i, &(logical, block)) in chunk.iter().enumerate() {
-                index_entry(&mut b[12 + 12 * i..], logical, block);
-            }
+            extent_node(&mut b, chunk, EXTENTS_IN_BLOCK, depth);
             let at = *next.next().expect("enough tree blocks were allocated");
-            upper.push((chunk[0].0, at));
+            upper.push((chunk[0].0, index_entry(chunk[0].0, at)));
             blocks.push(b);
         }
         level = upper;
         depth += 1;
     }
-    extent_header(&mut i_block, level.len(), EXTENTS_IN_INODE, depth);
-    for (i, &(logical, block)) in level.iter().enumerate() {
-        index_entry(&mut i_block[12 + 12 * i..], logical, block);
-    }
+    let mut i_block = [0u8; 60];
+    extent_node(&mut i_block, &level, EXTENTS_IN_INODE, depth);
     let seed = inode_seed(geo, ino);
     for b in &mut blocks {
         let tail = 12 + 12 * EXTENTS_IN_BLOCK;
