@@ -280,14 +280,7 @@ impl Snapshot {
                 },
             );
         }
-        snapshot.hardlinks = groups
-            .into_values()
-            .map(|mut g| {
-                g.sort();
-                g
-            })
-            .collect();
-        snapshot.hardlinks.sort();
+        snapshot.hardlinks = sorted_groups(groups.into_values());
         snapshot
     }
 
@@ -350,16 +343,21 @@ impl Snapshot {
                 );
             }
         }
-        snapshot.hardlinks = inodes
-            .into_values()
-            .map(|mut g| {
-                g.sort();
-                g
-            })
-            .collect();
-        snapshot.hardlinks.sort();
+        snapshot.hardlinks = sorted_groups(inodes.into_values());
         snapshot
     }
+}
+
+/// Hardlink groups (paths of one inode) in a comparable order: each sorted, then all.
+fn sorted_groups(groups: impl Iterator<Item = Vec<Vec<u8>>>) -> Vec<Vec<Vec<u8>>> {
+    let mut groups: Vec<Vec<Vec<u8>>> = groups
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    groups
 }
 
 fn libc_major(dev: u64) -> u64 {
