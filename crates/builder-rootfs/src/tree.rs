@@ -168,7 +168,7 @@ impl Tree {
             layer: layer.name.to_owned(),
             source,
         };
-        let mut pax = check_extension_headers(layer).map_err(corrupt)??;
+        let mut pax = read_extension_headers(layer).map_err(corrupt)??;
         let mut unpacked = Unpacked::default();
         let mut archive = tar::Archive::new(Window::new(layer.file, layer.span));
         for entry in archive.entries_with_seek().map_err(corrupt)? {
@@ -579,7 +579,7 @@ struct EntryPax {
 /// newline byte, which the tar crate's own record parser splits at). Returns them by the
 /// position of the header they apply to. Stops quietly at anything it does not understand (bad
 /// checksum, sparse entries, the end): the tar reader then reports that properly.
-fn check_extension_headers(
+fn read_extension_headers(
     layer: &LayerInput<'_>,
 ) -> std::io::Result<Result<HashMap<u64, EntryPax>, ConvertError>> {
     use std::os::unix::fs::FileExt;
