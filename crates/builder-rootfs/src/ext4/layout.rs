@@ -98,8 +98,6 @@ impl Layout<'_> {
 struct Needs {
     /// Logical block ranges holding data (files), or the block count (dirs, slow symlinks).
     ranges: Vec<(u64, u64)>,
-    /// Content length of a regular file.
-    size: u64,
     xattrs: Placement,
 }
 
@@ -153,17 +151,14 @@ pub(crate) fn plan<'t>(
         needs.push(match *owner {
             Owner::Unused | Owner::Journal => Needs {
                 ranges: Vec::new(),
-                size: 0,
                 xattrs: Placement::None,
             },
             Owner::LostFound => Needs {
                 ranges: vec![(0, 1)],
-                size: 0,
                 xattrs: Placement::None,
             },
             Owner::Node(node) => {
                 let meta = &tree.nodes[node].meta;
-                let mut size = 0;
                 let ranges = match &tree.nodes[node].kind {
                     Kind::Dir(_) => {
                         let names =
@@ -172,8 +167,7 @@ pub(crate) fn plan<'t>(
                         vec![(0, dir_block_count(names))]
                     }
                     Kind::File(content) => {
-                        size = content.span.len;
-                        if size > MAX_FILE_BYTES {
+                        if content.span.len > MAX_FILE_BYTES {
                             return Err(ConvertError::LimitExceeded {
                                 what: "bytes in one file (ext4 with 4 KiB blocks)",
                                 limit: MAX_FILE_BYTES,
@@ -190,7 +184,6 @@ pub(crate) fn plan<'t>(
                 };
                 Needs {
                     ranges,
-                    size,
                     xattrs: xattr::placement(&meta.xattrs),
                 }
             }
@@ -432,7 +425,9 @@ pub(crate) fn plan<'t>(
                             if links > LINK_MAX { 1 } else { links },
                         )
                     }
-                    Kind::File(_) => (S_IFREG, needs[index].size, EXTENTS_FL, i_block, links[node]),
+                    Kind::File(content) => {
+                        (S_IFREG, content.span.len, EXTENTS_FL, i_block, links[node])
+                    }
                     Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => (
                         S_IFLNK,
                         target.len() as u64,
