@@ -12,7 +12,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use builder_contract::params::raw_value;
 use builder_contract::{
-    BuildParams, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact, Secrets,
+    BuildInputs, BuildParams, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming,
+    RootfsArtifact, Secrets,
 };
 use builder_rootfs::{ConvertOptions, ConvertReport};
 use url::Url;
@@ -128,6 +129,12 @@ pub async fn run(options: &RunOptions) -> Outcome {
         log.redact(Git::derived_secrets(git_credentials(secrets)));
     }
     let params = BuildParams::from_cmdline(&options.cmdline, &options.default_build_id)
+        .and_then(|mut params| {
+            if let Some(overflow) = secrets.as_ref().ok().and_then(|s| s.build_args.as_ref()) {
+                params.merge_overflow_build_args(overflow)?;
+            }
+            Ok(params)
+        })
         .map_err(|e| BuildError::from_chain(Phase::Params, ErrorClass::User, &e));
 
     let mut progress = Progress::default();
@@ -163,6 +170,16 @@ pub async fn run(options: &RunOptions) -> Outcome {
         revision: raw_value(&options.cmdline, "commit_sha").unwrap_or_default(),
         commit_sha: progress.commit,
         image_digest: progress.image_id,
+        inputs: params.as_ref().ok().map(|p| BuildInputs {
+            dockerfile: p.dockerfile.to_string(),
+            target: p.target.clone(),
+            platform: p.platform.clone(),
+            build_args: p.build_args.as_map().clone(),
+            secret_ids: secrets
+                .as_ref()
+                .map(|s| s.build_secrets.keys().cloned().collect())
+                .unwrap_or_default(),
+        }),
         rootfs: progress.rootfs,
         error: result.as_ref().err().map(BuildError::to_failure),
         phases: progress.phases,

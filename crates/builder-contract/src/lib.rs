@@ -10,8 +10,9 @@ pub mod secrets;
 pub mod signature;
 
 pub use image::ImageConfig;
-pub use params::{BuildParams, ParamError, RepoPath, Revision, S3Location};
+pub use params::{BuildArgs, BuildParams, ParamError, RepoPath, Revision, S3Location};
 pub use report::{
-    BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact,
+    BuildFailure, BuildInputs, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming,
+    RootfsArtifact,
 };
-pub use secrets::{S3Credentials, Secrets, SecretsError};
+pub use secrets::{RegistryCredentials, S3Credentials, Secrets, SecretsError};

@@ -5,7 +5,13 @@
 //! contain spaces, `%` or other bytes outside the unreserved set are percent-encoded. Words that
 //! are not build parameters (`console=ttyS0`, `reboot=k`, a bare `quiet`, ...) belong to the
 //! kernel and are ignored, so the same parser reads a full kernel command line.
+//!
+//! `build_args` is one word whose decoded value is itself form-encoded (`KEY=VALUE&KEY=VALUE`).
+//! When the build args would push the command line over the VMM's limit, the node agent leaves
+//! them off it and puts them on the config drive instead ([`BuildParams::split_kernel_cmdline`]);
+//! the guest merges them back ([`BuildParams::merge_overflow_build_args`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -18,16 +24,27 @@ pub const MAX_KERNEL_CMDLINE_BYTES: usize = 2048;
 /// Dockerfile used when the `dockerfile` key is absent.
 pub const DEFAULT_DOCKERFILE: &str = "Dockerfile";
 
+/// The only platform builds are made for now (what `platform` defaults to and must be).
+pub const DEFAULT_PLATFORM: &str = "linux/amd64";
+
 /// The command-line keys, in the order [`BuildParams::to_cmdline`] writes them.
-pub const PARAM_KEYS: [&str; 7] = [
+pub const PARAM_KEYS: [&str; 10] = [
     "build_id",
     "repo_url",
     "commit_sha",
     "dockerfile",
+    "target",
+    "platform",
     "s3_bucket",
     "s3_key",
     "notify_url",
+    "build_args",
 ];
+
+/// At most this many build args.
+pub const MAX_BUILD_ARGS: usize = 100;
+/// A build arg's value is at most this many bytes.
+pub const MAX_BUILD_ARG_VALUE_BYTES: usize = 16 * 1024;
 
 /// Bytes left as they are when a value is encoded: RFC 3986 unreserved plus `/` and `:`, which
 /// keeps URLs and paths readable on the console.
@@ -60,6 +77,12 @@ pub enum ParamError {
          repo_url, s3_key or notify_url"
     )]
     CmdlineTooLong { len: usize, max: usize },
+    /// Build args came both on the command line and on the config drive.
+    #[error(
+        "`build_args` is given both on the command line and on the config drive; the node \
+         agent puts them in one place"
+    )]
+    BuildArgsTwice,
 }
 
 impl ParamError {
@@ -70,6 +93,7 @@ impl ParamError {
             | ParamError::Duplicate { key }
             | ParamError::Encoding { key }
             | ParamError::Invalid { key, .. } => Some(key),
+            ParamError::BuildArgsTwice => Some("build_args"),
             ParamError::CmdlineTooLong { .. } => None,
         }
     }
@@ -325,6 +349,139 @@ fn check_build_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A Dockerfile stage name for `target`: what the Dockerfile frontend accepts after `AS`.
+pub fn parse_target(value: &str) -> Result<String, ParamError> {
+    const KEY: &str = "target";
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.as_bytes()[0].is_ascii_alphabetic()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        return Err(invalid(
+            KEY,
+            format!(
+                "`{value}` is not a stage name: 1 to 128 letters, digits, `-`, `_` or `.`, \
+                 starting with a letter"
+            ),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// Checks a `platform`: only [`DEFAULT_PLATFORM`] is built for now.
+pub fn parse_platform(value: &str) -> Result<String, ParamError> {
+    if value != DEFAULT_PLATFORM {
+        return Err(invalid(
+            "platform",
+            format!("`{value}` is not supported; builds are made for {DEFAULT_PLATFORM} only"),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// `--build-arg` values by name, checked: names as in a Dockerfile `ARG` (`[A-Za-z_][A-Za-z0-9_]*`,
+/// at most 128 bytes), values any UTF-8 without NUL up to [`MAX_BUILD_ARG_VALUE_BYTES`], at most
+/// [`MAX_BUILD_ARGS`] of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
+pub struct BuildArgs(BTreeMap<String, String>);
+
+impl BuildArgs {
+    /// Checks every name and value.
+    pub fn new(args: BTreeMap<String, String>) -> Result<Self, ParamError> {
+        const KEY: &str = "build_args";
+        if args.len() > MAX_BUILD_ARGS {
+            return Err(invalid(
+                KEY,
+                format!(
+                    "{} build args; at most {MAX_BUILD_ARGS} are accepted",
+                    args.len()
+                ),
+            ));
+        }
+        for (name, value) in &args {
+            let name_ok = !name.is_empty()
+                && name.len() <= 128
+                && (name.as_bytes()[0].is_ascii_alphabetic() || name.starts_with('_'))
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !name_ok {
+                return Err(invalid(
+                    KEY,
+                    format!(
+                        "`{name}` is not a build arg name: letters, digits and `_`, not \
+                         starting with a digit, at most 128 bytes"
+                    ),
+                ));
+            }
+            if value.len() > MAX_BUILD_ARG_VALUE_BYTES {
+                return Err(invalid(
+                    KEY,
+                    format!(
+                        "the value of `{name}` is {} bytes; at most {MAX_BUILD_ARG_VALUE_BYTES} \
+                         are accepted",
+                        value.len()
+                    ),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(invalid(KEY, format!("the value of `{name}` contains NUL")));
+            }
+        }
+        Ok(BuildArgs(args))
+    }
+
+    /// Reads the form-encoded value of the `build_args` word (`KEY=VALUE&...`).
+    pub fn parse_form(value: &str) -> Result<Self, ParamError> {
+        let mut args = BTreeMap::new();
+        for (name, value) in url::form_urlencoded::parse(value.as_bytes()) {
+            if args.insert(name.to_string(), value.into_owned()).is_some() {
+                return Err(invalid(
+                    "build_args",
+                    format!("the build arg `{name}` is given more than once"),
+                ));
+            }
+        }
+        BuildArgs::new(args)
+    }
+
+    /// The form-encoded value of the `build_args` word.
+    pub fn to_form(&self) -> String {
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&self.0)
+            .finish()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+
+    pub fn as_map(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+}
+
+impl TryFrom<BTreeMap<String, String>> for BuildArgs {
+    type Error = ParamError;
+    fn try_from(value: BTreeMap<String, String>) -> Result<Self, Self::Error> {
+        BuildArgs::new(value)
+    }
+}
+
+impl From<BuildArgs> for BTreeMap<String, String> {
+    fn from(value: BuildArgs) -> Self {
+        value.0
+    }
+}
+
 /// Parses and checks a `repo_url`: `https`, `http`, `git` or `ssh` with a host.
 pub fn parse_repo_url(value: &str) -> Result<Url, ParamError> {
     const KEY: &str = "repo_url";
@@ -385,10 +542,23 @@ pub struct BuildParams {
     pub repo_url: Url,
     pub revision: Revision,
     pub dockerfile: RepoPath,
+    /// The stage to build (`--target`); absent: the last one.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The platform built for; only [`DEFAULT_PLATFORM`] for now.
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// `--build-arg` values.
+    #[serde(default)]
+    pub build_args: BuildArgs,
     /// Absent: the rootfs is written to a local directory instead of S3.
     pub s3: Option<S3Location>,
     /// Absent: no webhook is sent.
     pub notify_url: Option<Url>,
+}
+
+fn default_platform() -> String {
+    DEFAULT_PLATFORM.to_string()
 }
 
 /// The raw `key=value` pairs before validation.
@@ -455,11 +625,21 @@ impl BuildParams {
             .take("notify_url")
             .map(|u| parse_notify_url(&u))
             .transpose()?;
+        let target = raw.take("target").map(|t| parse_target(&t)).transpose()?;
+        let platform = parse_platform(&raw.take("platform").unwrap_or_else(default_platform))?;
+        let build_args = raw
+            .take("build_args")
+            .map(|a| BuildArgs::parse_form(&a))
+            .transpose()?
+            .unwrap_or_default();
         let params = BuildParams {
             build_id,
             repo_url: parse_repo_url(&repo_url)?,
             revision: Revision::parse(&revision)?,
             dockerfile: RepoPath::parse("dockerfile", &dockerfile)?,
+            target,
+            platform,
+            build_args,
             s3,
             notify_url,
         };
@@ -468,18 +648,28 @@ impl BuildParams {
 
     /// The parameters as command-line words, percent-encoded, in [`PARAM_KEYS`] order.
     pub fn to_cmdline(&self) -> String {
+        let build_args = self.build_args.to_form();
         let mut pairs: Vec<(&str, &str)> = vec![
             ("build_id", &self.build_id),
             ("repo_url", self.repo_url.as_str()),
             ("commit_sha", self.revision.as_str()),
             ("dockerfile", self.dockerfile.as_str()),
         ];
+        if let Some(target) = &self.target {
+            pairs.push(("target", target));
+        }
+        if self.platform != DEFAULT_PLATFORM {
+            pairs.push(("platform", &self.platform));
+        }
         if let Some(s3) = &self.s3 {
             pairs.push(("s3_bucket", &s3.bucket));
             pairs.push(("s3_key", &s3.key));
         }
         if let Some(url) = &self.notify_url {
             pairs.push(("notify_url", url.as_str()));
+        }
+        if !self.build_args.is_empty() {
+            pairs.push(("build_args", &build_args));
         }
         pairs
             .into_iter()
@@ -493,6 +683,38 @@ impl BuildParams {
     pub fn kernel_cmdline(&self, base: &str) -> Result<String, ParamError> {
         let cmdline = format!("{} {}", base.trim(), self.to_cmdline());
         check_cmdline_len(cmdline.trim_start())
+    }
+
+    /// Like [`BuildParams::kernel_cmdline`], but when only the build args make it too long,
+    /// leaves them off and returns them to go on the config drive instead.
+    pub fn split_kernel_cmdline(
+        &self,
+        base: &str,
+    ) -> Result<(String, Option<BuildArgs>), ParamError> {
+        match self.kernel_cmdline(base) {
+            Ok(cmdline) => Ok((cmdline, None)),
+            Err(ParamError::CmdlineTooLong { .. }) if !self.build_args.is_empty() => {
+                let without = BuildParams {
+                    build_args: BuildArgs::default(),
+                    ..self.clone()
+                };
+                Ok((without.kernel_cmdline(base)?, Some(self.build_args.clone())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the build args the node agent put on the config drive (see
+    /// [`BuildParams::split_kernel_cmdline`]).
+    pub fn merge_overflow_build_args(&mut self, overflow: &BuildArgs) -> Result<(), ParamError> {
+        if overflow.is_empty() {
+            return Ok(());
+        }
+        if !self.build_args.is_empty() {
+            return Err(ParamError::BuildArgsTwice);
+        }
+        self.build_args = overflow.clone();
+        Ok(())
     }
 }
 
@@ -672,6 +894,62 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("2048-byte limit"));
+    }
+
+    #[test]
+    fn target_platform_and_build_args_round_trip() {
+        let mut p = parse(&format!(
+            "repo_url=https://h/r commit_sha={SHA} target=prod platform=linux/amd64"
+        ))
+        .unwrap();
+        assert_eq!(p.target.as_deref(), Some("prod"));
+        assert_eq!(p.platform, "linux/amd64");
+        p.build_args = BuildArgs::new(BTreeMap::from([
+            ("GREETING".to_string(), "hello world & more=1%".to_string()),
+            ("_V".to_string(), "ü+".to_string()),
+        ]))
+        .unwrap();
+        let line = p.to_cmdline();
+        assert_eq!(line.split_ascii_whitespace().count(), 6, "{line}");
+        assert_eq!(parse(&line).unwrap(), p);
+    }
+
+    #[test]
+    fn bad_targets_platforms_and_build_args_name_their_key() {
+        for (line, key, needle) in [
+            ("target=-x", "target", "not a stage name"),
+            ("platform=linux/arm64", "platform", "linux/amd64 only"),
+            ("build_args=1A%3Dx", "build_args", "not a build arg name"),
+            ("build_args=A%3D1%26A%3D2", "build_args", "more than once"),
+            ("build_args=A%3D%2500", "build_args", "NUL"),
+        ] {
+            let err = parse(&format!("repo_url=https://h/r commit_sha=main {line}")).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{line}: {err}");
+            assert!(err.to_string().contains(needle), "{line}: {err}");
+        }
+        let big = "x".repeat(MAX_BUILD_ARG_VALUE_BYTES + 1);
+        let err = BuildArgs::new(BTreeMap::from([("A".into(), big)])).unwrap_err();
+        assert!(err.to_string().contains("at most 16384"), "{err}");
+    }
+
+    #[test]
+    fn build_args_too_long_for_the_cmdline_go_to_the_config_drive() {
+        let mut p = parse("repo_url=https://h/r commit_sha=main").unwrap();
+        p.build_args =
+            BuildArgs::new(BTreeMap::from([("BIG".to_string(), "v".repeat(3000))])).unwrap();
+        assert!(p.kernel_cmdline("console=ttyS0").is_err());
+        let (cmdline, overflow) = p.split_kernel_cmdline("console=ttyS0").unwrap();
+        assert!(!cmdline.contains("build_args"), "{cmdline}");
+        let overflow = overflow.unwrap();
+        let mut guest = BuildParams::from_cmdline(&cmdline, "host-1").unwrap();
+        guest.merge_overflow_build_args(&overflow).unwrap();
+        assert_eq!(guest.build_args, p.build_args);
+        assert_eq!(
+            guest.merge_overflow_build_args(&overflow),
+            Err(ParamError::BuildArgsTwice)
+        );
+        let small = parse("repo_url=https://h/r commit_sha=main build_args=A%3D1").unwrap();
+        assert_eq!(small.split_kernel_cmdline("").unwrap().1, None);
     }
 
     #[test]

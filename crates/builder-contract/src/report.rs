@@ -5,6 +5,7 @@
 //! customer's input is at fault (bad parameters, missing commit, failing `RUN`), `internal` when
 //! the platform is (daemon down, S3 refusing).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,21 @@ pub struct RootfsArtifact {
     pub sha256: String,
 }
 
+/// What was asked to be built, echoed in the report: the Dockerfile, stage, platform and build
+/// args, and the ids (never the values) of the build secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildInputs {
+    pub dockerfile: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub platform: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub build_args: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_ids: Vec<String>,
+}
+
 /// The webhook body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +137,9 @@ pub struct BuildReport {
     pub commit_sha: Option<String>,
     /// The built image's id (`sha256:...` of its config), once known.
     pub image_digest: Option<String>,
+    /// What was built, once the parameters were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<BuildInputs>,
     pub rootfs: Option<RootfsArtifact>,
     pub error: Option<BuildFailure>,
     /// Phases that ran, in order, with their durations.

@@ -442,8 +442,7 @@ mod tests {
                 session_token: None,
             }),
             webhook_secret: Some(webhook_secret.into()),
-            git_token: None,
-            git_username: None,
+            ..Secrets::default()
         }
     }
 

@@ -359,8 +359,7 @@ impl Node {
             secrets: Secrets {
                 s3: self.s3.clone(),
                 webhook_secret: Some(key),
-                git_token: None,
-                git_username: None,
+                ..Secrets::default()
             },
             vcpus: row.vcpus,
             mem_mib: row.mem_mib,
@@ -610,6 +609,7 @@ impl Node {
             revision: row.revision.clone(),
             commit_sha: None,
             image_digest: None,
+            inputs: None,
             rootfs: None,
             error: Some(error),
             phases: vec![],

@@ -193,6 +193,7 @@ fn report(id: &str, status: BuildStatus) -> BuildReport {
         revision: "main".into(),
         commit_sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
         image_digest: Some("sha256:abc".into()),
+        inputs: None,
         rootfs: Some(RootfsArtifact {
             location: "s3://b/k".into(),
             config_location: "s3://b/k.json".into(),
