@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts, stops and describes the test services (dockerd, SeaweedFS S3, git daemon, base image);
-# see scripts/lib/services.sh. For running single tests by hand:
+# Starts, stops and describes the test services (dockerd, SeaweedFS S3, git daemon, private git
+# over HTTP, private registry, base image); see scripts/lib/services.sh. For running single tests by hand:
 #   sudo scripts/services.sh start && eval "$(scripts/services.sh env)" && cargo test -p builder-agent
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/services.sh"
@@ -30,7 +30,7 @@ stop)
 	bt_stop_all
 	;;
 status)
-	for name in dockerd weed git-daemon; do
+	for name in dockerd weed git-daemon git-http registry; do
 		if pid=$(bt_pid "$name"); then echo "$name: running (pid $pid)"; else echo "$name: stopped"; fi
 	done
 	;;

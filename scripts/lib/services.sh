@@ -1,11 +1,17 @@
 # shellcheck shell=bash
 # The real components the tests and the example run against, started on loopback with their own
 # state so they never touch a system installation:
-#   - dockerd (Debian's docker.io) on its own socket, data root, exec root, containerd namespace
-#     and bridge, with iptables/ip-forward management off;
+#   - dockerd (Docker 26.1 with buildx, Debian 13's docker.io: see docker-packages.sh) on its own
+#     socket, data root, exec root, containerd namespace and bridge, with iptables/ip-forward
+#     management off;
 #   - SeaweedFS (`weed server -s3`) on fixed loopback ports, SigV4 with one known key pair, and
 #     the bucket the tests upload to;
 #   - git daemon on loopback serving the directory tests create bare repositories in;
+#   - a private git server (smart HTTP behind a Basic-auth token, git-http-auth.py) serving a
+#     second such directory, for builds of repositories that need credentials;
+#   - a private registry (Debian's docker-registry 2.8, htpasswd auth, plain HTTP on loopback,
+#     which dockerd accepts without TLS for 127.0.0.0/8) holding the base image under a name
+#     only a logged-in client can pull;
 #   - the base image every test Dockerfile starts FROM (see base-image.sh).
 # Sourced by scripts/services.sh, scripts/test.sh and scripts/run-example.sh; callers run
 # `set -euo pipefail` and are root. Every function is prefixed `bt_` ("builder test").
@@ -19,6 +25,7 @@ BT_DATA=${BUILDER_TEST_DATA:-/var/lib/builder-test}
 
 BT_DOCKER_SOCK=$BT_STATE/docker.sock
 BT_DOCKER_CLI=/usr/bin/docker # Debian's client: /usr/local/bin/docker may be one without buildx
+BT_DOCKERD=/usr/sbin/dockerd  # Debian's daemon, the version docker-packages.sh installs
 BT_BRIDGE=builder-test0
 BT_BRIDGE_ADDR=10.213.0.1/24
 BT_CONTAINERD_NAMESPACE=builder-test
@@ -42,9 +49,24 @@ BT_GIT_PORT=27418
 BT_GIT_ROOT=$BT_DATA/git
 BT_GIT_URL=git://127.0.0.1:$BT_GIT_PORT
 
+# The private git server: any user name, this token as the password.
+BT_GIT_HTTP_PORT=27419
+BT_PRIVATE_GIT_ROOT=$BT_DATA/private-git
+BT_PRIVATE_GIT_URL=http://127.0.0.1:$BT_GIT_HTTP_PORT
+BT_PRIVATE_GIT_TOKEN=builder-test-git-token-5f0c2a91d7e3
+
+# The private registry and the one image in it (the base image, pushed by bt_start_registry).
+BT_REGISTRY_PORT=27500
+BT_REGISTRY=127.0.0.1:$BT_REGISTRY_PORT
+BT_REGISTRY_USER=builder-test
+BT_REGISTRY_PASSWORD=builder-test-registry-password-8e41b6
+BT_PRIVATE_IMAGE=$BT_REGISTRY/private/busybox:latest
+
 BT_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/lib/base-image.sh
 source "$BT_LIB_DIR/base-image.sh"
+# shellcheck source=scripts/lib/docker-packages.sh
+source "$BT_LIB_DIR/docker-packages.sh"
 
 bt_log() { printf '[services] %s\n' "$*" >&2; }
 bt_die() {
@@ -75,16 +97,18 @@ bt_apt_install() {
 
 # Installs whatever the services and the tests need that is missing; cheap when nothing is.
 # Tools the workspace's tests call: e2fsprogs (the rootfs), procps/iptables/nftables (VM networks),
-# qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount.
+# qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount;
+# the private services: docker-registry, apache2-utils (htpasswd). Docker itself comes from
+# bt_ensure_docker.
 bt_ensure_deps() {
 	local missing=() cmd pkg
 	local -A needs=(
-		[dockerd]=docker.io [containerd]=containerd [runc]=runc [git]=git [curl]=curl
+		[git]=git [curl]=curl
 		[ip]=iproute2 [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [python3]=python3
 		[setsid]=util-linux [flock]=util-linux [runuser]=util-linux [mount]=mount [tar]=tar
 		[pgrep]=procps [sysctl]=procps [iptables]=iptables [nft]=nftables [setcap]=libcap2-bin
 		[qemu-system-x86_64]=qemu-system-x86 [postgres]=postgresql
-		[ca-certificates]=ca-certificates
+		[ca-certificates]=ca-certificates [htpasswd]=apache2-utils
 	)
 	for cmd in "${!needs[@]}"; do
 		pkg=${needs[$cmd]}
@@ -95,12 +119,57 @@ bt_ensure_deps() {
 		esac
 		[[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
 	done
-	[[ -x $BT_DOCKER_CLI ]] || [[ " ${missing[*]} " == *" docker.io "* ]] || missing+=(docker.io)
 	bt_busybox_static >/dev/null 2>&1 || missing+=(busybox-static)
 	bt_apt_install "${missing[@]}"
 	[[ -x "$(git --exec-path)/git-daemon" ]] ||
 		bt_die "$(command -v git) has no git-daemon in $(git --exec-path) (Debian's git package ships it)"
+	[[ -x "$(git --exec-path)/git-http-backend" ]] ||
+		bt_die "$(command -v git) has no git-http-backend in $(git --exec-path) (Debian's git package ships it)"
+	bt_ensure_docker
+	bt_ensure_registry_pkg
 	bt_ensure_weed
+}
+
+# Docker as the project builds with it (scripts/lib/docker-packages.sh): dockerd 26.x and the
+# buildx plugin for /usr/bin/docker. An older Debian docker.io (20.10 from Debian 12) is
+# upgraded in place; a dockerd that is not Debian's is left alone and named.
+bt_docker_usable() {
+	local version
+	version=$("$BT_DOCKERD" --version 2>/dev/null) || return 1 # Docker version 26.1.5+dfsg1, build ...
+	[[ $version == "Docker version $DOCKER_PKGS_DOCKER_MAJOR."* ]] || return 1
+	"$BT_DOCKER_CLI" buildx version >/dev/null 2>&1 || return 1
+	PATH=$PATH:/usr/sbin:/sbin command -v containerd >/dev/null &&
+		PATH=$PATH:/usr/sbin:/sbin command -v runc >/dev/null
+}
+
+bt_ensure_docker() {
+	bt_docker_usable && return 0
+	local owner
+	if [[ -e $BT_DOCKERD ]]; then
+		owner=$(dpkg-query -S "$BT_DOCKERD" 2>/dev/null | cut -d: -f1) || true
+		[[ $owner == docker.io ]] || bt_die "$BT_DOCKERD ($("$BT_DOCKERD" --version 2>&1 | head -n1)) is not from Debian's docker.io package; the tests need Docker $DOCKER_PKGS_DOCKER_MAJOR with buildx as scripts/lib/docker-packages.sh installs it: remove ${owner:-that dockerd} first"
+		bt_log "$BT_DOCKERD is $("$BT_DOCKERD" --version 2>&1 | head -n1); upgrading to Docker $DOCKER_PKGS_DOCKER_MAJOR with buildx from Debian $DOCKER_PKGS_SUITE"
+	fi
+	command -v apt-get >/dev/null || bt_die "Docker $DOCKER_PKGS_DOCKER_MAJOR with buildx is missing and there is no apt-get to install it with"
+	docker_pkgs_install_host || bt_die "installing Docker from Debian $DOCKER_PKGS_SUITE failed (scripts/lib/docker-packages.sh)"
+	bt_docker_usable ||
+		bt_die "after installing $DOCKER_PKGS_APT_ARGS, $BT_DOCKERD is '$("$BT_DOCKERD" --version 2>&1 | head -n1)' and '$BT_DOCKER_CLI buildx version' says '$("$BT_DOCKER_CLI" buildx version 2>&1 | head -n1)'"
+}
+
+# Debian's docker-registry package starts a registry on :5000 (all interfaces) from its postinst
+# through invoke-rc.d; the tests run their own, so that start is refused with a policy-rc.d for
+# the duration of the install when the machine has none.
+bt_ensure_registry_pkg() {
+	[[ -x /usr/bin/docker-registry ]] && return 0
+	local policy=/usr/sbin/policy-rc.d ours=false
+	if [[ ! -e $policy ]]; then
+		printf '#!/bin/sh\n# scripts/lib/services.sh: no daemon starts while docker-registry is installed\nexit 101\n' >"$policy"
+		chmod 755 "$policy"
+		ours=true
+	fi
+	bt_apt_install docker-registry || true
+	if $ours; then rm -f "$policy"; fi
+	[[ -x /usr/bin/docker-registry ]] || bt_die "apt-get install docker-registry did not install /usr/bin/docker-registry"
 }
 
 # The weed binary itself, not a pyenv shim in front of it.
@@ -222,15 +291,23 @@ bt_ensure_bridge() {
 	ip link set "$BT_BRIDGE" up
 }
 
+# The running test dockerd's version, e.g. 26.1.5+dfsg1.
+bt_docker_server_version() { bt_docker version --format '{{.Server.Version}}' 2>/dev/null; }
+
 bt_start_dockerd() {
-	if bt_pid dockerd >/dev/null && bt_docker_ping; then return 0; fi
-	bt_stop_proc dockerd
+	if bt_pid dockerd >/dev/null && bt_docker_ping; then
+		# One left running from before Docker was upgraded (docker-packages.sh) is restarted,
+		# or tests would run against the old daemon.
+		[[ $(bt_docker_server_version) == "$DOCKER_PKGS_DOCKER_MAJOR."* ]] && return 0
+		bt_log "the running test dockerd is $(bt_docker_server_version || echo '(unknown)'), not $DOCKER_PKGS_DOCKER_MAJOR.x: restarting it"
+	fi
+	bt_stop_proc dockerd 30
 	bt_log "starting dockerd on $BT_DOCKER_SOCK"
 	mkdir -p "$BT_STATE/docker-exec" "$BT_DATA/docker"
 	bt_ensure_bridge
 	echo '{}' >"$BT_STATE/daemon.json" # not /etc/docker/daemon.json, which a system dockerd owns
 	rm -f "$BT_DOCKER_SOCK"
-	bt_spawn dockerd dockerd \
+	bt_spawn dockerd "$BT_DOCKERD" \
 		--host "unix://$BT_DOCKER_SOCK" \
 		--config-file "$BT_STATE/daemon.json" \
 		--data-root "$BT_DATA/docker" \
@@ -306,6 +383,113 @@ bt_start_git() {
 	bt_wait git-daemon 20 bt_tcp_open $BT_GIT_PORT
 }
 
+# --- private git over HTTP ---------------------------------------------------------------------
+
+# The Authorization header value git needs for the private server (Basic, any user name).
+bt_private_git_auth_header() {
+	printf 'Authorization: Basic %s' "$(printf 'builder-test:%s' "$BT_PRIVATE_GIT_TOKEN" | base64 -w0)"
+}
+
+# Ready: an authenticated request is answered (200 even with no repository: 404 would do too,
+# what matters is that the token is accepted, so anything but 401 and no answer).
+bt_git_http_ready() {
+	local code
+	code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -H "$(bt_private_git_auth_header)" \
+		"$BT_PRIVATE_GIT_URL/.ready-probe.git/info/refs?service=git-upload-pack" 2>/dev/null) || true
+	[[ $code =~ ^[2-5][0-9][0-9]$ && $code != 401 ]]
+}
+
+bt_start_git_http() {
+	mkdir -p "$BT_PRIVATE_GIT_ROOT"
+	if bt_pid git-http >/dev/null && bt_git_http_ready; then return 0; fi
+	bt_stop_proc git-http 5
+	bt_log "starting the private git server on $BT_PRIVATE_GIT_URL serving $BT_PRIVATE_GIT_ROOT"
+	bt_ports_free $BT_GIT_HTTP_PORT
+	# The token goes through the environment: env execs python3, whose command line lacks it.
+	bt_spawn git-http env "BUILDER_GIT_HTTP_TOKEN=$BT_PRIVATE_GIT_TOKEN" \
+		python3 "$BT_LIB_DIR/git-http-auth.py" --listen 127.0.0.1 --port $BT_GIT_HTTP_PORT \
+		--root "$BT_PRIVATE_GIT_ROOT"
+	bt_wait git-http 20 bt_git_http_ready
+}
+
+# --- private registry ---------------------------------------------------------------------------
+
+bt_registry_status() {
+	curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$@" 2>/dev/null || true
+}
+
+# Ready: the API answers, and only to the test user (401 without credentials, 200 with them).
+bt_registry_ready() {
+	[[ $(bt_registry_status "http://$BT_REGISTRY/v2/") == 401 ]] &&
+		[[ $(bt_registry_status -u "$BT_REGISTRY_USER:$BT_REGISTRY_PASSWORD" "http://$BT_REGISTRY/v2/") == 200 ]]
+}
+
+bt_start_registry() {
+	mkdir -p "$BT_DATA/registry"
+	if ! { bt_pid registry >/dev/null && bt_registry_ready; }; then
+		bt_stop_proc registry 5
+		bt_log "starting the private registry on $BT_REGISTRY (htpasswd user $BT_REGISTRY_USER)"
+		(
+			umask 077
+			# bcrypt, the only hash the registry's htpasswd reader accepts.
+			printf '%s\n' "$BT_REGISTRY_PASSWORD" |
+				htpasswd -i -B -c "$BT_STATE/registry.htpasswd" "$BT_REGISTRY_USER" 2>/dev/null ||
+				bt_die "htpasswd could not write $BT_STATE/registry.htpasswd"
+			cat >"$BT_STATE/registry.yml" <<-EOF
+				# Written by scripts/lib/services.sh: the tests' private registry.
+				version: 0.1
+				log:
+				  level: info
+				  accesslog:
+				    disabled: true
+				storage:
+				  filesystem:
+				    rootdirectory: $BT_DATA/registry
+				  delete:
+				    enabled: true
+				http:
+				  addr: 127.0.0.1:$BT_REGISTRY_PORT
+				  secret: builder-test-registry-http-secret
+				auth:
+				  htpasswd:
+				    realm: builder-test-registry
+				    path: $BT_STATE/registry.htpasswd
+			EOF
+		)
+		bt_ports_free $BT_REGISTRY_PORT
+		bt_spawn registry /usr/bin/docker-registry serve "$BT_STATE/registry.yml"
+		bt_wait registry 30 bt_registry_ready
+	fi
+	bt_push_private_image
+}
+
+# Pushes the base image as $BT_PRIVATE_IMAGE, logged in through a throwaway DOCKER_CONFIG so
+# that no credentials stay behind, then removes that name from the test dockerd so that a build
+# FROM it has to pull, with credentials. Skipped when the registry already holds this very image.
+bt_push_private_image() {
+	local id stamp=$BT_DATA/registry/.builder-test-pushed config status=0
+	id=$(bt_docker image inspect --format '{{.Id}}' "$BT_BASE_IMAGE") ||
+		bt_die "the base image $BT_BASE_IMAGE is not in the test dockerd"
+	if [[ -s $stamp && $(<"$stamp") == "$id" ]] &&
+		[[ $(bt_registry_status -u "$BT_REGISTRY_USER:$BT_REGISTRY_PASSWORD" \
+			-H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
+			"http://$BT_REGISTRY/v2/private/busybox/manifests/latest") == 200 ]]; then
+		return 0
+	fi
+	bt_log "pushing $BT_BASE_IMAGE to $BT_PRIVATE_IMAGE"
+	config=$(mktemp -d)
+	{
+		printf '%s\n' "$BT_REGISTRY_PASSWORD" | DOCKER_CONFIG=$config bt_docker login \
+			--username "$BT_REGISTRY_USER" --password-stdin "$BT_REGISTRY" >/dev/null 2>&1 &&
+			bt_docker tag "$BT_BASE_IMAGE" "$BT_PRIVATE_IMAGE" &&
+			DOCKER_CONFIG=$config bt_docker push --quiet "$BT_PRIVATE_IMAGE" >/dev/null
+	} || status=$?
+	rm -rf "$config"
+	bt_docker image rm "$BT_PRIVATE_IMAGE" >/dev/null 2>&1 || true
+	((status == 0)) || bt_die "could not push $BT_BASE_IMAGE to $BT_PRIVATE_IMAGE (registry log: $BT_STATE/registry.log)"
+	printf '%s\n' "$id" >"$stamp"
+}
+
 # --- all together -------------------------------------------------------------------------------
 
 # Serializes start/stop between concurrent callers (two test runs on one machine). Re-entrant:
@@ -339,6 +523,8 @@ bt_start_all() {
 	bt_start_dockerd
 	bt_ensure_base_image
 	bt_start_git
+	bt_start_git_http
+	bt_start_registry
 	if $with_s3; then bt_start_s3; fi
 	bt_unlock
 }
@@ -351,7 +537,7 @@ bt_leftovers() {
 	for pid in $(pgrep -f -- "$BT_STATE/|$BT_DATA/" || true); do
 		[[ $(stat -L -c %d:%i "/proc/$pid/root" 2>/dev/null) == "$root" ]] || continue
 		comm=$(cat "/proc/$pid/comm" 2>/dev/null) || continue
-		case $comm in dockerd | containerd* | runc | weed | git-daemon | git | docker-proxy)
+		case $comm in dockerd | containerd* | runc | weed | git-daemon | git | docker-proxy | docker-registry | python3)
 			echo "$pid"
 			;;
 		esac
@@ -361,6 +547,8 @@ bt_leftovers() {
 bt_stop_all() {
 	bt_lock
 	bt_stop_proc git-daemon 5
+	bt_stop_proc git-http 5
+	bt_stop_proc registry 5
 	# The filer's gRPC server waits 15 s for the S3 gateway's subscription before giving up;
 	# its data survives SIGKILL (leveldb journal, append-only volumes), so it gets 3 s.
 	bt_stop_proc weed 3
@@ -408,6 +596,13 @@ bt_env() {
 		BUILDER_TEST_BASE_IMAGE "$BT_BASE_IMAGE" \
 		BUILDER_TEST_GIT_ROOT "$BT_GIT_ROOT" \
 		BUILDER_TEST_GIT_URL "$BT_GIT_URL" \
+		BUILDER_TEST_PRIVATE_GIT_ROOT "$BT_PRIVATE_GIT_ROOT" \
+		BUILDER_TEST_PRIVATE_GIT_URL "$BT_PRIVATE_GIT_URL" \
+		BUILDER_TEST_PRIVATE_GIT_TOKEN "$BT_PRIVATE_GIT_TOKEN" \
+		BUILDER_TEST_REGISTRY "$BT_REGISTRY" \
+		BUILDER_TEST_REGISTRY_USER "$BT_REGISTRY_USER" \
+		BUILDER_TEST_REGISTRY_PASSWORD "$BT_REGISTRY_PASSWORD" \
+		BUILDER_TEST_PRIVATE_IMAGE "$BT_PRIVATE_IMAGE" \
 		BUILDER_TEST_S3_ENDPOINT "$BT_S3_ENDPOINT" \
 		BUILDER_TEST_S3_REGION "$BT_S3_REGION" \
 		BUILDER_TEST_S3_ACCESS_KEY "$BT_S3_ACCESS_KEY" \
