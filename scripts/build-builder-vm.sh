@@ -10,7 +10,7 @@
 # Each step leaves a stamp in build/vms/.stamps/ that records its inputs, so a rerun skips
 # what is already done and redoes only what changed (an interrupted run resumes).
 #
-# Usage: sudo scripts/build-builder-vm.sh [--distro debian|ubuntu] [--suite SUITE]
+# Usage: sudo scripts/build-builder-vm.sh [--distro debian] [--suite SUITE]
 #                                         [--mirror URL] [--disk-size SIZE] [--out DIR]
 # The same settings as environment variables: BUILDER_VM_DISTRO, BUILDER_VM_SUITE,
 # BUILDER_VM_MIRROR, BUILDER_VM_DISK_SIZE, BUILDER_VM_OUT. BUILDER_BIN_DIR names a directory
@@ -22,13 +22,18 @@ set -euo pipefail
 # ---------------------------------------------------------------------------------------------
 # CHROOT_CMDS: everything installed into the root filesystem. To add packages, edit this
 # section and rerun `make builder-vm`: the change is detected and only this step and the image
-# are redone. Runs inside the chroot with the distribution's apt sources configured.
+# are redone. Runs inside the chroot with the distribution's apt sources configured, plus the
+# pinned Debian 13 (trixie) source the Docker packages come from. $DOCKER_PACKAGES is
+# "docker.io/trixie docker-cli/trixie docker-buildx/trixie containerd/trixie runc": Docker 26.1,
+# buildx 0.13 and containerd 1.7 from Debian 13 with Debian 12's runc, the one list in
+# scripts/lib/docker-packages.sh that the host's test dockerd is installed from as well.
 # ---------------------------------------------------------------------------------------------
 read -r -d '' CHROOT_CMDS <<'CHROOT' || true
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends \
-	docker.io containerd runc iptables iproute2 pigz xz-utils \
+	$DOCKER_PACKAGES \
+	iptables iproute2 pigz xz-utils \
 	git git-lfs openssh-client ca-certificates \
 	build-essential make python3 nodejs npm golang default-jdk-headless ruby \
 	awscli e2fsprogs procps
@@ -37,6 +42,8 @@ CHROOT
 # ---------------------------------------------------------------------------------------------
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib/docker-packages.sh
+source "$repo_root/scripts/lib/docker-packages.sh"
 distro=${BUILDER_VM_DISTRO:-debian}
 suite=${BUILDER_VM_SUITE:-}
 mirror=${BUILDER_VM_MIRROR:-}
@@ -63,33 +70,21 @@ script_started=$(date +%s.%N)
 log() { printf '[builder-vm %6.1fs] %s\n' "$(echo "$(date +%s.%N) - $script_started" | bc)" "$*" >&2; }
 die() { printf '[builder-vm] error: %s\n' "$*" >&2; exit 1; }
 
-# The first Debian archive this machine's apt uses (one-line or deb822 sources).
-host_debian_mirror() {
-	local file
-	for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-		[ -r "$file" ] || continue
-		sed -n -e 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' \
-			-e 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\{0,1\}\([^[:space:]]*\).*/\2/p' "$file"
-	done | grep -E '/debian/?$' | head -n1
-}
-
 case $distro in
 debian)
 	suite=${suite:-bookworm}
-	mirror=${mirror:-$(host_debian_mirror)}
+	mirror=${mirror:-$(docker_pkgs_host_mirror)}
 	mirror=${mirror:-http://deb.debian.org/debian}
 	components=main
 	security_mirror=${mirror%/}-security
 	security_suite=$suite-security
 	;;
 ubuntu)
-	suite=${suite:-jammy}
-	mirror=${mirror:-http://archive.ubuntu.com/ubuntu}
-	components="main universe"
-	security_mirror=${mirror%/}
-	security_suite=$suite-security
+	# The builder's Docker is Debian 13's (scripts/lib/docker-packages.sh): Debian packages on
+	# an Ubuntu base are not something to ship, and Ubuntu's own would be a second builder.
+	die "--distro ubuntu is not supported: the builder's Docker 26.1 + buildx comes from Debian 13 (scripts/lib/docker-packages.sh)"
 	;;
-*) die "unknown distribution '$distro' (use debian or ubuntu)" ;;
+*) die "unknown distribution '$distro' (use debian)" ;;
 esac
 mirror=${mirror%/}
 
@@ -140,8 +135,8 @@ in_chroot() {
 		mount -t sysfs sysfs "$1/sys"
 		mount --rbind /dev "$1/dev"
 		exec chroot "$1" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-			HOME=/root LC_ALL=C.UTF-8 /bin/sh -euxc "$2"
-	' in_chroot "$rootfs" "$1"
+			HOME=/root LC_ALL=C.UTF-8 DOCKER_PACKAGES="$3" /bin/sh -euxc "$2"
+	' in_chroot "$rootfs" "$1" "$DOCKER_PKGS_APT_ARGS"
 }
 
 # Copies vm/rootfs-overlay/ into the root filesystem, owned by root.
@@ -183,7 +178,12 @@ else
 fi
 
 # ---- 3. packages (CHROOT_CMDS) ----------------------------------------------------------------
-packages_inputs=$(printf '%s\n%s\n%s %s %s\n' "$debootstrap_inputs" "$CHROOT_CMDS" "$security_mirror" "$security_suite" "$components" | sha256sum | cut -d' ' -f1)
+# The Docker packages and their apt source are inputs too (scripts/lib/docker-packages.sh).
+packages_inputs=$({
+	printf '%s\n%s\n%s %s %s\n' "$debootstrap_inputs" "$CHROOT_CMDS" "$security_mirror" "$security_suite" "$components"
+	printf '%s\n' "$DOCKER_PKGS_APT_ARGS"
+	declare -f docker_pkgs_write_apt_config
+} | sha256sum | cut -d' ' -f1)
 step_packages() {
 	rm -f "$stamps/packages" "$stamps/image"
 	{
@@ -191,6 +191,10 @@ step_packages() {
 		echo "deb $mirror $suite-updates $components"
 		echo "deb $security_mirror $security_suite $components"
 	} >"$rootfs/etc/apt/sources.list"
+	# Docker from Debian 13, pinned (on a trixie base the suite's own sources have it).
+	if [ "$suite" != "$DOCKER_PKGS_SUITE" ]; then
+		docker_pkgs_write_apt_config "$rootfs" "$mirror" >/dev/null
+	fi
 	# Daemons installed in the chroot must not start.
 	printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
 	chmod 755 "$rootfs/usr/sbin/policy-rc.d"
@@ -200,6 +204,12 @@ step_packages() {
 	cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
 	in_chroot "dpkg --configure -a
 $CHROOT_CMDS"
+	# Which suite each installed package came from, read while the package lists exist: only
+	# the Docker packages may come from trixie (scripts/lib/docker-packages.sh).
+	# shellcheck disable=SC2016 # expanded by dpkg-query
+	in_chroot 'dpkg-query -W -f="\${Package}\n" | xargs apt-cache policy' >"$out/apt-policy.txt" 2>/dev/null
+	docker_pkgs_check "$rootfs" "$out/apt-policy.txt" || die "the Docker packages in $rootfs are not the ones this project builds with (apt-cache policy: $out/apt-policy.txt)"
+	log "Docker packages: $(docker_pkgs_versions "$rootfs")"
 	rm -f "$rootfs/usr/sbin/policy-rc.d"
 	write_stamp packages "$packages_inputs"
 }
@@ -318,7 +328,9 @@ write_manifest() {
 	BVM_KERNEL_RELEASE="$(cat "$out/vmlinux.release")" \
 	BVM_KERNEL_SOURCE="$(dpkg-query -W -f='${Package} ${Version}' "${KERNEL_SOURCE_PKG:-linux-source-6.1}")" \
 	BVM_DISTRO="$distro" BVM_SUITE="$suite" BVM_MIRROR="$mirror" \
-	BVM_DOCKER="$(pkg_version docker.io)" BVM_CONTAINERD="$(pkg_version containerd)" \
+	BVM_DOCKER="$(pkg_version docker.io)" BVM_DOCKER_CLI="$(pkg_version docker-cli)" \
+	BVM_BUILDX="$(pkg_version docker-buildx)" BVM_CONTAINERD="$(pkg_version containerd)" \
+	BVM_DOCKER_PACKAGES="$DOCKER_PKGS_APT_ARGS" \
 	BVM_RUNC="$(pkg_version runc)" BVM_GIT="$(pkg_version git)" BVM_AGENT="$agent_version" \
 	BVM_BOOT_ARGS="$boot_args" BVM_AGENT_PATH="$agent_in_rootfs" BVM_PRELOAD_DIR="$preload_dir" \
 	BVM_PARAMS_RS="$repo_root/crates/builder-contract/src/params.rs" \
@@ -363,11 +375,16 @@ manifest = {
         "distro": {"id": env["BVM_DISTRO"], "suite": env["BVM_SUITE"],
                    "name": os_release(env["BVM_ROOTFS"]), "mirror": env["BVM_MIRROR"]},
         "docker": env["BVM_DOCKER"],
+        "docker_cli": env["BVM_DOCKER_CLI"],
+        "buildx": env["BVM_BUILDX"],
         "containerd": env["BVM_CONTAINERD"],
         "runc": env["BVM_RUNC"],
         "git": env["BVM_GIT"],
         "agent": env["BVM_AGENT"],
     },
+    # Where the builder's Docker comes from (scripts/lib/docker-packages.sh): apt arguments,
+    # "PKG/SUITE" for the pinned Debian 13 packages, a bare name for the base suite's.
+    "docker_packages": env["BVM_DOCKER_PACKAGES"].split(),
     "artifacts": {"kernel": artifact(env["BVM_KERNEL"]), "rootfs": image},
     "boot_args": env["BVM_BOOT_ARGS"],
     "agent_path": env["BVM_AGENT_PATH"],

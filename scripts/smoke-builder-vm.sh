@@ -2,7 +2,9 @@
 # Boots the artifacts of `make builder-vm` under QEMU -M microvm and checks that the guest is
 # usable for builds: the kernel reaches init from /dev/vda, cgroup v2 and the network come up,
 # dockerd starts, a container runs (runc, namespaces, cgroup v2 device filter, overlay2, bridge
-# + iptables NAT), `docker build` runs a RUN step, and `reboot=k` makes QEMU exit.
+# + iptables NAT), `docker buildx build` (BuildKit in dockerd, the docker driver) builds a
+# Dockerfile with heredocs and a RUN --mount=type=cache whose cache a second build finds, and
+# `reboot=k` makes QEMU exit.
 #
 # The image itself is not modified: the test runs on a sparse copy into which a test init
 # script is written with debugfs, and the kernel is started with init=/smoke-init instead of
@@ -96,17 +98,58 @@ until docker info >/dev/null 2>&1; do
 done
 mark dockerd-ready
 echo "SMOKE docker $(docker info --format '{{.ServerVersion}} driver={{.Driver}} cgroup={{.CgroupDriver}}/v{{.CgroupVersion}}')"
-# A minimal image from the guest's own dash and libc: no registry is needed.
-tar -ch -C / bin/dash lib64/ld-linux-x86-64.so.2 lib/x86_64-linux-gnu/libc.so.6 2>/dev/null |
+echo "SMOKE buildx $(docker buildx version 2>&1)"
+echo "SMOKE containerd $(containerd --version 2>&1 | cut -d' ' -f3) runc $(runc --version 2>&1 | head -n1 | cut -d' ' -f3)"
+# A minimal image from the guest's own dash and libc: no registry is needed. bin/sh (dash) is
+# the shell BuildKit runs heredoc RUN steps with.
+tar -ch -C / bin/sh bin/dash lib64/ld-linux-x86-64.so.2 lib/x86_64-linux-gnu/libc.so.6 2>/dev/null |
 	docker import - smoke:base >/dev/null || fail "docker import failed"
 out=$(docker run --rm smoke:base /bin/dash -c 'echo container-ran') || fail "docker run failed"
 echo "SMOKE run $out"
 mark container-done
-printf 'FROM smoke:base\nRUN ["/bin/dash", "-c", "echo built > /built"]\n' >/tmp/Dockerfile
-docker build -q -t smoke:built -f /tmp/Dockerfile /tmp >/dev/null || fail "docker build failed"
+# BuildKit through buildx (docker driver), as builder-agent builds: heredocs (COPY and RUN) and a
+# cache mount, then a second build that must find what the first left in that cache. The
+# Dockerfile frontend is the one built into dockerd (no `# syntax=` image to pull).
+mkdir -p /tmp/ctx
+cat >/tmp/ctx/Dockerfile <<'DOCKERFILE'
+FROM smoke:base
+COPY <<'TEXT' /greeting
+built by buildkit
+TEXT
+RUN --mount=type=cache,target=/cache,id=smoke <<'SCRIPT'
+read line < /greeting
+echo "$line" > /built
+echo "$line" > /cache/marker
+SCRIPT
+DOCKERFILE
+# The CLI keeps buildx state under $DOCKER_CONFIG (default ~/.docker), and / is read-only here
+# as for builder-agent: tried once as it is, to say whether that matters.
+if out=$(docker buildx build --progress=plain -t smoke:probe /tmp/ctx 2>&1); then
+	echo "SMOKE buildx with a read-only ~/.docker: works"
+else
+	echo "SMOKE buildx with a read-only ~/.docker: fails: $(echo "$out" | tail -n 1)"
+fi
+export DOCKER_CONFIG=/run/docker-cli
+mkdir -p "$DOCKER_CONFIG"
+docker buildx build --progress=plain -t smoke:built /tmp/ctx >/run/buildx.log 2>&1 ||
+	{ tail -n 30 /run/buildx.log; fail "docker buildx build (heredocs, cache mount) failed"; }
 out=$(docker run --rm smoke:built /bin/dash -c 'read x < /built; echo $x') || fail "running the built image failed"
+[ "$out" = "built by buildkit" ] || fail "the built image holds '$out'"
 echo "SMOKE build $out"
 mark build-done
+cat >/tmp/ctx/Dockerfile <<'DOCKERFILE'
+FROM smoke:base
+RUN --mount=type=cache,target=/cache,id=smoke <<'SCRIPT'
+read line < /cache/marker
+echo "$line" > /seen
+SCRIPT
+DOCKERFILE
+docker buildx build --progress=plain -t smoke:cached /tmp/ctx >/run/buildx.log 2>&1 ||
+	{ tail -n 30 /run/buildx.log; fail "the second docker buildx build (reading the cache mount) failed"; }
+out=$(docker run --rm smoke:cached /bin/dash -c 'read x < /seen; echo $x') || fail "running the second image failed"
+[ "$out" = "built by buildkit" ] || fail "the cache mount did not keep the first build's file ('$out')"
+echo "SMOKE cache-mount $out"
+mark cache-build-done
 echo SMOKE-OK
 poweroff_now
 INIT
@@ -150,7 +193,8 @@ printf '[smoke] %-28s %s s\n' \
 	"mounts done" "$(at 'SMOKE mounts-done')" \
 	"dockerd ready" "$(at 'SMOKE dockerd-ready')" \
 	"container ran" "$(at 'SMOKE container-done')" \
-	"docker build done" "$(at 'SMOKE build-done')" \
+	"buildx build done" "$(at 'SMOKE build-done')" \
+	"second build (cache) done" "$(at 'SMOKE cache-build-done')" \
 	"QEMU exited" "$(printf '%.2f' "$total")" >&2
 grep '^ *[0-9.]* SMOKE ' "$work/console.log" | sed 's/^ *[0-9.]* /[smoke]   /' >&2
 
@@ -158,4 +202,4 @@ if [ "$status" -ne 0 ]; then
 	die "QEMU did not exit by itself (status $status; 124 = timed out after ${timeout_s}s): reboot=k or the guest failed"
 fi
 grep -q 'SMOKE-OK' "$work/console.log" || die "the guest did not finish the checks (see $vm_dir/smoke-console.log)"
-echo "[smoke] ok: the guest booted, ran dockerd, a container and a build, and QEMU exited on reboot" >&2
+echo "[smoke] ok: the guest booted, ran dockerd, a container and two buildx builds (heredocs, cache mount), and QEMU exited on reboot" >&2
