@@ -108,9 +108,15 @@ docker_pkgs_installed_version() {
 		sed -n 's/^install ok installed //p'
 }
 
+# The codename of the Debian release installed in ROOT (bookworm, trixie, ...).
+docker_pkgs_codename() {
+	sed -n 's/^VERSION_CODENAME=//p' "${1%/}/etc/os-release" 2>/dev/null | tr -d '"'
+}
+
 # Checks the Docker packages installed in ROOT (default /): each present, the versions this
-# project is built on, runc from the base system, nothing else from trixie. POLICY_FILE holds
-# `apt-cache policy` of ROOT's installed packages (made while ROOT's package lists exist).
+# project is built on, runc from the base system, nothing else from trixie (unless ROOT is
+# trixie itself). POLICY_FILE holds `apt-cache policy` of ROOT's installed packages (made while
+# ROOT's package lists exist).
 docker_pkgs_check() {
 	local root=${1%/} policy=$2 pkg version ok=true extra
 	for pkg in "${DOCKER_PKGS_FROM_SUITE[@]}" "${DOCKER_PKGS_FROM_BASE[@]}"; do
@@ -135,6 +141,10 @@ docker_pkgs_check() {
 		echo "error: ${root:-/} has no buildx CLI plugin at /usr/libexec/docker/cli-plugins/docker-buildx" >&2
 		ok=false
 	}
+	if [ "$(docker_pkgs_codename "$root")" = "$DOCKER_PKGS_SUITE" ]; then
+		$ok
+		return
+	fi
 	# Anything from trixie that is not one of ours (a dependency pulled along: libc6 would
 	# break runc and every other binary of the base system).
 	extra=$(docker_pkgs_from_suite <"$policy" | grep -vxF -f <(printf '%s\n' "${DOCKER_PKGS_FROM_SUITE[@]}") || true)
@@ -166,7 +176,10 @@ docker_pkgs_install_host() {
 	export DEBIAN_FRONTEND=noninteractive
 	mirror=$(docker_pkgs_host_mirror)
 	mirror=${mirror:-http://deb.debian.org/debian}
-	docker_pkgs_write_apt_config / "$mirror" >/dev/null || return 1
+	# On Debian 13 itself the system's own sources have these packages.
+	if [ "$(docker_pkgs_codename /)" != "$DOCKER_PKGS_SUITE" ]; then
+		docker_pkgs_write_apt_config / "$mirror" >/dev/null || return 1
+	fi
 	echo "[docker-packages] apt-get update (with $DOCKER_PKGS_SUITE from $mirror, pinned)" >&2
 	apt-get update -qq >/dev/null || {
 		echo "error: apt-get update failed with /$DOCKER_PKGS_SOURCE_FILE ($mirror $DOCKER_PKGS_SUITE)" >&2

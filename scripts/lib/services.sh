@@ -169,6 +169,9 @@ bt_ensure_registry_pkg() {
 	fi
 	bt_apt_install docker-registry || true
 	if $ours; then rm -f "$policy"; fi
+	# Nor at the next boot: the package enables its service (systemd unit and sysv links).
+	if [[ -d /run/systemd/system ]]; then systemctl disable --quiet docker-registry.service 2>/dev/null || true; fi
+	update-rc.d docker-registry disable >/dev/null 2>&1 || true
 	[[ -x /usr/bin/docker-registry ]] || bt_die "apt-get install docker-registry did not install /usr/bin/docker-registry"
 }
 
