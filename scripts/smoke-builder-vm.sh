@@ -3,7 +3,8 @@
 # usable for builds: the kernel reaches init from /dev/vda, cgroup v2 and the network come up,
 # dockerd starts, a container runs (runc, namespaces, cgroup v2 device filter, overlay2, bridge
 # + iptables NAT), `docker buildx build` (BuildKit in dockerd, the docker driver) builds a
-# Dockerfile with heredocs and a RUN --mount=type=cache whose cache a second build finds, and
+# Dockerfile with heredocs and a RUN --mount=type=cache whose cache a second build finds (with a
+# RUN --mount=type=secret), and
 # `reboot=k` makes QEMU exit.
 #
 # The image itself is not modified: the test runs on a sparse copy into which a test init
@@ -98,6 +99,7 @@ until docker info >/dev/null 2>&1; do
 done
 mark dockerd-ready
 echo "SMOKE docker $(docker info --format '{{.ServerVersion}} driver={{.Driver}} cgroup={{.CgroupDriver}}/v{{.CgroupVersion}}')"
+echo "SMOKE docker-warnings $(docker info --format '{{join .Warnings "; "}}' 2>&1)"
 echo "SMOKE buildx $(docker buildx version 2>&1)"
 echo "SMOKE containerd $(containerd --version 2>&1 | cut -d' ' -f3) runc $(runc --version 2>&1 | head -n1 | cut -d' ' -f3)"
 # A minimal image from the guest's own dash and libc: no registry is needed. bin/sh (dash) is
@@ -137,18 +139,23 @@ out=$(docker run --rm smoke:built /bin/dash -c 'read x < /built; echo $x') || fa
 [ "$out" = "built by buildkit" ] || fail "the built image holds '$out'"
 echo "SMOKE build $out"
 mark build-done
+# ... and a build secret, which must be readable in the step and absent from the image.
 cat >/tmp/ctx/Dockerfile <<'DOCKERFILE'
 FROM smoke:base
-RUN --mount=type=cache,target=/cache,id=smoke <<'SCRIPT'
+RUN --mount=type=cache,target=/cache,id=smoke --mount=type=secret,id=token <<'SCRIPT'
 read line < /cache/marker
-echo "$line" > /seen
+read secret < /run/secrets/token
+[ "$secret" = smoke-secret ] && echo "$line" > /seen
 SCRIPT
 DOCKERFILE
-docker buildx build --progress=plain -t smoke:cached /tmp/ctx >/run/buildx.log 2>&1 ||
+echo smoke-secret >/run/smoke-secret
+docker buildx build --progress=plain --secret id=token,src=/run/smoke-secret -t smoke:cached /tmp/ctx \
+	>/run/buildx.log 2>&1 ||
 	{ tail -n 30 /run/buildx.log; fail "the second docker buildx build (reading the cache mount) failed"; }
 out=$(docker run --rm smoke:cached /bin/dash -c 'read x < /seen; echo $x') || fail "running the second image failed"
-[ "$out" = "built by buildkit" ] || fail "the cache mount did not keep the first build's file ('$out')"
-echo "SMOKE cache-mount $out"
+[ "$out" = "built by buildkit" ] || fail "the cache mount or the secret did not reach the step ('$out')"
+docker run --rm smoke:cached /bin/dash -c 'read x < /run/secrets/token' 2>/dev/null && fail "the build secret is in the image"
+echo "SMOKE cache-mount and secret $out"
 mark cache-build-done
 echo SMOKE-OK
 poweroff_now
@@ -194,7 +201,7 @@ printf '[smoke] %-28s %s s\n' \
 	"dockerd ready" "$(at 'SMOKE dockerd-ready')" \
 	"container ran" "$(at 'SMOKE container-done')" \
 	"buildx build done" "$(at 'SMOKE build-done')" \
-	"second build (cache) done" "$(at 'SMOKE cache-build-done')" \
+	"second build (cache, secret)" "$(at 'SMOKE cache-build-done')" \
 	"QEMU exited" "$(printf '%.2f' "$total")" >&2
 grep '^ *[0-9.]* SMOKE ' "$work/console.log" | sed 's/^ *[0-9.]* /[smoke]   /' >&2
 
@@ -202,4 +209,4 @@ if [ "$status" -ne 0 ]; then
 	die "QEMU did not exit by itself (status $status; 124 = timed out after ${timeout_s}s): reboot=k or the guest failed"
 fi
 grep -q 'SMOKE-OK' "$work/console.log" || die "the guest did not finish the checks (see $vm_dir/smoke-console.log)"
-echo "[smoke] ok: the guest booted, ran dockerd, a container and two buildx builds (heredocs, cache mount), and QEMU exited on reboot" >&2
+echo "[smoke] ok: the guest booted, ran dockerd, a container and two buildx builds (heredocs, cache mount, secret), and QEMU exited on reboot" >&2
