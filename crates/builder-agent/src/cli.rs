@@ -41,10 +41,12 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Build parameters as `key=value` words (the kernel command-line keys: repo_url,
-    /// commit_sha, dockerfile, s3_bucket, s3_key, notify_url, build_id). Default: /proc/cmdline.
+    /// commit_sha, dockerfile, target, platform, build_args, s3_bucket, s3_key, notify_url,
+    /// build_id). Default: /proc/cmdline.
     #[arg(long)]
     params: Option<String>,
-    /// JSON file with S3 credentials, the webhook secret and a git token.
+    /// JSON file with S3 credentials, the webhook secret, a git token, build secrets and
+    /// registry logins.
     #[arg(long)]
     secrets: Option<PathBuf>,
     /// Where the rootfs goes when no s3_bucket is given (`DIR/<build_id>/rootfs.ext4`).
@@ -63,6 +65,9 @@ struct RunArgs {
         default_value = "unix:///var/run/docker.sock"
     )]
     docker_host: String,
+    /// The Docker CLI with the buildx plugin, which runs the build.
+    #[arg(long, env = "BUILDER_DOCKER_CLI", default_value = crate::buildkit::DEFAULT_DOCKER_CLI)]
+    docker_cli: PathBuf,
     /// Webhook delivery attempts before giving up.
     #[arg(long, default_value_t = RetryPolicy::default().attempts)]
     notify_attempts: u32,
@@ -187,6 +192,7 @@ fn run(args: RunArgs) -> i32 {
             .unwrap_or_else(|| std::env::temp_dir().join("builder-agent")),
         log_file: Some(args.log_file),
         docker_host: args.docker_host,
+        docker_cli: args.docker_cli,
         notify_retry: RetryPolicy {
             attempts: args.notify_attempts,
             first_delay: Duration::from_millis(args.notify_first_delay_ms),

@@ -1,26 +1,20 @@
-//! The Docker daemon, through its Engine API: build the image, find its layer directories or
-//! stream it out, remove it.
-//!
-//! Uses the classic builder (Docker 20.10 has no buildx here). Build output is streamed into the
-//! build log line by line. Errors the daemon reports in the build stream (a failing `RUN`, a
-//! missing base image, a Dockerfile syntax error) are the customer's; a daemon that cannot be
-//! reached or answers 5xx before the build starts is ours.
+//! The Docker daemon, through its Engine API: pull, find an image's layer directories or stream
+//! it out, load, remove. Building is BuildKit's, through buildx (`buildkit`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use bollard::models::ImageInspect;
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ImportImageOptionsBuilder, RemoveImageOptionsBuilder,
+    CreateImageOptionsBuilder, ImportImageOptionsBuilder, RemoveImageOptionsBuilder,
 };
 use bollard::Docker;
-use builder_contract::{ErrorClass, ImageConfig, Phase};
+use builder_contract::{ImageConfig, Phase};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
 use crate::error::{chain, BuildError};
-use crate::log::{BuildLog, LineSplitter};
+use crate::log::BuildLog;
 
 /// Seconds the client waits for one API call (a build's stream may run longer between lines).
 const API_TIMEOUT_SECS: u64 = 3600;
@@ -51,69 +45,16 @@ impl DockerDaemon {
         Ok(DockerDaemon { docker })
     }
 
-    /// Builds the context tar at `context` with `dockerfile`, tags it `tag`, returns the image id.
-    pub async fn build(
-        &self,
-        log: &BuildLog,
-        context: &Path,
-        dockerfile: &str,
-        tag: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<String, BuildError> {
-        const PHASE: Phase = Phase::Build;
-        let options = BuildImageOptionsBuilder::default()
-            .dockerfile(dockerfile)
-            .t(tag)
-            .rm(true)
-            .forcerm(true)
-            .labels(&labels)
+    /// Pulls `image` (`docker pull`); the error says why it could not be fetched.
+    pub async fn pull(&self, image: &str) -> Result<(), String> {
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(image)
             .build();
-        let file = tokio::fs::File::open(context).await.map_err(|e| {
-            BuildError::internal(PHASE, format!("cannot open the build context: {e}"))
-        })?;
-        let body = bollard::body_try_stream(ReaderStream::with_capacity(file, 1 << 20));
-        let mut stream = self.docker.build_image(options, None, Some(body));
-        let mut split = LineSplitter::default();
-        let mut image_id = None;
+        let mut stream = self.docker.create_image(Some(options), None, None);
         while let Some(item) = stream.next().await {
-            let info = match item {
-                Ok(info) => info,
-                Err(e) => {
-                    if let Some(rest) = split.finish() {
-                        log.line(&rest);
-                    }
-                    return Err(classify_build_error(&e));
-                }
-            };
-            if let Some(text) = info.stream.as_deref() {
-                for line in split.push(text) {
-                    log.line(&line);
-                }
-            }
-            if let Some(status) = info.status.as_deref() {
-                log.line(status);
-            }
-            if let Some(id) = info.aux.and_then(|aux| aux.id) {
-                image_id = Some(id);
-            }
+            item.map_err(|e| chain(&e))?;
         }
-        if let Some(rest) = split.finish() {
-            log.line(&rest);
-        }
-        match image_id {
-            Some(id) => Ok(id),
-            None => {
-                let inspect = self.docker.inspect_image(tag).await.map_err(|e| {
-                    BuildError::internal(
-                        PHASE,
-                        format!("the built image is missing: {}", chain(&e)),
-                    )
-                })?;
-                inspect
-                    .id
-                    .ok_or_else(|| BuildError::internal(PHASE, "the built image has no id"))
-            }
-        }
+        Ok(())
     }
 
     /// Streams the image in `docker save` format into `out`; returns its size in bytes.
@@ -274,42 +215,5 @@ fn image_config(config: bollard::models::ImageConfig) -> ImageConfig {
                 .map(|port| (port, serde_json::json!({})))
                 .collect()
         }),
-    }
-}
-
-/// Who is at fault for an error from the build endpoint.
-fn classify_build_error(e: &bollard::errors::Error) -> BuildError {
-    use bollard::errors::Error;
-    let text = chain(e);
-    if text.contains("no space left on device") {
-        return BuildError::disk_full(Phase::Build, "docker build");
-    }
-    let class = match e {
-        // Reported inside the build stream: a step of the customer's Dockerfile failed.
-        Error::DockerStreamError { .. } => ErrorClass::User,
-        // Refused before building: bad Dockerfile syntax, unknown instruction, bad options.
-        Error::DockerResponseServerError { status_code, .. } if *status_code < 500 => {
-            ErrorClass::User
-        }
-        Error::DockerResponseServerError { message, .. }
-            if message.contains("dockerfile parse error")
-                || message.contains("Dockerfile parse error")
-                || message.contains("failed to process") =>
-        {
-            ErrorClass::User
-        }
-        _ => ErrorClass::Internal,
-    };
-    let message = match e {
-        Error::DockerStreamError { error } => format!("docker build failed: {}", error.trim()),
-        Error::DockerResponseServerError { message, .. } => {
-            format!("docker build was refused: {}", message.trim())
-        }
-        _ => format!("docker build failed: {text}"),
-    };
-    BuildError {
-        phase: Phase::Build,
-        class,
-        message,
     }
 }

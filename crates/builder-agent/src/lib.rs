@@ -1,11 +1,13 @@
 //! The guest agent: runs one build inside the builder VM (or on any host with a Docker daemon).
 //!
 //! `pipeline` drives the phases; each phase lives in its own module: `git` (clone, checkout),
-//! `context` + `dockerignore` (the build context), `docker` (build, inspect, save), `convert`
+//! `context` + `dockerignore` (the build context), `buildkit` (the image build through
+//! `docker buildx build`), `docker` (the daemon's API: pull, inspect, save), `convert`
 //! (image in the daemon → rootfs, with the `builder-rootfs` crate), `s3` (upload), `notify`
 //! (webhook). `vm` is the VM's init, `log` is the build log, `error` the one error type every
 //! phase returns.
 
+pub mod buildkit;
 pub mod cli;
 pub mod context;
 pub mod convert;

@@ -5,7 +5,7 @@
 //! stdout, and POSTed to `notify_url` when one was given and can be read, even when the other
 //! parameters are invalid. Scratch files and the built image are removed at the end.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +18,9 @@ use builder_contract::{
 use builder_rootfs::{ConvertOptions, ConvertReport};
 use url::Url;
 
+use crate::buildkit::{
+    registry_login_secrets, use_builtin_frontend_if_unreachable, Buildx, ImageBuild,
+};
 use crate::context::{write_context, ContextError};
 use crate::convert::{convert_image, create_work_dir};
 use crate::docker::DockerDaemon;
@@ -41,6 +44,8 @@ pub struct RunOptions {
     pub work_dir: PathBuf,
     pub log_file: Option<PathBuf>,
     pub docker_host: String,
+    /// The Docker CLI with the buildx plugin.
+    pub docker_cli: PathBuf,
     pub notify_retry: RetryPolicy,
     pub part_size: u64,
     /// Keep the scratch directory (for debugging).
@@ -127,6 +132,7 @@ pub async fn run(options: &RunOptions) -> Outcome {
     if let Ok(secrets) = &secrets {
         log.redact(secrets.redaction_values());
         log.redact(Git::derived_secrets(git_credentials(secrets)));
+        log.redact(registry_login_secrets(&secrets.registry_auths));
     }
     let params = BuildParams::from_cmdline(&options.cmdline, &options.default_build_id)
         .and_then(|mut params| {
@@ -141,8 +147,30 @@ pub async fn run(options: &RunOptions) -> Outcome {
     let result = match (&params, &secrets) {
         (Ok(params), Ok(secrets)) => {
             log.line(&format!(
-                "build {}: {} at {} (Dockerfile {})",
-                params.build_id, params.repo_url, params.revision, params.dockerfile
+                "build {}: {} at {} (Dockerfile {}{}, {}{})",
+                params.build_id,
+                params.repo_url,
+                params.revision,
+                params.dockerfile,
+                params
+                    .target
+                    .as_ref()
+                    .map(|t| format!(", target {t}"))
+                    .unwrap_or_default(),
+                params.platform,
+                if params.build_args.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", build args {}",
+                        params
+                            .build_args
+                            .iter()
+                            .map(|(k, _)| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    )
+                },
             ));
             execute(options, params, secrets, &log, &mut progress).await
         }
@@ -335,6 +363,13 @@ async fn build(
     let context = scratch.join("context.tar");
     let image_id = progress
         .phase(log, Phase::Build, async {
+            let docker = docker_slot.insert(DockerDaemon::connect(&options.docker_host).await?);
+            use_builtin_frontend_if_unreachable(
+                docker,
+                log,
+                &source.join(params.dockerfile.as_str()),
+            )
+            .await?;
             let summary = write_context(&source, &params.dockerfile, &context, committed_at)
                 .map_err(|e| match &e {
                     ContextError::Io { .. } if is_disk_full(&e) => {
@@ -350,13 +385,30 @@ async fn build(
                 summary.files, summary.ignored
             ));
             let _ = std::fs::remove_dir_all(&source);
-            let docker = docker_slot.insert(DockerDaemon::connect(&options.docker_host).await?);
-            let labels = HashMap::from([
+            let labels = BTreeMap::from([
                 ("builder-vm.build-id".to_string(), params.build_id.clone()),
                 ("builder-vm.commit".to_string(), commit.clone()),
             ]);
-            let id = docker
-                .build(log, &context, params.dockerfile.as_str(), tag, labels)
+            let buildx = Buildx::new(
+                &options.docker_cli,
+                &options.docker_host,
+                &scratch.join("buildx"),
+            )?;
+            let id = buildx
+                .build(
+                    log,
+                    &ImageBuild {
+                        context: &context,
+                        dockerfile: params.dockerfile.as_str(),
+                        tag,
+                        labels: &labels,
+                        target: params.target.as_deref(),
+                        platform: &params.platform,
+                        build_args: &params.build_args,
+                        secrets: &secrets.build_secrets,
+                        registry_auths: &secrets.registry_auths,
+                    },
+                )
                 .await;
             let _ = std::fs::remove_file(&context);
             id

@@ -1,5 +1,6 @@
 //! Child processes whose output belongs in the build log.
 
+use std::cell::RefCell;
 use std::process::{ExitStatus, Stdio};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -24,15 +25,29 @@ impl Finished {
 
 /// Runs `command` with stdout and stderr streamed into the log, line by line.
 pub async fn run_logged(log: &BuildLog, command: &mut Command) -> std::io::Result<Finished> {
+    run_observed(log, command, Stdio::null(), &mut |_| {}).await
+}
+
+/// Like [`run_logged`], with `stdin` as the child's input and every output line (scrubbed) also
+/// handed to `observe`, in the order the lines arrived.
+pub async fn run_observed(
+    log: &BuildLog,
+    command: &mut Command,
+    stdin: Stdio,
+    observe: &mut dyn FnMut(&str),
+) -> std::io::Result<Finished> {
     command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = command.spawn()?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let (out_tail, err_tail) = tokio::join!(pump(log, stdout), pump(log, stderr));
+    // Both pumps run in this task, never at the same instant: a RefCell is enough.
+    let observer = RefCell::new(observe);
+    let (out_tail, err_tail) =
+        tokio::join!(pump(log, stdout, &observer), pump(log, stderr, &observer));
     let status = child.wait().await?;
     let mut tail = out_tail?;
     tail.extend(err_tail?);
@@ -43,13 +58,19 @@ pub async fn run_logged(log: &BuildLog, command: &mut Command) -> std::io::Resul
     })
 }
 
-async fn pump(log: &BuildLog, mut reader: impl AsyncRead + Unpin) -> std::io::Result<Vec<String>> {
+async fn pump(
+    log: &BuildLog,
+    mut reader: impl AsyncRead + Unpin,
+    observer: &RefCell<&mut dyn FnMut(&str)>,
+) -> std::io::Result<Vec<String>> {
     let mut split = LineSplitter::default();
     let mut tail = Vec::new();
     let mut buf = vec![0u8; 8192];
     let emit = |line: String, tail: &mut Vec<String>| {
         log.line(&format!("  | {line}"));
-        tail.push(log.scrub(&line));
+        let scrubbed = log.scrub(&line);
+        (observer.borrow_mut())(&scrubbed);
+        tail.push(scrubbed);
         if tail.len() > TAIL_LINES * 2 {
             tail.drain(..TAIL_LINES);
         }

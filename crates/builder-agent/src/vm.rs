@@ -196,6 +196,7 @@ pub fn build() -> i32 {
         work_dir: PathBuf::from(SCRATCH_MOUNT).join("work"),
         log_file: Some(PathBuf::from("/var/log/build.log")),
         docker_host: format!("unix://{DOCKER_SOCKET}"),
+        docker_cli: crate::buildkit::DEFAULT_DOCKER_CLI.into(),
         notify_retry: RetryPolicy::default(),
         part_size: crate::s3::DEFAULT_PART_SIZE,
         keep_work: false,

@@ -48,12 +48,15 @@ fn assert_failed(run: &Run, class: ErrorClass, phase: Phase, needle: &str) {
 #[test]
 fn simple_dockerfile_becomes_a_rootfs_and_a_signed_webhook() {
     let repo = TestRepo::new("simple");
+    // The first RUN makes every run's steps new to the daemon's layer cache, whose hits keep
+    // the mtimes of the build that made them.
     repo.write(
         "Dockerfile",
         &format!(
-            "FROM {}\nCOPY hello.txt /app/hello.txt\nRUN echo built > /app/built.txt\n\
+            "FROM {}\nRUN echo {} > /dev/null\nCOPY hello.txt /app/hello.txt\nRUN echo built > /app/built.txt\n\
              ENV GREETING=hi\nWORKDIR /app\nENTRYPOINT [\"/bin/sh\", \"-c\"]\nCMD [\"cat hello.txt\"]\n",
-            base()
+            base(),
+            unique("run")
         ),
     )
     .write("hello.txt", "hello from the repo\n");
@@ -125,8 +128,13 @@ fn simple_dockerfile_becomes_a_rootfs_and_a_signed_webhook() {
         run.log
     );
     assert!(
-        run.log.contains("==> build") && run.log.contains("Step 2/"),
-        "{}",
+        run.log.contains("==> build")
+            && run
+                .log
+                .contains("building with \"default\" instance using docker driver")
+            && run.log.contains("[4/5] RUN echo built > /app/built.txt")
+            && run.log.contains("#0 building with"),
+        "BuildKit's step lines are in the log: {}",
         run.log
     );
 }
@@ -301,7 +309,8 @@ fn failing_run_step_is_a_user_error_and_is_reported() {
         &run,
         ErrorClass::User,
         Phase::Build,
-        "returned a non-zero code: 3",
+        "step `[2/2] RUN echo about to fail && exit 3` (Dockerfile:2) failed: process \"/bin/sh \
+         -c echo about to fail && exit 3\" did not complete successfully: exit code: 3",
     );
     assert!(run.log.contains("about to fail"), "{}", run.log);
     assert_eq!(hook.only_report().status, BuildStatus::Failed);
@@ -430,8 +439,9 @@ fn secrets_stay_out_of_the_log_and_the_image() {
     repo.write(
         "Dockerfile",
         &format!(
-            "FROM {}\nRUN env; cat /proc/cmdline; env > /env.txt; cat /proc/cmdline > /cmdline.txt\n",
-            base()
+            "FROM {}\nRUN echo {} && env; cat /proc/cmdline; env > /env.txt; cat /proc/cmdline > /cmdline.txt\n",
+            base(),
+            unique("run")
         ),
     );
     repo.commit("first");

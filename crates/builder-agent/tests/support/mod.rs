@@ -53,12 +53,28 @@ pub struct TestRepo {
     pub name: String,
     work: tempfile::TempDir,
     bare: PathBuf,
+    /// The URL of the server's root.
+    server: String,
 }
 
 impl TestRepo {
+    /// A repository on the test git daemon (anyone may clone it).
     pub fn new(prefix: &str) -> Self {
+        Self::on_server(prefix, "BUILDER_TEST_GIT_ROOT", "BUILDER_TEST_GIT_URL")
+    }
+
+    /// A repository on the test git HTTP server that requires `BUILDER_TEST_PRIVATE_GIT_TOKEN`.
+    pub fn private(prefix: &str) -> Self {
+        Self::on_server(
+            prefix,
+            "BUILDER_TEST_PRIVATE_GIT_ROOT",
+            "BUILDER_TEST_PRIVATE_GIT_URL",
+        )
+    }
+
+    fn on_server(prefix: &str, root_var: &str, url_var: &str) -> Self {
         let name = format!("{}.git", unique(prefix));
-        let bare = Path::new(&env("BUILDER_TEST_GIT_ROOT")).join(&name);
+        let bare = Path::new(&env(root_var)).join(&name);
         run(Command::new("git")
             .args(["init", "-q", "--bare", "-b", "main"])
             .arg(&bare));
@@ -71,11 +87,16 @@ impl TestRepo {
         run(Command::new("git")
             .args(["init", "-q", "-b", "main"])
             .arg(work.path()));
-        TestRepo { name, work, bare }
+        TestRepo {
+            name,
+            work,
+            bare,
+            server: env(url_var),
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("{}/{}", env("BUILDER_TEST_GIT_URL"), self.name)
+        format!("{}/{}", self.server, self.name)
     }
 
     pub fn write(&self, path: &str, content: &str) -> &Self {
@@ -223,6 +244,15 @@ pub fn closed_port_url(path: &str) -> String {
 
 /// Writes a secrets file for the test S3 server (or `s3_endpoint` instead).
 pub fn secrets_file(dir: &Path, s3_endpoint: Option<&str>) -> PathBuf {
+    secrets_file_with(dir, s3_endpoint, serde_json::json!({}))
+}
+
+/// [`secrets_file`] with the fields of `extra` (a JSON object) added or replaced.
+pub fn secrets_file_with(
+    dir: &Path,
+    s3_endpoint: Option<&str>,
+    extra: serde_json::Value,
+) -> PathBuf {
     let endpoint = s3_endpoint
         .map(str::to_string)
         .unwrap_or_else(|| env("BUILDER_TEST_S3_ENDPOINT"));
@@ -236,6 +266,10 @@ pub fn secrets_file(dir: &Path, s3_endpoint: Option<&str>) -> PathBuf {
         "webhook_secret": WEBHOOK_SECRET,
         "git_token": GIT_TOKEN,
     });
+    let mut json = json;
+    for (key, value) in extra.as_object().expect("extra secrets are an object") {
+        json[key] = value.clone();
+    }
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     path
 }
@@ -280,7 +314,19 @@ impl Scratch {
         s3_endpoint: Option<&str>,
         extra: &[&str],
     ) -> Run {
-        let secrets = secrets_file(self.path(), s3_endpoint);
+        self.run_with_secrets(params, hook_url, s3_endpoint, serde_json::json!({}), extra)
+    }
+
+    /// [`Scratch::run_notifying`] with `secrets` (a JSON object) added to the secrets file.
+    pub fn run_with_secrets(
+        &self,
+        params: &str,
+        hook_url: &str,
+        s3_endpoint: Option<&str>,
+        secrets: serde_json::Value,
+        extra: &[&str],
+    ) -> Run {
+        let secrets = secrets_file_with(self.path(), s3_endpoint, secrets);
         let mut args = vec!["--secrets", secrets.to_str().unwrap()];
         args.extend_from_slice(extra);
         self.run(&format!("{params} notify_url={hook_url}"), &args)
@@ -332,6 +378,20 @@ pub fn ext4_cat(image: &Path, path: &str) -> Option<String> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     (out.status.success() && !stderr.contains("File not found")).then_some(text)
+}
+
+/// The permission bits of `path` in an ext4 image, from `debugfs`'s `Mode:  0750` field.
+pub fn ext4_mode(image: &Path, path: &str) -> u32 {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("stat {path}")])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("Mode:")
+        .nth(1)
+        .and_then(|rest| u32::from_str_radix(rest.split_whitespace().next()?, 8).ok())
+        .unwrap_or_else(|| panic!("no mode for {path} in debugfs output: {text}"))
 }
 
 /// The mtime (seconds) of `path` in an ext4 image, from `debugfs`'s `mtime: 0x<hex>:...` line.
