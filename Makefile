@@ -23,9 +23,17 @@ smoke-builder-vm:
 # and builds examples/hello inside it, cloned from a git daemon, uploaded to SeaweedFS S3, a
 # signed webhook to a receiver, all in an "outside" namespace (docs/BUILDER-VM.md). The failing
 # variant checks that a Dockerfile error is reported as the user's and the VM still shuts down.
-.PHONY: test-builder-vm test-builder-vm-failing
+# The modern variant builds examples/modern (BuildKit features, a target, build args, a build
+# secret, an ADD --checksum from a served URL) and checks its rootfs file by file.
+.PHONY: test-builder-vm test-builder-vm-failing test-builder-vm-modern
 test-builder-vm:
 	scripts/test-builder-vm.sh examples/hello main
+
+test-builder-vm-modern:
+	scripts/test-builder-vm.sh --serve examples/modern/served --secret app_token \
+		--submit-arg --target=app --submit-arg --build-arg=APP_VERSION=1.2.3 \
+		--submit-arg --build-arg=ASSET_URL={served}/asset.txt \
+		--check examples/modern/check-rootfs.sh examples/modern main
 
 test-builder-vm-failing:
 	scripts/test-builder-vm.sh --expect-user-error examples/failing main

@@ -3,13 +3,20 @@
 # agent and builds a real repository inside it: clone → build → convert → upload → webhook →
 # the VM powers itself off.
 #
-# Usage: sudo scripts/test-builder-vm.sh [--expect-user-error] REPO [REF [DOCKERFILE]]
+# Usage: sudo scripts/test-builder-vm.sh [OPTIONS] REPO [REF [DOCKERFILE]]
 #   REPO   a local directory, submitted as `node-agent submit DIR --wait` does it: the CLI
 #          uploads the directory's committed state (any directory outside git: as it is) and
 #          the node agent serves it to the VM over HTTP; or a git URL the VM can reach.
 #   REF    branch or tag to build (a git URL only; ignored for a directory).
 #   --expect-user-error  succeed only when the build fails for the user's reasons (a failing
 #          Dockerfile) and the VM still shut itself down.
+#   --submit-arg ARG     pass ARG to `node-agent submit` (repeatable); `{served}` in it becomes
+#          the URL of --serve's directory.
+#   --serve DIR          serve DIR over HTTP from the outside namespace (http://10.251.0.2:8091/).
+#   --secret ID          make a random build secret ID, submit it, and check that its value is
+#          nowhere after the build: not in the rootfs, the webhook, the node's database, logs or
+#          console log.
+#   --check CMD          after the rootfs is read back from S3: run CMD ROOTFS [SECRET_VALUE].
 # Environment: VMM=firecracker|qemu (default: firecracker when installed and KVM is usable, else
 # qemu); BUILDER_VMM_ACCEL=auto|kvm|tcg (default tcg on a virtual machine, where KVM is nested);
 # NODE_AGENT_BIN (default: cargo build --release -p node-agent); KEEP_WORK=1 keeps the work dir.
@@ -32,15 +39,23 @@ repo_root=$PWD
 # shellcheck source=scripts/lib/services.sh
 source scripts/lib/services.sh
 
-expect_user_error=false
-if [[ ${1:-} == --expect-user-error ]]; then
-	expect_user_error=true
-	shift
-fi
-[[ $# -ge 1 && $# -le 3 ]] || {
-	sed -n '6,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+usage() {
+	sed -n '6,24s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
+expect_user_error=false submit_extra=() serve_dir='' secret_id='' check_cmd=''
+while [[ ${1:-} == --* ]]; do
+	case $1 in
+	--expect-user-error) expect_user_error=true ;;
+	--submit-arg) [[ $# -ge 2 ]] || usage; submit_extra+=("$2"); shift ;;
+	--serve) [[ -d ${2:-} ]] || usage; serve_dir=$(realpath "$2"); shift ;;
+	--secret) [[ -n ${2:-} ]] || usage; secret_id=$2; shift ;;
+	--check) [[ -n ${2:-} ]] || usage; check_cmd=$(realpath "$2"); shift ;;
+	*) usage ;;
+	esac
+	shift
+done
+[[ $# -ge 1 && $# -le 3 ]] || usage
 repo_arg=$1 ref=${2:-} dockerfile=${3:-}
 bt_require_root "$0"
 
@@ -68,6 +83,7 @@ node_id=test-builder-vm
 node_tag=bvm-$(printf '%s' "$node_id" | sha256sum | cut -c1-8)-
 api_port=17071
 webhook_port=8090
+serve_port=8091
 s3_port=8333
 s3_bucket=rootfs
 s3_access=bvt-access
@@ -233,6 +249,11 @@ wait_for 90 "SeaweedFS S3 writes" s3_writable
 spawn webhook ip netns exec "$ns" python3 scripts/lib/webhook-receiver.py --bind "$out_addr" \
 	--port $webhook_port --secret-file "$work/notify-secret" --out "$work/webhooks"
 wait_for 20 "webhook receiver" bash -c "exec 3<>/dev/tcp/$out_addr/$webhook_port"
+served_url=http://$out_addr:$serve_port
+if [[ -n $serve_dir ]]; then
+	spawn served ip netns exec "$ns" python3 -m http.server --bind "$out_addr" --directory "$serve_dir" "$serve_port"
+	wait_for 20 "file server" bash -c "exec 3<>/dev/tcp/$out_addr/$serve_port"
+fi
 mark "outside services up" "$t"
 
 # ---- the node agent ---------------------------------------------------------------------------
@@ -254,7 +275,14 @@ s3_key=test-builder-vm/$(date +%s)-$$.ext4
 say "node-agent submit ${source_args[*]}${dockerfile:+ --dockerfile $dockerfile} --wait"
 t=$(now_ms)
 submit_status=0
-"$node_agent" submit "${source_args[@]}" --server "http://127.0.0.1:$api_port" \
+secret_value=''
+if [[ -n $secret_id ]]; then
+	secret_value=bvt-secret-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+	(umask 077 && printf '%s' "$secret_value" >"$work/secret-$secret_id")
+	submit_extra+=(--secret "id=$secret_id,src=$work/secret-$secret_id")
+fi
+submit_extra=("${submit_extra[@]//\{served\}/$served_url}")
+"$node_agent" submit "${source_args[@]}" "${submit_extra[@]}" --server "http://127.0.0.1:$api_port" \
 	--token-file "$work/node/api-token" ${dockerfile:+--dockerfile "$dockerfile"} \
 	--s3-bucket "$s3_bucket" --s3-key "$s3_key" \
 	--notify-url "http://$out_addr:$webhook_port/hook" --vcpus 1 --mem-mib 2048 --disk-gib 4 \
@@ -314,6 +342,9 @@ else
 	echo "rootfs: $location ($(stat -c %s "$work/rootfs.ext4") bytes), sha256 $sha: read back from S3, matches"
 	echo "config: $(jq -r .rootfs.config_location "$report")"
 	debugfs -R 'ls -l /app' "$work/rootfs.ext4" 2>/dev/null | sed 's/^/  /' | head -n 12 || true
+	if [[ -n $check_cmd ]]; then
+		"$check_cmd" "$work/rootfs.ext4" ${secret_value:+"$secret_value"} || fail "$check_cmd found the rootfs wrong"
+	fi
 	rm -f "$work/rootfs.ext4"
 fi
 
@@ -321,6 +352,13 @@ fi
 say "leftovers"
 t=$(now_ms)
 stop_group "$work/node-agent.pid"
+if [[ -n $secret_value ]]; then
+	# The node's database (and its WAL), logs, console logs and the webhooks: the value of the
+	# build secret is in none of them, only in the file this script gave to `submit`.
+	found=$(grep -rlaF -- "$secret_value" "$work" | grep -v -- "/secret-$secret_id\$" || true)
+	[[ -z $found ]] || fail "the build secret's value is in: $found"
+	echo "  the build secret's value is nowhere under $work (database, logs, console, webhooks)"
+fi
 leftovers=()
 while read -r n _; do [[ $n == "$node_tag"* ]] && leftovers+=("netns $n"); done < <(ip netns list)
 while read -r link addr; do
