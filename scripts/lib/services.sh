@@ -308,7 +308,14 @@ bt_start_dockerd() {
 	bt_log "starting dockerd on $BT_DOCKER_SOCK"
 	mkdir -p "$BT_STATE/docker-exec" "$BT_DATA/docker"
 	bt_ensure_bridge
-	echo '{}' >"$BT_STATE/daemon.json" # not /etc/docker/daemon.json, which a system dockerd owns
+	# Not /etc/docker/daemon.json, which a system dockerd owns. The daemon's own registry traffic
+	# goes to a closed loopback port as its proxy, so a pull of an image no test registry has
+	# (a Dockerfile's `# syntax=` frontend) fails at once on this machine instead of looking up
+	# Docker Hub; registries on loopback are never proxied.
+	cat >"$BT_STATE/daemon.json" <<-'EOF'
+		{"proxies": {"http-proxy": "http://127.0.0.1:9", "https-proxy": "http://127.0.0.1:9",
+		  "no-proxy": "127.0.0.0/8,localhost"}}
+	EOF
 	rm -f "$BT_DOCKER_SOCK"
 	bt_spawn dockerd "$BT_DOCKERD" \
 		--host "unix://$BT_DOCKER_SOCK" \
