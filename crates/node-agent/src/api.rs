@@ -2,6 +2,8 @@
 //! the build's own key, replays refused), source uploads and the read-only git repositories
 //! they become ([`crate::sources`]), health, readiness and metrics. Every failure is an
 //! [`ApiError`], and [`ApiError::status`] is the one place that maps errors to status codes.
+//! A submitted build's credential values go to its file ([`crate::credentials`]); answers show
+//! only their names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use builder_contract::signature::{self, SignatureError, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use builder_contract::BuildReport;
+use builder_contract::{BuildInputs, BuildReport};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use crate::credentials::{CredentialError, CredentialNames};
 use crate::db::{BuildRow, DbError, EventRow, NewBuild};
 use crate::metrics::Snapshot;
 use crate::model::{BuildRequest, BuildState, RequestError};
@@ -67,6 +70,8 @@ pub enum ApiError {
     Source(#[from] SourceError),
     #[error("the database failed")]
     Db(#[from] DbError),
+    #[error("the build's credentials cannot be kept")]
+    Credentials(#[from] CredentialError),
 }
 
 impl ApiError {
@@ -83,7 +88,9 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::NoSource => StatusCode::NOT_FOUND,
             ApiError::Finished { .. } | ApiError::Replay { .. } => StatusCode::CONFLICT,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Db(_) | ApiError::Source(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Db(_) | ApiError::Source(_) | ApiError::Credentials(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -198,11 +205,22 @@ async fn submit(
     if node.is_draining() {
         return Err(ApiError::Draining);
     }
-    let request: BuildRequest = parse_json(&bytes)?;
+    let mut request: BuildRequest = parse_json(&bytes)?;
     let id = crate::new_build_id();
     let params = request.to_params(&id, &node.config.callback_url, node.limits())?;
+    let credentials = request.take_credentials();
+    // Written before the row exists, so no scheduler can claim the build without it; only this
+    // node has the file, so only this node may claim the build.
+    let pinned_node = if credentials.is_empty() {
+        None
+    } else {
+        node.credentials.write(&id, &credentials)?;
+        Some(node.config.node_id.clone())
+    };
     let new = NewBuild {
         id: id.clone(),
+        credentials: credentials.names(),
+        pinned_node,
         requester: request
             .requester
             .clone()
@@ -212,7 +230,20 @@ async fn submit(
         created_at_ms: crate::now_ms(),
         request,
     };
-    let row = node.db.insert(&new).await?;
+    let row = match node.db.insert(&new).await {
+        Ok(row) => row,
+        Err(e) => {
+            if let Err(e) = node.credentials.remove(&id) {
+                tracing::error!(
+                    build_id = id,
+                    error = crate::error_chain(&e),
+                    "cannot remove the credentials file of a build that was not stored; the \
+                     sweep retries"
+                );
+            }
+            return Err(e.into());
+        }
+    };
     // After the insert: the sweeper keeps a source while a build it names is not terminal.
     if let Err(e) = sources.register(&new.request.repo_url, &id) {
         tracing::warn!(
@@ -292,6 +323,15 @@ pub struct BuildView {
     pub revision: String,
     pub commit_sha: Option<String>,
     pub dockerfile: Option<String>,
+    /// What was built: the guest's account once it reported, else the request's.
+    #[serde(default)]
+    pub inputs: BuildInputs,
+    /// The names of the build's credentials (never their values).
+    #[serde(default)]
+    pub credentials: CredentialNames,
+    /// The node that holds the build's credentials and alone may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_node: Option<String>,
     pub node_id: Option<String>,
     pub cpus: Option<String>,
     pub vcpus: u32,
@@ -342,12 +382,15 @@ pub struct WebhookView {
 
 impl BuildView {
     pub fn new(row: BuildRow, events: Option<Vec<EventRow>>) -> Self {
-        let phases = row
+        let report = row
             .report
             .as_deref()
-            .and_then(|r| serde_json::from_str::<BuildReport>(r).ok())
-            .map(|r| r.phases)
-            .unwrap_or_default();
+            .and_then(|r| serde_json::from_str::<BuildReport>(r).ok());
+        let inputs = report
+            .as_ref()
+            .and_then(|r| r.inputs.clone())
+            .unwrap_or_else(|| row.request.inputs(&row.credentials));
+        let phases = report.map(|r| r.phases).unwrap_or_default();
         BuildView {
             timings: Timings {
                 created_at_ms: row.created_at_ms,
@@ -377,6 +420,9 @@ impl BuildView {
                 error: row.webhook_error,
             },
             dockerfile: row.request.dockerfile.clone(),
+            inputs,
+            credentials: row.credentials,
+            pinned_node: row.pinned_node,
             id: row.id,
             state: row.state,
             phase: row.phase,

@@ -308,6 +308,11 @@ impl Config {
         self.work_dir.join("sources")
     }
 
+    /// Where the credential values of builds accepted here wait (see [`crate::credentials`]).
+    pub fn credentials_dir(&self) -> PathBuf {
+        self.work_dir.join("credentials")
+    }
+
     /// Where a build's console log is kept on this node.
     pub fn log_path(&self, build_id: &str) -> PathBuf {
         self.work_dir.join("logs").join(format!("{build_id}.log"))

@@ -3,12 +3,16 @@
 //! `sqlx::Any`. The SQL is portable; the only dialect difference is the row-lock suffix, which
 //! is `FOR UPDATE [SKIP LOCKED]` on PostgreSQL and nothing on SQLite, where the pool has a
 //! single connection and every transaction is therefore the only writer.
+//!
+//! Credential values never come here: a build row holds only their names (`credentials`) and,
+//! when it has any, the node that holds the values (`pinned_node`), which alone claims it.
 
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 
+use crate::credentials::CredentialNames;
 use crate::model::{BuildRequest, BuildState};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -95,7 +99,12 @@ pub struct BuildRow {
     pub id: String,
     pub state: BuildState,
     pub phase: Option<String>,
+    /// The request without its credential values.
     pub request: BuildRequest,
+    /// The names of its credentials.
+    pub credentials: CredentialNames,
+    /// The only node that may claim it (the one holding its credentials).
+    pub pinned_node: Option<String>,
     pub requester: String,
     pub repo_url: String,
     pub revision: String,
@@ -142,7 +151,11 @@ pub struct EventRow {
 #[derive(Debug, Clone)]
 pub struct NewBuild {
     pub id: String,
+    /// Without credential values ([`BuildRequest::take_credentials`]).
     pub request: BuildRequest,
+    pub credentials: CredentialNames,
+    /// Set when the build has credentials: the node holding them.
+    pub pinned_node: Option<String>,
     pub requester: String,
     pub revision: String,
     pub timeout_s: u64,
@@ -165,9 +178,15 @@ fn build_from_row(row: &AnyRow) -> Result<BuildRow, DbError> {
     let opt_int = |c: &str| row.try_get::<Option<i64>, _>(c).map_err(get);
     let text = |c: &str| row.try_get::<String, _>(c).map_err(get);
     let opt_text = |c: &str| row.try_get::<Option<String>, _>(c).map_err(get);
+    let credentials = match opt_text("credentials")? {
+        Some(json) => serde_json::from_str(&json).map_err(|_| corrupt("credentials"))?,
+        None => CredentialNames::default(),
+    };
     Ok(BuildRow {
         state: BuildState::parse(&state).ok_or_else(|| corrupt("state"))?,
         request: serde_json::from_str(&request).map_err(|_| corrupt("request"))?,
+        credentials,
+        pinned_node: opt_text("pinned_node")?,
         phase: opt_text("phase")?,
         requester: text("requester")?,
         repo_url: text("repo_url")?,
@@ -293,10 +312,13 @@ impl Db {
     pub async fn insert(&self, b: &NewBuild) -> Result<BuildRow, DbError> {
         let mut tx = self.pool.begin().await.map_err(q("begin a transaction"))?;
         let request = serde_json::to_string(&b.request).expect("a request serializes");
+        let credentials = (!b.credentials.is_empty())
+            .then(|| serde_json::to_string(&b.credentials).expect("credential names serialize"));
         sqlx::query(
             "INSERT INTO builds (id, state, request, requester, repo_url, revision, notify_url, \
-             vcpus, mem_mib, timeout_s, webhook_state, created_at_ms, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+             vcpus, mem_mib, timeout_s, webhook_state, created_at_ms, updated_at_ms, \
+             credentials, pinned_node) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14)",
         )
         .bind(&b.id)
         .bind(BuildState::Queued.as_str())
@@ -314,6 +336,8 @@ impl Db {
             "none"
         })
         .bind(b.created_at_ms)
+        .bind(credentials)
+        .bind(b.pinned_node.clone())
         .execute(&mut *tx)
         .await
         .map_err(q("insert a build"))?;
@@ -495,7 +519,8 @@ impl Db {
     }
 
     /// Takes the oldest queued build that fits `free_vcpus` and `free_mem_mib` for `node_id`,
-    /// moving it to `starting`. On PostgreSQL rows another node is claiming are skipped.
+    /// moving it to `starting`. Builds pinned to another node (their credentials are there) are
+    /// left to it. On PostgreSQL rows another node is claiming are skipped.
     pub async fn claim(
         &self,
         node_id: &str,
@@ -505,13 +530,14 @@ impl Db {
         let mut tx = self.pool.begin().await.map_err(q("begin a transaction"))?;
         let sql = format!(
             "SELECT id FROM builds WHERE state = $1 AND vcpus <= $2 AND mem_mib <= $3 \
-             ORDER BY id LIMIT 1{}",
+             AND (pinned_node IS NULL OR pinned_node = $4) ORDER BY id LIMIT 1{}",
             self.lock(true)
         );
         let Some(row) = sqlx::query(&sql)
             .bind(BuildState::Queued.as_str())
             .bind(i64::from(free_vcpus))
             .bind(free_mem_mib as i64)
+            .bind(node_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(q("find a queued build"))?
@@ -678,5 +704,42 @@ mod tests {
             .unwrap();
         assert_eq!(row.try_get::<String, _>(0).unwrap(), "wal");
         assert!(dir.path().join("node-agent.db-wal").exists());
+    }
+
+    #[tokio::test]
+    async fn a_build_pinned_to_a_node_is_claimed_by_that_node_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/node-agent.db?mode=rwc", dir.path().display());
+        let db = Db::open(&url).await.unwrap();
+        let request: BuildRequest = serde_json::from_value(serde_json::json!(
+            {"repo_url": "https://g.example/r", "ref": "main", "vcpus": 1, "mem_mib": 512}
+        ))
+        .unwrap();
+        let credentials = CredentialNames {
+            secret_ids: vec!["npm".into()],
+            ..Default::default()
+        };
+        let new = |pinned_node: Option<&str>| NewBuild {
+            id: crate::new_build_id(),
+            request: request.clone(),
+            credentials: credentials.clone(),
+            pinned_node: pinned_node.map(str::to_string),
+            requester: "t".into(),
+            revision: "main".into(),
+            timeout_s: 60,
+            created_at_ms: crate::now_ms(),
+        };
+        let pinned = db.insert(&new(Some("node-a"))).await.unwrap();
+        assert_eq!(pinned.credentials, credentials);
+        assert_eq!(pinned.pinned_node.as_deref(), Some("node-a"));
+        assert!(db.claim("node-b", 4, 4096).await.unwrap().is_none());
+        let claimed = db.claim("node-a", 4, 4096).await.unwrap().unwrap();
+        assert_eq!(claimed.id, pinned.id);
+        assert_eq!(claimed.node_id.as_deref(), Some("node-a"));
+        let free = db.insert(&new(None)).await.unwrap();
+        assert_eq!(
+            db.claim("node-b", 4, 4096).await.unwrap().unwrap().id,
+            free.id
+        );
     }
 }

@@ -6,7 +6,9 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod db;
+pub mod flags;
 pub mod local_source;
 pub mod metrics;
 pub mod model;
@@ -62,6 +64,10 @@ pub async fn serve_on(
     sweep_sources(&sources, &node).await;
     let scheduler = tokio::spawn(node.clone().run());
     let sweeper = tokio::spawn(sources.clone().sweep_forever(node.db.clone()));
+    let credentials_sweeper = {
+        let node = node.clone();
+        tokio::spawn(async move { node.credentials.sweep_forever(node.db.clone()).await })
+    };
     let app = api::router(node.clone(), sources.clone());
     let drained = {
         let node = node.clone();
@@ -77,6 +83,7 @@ pub async fn serve_on(
         .await?;
     scheduler.abort();
     sweeper.abort();
+    credentials_sweeper.abort();
     sweep_sources(&sources, &node).await;
     Ok(())
 }

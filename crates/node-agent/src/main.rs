@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use node_agent::client::{self, Client, Connection};
 use node_agent::config::{Config, ServeArgs};
+use node_agent::flags::InputFlags;
 use node_agent::local_source::bundle_dir;
 use node_agent::model::BuildRequest;
 use node_agent::node::Node;
@@ -25,42 +26,7 @@ enum Command {
     /// Run the node agent daemon.
     Serve(Box<ServeArgs>),
     /// Submit a build.
-    Submit {
-        #[command(flatten)]
-        conn: Connection,
-        /// Git repository URL, or a local directory: uploaded to the node agent as one commit
-        /// (a git work tree's committed state, any other directory as it is).
-        repo: String,
-        /// Branch or tag to build (repository URLs only).
-        #[arg(long = "ref", conflicts_with = "commit")]
-        git_ref: Option<String>,
-        /// Full commit id to build (repository URLs only).
-        #[arg(long)]
-        commit: Option<String>,
-        /// Build a local directory in a git work tree as it is on disk, uncommitted changes
-        /// included, instead of its committed state.
-        #[arg(long)]
-        snapshot: bool,
-        #[arg(long)]
-        dockerfile: Option<String>,
-        #[arg(long)]
-        s3_bucket: Option<String>,
-        #[arg(long)]
-        s3_key: Option<String>,
-        #[arg(long)]
-        notify_url: Option<String>,
-        #[arg(long, default_value_t = 2)]
-        vcpus: u32,
-        #[arg(long, default_value_t = 2048)]
-        mem_mib: u64,
-        #[arg(long, default_value_t = 4)]
-        disk_gib: u32,
-        #[arg(long)]
-        timeout_s: Option<u64>,
-        /// Follow the build to its end, streaming its log.
-        #[arg(long)]
-        wait: bool,
-    },
+    Submit(Box<SubmitArgs>),
     /// Show one build.
     Status {
         #[command(flatten)]
@@ -97,6 +63,46 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Git repository URL, or a local directory: uploaded to the node agent as one commit
+    /// (a git work tree's committed state, any other directory as it is).
+    repo: String,
+    /// Branch or tag to build (repository URLs only).
+    #[arg(long = "ref", conflicts_with = "commit")]
+    git_ref: Option<String>,
+    /// Full commit id to build (repository URLs only).
+    #[arg(long)]
+    commit: Option<String>,
+    /// Build a local directory in a git work tree as it is on disk, uncommitted changes
+    /// included, instead of its committed state.
+    #[arg(long)]
+    snapshot: bool,
+    #[arg(long)]
+    dockerfile: Option<String>,
+    #[command(flatten)]
+    inputs: InputFlags,
+    #[arg(long)]
+    s3_bucket: Option<String>,
+    #[arg(long)]
+    s3_key: Option<String>,
+    #[arg(long)]
+    notify_url: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 2048)]
+    mem_mib: u64,
+    #[arg(long, default_value_t = 4)]
+    disk_gib: u32,
+    #[arg(long)]
+    timeout_s: Option<u64>,
+    /// Follow the build to its end, streaming its log.
+    #[arg(long)]
+    wait: bool,
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
@@ -115,23 +121,49 @@ fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve(*args).await.map(|()| 0),
-        Command::Submit {
-            conn,
-            repo,
-            git_ref,
-            commit,
-            dockerfile,
-            s3_bucket,
-            s3_key,
-            notify_url,
-            vcpus,
-            mem_mib,
-            disk_gib,
-            timeout_s,
-            wait,
-            snapshot,
-        } => {
+        Command::Submit(args) => {
+            let SubmitArgs {
+                conn,
+                repo,
+                git_ref,
+                commit,
+                dockerfile,
+                inputs,
+                s3_bucket,
+                s3_key,
+                notify_url,
+                vcpus,
+                mem_mib,
+                disk_gib,
+                timeout_s,
+                wait,
+                snapshot,
+            } = *args;
             let client = Client::new(&conn)?;
+            // Read the flags' files before a directory is uploaded for nothing.
+            let mut request = BuildRequest {
+                repo_url: repo.clone(),
+                commit_sha: None,
+                git_ref: None,
+                dockerfile,
+                target: None,
+                platform: None,
+                build_args: Default::default(),
+                secrets: Default::default(),
+                git_token: None,
+                git_username: None,
+                registry_auths: Default::default(),
+                s3_bucket,
+                s3_key,
+                notify_url,
+                vcpus,
+                mem_mib,
+                disk_gib,
+                timeout_s,
+                egress_allow: vec![],
+                requester: std::env::var("USER").ok(),
+            };
+            inputs.apply(&mut request)?;
             let (repo, commit) = if Path::new(&repo).is_dir() {
                 if git_ref.is_some() || commit.is_some() {
                     bail!("--ref and --commit name a revision of a repository URL; {repo} is a local directory, built as it is committed (or with --snapshot, as it is on disk)");
@@ -162,21 +194,9 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 (repo, commit)
             };
-            let request = BuildRequest {
-                repo_url: repo,
-                commit_sha: commit,
-                git_ref,
-                dockerfile,
-                s3_bucket,
-                s3_key,
-                notify_url,
-                vcpus,
-                mem_mib,
-                disk_gib,
-                timeout_s,
-                egress_allow: vec![],
-                requester: std::env::var("USER").ok(),
-            };
+            request.repo_url = repo;
+            request.commit_sha = commit;
+            request.git_ref = git_ref;
             let submitted = client.submit(&request).await?;
             println!("{}", submitted.id);
             if !wait {

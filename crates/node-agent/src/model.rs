@@ -1,12 +1,19 @@
 //! What a build is to the node agent: its states, the request a client submits, and the check
 //! that turns a request into the guest's [`BuildParams`] with the build contract's own parser.
+//! A request's credential values ([`Credentials`]) are checked here too and then taken out of it
+//! ([`BuildRequest::take_credentials`]) before it is stored.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
-use builder_contract::{BuildParams, ParamError};
+use builder_contract::params::{parse_platform, parse_target};
+use builder_contract::secrets::{check_registry_host, check_secret_id};
+use builder_contract::{BuildArgs, BuildInputs, BuildParams, ParamError};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 use url::Url;
+
+use crate::credentials::{CredentialNames, Credentials, RegistryLogin, SecretValue};
 
 /// The life of a build. Every change is a row in `build_events` and one JSON log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,6 +94,28 @@ pub struct BuildRequest {
     pub git_ref: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dockerfile: Option<String>,
+    /// The Dockerfile stage to build (`--target`); default the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Only `linux/amd64`, the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// `--build-arg` values by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub build_args: BTreeMap<String, String>,
+    /// Values for `RUN --mount=type=secret,id=ID`, by id. Never stored: see
+    /// [`crate::credentials`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretValue>,
+    /// A token for cloning `repo_url` over HTTP(S). Never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_token: Option<SecretValue>,
+    /// The user name sent with `git_token` (default: the guest's, `x-access-token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_username: Option<String>,
+    /// Logins for pulling `FROM` images, by registry host (`host[:port]`). Never stored.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registry_auths: BTreeMap<String, RegistryLogin>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_bucket: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,6 +176,8 @@ pub struct Limits {
 }
 
 const MAX_TIMEOUT_S: u64 = 24 * 3600;
+/// The longest registry user name and git user name accepted.
+const MAX_USERNAME_BYTES: usize = 256;
 const MAX_DISK_GIB: u32 = 1024;
 const MIN_MEM_MIB: u64 = 256;
 
@@ -188,8 +219,15 @@ impl BuildRequest {
             })
             .collect::<Vec<_>>()
             .join(" ");
-        let params = BuildParams::from_cmdline(&cmdline, build_id)?;
-        params.kernel_cmdline(crate::vm::BASE_BOOT_ARGS)?;
+        let mut params = BuildParams::from_cmdline(&cmdline, build_id)?;
+        params.target = self.target.as_deref().map(parse_target).transpose()?;
+        if let Some(platform) = &self.platform {
+            params.platform = parse_platform(platform)?;
+        }
+        params.build_args = BuildArgs::new(self.build_args.clone())?;
+        // Build args that do not fit go to the config drive; everything else must fit.
+        params.split_kernel_cmdline(&crate::vm::cmdline_budget_base(crate::vm::BASE_BOOT_ARGS))?;
+        self.check_credentials()?;
         if let Some(url) = &self.notify_url {
             builder_contract::params::parse_notify_url(url)?;
         }
@@ -222,6 +260,89 @@ impl BuildRequest {
         }
         Ok(params)
     }
+
+    fn check_credentials(&self) -> Result<(), RequestError> {
+        let field = |field, reason: String| RequestError::Field { field, reason };
+        for id in self.secrets.keys() {
+            check_secret_id(id).map_err(|reason| field("secrets", reason))?;
+        }
+        if let Some(token) = &self.git_token {
+            if token.0.is_empty() || token.0.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(field(
+                    "git_token",
+                    "the token is empty or holds whitespace or control characters".into(),
+                ));
+            }
+        }
+        if let Some(name) = &self.git_username {
+            if self.git_token.is_none() {
+                return Err(field(
+                    "git_username",
+                    "is sent with `git_token`, which is not given".into(),
+                ));
+            }
+            check_username(name).map_err(|reason| field("git_username", reason))?;
+        }
+        for (host, login) in &self.registry_auths {
+            check_registry_host(host).map_err(|reason| field("registry_auths", reason))?;
+            check_username(&login.username).map_err(|reason| {
+                field(
+                    "registry_auths",
+                    format!("the login for `{host}`: {reason}"),
+                )
+            })?;
+            if login.password.0.is_empty() {
+                return Err(field(
+                    "registry_auths",
+                    format!("the login for `{host}` has an empty password"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the credential values out of the request, leaving it fit to be stored.
+    pub fn take_credentials(&mut self) -> Credentials {
+        Credentials {
+            build_secrets: std::mem::take(&mut self.secrets),
+            git_token: self.git_token.take(),
+            git_username: self.git_username.take(),
+            registry_auths: std::mem::take(&mut self.registry_auths),
+        }
+    }
+
+    /// What this request asks to build, for reports the node writes itself; `names` are the
+    /// credentials it was accepted with.
+    pub fn inputs(&self, names: &CredentialNames) -> BuildInputs {
+        BuildInputs {
+            dockerfile: self
+                .dockerfile
+                .clone()
+                .unwrap_or_else(|| builder_contract::params::DEFAULT_DOCKERFILE.to_string()),
+            target: self.target.clone(),
+            platform: self
+                .platform
+                .clone()
+                .unwrap_or_else(|| builder_contract::params::DEFAULT_PLATFORM.to_string()),
+            build_args: self.build_args.clone(),
+            secret_ids: names.secret_ids.clone(),
+        }
+    }
+}
+
+/// A user name for a registry login or `git_token`: what goes before the `:` of HTTP basic
+/// authentication.
+fn check_username(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_USERNAME_BYTES
+        || name.chars().any(|c| c == ':' || c.is_control())
+    {
+        return Err(format!(
+            "`{name}` is not a user name: 1 to {MAX_USERNAME_BYTES} bytes without `:` or \
+             control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// The URL a builder VM posts its report to.
@@ -295,5 +416,67 @@ mod tests {
             let err = request(json).to_params("b1", &base, LIMITS).unwrap_err();
             assert_eq!(err.field(), Some(field), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn build_inputs_and_credentials_are_checked_and_credentials_taken_out() {
+        let base = Url::parse("http://10.0.0.1:7070").unwrap();
+        let mut ok = request(
+            r#"{"repo_url":"https://git.example/r.git","ref":"main","target":"prod",
+                "platform":"linux/amd64","build_args":{"A":"1"},"secrets":{"npm":"NPMV"},
+                "git_token":"GTV","git_username":"bot",
+                "registry_auths":{"r.example:5000":{"username":"u","password":"RPV"}}}"#,
+        );
+        let params = ok.to_params("b1", &base, LIMITS).unwrap();
+        assert_eq!(params.target.as_deref(), Some("prod"));
+        assert_eq!(params.build_args.as_map()["A"], "1");
+        let credentials = ok.take_credentials();
+        assert_eq!(credentials.values(), ["NPMV", "GTV", "RPV"]);
+        let stored = serde_json::to_string(&ok).unwrap();
+        for value in ["NPMV", "GTV", "RPV", "bot"] {
+            assert!(!stored.contains(value), "{stored}");
+        }
+        let inputs = ok.inputs(&credentials.names());
+        assert_eq!(inputs.secret_ids, ["npm"]);
+        assert_eq!(inputs.platform, "linux/amd64");
+        assert_eq!(inputs.dockerfile, "Dockerfile");
+
+        // Build args too long for the command line are accepted: they go to the config drive.
+        let big = "v".repeat(3000);
+        let json = format!(
+            r#"{{"repo_url":"https://g.example/r","ref":"m","build_args":{{"BIG":"{big}"}}}}"#
+        );
+        request(&json).to_params("b1", &base, LIMITS).unwrap();
+
+        for (json, field) in [
+            (r#""platform":"linux/arm64""#, "platform"),
+            (r#""target":"-x""#, "target"),
+            (r#""build_args":{"1A":"x"}"#, "build_args"),
+            (r#""secrets":{"../x":"v"}"#, "secrets"),
+            (r#""git_token":"a b""#, "git_token"),
+            (r#""git_token":"""#, "git_token"),
+            (r#""git_username":"bot""#, "git_username"),
+            (r#""git_token":"t","git_username":"a:b""#, "git_username"),
+            (
+                r#""registry_auths":{"h:0":{"username":"u","password":"p"}}"#,
+                "registry_auths",
+            ),
+            (
+                r#""registry_auths":{"h":{"username":"","password":"p"}}"#,
+                "registry_auths",
+            ),
+            (
+                r#""registry_auths":{"h":{"username":"u","password":""}}"#,
+                "registry_auths",
+            ),
+        ] {
+            let json = format!(r#"{{"repo_url":"https://g.example/r","ref":"m",{json}}}"#);
+            let err = request(&json).to_params("b1", &base, LIMITS).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{json}: {err}");
+        }
+        let err = request(r#"{"repo_url":"https://g.example/r","ref":"m","git_token":"S 1"}"#)
+            .to_params("b1", &base, LIMITS)
+            .unwrap_err();
+        assert!(!err.to_string().contains("S 1"), "{err}");
     }
 }

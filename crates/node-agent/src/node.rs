@@ -9,16 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use builder_contract::{
-    BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, S3Credentials, Secrets,
+    BuildArgs, BuildFailure, BuildParams, BuildReport, BuildStatus, ErrorClass, Phase,
+    S3Credentials, Secrets,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::Config;
+use crate::credentials::{scrub, CredentialError, CredentialStore, Credentials};
 use crate::db::{BuildRow, Db, DbError, Update};
 use crate::metrics::Metrics;
 use crate::model::{BuildState, Limits};
-use crate::vm::{LaunchSpec, Launcher, RunningVm, VmExit};
+use crate::vm::{cmdline_budget_base, LaunchSpec, Launcher, RunningVm, VmExit};
 
 /// How much of the console log goes into the database and the failure webhook.
 pub const LOG_TAIL_BYTES: u64 = 4096;
@@ -65,6 +67,8 @@ pub struct Node {
     pub config: Config,
     pub db: Db,
     pub metrics: Metrics,
+    /// The credential values of builds accepted here, until they end.
+    pub credentials: CredentialStore,
     pub api_token: String,
     notify_secret: String,
     s3: Option<S3Credentials>,
@@ -99,6 +103,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Reclaim(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
 }
 
 impl Node {
@@ -132,6 +138,7 @@ impl Node {
         let reclaimed = launcher.reclaim().await?;
         let node = Arc::new(Node {
             metrics: Metrics::new(reclaimed),
+            credentials: CredentialStore::new(config.credentials_dir())?,
             host_cpus: host_cpu_list(),
             usage: Mutex::new(Usage {
                 slots: vec![false; config.capacity_vcpus as usize],
@@ -157,6 +164,11 @@ impl Node {
             "reclaimed leftovers of a previous run"
         );
         node.recover().await?;
+        // Nothing is accepted yet: a file whose build has ended or is unknown is a leftover.
+        let removed = node.credentials.sweep(&node.db, Duration::ZERO).await?;
+        if removed > 0 {
+            tracing::info!(removed, "credentials files of ended builds removed");
+        }
         Ok(node)
     }
 
@@ -340,27 +352,15 @@ impl Node {
         key: String,
         mut signals: mpsc::Receiver<Signal>,
     ) -> (Outcome, Option<i32>) {
-        let params = match row
-            .request
-            .to_params(&row.id, &self.config.callback_url, self.limits())
-        {
-            Ok(p) => p,
-            Err(e) => {
-                return (
-                    Outcome::Internal(format!("the stored request is no longer valid: {e}")),
-                    None,
-                )
-            }
+        let (params, secrets) = match self.launch_inputs(row, key) {
+            Ok(inputs) => inputs,
+            Err(message) => return (Outcome::Internal(message), None),
         };
         let console_log = self.config.log_path(&row.id);
         let spec = LaunchSpec {
             build_id: row.id.clone(),
             params,
-            secrets: Secrets {
-                s3: self.s3.clone(),
-                webhook_secret: Some(key),
-                ..Secrets::default()
-            },
+            secrets,
             vcpus: row.vcpus,
             mem_mib: row.mem_mib,
             disk_gib: row.request.disk_gib,
@@ -424,6 +424,48 @@ impl Node {
         let code = exit.as_ref().and_then(|e| e.code);
         self.metrics.observe_vmm_exit(code);
         (outcome, code)
+    }
+
+    /// The VM's parameters and secrets: the node's S3 credentials and the build's key, the
+    /// build's credentials from its file, and its build args when they do not fit the kernel
+    /// command line.
+    fn launch_inputs(&self, row: &BuildRow, key: String) -> Result<(BuildParams, Secrets), String> {
+        let mut params = row
+            .request
+            .to_params(&row.id, &self.config.callback_url, self.limits())
+            .map_err(|e| format!("the stored request is no longer valid: {e}"))?;
+        let mut secrets = Secrets {
+            s3: self.s3.clone(),
+            webhook_secret: Some(key),
+            ..Secrets::default()
+        };
+        if !row.credentials.is_empty() {
+            match self.credentials.read(&row.id) {
+                Ok(Some(credentials)) => credentials.add_to(&mut secrets),
+                Ok(None) => {
+                    return Err(format!(
+                        "the build's credentials are not on node {} any more (its credentials \
+                         file is gone)",
+                        self.config.node_id
+                    ))
+                }
+                Err(e) => return Err(crate::error_chain(&e)),
+            }
+        }
+        let base = cmdline_budget_base(self.launcher.boot_args());
+        let (_, overflow) = params
+            .split_kernel_cmdline(&base)
+            .map_err(|e| format!("the build parameters do not fit the kernel command line: {e}"))?;
+        if let Some(overflow) = overflow {
+            tracing::info!(
+                build_id = row.id,
+                build_args = overflow.as_map().len(),
+                "the build args do not fit the kernel command line: they go on the config drive"
+            );
+            params.build_args = BuildArgs::default();
+            secrets.build_args = Some(overflow);
+        }
+        Ok((params, secrets))
     }
 
     /// Waits for the first of: report, VM exit, timeout, cancel. Returns the VM's exit if it
@@ -490,7 +532,9 @@ impl Node {
         vm.wait().await.ok()
     }
 
-    /// Writes the terminal state (if the build is not terminal yet) and sends the webhook.
+    /// Writes the terminal state (if the build is not terminal yet), removes the build's
+    /// credentials file and sends the webhook. The console tail and the error message are
+    /// scrubbed of the credential values first.
     pub async fn finish(
         self: &Arc<Self>,
         row: &BuildRow,
@@ -498,7 +542,21 @@ impl Node {
         outcome: Outcome,
         exit_code: Option<i32>,
     ) -> Result<bool, DbError> {
-        let tail = read_tail(&self.config.log_path(&row.id)).await;
+        let has_credentials = !row.credentials.is_empty();
+        let credentials = match has_credentials.then(|| self.credentials.read(&row.id)) {
+            None => Credentials::default(),
+            Some(Ok(c)) => c.unwrap_or_default(),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    build_id = row.id,
+                    error = crate::error_chain(&e),
+                    "cannot read the credentials file: the console tail is stored unscrubbed"
+                );
+                Credentials::default()
+            }
+        };
+        let values = credentials.values();
+        let tail = scrub(&read_tail(&self.config.log_path(&row.id)).await, &values);
         let current = self.db.get(&row.id).await?;
         let phase = current
             .as_ref()
@@ -517,7 +575,7 @@ impl Node {
                 format!("{message}\n--- console log tail ---\n{tail}")
             }
         };
-        let (to, report, detail) = match outcome {
+        let (to, mut report, detail) = match outcome {
             Outcome::Report(r) => {
                 let to = match r.status {
                     BuildStatus::Succeeded => BuildState::Succeeded,
@@ -558,6 +616,9 @@ impl Node {
                 message,
             ),
         };
+        if let Some(error) = report.error.as_mut() {
+            error.message = scrub(&error.message, &values);
+        }
         for p in &report.phases {
             self.metrics.observe_phase(p.phase, p.duration_ms);
         }
@@ -593,6 +654,16 @@ impl Node {
         else {
             return Ok(false);
         };
+        if let Err(e) = has_credentials
+            .then(|| self.credentials.remove(&row.id))
+            .transpose()
+        {
+            tracing::error!(
+                build_id = row.id,
+                error = crate::error_chain(&e),
+                "cannot remove the credentials file of an ended build; the sweep retries"
+            );
+        }
         if t.row.notify_url.is_some() {
             let node = self.clone();
             tokio::spawn(async move { node.deliver(t.row).await });
@@ -609,7 +680,7 @@ impl Node {
             revision: row.revision.clone(),
             commit_sha: None,
             image_digest: None,
-            inputs: None,
+            inputs: Some(row.request.inputs(&row.credentials)),
             rootfs: None,
             error: Some(error),
             phases: vec![],

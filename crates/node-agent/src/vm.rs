@@ -15,6 +15,18 @@ use serde::{Deserialize, Serialize};
 /// checked against the command-line limit with these in front.
 pub const BASE_BOOT_ARGS: &str = builder_vmm::DEFAULT_BOOT_ARGS;
 
+/// Room kept on the kernel command line for what the VMM layer adds after the boot arguments:
+/// the guest's `ip=` (at most 95 bytes with two resolvers) and, under QEMU/TCG,
+/// `tsc_early_khz=`.
+pub const VMM_ADDED_ARGS_BYTES: usize = 128;
+
+/// `boot_args` followed by a placeholder as long as [`VMM_ADDED_ARGS_BYTES`]: the base a build's
+/// parameters are measured against ([`builder_contract::BuildParams::split_kernel_cmdline`]), so
+/// what the VMM layer adds cannot push them over the limit.
+pub fn cmdline_budget_base(boot_args: &str) -> String {
+    format!("{boot_args} {}", "x".repeat(VMM_ADDED_ARGS_BYTES - 1))
+}
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +63,8 @@ pub enum VmError {
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub build_id: String,
-    /// Goes on the kernel command line (after [`BASE_BOOT_ARGS`]).
+    /// Goes on the kernel command line (after [`Launcher::boot_args`]); without build args when
+    /// they did not fit, which are then in `secrets.build_args`.
     pub params: BuildParams,
     /// Goes on the read-only config drive, never on the command line.
     pub secrets: Secrets,
@@ -110,6 +123,11 @@ impl Check {
 /// Starts builder VMs on this host.
 pub trait Launcher: Send + Sync {
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>>;
+    /// The kernel arguments before the build parameters (the VMM layer then adds up to
+    /// [`VMM_ADDED_ARGS_BYTES`]); build args that do not fit after them go to the config drive.
+    fn boot_args(&self) -> &str {
+        BASE_BOOT_ARGS
+    }
     /// Removes what a crashed previous run left (VMs, TAPs, netns, cgroups, work dirs) and says
     /// how many things it removed.
     fn reclaim(&self) -> BoxFuture<'_, Result<u64, VmError>>;

@@ -231,6 +231,10 @@ impl VmmLauncher {
 }
 
 impl Launcher for VmmLauncher {
+    fn boot_args(&self) -> &str {
+        &self.boot_args
+    }
+
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>> {
         Box::pin(async move {
             let Some(slot) = self.take_slot() else {

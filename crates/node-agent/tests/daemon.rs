@@ -483,6 +483,8 @@ async fn restart_fails_running_builds_requeues_starting_ones_and_counts_reclaime
         db.insert(&NewBuild {
             id: id.clone(),
             request: request.clone(),
+            credentials: Default::default(),
+            pinned_node: None,
             requester: "t".into(),
             revision: "main".into(),
             timeout_s: 600,
