@@ -21,7 +21,7 @@ use builder_contract::{BuildInputs, BuildReport};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::credentials::{CredentialError, CredentialNames};
+use crate::credentials::{scrub, CredentialError, CredentialNames};
 use crate::db::{BuildRow, DbError, EventRow, NewBuild};
 use crate::metrics::Snapshot;
 use crate::model::{BuildRequest, BuildState, RequestError};
@@ -190,6 +190,37 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::BadJson(e.to_string()))
 }
 
+/// A build request; serde's message about a value of the wrong shape quotes the value, so any
+/// value under a credential field is replaced by `***` in it.
+fn parse_build_request(bytes: &[u8]) -> ApiResult<BuildRequest> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let mut values = Vec::new();
+        if let Ok(body) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            for field in ["secrets", "git_token", "registry_auths"] {
+                if let Some(value) = body.get(field) {
+                    scalars(value, &mut values);
+                }
+            }
+        }
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        ApiError::BadJson(scrub(&e.to_string(), &values))
+    })
+}
+
+/// Every string and number in `value`, as it is and as serde quotes it (escaped).
+fn scalars(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) => {
+            out.push(s.clone());
+            out.push(format!("{s:?}"));
+        }
+        serde_json::Value::Number(n) => out.push(n.to_string()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| scalars(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| scalars(v, out)),
+        serde_json::Value::Bool(_) | serde_json::Value::Null => {}
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Submitted {
     pub id: String,
@@ -205,7 +236,7 @@ async fn submit(
     if node.is_draining() {
         return Err(ApiError::Draining);
     }
-    let mut request: BuildRequest = parse_json(&bytes)?;
+    let mut request = parse_build_request(&bytes)?;
     let id = crate::new_build_id();
     let params = request.to_params(&id, &node.config.callback_url, node.limits())?;
     let credentials = request.take_credentials();

@@ -330,6 +330,21 @@ async fn bad_build_inputs_and_credentials_are_refused_naming_the_field() {
         assert!(v["error"].as_str().unwrap().contains(words), "{v}");
         assert_no_value("a 400 answer", &v.to_string());
     }
+    // A value of the wrong shape is not quoted back either.
+    for extra in [
+        json!({"registry_auths": {"r.example": REGISTRY_PASSWORD}}),
+        json!({"secrets": {"npm": [SECRET_VALUE]}}),
+        json!({"git_token": {"t": GIT_TOKEN}}),
+    ] {
+        let mut body = base();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, v) = api.post("/v1/builds", &body).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("invalid type"), "{v}");
+        assert_no_value("a 400 answer", &v.to_string());
+    }
     let (_, list) = api.get("/v1/builds").await;
     assert_eq!(list["builds"], json!([]), "nothing was stored");
     assert_eq!(
