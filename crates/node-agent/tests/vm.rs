@@ -6,7 +6,9 @@
 //! Guests: the project's kernel (`build/vms/vmlinux`, or `NODE_AGENT_TEST_KERNEL`) with a root
 //! disk that is not a filesystem panics at once and QEMU exits (the stub VM); with the builder
 //! image (`build/vms/builder-rootfs.ext4`, or `NODE_AGENT_TEST_ROOTFS`) and a repo on an
-//! unroutable address it runs until stopped.
+//! unroutable address it runs until stopped. The builder image's own agent also reports
+//! through its veth, once with build args too long for the kernel command line and build
+//! credentials, which it takes from its config drive.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -412,4 +414,85 @@ fn a_real_guest_reports_through_its_veth_with_its_own_key() {
     );
     assert_eq!(d.leftovers(), Vec::<String>::new());
     d.sigterm();
+}
+
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn a_real_guest_takes_oversized_build_args_and_credentials_from_its_config_drive() {
+    const SECRET: &str = "npm-SECRET-in-a-real-vm-41d2";
+    const TOKEN: &str = "ghp-TOKEN-in-a-real-vm-9c3e";
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &format!("inputs-{}", std::process::id()),
+        &builder_rootfs(),
+        free_port(),
+        2,
+    );
+    // Too long for the kernel command line: the node puts the build args on the config drive
+    // and the guest merges them back; it then fails in `clone` (no DNS) and reports its inputs.
+    let big = "v".repeat(2500);
+    let id = d.submit(json!({
+        "repo_url": "https://nonexistent.invalid/repo.git", "vcpus": 2, "mem_mib": 2048,
+        "timeout_s": 300, "target": "prod", "build_args": {"BIG": big, "SMALL": "1"},
+        "secrets": {"npm": SECRET}, "git_token": TOKEN,
+    }));
+    let b = d.wait(
+        &id,
+        |b| {
+            ["succeeded", "failed", "timed_out", "cancelled"]
+                .contains(&b["state"].as_str().unwrap_or(""))
+        },
+        Duration::from_secs(300),
+    );
+    assert_eq!(b["state"], "failed", "{b}");
+    assert_eq!(
+        (&b["error"]["class"], &b["error"]["phase"]),
+        (&json!("user"), &json!("clone")),
+        "{b}"
+    );
+    let inputs = &b["inputs"];
+    assert_eq!(inputs["target"], "prod", "{b}");
+    assert_eq!(inputs["build_args"]["BIG"], big.as_str(), "{b}");
+    assert_eq!(inputs["build_args"]["SMALL"], "1", "{b}");
+    assert_eq!(inputs["secret_ids"], json!(["npm"]), "{b}");
+    assert!(!dir
+        .path()
+        .join("credentials")
+        .join(format!("{id}.json"))
+        .exists());
+    let console = std::fs::read_to_string(d.work.join("logs").join(format!("{id}.log"))).unwrap();
+    let daemon_log = std::fs::read_to_string(d.work.join("daemon.log")).unwrap();
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    d.sigterm();
+    let mut database = Vec::new();
+    for suffix in ["", "-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.path().join(format!("node-agent.db{suffix}"))) {
+            database.extend(bytes);
+        }
+    }
+    let database = String::from_utf8_lossy(&database);
+    // The inputs are the guest's own account (its report), not the node's copy of the request.
+    let url = format!("sqlite://{}/node-agent.db", dir.path().display());
+    let row = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { node_agent::db::Db::open(&url).await?.get(&id).await })
+        .unwrap()
+        .unwrap();
+    let report: builder_contract::BuildReport =
+        serde_json::from_str(row.report.as_deref().unwrap()).unwrap();
+    let reported = report.inputs.expect("the guest reports its inputs");
+    assert_eq!(reported.build_args["BIG"], big);
+    assert_eq!(reported.secret_ids, ["npm"]);
+    for (what, text) in [
+        ("the console log", console.as_str()),
+        ("the node's log", daemon_log.as_str()),
+        ("the database", &database),
+        ("the API answer", &b.to_string()),
+    ] {
+        assert!(
+            !text.contains(SECRET) && !text.contains(TOKEN),
+            "{what} holds a credential value"
+        );
+    }
 }
