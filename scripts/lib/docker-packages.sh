@@ -9,7 +9,8 @@
 #   - Debian 12's docker.io is 20.10: classic builder, no buildx. builder-agent drives
 #     `docker buildx build` (BuildKit, docker driver), which needs the buildx plugin and a
 #     dockerd with BuildKit's current frontend features (heredocs, RUN --mount, COPY --link).
-#   - Debian 13's docker.io, docker-cli, docker-buildx and containerd need only libc6 >= 2.34,
+#   - Everything Debian 13's docker.io, docker-cli, docker-buildx and containerd depend on is
+#     satisfied by Debian 12 (libc6 >= 2.34, sysvinit-utils >= 3.05-4, iptables, tini, runc),
 #     so they install on Debian 12 as they are. Its runc needs glibc 2.38 (Debian 12 has 2.36):
 #     runc stays Debian 12's, which containerd 1.7 and dockerd 26 accept.
 #   - The trixie source is pinned to priority 100 (below the base's 500): apt takes a package
