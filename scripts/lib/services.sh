@@ -400,8 +400,8 @@ bt_private_git_auth_header() {
 	printf 'Authorization: Basic %s' "$(printf 'builder-test:%s' "$BT_PRIVATE_GIT_TOKEN" | base64 -w0)"
 }
 
-# Ready: an authenticated request is answered (200 even with no repository: 404 would do too,
-# what matters is that the token is accepted, so anything but 401 and no answer).
+# Ready: a request with the token gets an HTTP answer other than 401 (for this probe path, 404:
+# there is no such repository).
 bt_git_http_ready() {
 	local code
 	code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -H "$(bt_private_git_auth_header)" \
