@@ -521,6 +521,28 @@ async fn pg_a_build_with_credentials_runs_only_on_the_node_that_accepted_it() {
     assert_eq!(p["state"], "queued", "{p}");
     assert_eq!(p["pinned_node"], "node-a");
     assert!(lb.spec(&pinned).is_none());
+    // A queued one cancelled through B ends there; A's sweep removes A's file of it.
+    let doomed = api_a.submit(request_with_credentials(None)).await;
+    let doomed_file = dir_a
+        .path()
+        .join("credentials")
+        .join(format!("{doomed}.json"));
+    assert!(doomed_file.exists());
+    let (status, v) = api_b
+        .post(&format!("/v1/builds/{doomed}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (202, Some("cancelled")),
+        "{v}"
+    );
+    // B had no file to remove; A's sweep (this one, or its own every 10 s) removes A's.
+    a.node
+        .credentials
+        .sweep(&a.node.db, SECS(60))
+        .await
+        .unwrap();
+    assert!(!doomed_file.exists());
     // Once A has room it runs it, with the values from its own file.
     *la.script.lock().unwrap() = "sleep 0.05".into();
     api_b
