@@ -30,6 +30,8 @@
 # port of the host a VM may reach, where it also posts its report). `FROM`
 # images come from the rootfs: the busybox base image of the test dockerd is baked in with
 # PRELOAD_IMAGES (build-builder-vm.sh only redoes that step and the image when it changed).
+# The VM's name server is the outside namespace's address, where none answers: a lookup the
+# build makes (a `# syntax=` frontend's registry) fails there, never leaving this machine.
 #
 # After the run it checks that no netns, veth, iptables rule, VMM process, VM work dir or
 # uploaded source of this node is left, and tears down its own namespace and services (also on failure).
@@ -264,6 +266,7 @@ spawn node-agent "$node_agent" serve --work-dir "$work/node" --listen "0.0.0.0:$
 	--node-id "$node_id" --capacity-vcpus 1 --capacity-mem-mib 2048 --vmm "$VMM" \
 	--kernel build/vms/vmlinux --rootfs build/vms/builder-rootfs.ext4 --vm-network "$vm_network" \
 	--s3-credentials-file "$work/s3-credentials.json" --notify-secret-file "$work/notify-secret" \
+	--vm-dns "$out_addr" \
 	--grace-period-s 5
 wait_for 30 "node-agent" curl -sf "http://127.0.0.1:$api_port/healthz"
 curl -sf "http://127.0.0.1:$api_port/readyz" >"$work/readyz.json" ||

@@ -3,7 +3,7 @@
 //! the keys it sets. Computed defaults (capacity, database URL, files under the work dir) are
 //! filled in last, from the host and the merged work dir.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +71,7 @@ struct Layered {
     rootfs: PathBuf,
     boot_args: Option<String>,
     vm_network: String,
+    vm_dns: Option<Vec<Ipv4Addr>>,
     jailer_uid: u32,
     jailer_gid: u32,
     grace_period_s: u64,
@@ -149,6 +150,11 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_VM_NETWORK")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_network: Option<String>,
+    /// Name servers the builder VMs use, comma-separated IPv4 addresses (default: the host's
+    /// own from /etc/resolv.conf, leaving out loopback ones a VM cannot reach).
+    #[arg(long, env = "NODE_AGENT_VM_DNS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_dns: Option<Vec<Ipv4Addr>>,
     /// uid the jailer runs Firecracker as.
     #[arg(long, env = "NODE_AGENT_JAILER_UID")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +207,8 @@ pub struct Config {
     pub rootfs: PathBuf,
     pub boot_args: Option<String>,
     pub vm_network: builder_vmm::AddressPool,
+    /// Name servers given to each VM.
+    pub vm_dns: Vec<Ipv4Addr>,
     pub jailer_uid: u32,
     pub jailer_gid: u32,
     pub grace_period_s: u64,
@@ -291,6 +299,7 @@ impl Config {
             rootfs: l.rootfs,
             boot_args: l.boot_args,
             vm_network: parse_pool(&l.vm_network)?,
+            vm_dns: l.vm_dns.unwrap_or_else(host_resolvers),
             jailer_uid: l.jailer_uid,
             jailer_gid: l.jailer_gid,
             grace_period_s: l.grace_period_s,
@@ -322,6 +331,18 @@ impl Config {
     pub fn vms_dir(&self) -> PathBuf {
         self.work_dir.join("vms")
     }
+}
+
+/// IPv4 resolvers of the host that a guest can reach through NAT (not loopback).
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .take(2)
+        .collect()
 }
 
 fn parse_pool(value: &str) -> Result<builder_vmm::AddressPool, ConfigError> {

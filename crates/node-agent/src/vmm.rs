@@ -110,22 +110,10 @@ pub fn launcher(config: &Config) -> Result<Arc<dyn Launcher>, SetupError> {
         id_prefix: format!("{}-", &hex::encode(digest)[..8]),
         pool,
         slots: Arc::default(),
-        dns: host_resolvers(),
+        dns: config.vm_dns.clone(),
         kind: config.vmm,
         boot_args: boot_args(config)?,
     }))
-}
-
-/// IPv4 resolvers of the host that a guest can reach through NAT (not loopback).
-fn host_resolvers() -> Vec<Ipv4Addr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .filter(|a| !a.is_loopback())
-        .take(2)
-        .collect()
 }
 
 fn boxed(build_id: &str, e: impl std::error::Error + Send + Sync + 'static) -> VmError {
