@@ -252,6 +252,7 @@ impl Db {
         } else {
             Dialect::Sqlite
         };
+        let url = &sqlite_url_creating(url);
         if dialect == Dialect::Sqlite {
             if let Some(parent) = url
                 .strip_prefix("sqlite://")
@@ -327,8 +328,8 @@ impl Db {
         .bind(&b.request.repo_url)
         .bind(&b.revision)
         .bind(b.request.notify_url.clone())
-        .bind(i64::from(b.request.vcpus))
-        .bind(b.request.mem_mib as i64)
+        .bind(i64::from(b.request.resources().0))
+        .bind(b.request.resources().1 as i64)
         .bind(b.timeout_s as i64)
         .bind(if b.request.notify_url.is_some() {
             "waiting"
@@ -678,6 +679,30 @@ async fn insert_event(
     Ok(())
 }
 
+/// A SQLite URL that creates its file when missing: `mode=rwc` is added to one that names no
+/// `mode` (sqlx opens an existing file only, `mode=rw`, by default), keeping its other query
+/// parameters. Other URLs, in-memory databases and an explicit `mode` are left as they are.
+pub fn sqlite_url_creating(url: &str) -> String {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return url.to_string();
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    };
+    let path = path.trim_start_matches("//");
+    let has_mode = query
+        .is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(key, _)| key == "mode"));
+    if path.is_empty() || path == ":memory:" || has_mode {
+        return url.to_string();
+    }
+    match query {
+        Some("") => format!("{url}mode=rwc"),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    }
+}
+
 /// The URL without its password, for error messages.
 fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -692,6 +717,62 @@ fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sqlite_url_without_a_mode_creates_its_file() {
+        for (url, want) in [
+            ("sqlite:///var/x.db", "sqlite:///var/x.db?mode=rwc"),
+            ("sqlite://x.db", "sqlite://x.db?mode=rwc"),
+            ("sqlite:x.db", "sqlite:x.db?mode=rwc"),
+            ("sqlite:///x.db?", "sqlite:///x.db?mode=rwc"),
+            (
+                "sqlite:///x.db?cache=shared",
+                "sqlite:///x.db?cache=shared&mode=rwc",
+            ),
+            ("sqlite:///x.db?mode=ro", "sqlite:///x.db?mode=ro"),
+            (
+                "sqlite:///x.db?cache=private&mode=rw",
+                "sqlite:///x.db?cache=private&mode=rw",
+            ),
+            ("sqlite:///x.db?mode=rwc", "sqlite:///x.db?mode=rwc"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("sqlite://:memory:", "sqlite://:memory:"),
+            ("sqlite://?mode=memory", "sqlite://?mode=memory"),
+            ("postgres://u:p@h/db", "postgres://u:p@h/db"),
+            (
+                "postgresql://h/db?sslmode=disable",
+                "postgresql://h/db?sslmode=disable",
+            ),
+        ] {
+            assert_eq!(sqlite_url_creating(url), want, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_sqlite_file_is_created_through_a_url_without_a_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub/new.db");
+        for url in [
+            format!("sqlite://{}", file.display()),
+            format!(
+                "sqlite://{}?cache=private",
+                dir.path().join("other.db").display()
+            ),
+        ] {
+            let db = Db::open(&url).await.unwrap();
+            db.ping().await.unwrap();
+        }
+        assert!(file.is_file());
+        assert!(dir.path().join("other.db").is_file());
+        // An explicit mode is kept: `rw` opens an existing file only.
+        let missing = dir.path().join("missing.db");
+        let err = Db::open(&format!("sqlite://{}?mode=rw", missing.display()))
+            .await
+            .err()
+            .expect("mode=rw does not create a file");
+        assert!(matches!(err, DbError::Connect { .. }), "{err}");
+        assert!(!missing.exists());
+    }
 
     #[tokio::test]
     async fn sqlite_commits_through_a_write_ahead_log() {

@@ -90,10 +90,12 @@ struct SubmitArgs {
     s3_key: Option<String>,
     #[arg(long)]
     notify_url: Option<String>,
-    #[arg(long, default_value_t = 2)]
-    vcpus: u32,
-    #[arg(long, default_value_t = 2048)]
-    mem_mib: u64,
+    /// Default: 2, or the node's capacity when that is smaller.
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Default: 2048, or the node's capacity when that is smaller.
+    #[arg(long)]
+    mem_mib: Option<u64>,
     #[arg(long, default_value_t = 4)]
     disk_gib: u32,
     #[arg(long)]

@@ -123,10 +123,13 @@ pub struct BuildRequest {
     /// Where the one final webhook goes, signed with the node's notify secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify_url: Option<String>,
-    #[serde(default = "default_vcpus")]
-    pub vcpus: u32,
-    #[serde(default = "default_mem_mib")]
-    pub mem_mib: u64,
+    /// Default: [`DEFAULT_VCPUS`], or the node's `capacity_vcpus` when that is smaller; the
+    /// node fills it in when it accepts the request ([`BuildRequest::resolve_resources`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Default: [`DEFAULT_MEM_MIB`], or the node's `capacity_mem_mib` when that is smaller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_mib: Option<u64>,
     #[serde(default = "default_disk_gib")]
     pub disk_gib: u32,
     /// Default: the node's `default_timeout_s`.
@@ -140,12 +143,10 @@ pub struct BuildRequest {
     pub requester: Option<String>,
 }
 
-fn default_vcpus() -> u32 {
-    2
-}
-fn default_mem_mib() -> u64 {
-    2048
-}
+/// A build's vCPUs when its request gives none and the node has as many.
+pub const DEFAULT_VCPUS: u32 = 2;
+/// A build's memory when its request gives none and the node has as much.
+pub const DEFAULT_MEM_MIB: u64 = 2048;
 fn default_disk_gib() -> u32 {
     4
 }
@@ -175,6 +176,18 @@ pub struct Limits {
     pub max_mem_mib: u64,
 }
 
+impl Limits {
+    /// The vCPUs and memory of a build that gives `vcpus` / `mem_mib`, or not: a value given is
+    /// kept (and checked by [`BuildRequest::to_params`]), one left out is the default clamped to
+    /// this node's capacity, so a request without them fits an empty node of any size.
+    pub fn resources(&self, vcpus: Option<u32>, mem_mib: Option<u64>) -> (u32, u64) {
+        (
+            vcpus.unwrap_or(DEFAULT_VCPUS.min(self.max_vcpus)),
+            mem_mib.unwrap_or(DEFAULT_MEM_MIB.min(self.max_mem_mib)),
+        )
+    }
+}
+
 const MAX_TIMEOUT_S: u64 = 24 * 3600;
 /// The longest registry user name and git user name accepted.
 const MAX_USERNAME_BYTES: usize = 256;
@@ -182,6 +195,23 @@ const MAX_DISK_GIB: u32 = 1024;
 const MIN_MEM_MIB: u64 = 256;
 
 impl BuildRequest {
+    /// Fills in `vcpus` and `mem_mib` when the request leaves them out ([`Limits::resources`]),
+    /// so what is stored, scheduled and shown is what the build gets.
+    pub fn resolve_resources(&mut self, limits: Limits) {
+        let (vcpus, mem_mib) = limits.resources(self.vcpus, self.mem_mib);
+        self.vcpus = Some(vcpus);
+        self.mem_mib = Some(mem_mib);
+    }
+
+    /// The build's vCPUs and memory after [`BuildRequest::resolve_resources`]; before it, the
+    /// defaults unclamped.
+    pub fn resources(&self) -> (u32, u64) {
+        (
+            self.vcpus.unwrap_or(DEFAULT_VCPUS),
+            self.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
+        )
+    }
+
     /// The guest's parameters for this request, parsed by the contract's own parser so a client
     /// gets the same errors the guest would give. `notify_url` is the node agent's callback (the
     /// requester's URL is only checked here and kept in the database).
@@ -235,13 +265,14 @@ impl BuildRequest {
             rule.parse::<builder_vmm::EgressRule>()
                 .map_err(|e| field("egress_allow", e.to_string()))?;
         }
-        if self.vcpus == 0 || self.vcpus > limits.max_vcpus {
+        let (vcpus, mem_mib) = limits.resources(self.vcpus, self.mem_mib);
+        if vcpus == 0 || vcpus > limits.max_vcpus {
             return Err(field(
                 "vcpus",
                 format!("must be 1 to {} (this node's capacity)", limits.max_vcpus),
             ));
         }
-        if self.mem_mib < MIN_MEM_MIB || self.mem_mib > limits.max_mem_mib {
+        if !(MIN_MEM_MIB..=limits.max_mem_mib).contains(&mem_mib) {
             return Err(field(
                 "mem_mib",
                 format!(
@@ -415,6 +446,48 @@ mod tests {
         ] {
             let err = request(json).to_params("b1", &base, LIMITS).unwrap_err();
             assert_eq!(err.field(), Some(field), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn resources_left_out_fit_the_node_and_resources_given_are_checked() {
+        let base = Url::parse("http://10.0.0.1:7070").unwrap();
+        let small = Limits {
+            max_vcpus: 1,
+            max_mem_mib: 1024,
+        };
+        let mut left_out = request(r#"{"repo_url":"https://g.example/r","ref":"m"}"#);
+        left_out.to_params("b1", &base, small).unwrap();
+        left_out.resolve_resources(small);
+        assert_eq!((left_out.vcpus, left_out.mem_mib), (Some(1), Some(1024)));
+        assert_eq!(left_out.resources(), (1, 1024));
+        let stored = serde_json::to_value(&left_out).unwrap();
+        assert_eq!(
+            (&stored["vcpus"], &stored["mem_mib"]),
+            (&1.into(), &1024.into())
+        );
+
+        // A node with room gets the defaults, not its whole capacity.
+        let mut roomy = request(r#"{"repo_url":"https://g.example/r","ref":"m"}"#);
+        roomy.resolve_resources(LIMITS);
+        assert_eq!(roomy.resources(), (DEFAULT_VCPUS, DEFAULT_MEM_MIB));
+        // Given values are kept as they are.
+        let mut given =
+            request(r#"{"repo_url":"https://g.example/r","ref":"m","vcpus":3,"mem_mib":300}"#);
+        given.resolve_resources(LIMITS);
+        assert_eq!(given.resources(), (3, 300));
+
+        // ... and one above the capacity is refused, naming its field.
+        for (json, field) in [
+            (r#""vcpus":2"#, "vcpus"),
+            (r#""vcpus":0"#, "vcpus"),
+            (r#""mem_mib":2048"#, "mem_mib"),
+            (r#""vcpus":1,"mem_mib":1025"#, "mem_mib"),
+        ] {
+            let json = format!(r#"{{"repo_url":"https://g.example/r","ref":"m",{json}}}"#);
+            let err = request(&json).to_params("b1", &base, small).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{json}: {err}");
+            assert!(err.to_string().contains("this node's capacity"), "{err}");
         }
     }
 

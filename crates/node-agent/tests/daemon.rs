@@ -688,3 +688,61 @@ async fn pg_two_daemons_share_one_queue_without_running_a_build_twice() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A SQLite URL without `mode` creates its file, and a request without `vcpus`/`mem_mib` on a
+/// node smaller than the defaults gets them clamped to the node (what is stored, shown and
+/// launched), while an explicit value above the capacity is still refused.
+#[tokio::test]
+async fn a_new_sqlite_file_and_defaults_that_fit_a_small_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_file = dir.path().join("db/new.db");
+    let launcher = ScriptLauncher::new("sleep 30");
+    let d = common::start(
+        &dir.path().join("work"),
+        launcher.clone(),
+        Options {
+            database_url: Some(format!("sqlite://{}", db_file.display())),
+            capacity_vcpus: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(db_file.is_file(), "{} was not created", db_file.display());
+    let api = d.client();
+    let (status, v) = api
+        .post(
+            "/v1/builds",
+            &json!({"repo_url": "https://git.example/app.git", "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let b = api.wait_state(&id, "running", SECS(20)).await;
+    assert_eq!(
+        (&b["vcpus"], &b["mem_mib"]),
+        (&json!(1), &json!(2048)),
+        "{b}"
+    );
+    let spec = launcher.spec(&id).unwrap();
+    assert_eq!((spec.vcpus, spec.mem_mib), (1, 2048));
+    let row = d.node.db.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.request.vcpus, row.request.mem_mib),
+        (Some(1), Some(2048))
+    );
+
+    let (status, v) = api
+        .post(
+            "/v1/builds",
+            &json!({"repo_url": "https://git.example/app.git", "ref": "main", "vcpus": 2}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["field"], "vcpus", "{v}");
+    let (status, _) = api
+        .post(&format!("/v1/builds/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(api.wait_terminal(&id, SECS(20)).await["state"], "cancelled");
+    d.stop().await;
+}
