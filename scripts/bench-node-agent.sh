@@ -12,18 +12,27 @@
 # <= 10), and where admission goes: claim_median_ms (queue and claim in the database), then
 # vm_disks/network/spawn_median_ms (the VMM layer's start, from the daemon's log).
 #
-# Needs root (VM network namespaces), qemu-system-x86_64, wrk, curl, jq and build/vms/vmlinux.
+# Runs as root (VM network namespaces); installs what is missing (qemu-system-x86, wrk, curl,
+# jq, nftables, iptables; Rust with rustup) and builds build/vms/vmlinux with
+# scripts/build-kernel.sh when it is not there (cached under /var/cache/builder-vm).
 # Knobs (environment): BENCH_BUILDS (50)  BENCH_RATE (500)  BENCH_CONNECTIONS (10)
 #   BENCH_SECONDS (20)  PROFILE (release; or debug)  BENCH_KERNEL (build/vms/vmlinux)
 #   BUILDER_VMM_ACCEL (tcg where KVM is nested)
 set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "bench-node-agent: run as root (VM network namespaces)" >&2; exit 1; }
-for tool in wrk curl jq qemu-system-x86_64; do
-    command -v "$tool" >/dev/null || { echo "bench-node-agent: $tool is not installed" >&2; exit 1; }
-done
-
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib/services.sh
+source "$repo/scripts/lib/services.sh"
+# shellcheck source=scripts/lib/toolchain.sh
+source "$repo/scripts/lib/toolchain.sh"
+export PATH=$PATH:/usr/sbin:/sbin
+bt_ensure_commands wrk=wrk curl=curl jq=jq qemu-system-x86_64=qemu-system-x86 ip=iproute2 \
+    nft=nftables iptables-restore=iptables
+for tool in wrk curl jq qemu-system-x86_64; do
+    command -v "$tool" >/dev/null || { echo "bench-node-agent: $tool is not installed and could not be installed" >&2; exit 1; }
+done
+bt_ensure_rust
 builds=${BENCH_BUILDS:-50}
 rate=${BENCH_RATE:-500}
 connections=${BENCH_CONNECTIONS:-10}
@@ -31,6 +40,10 @@ seconds=${BENCH_SECONDS:-20}
 profile=${PROFILE:-release}
 kernel=${BENCH_KERNEL:-$repo/build/vms/vmlinux}
 export BUILDER_VMM_ACCEL=${BUILDER_VMM_ACCEL:-tcg}
+if [ ! -f "$kernel" ] && [ -z "${BENCH_KERNEL:-}" ]; then
+    bt_ensure_kernel_deps
+    "$repo/scripts/build-kernel.sh" "$kernel"
+fi
 [ -f "$kernel" ] || { echo "bench-node-agent: no guest kernel at $kernel (scripts/build-kernel.sh)" >&2; exit 1; }
 
 log() { echo "bench-node-agent: $*" >&2; }

@@ -17,7 +17,10 @@
 #   ratio_vs_best_baseline=ours/min(export_tar_mkfs,mkfs_loop_export)
 #   ratio_vs_raw_write=ours/raw_write
 #
-# Needs root (loop mount), GNU tar, e2fsprogs, python3. Knobs (environment):
+# Runs as root (loop mounts) and installs what is missing, as scripts/test.sh does: it uses the
+# Docker daemon and base image of the test services (scripts/lib/services.sh), started here when
+# DOCKER_HOST and BUILDER_TEST_BASE_IMAGE are not both set, and stopped on exit when this run
+# started them (running ones are reused and left running). Knobs (environment):
 #   BENCH_DIR (/var/tmp/bench-rootfs)  BENCH_ROUNDS (2)  BENCH_SMALL_FILES (52000)
 #   BENCH_BIG_MIB (1024)  BUILDER_AGENT (target/release/builder-agent, built if missing)
 #   BENCH_KEEP_IMAGE=1 keeps the image (and reuses it next time when the knobs are unchanged).
@@ -25,11 +28,22 @@
 #   without online discard, as a VM's scratch disk would be), isolating the host's mount options.
 set -euo pipefail
 
-: "${DOCKER_HOST:?DOCKER_HOST is not set: start the services (scripts/services.sh start; eval \"\$(scripts/services.sh env)\")}"
-: "${BUILDER_TEST_BASE_IMAGE:?BUILDER_TEST_BASE_IMAGE is not set: see scripts/services.sh}"
 [ "$(id -u)" = 0 ] || { echo "bench-rootfs: run as root (loop mounts)" >&2; exit 1; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib/services.sh
+source "$repo/scripts/lib/services.sh"
+bt_ensure_commands dumpe2fs=e2fsprogs mkfs.ext4=e2fsprogs mountpoint=util-linux python3=python3
+[ -x /usr/bin/time ] || bt_apt_install time
+leased=false
+if [ -z "${DOCKER_HOST:-}" ] || [ -z "${BUILDER_TEST_BASE_IMAGE:-}" ]; then
+	bt_ensure_deps
+	bt_lease_take
+	leased=true
+	trap 'bt_lease_release' EXIT
+	bt_start_all --no-s3
+	eval "$(bt_env)"
+fi
 docker=/usr/bin/docker
 dir=${BENCH_DIR:-/var/tmp/bench-rootfs}
 rounds=${BENCH_ROUNDS:-2}
@@ -44,6 +58,12 @@ now() { date +%s.%N; }
 # Sets $result to the seconds between two `now` values.
 elapsed() { result=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"); }
 
+# Removes every run's outputs; called after each run, outside the timing, followed by sync, so
+# no run pays for freeing the previous one's blocks.
+clean_outputs() {
+	rm -rf "$dir/image.tar" "$dir/ours.ext4" "$dir/ours-save.ext4" "$dir/work" "$dir/extract" "$dir/b.ext4" "$dir/c.ext4" "$dir/raw.bin"
+}
+
 cleanup() {
 	mountpoint -q "$dir/mnt" && umount "$dir/mnt"
 	[ -n "${cid:-}" ] && $docker rm -f "$cid" >/dev/null 2>&1
@@ -52,9 +72,16 @@ cleanup() {
 	rm -rf "$dir/context"
 	if [ -n "${BENCH_FS_GIB:-}" ] && mountpoint -q "$dir"; then umount "$dir" && rm -f "$dir.img"; fi
 }
-trap cleanup EXIT
+finish() {
+	cleanup || true
+	if $leased; then bt_lease_release; fi
+}
+trap finish EXIT
 
 if [ ! -x "$agent" ]; then
+	# shellcheck source=scripts/lib/toolchain.sh
+	source "$repo/scripts/lib/toolchain.sh"
+	bt_ensure_rust
 	log "building $agent"
 	(cd "$repo" && cargo build --release -p builder-agent >&2)
 fi
@@ -114,12 +141,6 @@ log "image: $image_bytes bytes; baseline file systems: $fs_bytes bytes"
 
 mkdir -p "$dir/mnt"
 declare -A runs
-
-# Removes every run's outputs; called after each run, outside the timing, followed by sync, so
-# no run pays for freeing the previous one's blocks.
-clean_outputs() {
-	rm -rf "$dir/image.tar" "$dir/ours.ext4" "$dir/ours-save.ext4" "$dir/work" "$dir/extract" "$dir/b.ext4" "$dir/c.ext4" "$dir/raw.bin"
-}
 
 run_ours() {
 	mkdir -p "$dir/work"

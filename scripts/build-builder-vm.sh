@@ -10,7 +10,7 @@
 # Each step leaves a stamp in build/vms/.stamps/ that records its inputs, so a rerun skips
 # what is already done and redoes only what changed (an interrupted run resumes).
 #
-# Usage: sudo scripts/build-builder-vm.sh [--distro debian] [--suite SUITE]
+# Usage (as root): scripts/build-builder-vm.sh [--distro debian] [--suite SUITE]
 #                                         [--mirror URL] [--disk-size SIZE] [--out DIR]
 # The same settings as environment variables: BUILDER_VM_DISTRO, BUILDER_VM_SUITE,
 # BUILDER_VM_MIRROR, BUILDER_VM_DISK_SIZE, BUILDER_VM_OUT. BUILDER_BIN_DIR names a directory
@@ -104,11 +104,58 @@ preload_dir=usr/share/builder-vm/images
 preload_images=${PRELOAD_IMAGES:-}
 
 # ---- preflight --------------------------------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and image ownership need it): sudo $0"
-command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
-for tool in mkfs.ext4 e2fsck unshare chroot python3 sha256sum bc curl readelf; do
-	command -v "$tool" >/dev/null || die "'$tool' is needed and is not installed"
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and image ownership need it)"
+# What is missing is installed with apt-get, as scripts/test.sh does (bt_apt_install).
+# shellcheck source=scripts/lib/services.sh
+source "$repo_root/scripts/lib/services.sh"
+export PATH=$PATH:/usr/sbin:/sbin
+bt_ensure_commands debootstrap=debootstrap mkfs.ext4=e2fsprogs e2fsck=e2fsprogs unshare=util-linux \
+	chroot=coreutils python3=python3 sha256sum=coreutils bc=bc curl=curl readelf=binutils
+bt_ensure_kernel_deps
+if [ -z "${BUILDER_BIN_DIR:-}" ]; then
+	# shellcheck source=scripts/lib/toolchain.sh
+	source "$repo_root/scripts/lib/toolchain.sh"
+	bt_ensure_rust
+fi
+for tool in debootstrap mkfs.ext4 e2fsck unshare chroot python3 sha256sum bc curl readelf; do
+	command -v "$tool" >/dev/null || die "'$tool' is needed and could not be installed"
 done
+
+# Free space, measured on a Debian 12 build: the root filesystem tree is about 2 GiB, the sparse
+# image about 2.1 GiB allocated (written beside the old one, which goes only once the new one is
+# checked, and redone whenever builder-agent changes), the kernel's source tree and objects in
+# the cache about 1.5 GiB until it has been built once. PRELOAD_IMAGES come on top of this.
+existing_dir() {
+	local dir=$1
+	while [ ! -e "$dir" ]; do dir=$(dirname "$dir"); done
+	echo "$dir"
+}
+mib_free() { df -P -k "$(existing_dir "$1")" | awk 'NR == 2 { print int($4 / 1024) }'; }
+check_space() {
+	local cache_root=${BUILDER_VM_CACHE:-/var/cache/builder-vm} kernel_version
+	local out_need=2150 out_parts="image 2150 MiB" cache_need=0 free
+	# A root filesystem whose packages are installed is reused (redone in place).
+	if [ ! -f "$stamps/packages" ] || [ ! -d "$rootfs" ]; then
+		out_need=$((out_need + 2048)) out_parts="root filesystem 2048 MiB, $out_parts"
+	fi
+	kernel_version=$(dpkg-query -W -f='${Version}' "${KERNEL_SOURCE_PKG:-linux-source-6.1}")
+	if [ ! -f "$cache_root/kernel/src-$kernel_version/vmlinux" ]; then cache_need=1536; fi
+	if [ "$cache_need" -gt 0 ] &&
+		[ "$(stat -c %d "$(existing_dir "$out")")" = "$(stat -c %d "$(existing_dir "$cache_root")")" ]; then
+		out_need=$((out_need + cache_need)) out_parts="$out_parts, kernel build in $cache_root $cache_need MiB"
+		cache_need=0
+	fi
+	free=$(mib_free "$out")
+	[ "$free" -ge "$out_need" ] ||
+		die "not enough free disk space for $out: $out_need MiB are needed ($out_parts), $free MiB are free (free some, or --out DIR elsewhere)"
+	if [ "$cache_need" -gt 0 ]; then
+		free=$(mib_free "$cache_root")
+		[ "$free" -ge "$cache_need" ] ||
+			die "not enough free disk space for the kernel build in $cache_root: $cache_need MiB are needed, $free MiB are free (free some, or BUILDER_VM_CACHE=DIR elsewhere)"
+	fi
+	log "disk space: $out_need MiB needed for $out ($out_parts), $(mib_free "$out") MiB free"
+}
+check_space
 if ! curl -fsS --max-time 20 -o /dev/null "$mirror/dists/$suite/Release"; then
 	die "the mirror $mirror does not serve $distro $suite (cannot fetch $mirror/dists/$suite/Release); pass --mirror URL"
 fi

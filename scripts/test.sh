@@ -16,11 +16,7 @@ bt_ensure_deps
 bt_ensure_rust
 # The guest kernel the VM tests boot, built from Debian's kernel source; scripts/build-kernel.sh
 # caches it by its inputs under /var/cache/builder-vm, so only the first run pays for it.
-kernel_pkgs=()
-for pkg in linux-source-6.1 bc bison flex libelf-dev libssl-dev make binutils; do
-	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || kernel_pkgs+=("$pkg")
-done
-bt_apt_install "${kernel_pkgs[@]}"
+bt_ensure_kernel_deps
 scripts/build-kernel.sh
 bt_lease_take
 trap bt_lease_release EXIT

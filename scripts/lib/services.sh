@@ -95,6 +95,26 @@ bt_apt_install() {
 	apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# Installs, for each COMMAND=PACKAGE, the package when the command is missing (sbin included);
+# cheap when nothing is. For scripts that need a few tools and not the whole test setup.
+bt_ensure_commands() {
+	local pair missing=()
+	for pair in "$@"; do
+		PATH=$PATH:/usr/sbin:/sbin command -v "${pair%%=*}" >/dev/null && continue
+		[[ " ${missing[*]} " == *" ${pair#*=} "* ]] || missing+=("${pair#*=}")
+	done
+	bt_apt_install "${missing[@]}"
+}
+
+# What scripts/build-kernel.sh needs to build the guest kernel from Debian's source package.
+bt_ensure_kernel_deps() {
+	local pkg missing=()
+	for pkg in "${KERNEL_SOURCE_PKG:-linux-source-6.1}" bc bison flex libelf-dev libssl-dev make gcc binutils; do
+		dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+	done
+	bt_apt_install "${missing[@]}"
+}
+
 # Installs whatever the services and the tests need that is missing; cheap when nothing is.
 # Tools the workspace's tests call: e2fsprogs (the rootfs), procps/iptables/nftables (VM networks),
 # qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount;
