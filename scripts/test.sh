@@ -37,6 +37,11 @@ setup_time=$((SECONDS - started)) started=$SECONDS
 
 echo "== cargo build --workspace --all-targets"
 cargo build --workspace --all-targets --locked
+# The code checks CI does not forgive: formatting and every clippy warning.
+echo "== cargo fmt --check, cargo clippy -D warnings"
+bt_ensure_rust_components rustfmt clippy
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 build_time=$((SECONDS - started)) started=$SECONDS
 
 echo "== cargo test --workspace"
@@ -50,7 +55,7 @@ count() { awk -v what="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i +
 echo
 echo "== summary"
 echo "setup  ${setup_time}s (packages, guest kernel, dockerd, SeaweedFS S3, git daemon, base image)"
-echo "build  ${build_time}s"
+echo "build  ${build_time}s (cargo build, fmt --check, clippy -D warnings)"
 echo "tests  ${test_time}s: $(count passed) passed, $(count failed) failed, $(count ignored) ignored (log: $log)"
 if ((status != 0)); then
 	grep -E '^test .* FAILED$|^error: |^    `' "$log" | sed 's/^/  /' || true

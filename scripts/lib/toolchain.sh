@@ -12,3 +12,19 @@ bt_ensure_rust() {
 		bt_die "cannot install Rust: install a toolchain >= the workspace's rust-version with rustup"
 	export PATH=$PATH:$HOME/.cargo/bin
 }
+
+# Installs the rustup components named (rustfmt, clippy) when the toolchain lacks them.
+bt_ensure_rust_components() {
+	local component missing=()
+	for component in "$@"; do
+		case $component in
+		rustfmt) cargo fmt --version >/dev/null 2>&1 || missing+=("$component") ;;
+		clippy) cargo clippy --version >/dev/null 2>&1 || missing+=("$component") ;;
+		*) bt_die "bt_ensure_rust_components: unknown component $component" ;;
+		esac
+	done
+	((${#missing[@]} == 0)) && return 0
+	command -v rustup >/dev/null || bt_die "cargo lacks ${missing[*]} and there is no rustup to add them"
+	bt_log "rustup component add ${missing[*]}"
+	rustup component add "${missing[@]}"
+}
