@@ -12,8 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use builder_contract::params::raw_value;
 use builder_contract::{
-    BuildInputs, BuildParams, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming,
-    RootfsArtifact, Secrets,
+    BuildParams, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact, Secrets,
 };
 use builder_rootfs::{ConvertOptions, ConvertReport};
 use url::Url;
@@ -198,15 +197,13 @@ pub async fn run(options: &RunOptions) -> Outcome {
         revision: raw_value(&options.cmdline, "commit_sha").unwrap_or_default(),
         commit_sha: progress.commit,
         image_digest: progress.image_id,
-        inputs: params.as_ref().ok().map(|p| BuildInputs {
-            dockerfile: p.dockerfile.to_string(),
-            target: p.target.clone(),
-            platform: p.platform.clone(),
-            build_args: p.build_args.as_map().clone(),
-            secret_ids: secrets
-                .as_ref()
-                .map(|s| s.build_secrets.keys().cloned().collect())
-                .unwrap_or_default(),
+        inputs: params.as_ref().ok().map(|p| {
+            p.inputs(
+                secrets
+                    .as_ref()
+                    .map(|s| s.build_secrets.keys().cloned().collect())
+                    .unwrap_or_default(),
+            )
         }),
         rootfs: progress.rootfs,
         error: result.as_ref().err().map(BuildError::to_failure),

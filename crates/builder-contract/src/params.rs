@@ -704,6 +704,17 @@ impl BuildParams {
         }
     }
 
+    /// What the report echoes of these parameters, with the ids of the build secrets.
+    pub fn inputs(&self, secret_ids: Vec<String>) -> crate::BuildInputs {
+        crate::BuildInputs {
+            dockerfile: self.dockerfile.to_string(),
+            target: self.target.clone(),
+            platform: self.platform.clone(),
+            build_args: self.build_args.as_map().clone(),
+            secret_ids,
+        }
+    }
+
     /// Takes the build args the node agent put on the config drive (see
     /// [`BuildParams::split_kernel_cmdline`]).
     pub fn merge_overflow_build_args(&mut self, overflow: &BuildArgs) -> Result<(), ParamError> {
