@@ -224,6 +224,9 @@ pub async fn run(options: &RunOptions) -> Outcome {
         Err(e) => log.line(&format!("build {build_id} failed: {e}")),
     }
 
+    if let (Ok(params), Ok(secrets)) = (&params, &secrets) {
+        record_status(&log, params, secrets, &report).await;
+    }
     let notify = notify(&log, &params, options, secrets.as_ref().ok(), &report).await;
     log.line(&format!(
         "report: {}",
@@ -231,6 +234,54 @@ pub async fn run(options: &RunOptions) -> Outcome {
     ));
     log.sync();
     Outcome { report, notify }
+}
+
+/// Writes the report beside the rootfs as `<s3_key>.status.json`, whether the build succeeded
+/// or failed, so the place a rootfs was expected at says what became of it (the rootfs's own
+/// metadata exists only when it was uploaded). Best effort: a status that cannot be written is
+/// logged, and the webhook still tells.
+async fn record_status(
+    log: &BuildLog,
+    params: &BuildParams,
+    secrets: &Secrets,
+    report: &BuildReport,
+) {
+    let (Some(location), Some(credentials)) = (&params.s3, &secrets.s3) else {
+        return;
+    };
+    let key = location.status_key();
+    let body = serde_json::to_vec_pretty(report).expect("a report always serializes");
+    let metadata = vec![
+        ("build-id".to_string(), report.build_id.clone()),
+        ("status".to_string(), report.status.to_string()),
+    ];
+    let written = match S3Client::new(credentials.clone()) {
+        Ok(client) => {
+            client
+                .put_object(
+                    &location.bucket,
+                    &key,
+                    body.into(),
+                    ObjectAttributes {
+                        content_type: "application/json",
+                        metadata: &metadata,
+                    },
+                )
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(()) => log.line(&format!(
+            "status {} written to s3://{}/{key}",
+            report.status, location.bucket
+        )),
+        Err(e) => log.line(&format!(
+            "warning: cannot write the build status to s3://{}/{key}: {}",
+            location.bucket,
+            crate::error::chain(&e)
+        )),
+    }
 }
 
 /// Sends the webhook if there is somewhere to send it.

@@ -192,6 +192,14 @@ fn upload_lands_in_s3_with_metadata_and_matching_sha256() {
     let (status, _, config) = s3_get(&bucket, &format!("{key}.json"));
     assert_eq!(status, 200);
     serde_json::from_slice::<serde_json::Value>(&config).unwrap();
+    let (status, headers, record) = s3_get(&bucket, &format!("{key}.status.json"));
+    assert_eq!(status, 200, "{headers}");
+    assert!(
+        headers.contains("x-amz-meta-status: succeeded"),
+        "{headers}"
+    );
+    let record: builder_contract::BuildReport = serde_json::from_slice(&record).unwrap();
+    assert_eq!(record.rootfs, report.rootfs);
     assert!(report.phases.iter().any(|p| p.phase == Phase::Upload));
     assert!(
         run.log.contains("upload: ") && run.log.contains("(100 %)"),
@@ -299,8 +307,16 @@ fn failing_run_step_is_a_user_error_and_is_reported() {
     repo.commit("first");
     let hook = Receiver::start();
     let scratch = Scratch::new();
+    let id = unique("failrun");
+    let bucket = env("BUILDER_TEST_S3_BUCKET");
+    let key = format!("rootfs/{id}.ext4");
     let run = scratch.run_notifying(
-        &params(&repo, "main", &unique("failrun"), ""),
+        &params(
+            &repo,
+            "main",
+            &id,
+            &format!("s3_bucket={bucket} s3_key={key}"),
+        ),
         &hook.url,
         None,
         &[],
@@ -314,6 +330,13 @@ fn failing_run_step_is_a_user_error_and_is_reported() {
     );
     assert!(run.log.contains("about to fail"), "{}", run.log);
     assert_eq!(hook.only_report().status, BuildStatus::Failed);
+    // No rootfs, but a record of the failure where it would have been.
+    assert_eq!(s3_get(&bucket, &key).0, 404);
+    let (status, headers, record) = s3_get(&bucket, &format!("{key}.status.json"));
+    assert_eq!(status, 200, "{headers}");
+    assert!(headers.contains("x-amz-meta-status: failed"), "{headers}");
+    let record: builder_contract::BuildReport = serde_json::from_slice(&record).unwrap();
+    assert_eq!(record, run.report);
 }
 
 #[test]

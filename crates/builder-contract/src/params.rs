@@ -278,6 +278,12 @@ impl S3Location {
     pub fn config_key(&self) -> String {
         format!("{}.json", self.key)
     }
+
+    /// The key of the build's report, written beside the rootfs whether the build succeeded
+    /// or failed.
+    pub fn status_key(&self) -> String {
+        format!("{}.status.json", self.key)
+    }
 }
 
 impl fmt::Display for S3Location {
@@ -317,8 +323,8 @@ fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
         return Err("the object key is empty".into());
     }
-    if key.len() > 1024 - ".json".len() {
-        return Err("the object key is longer than 1019 bytes".into());
+    if key.len() > 1024 - ".status.json".len() {
+        return Err("the object key is longer than 1012 bytes".into());
     }
     if key.starts_with('/') {
         return Err(format!("`{key}` starts with `/`"));
