@@ -380,14 +380,19 @@ pub fn ext4_cat(image: &Path, path: &str) -> Option<String> {
     (out.status.success() && !stderr.contains("File not found")).then_some(text)
 }
 
-/// The permission bits of `path` in an ext4 image, from `debugfs`'s `Mode:  0750` field.
-pub fn ext4_mode(image: &Path, path: &str) -> u32 {
+/// `debugfs`'s `stat` of `path` in an ext4 image.
+fn ext4_stat(image: &Path, path: &str) -> String {
     let out = Command::new("debugfs")
         .args(["-R", &format!("stat {path}")])
         .arg(image)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The permission bits of `path` in an ext4 image, from `debugfs`'s `Mode:  0750` field.
+pub fn ext4_mode(image: &Path, path: &str) -> u32 {
+    let text = ext4_stat(image, path);
     text.split("Mode:")
         .nth(1)
         .and_then(|rest| u32::from_str_radix(rest.split_whitespace().next()?, 8).ok())
@@ -396,12 +401,7 @@ pub fn ext4_mode(image: &Path, path: &str) -> u32 {
 
 /// The mtime (seconds) of `path` in an ext4 image, from `debugfs`'s `mtime: 0x<hex>:...` line.
 pub fn ext4_mtime(image: &Path, path: &str) -> u64 {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("stat {path}")])
-        .arg(image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ext4_stat(image, path);
     text.lines()
         .find_map(|line| line.trim().strip_prefix("mtime: 0x"))
         .and_then(|hex| u64::from_str_radix(hex.split(':').next()?, 16).ok())
