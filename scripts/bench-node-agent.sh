@@ -67,13 +67,19 @@ cleanup() {
 trap cleanup EXIT
 
 truncate -s 1M "$work/not-a-filesystem.img"
+# A build must name an S3 bucket and the node must have S3 credentials to admit it; these VMs
+# panic at root mount long before any upload, so the endpoint is a closed loopback port.
+cat >"$work/s3-credentials.json" <<'JSON'
+{"s3": {"endpoint": "http://127.0.0.1:9", "access_key_id": "bench", "secret_access_key": "bench"}}
+JSON
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
 # A VM network of its own (make test-builder-vm uses 10.219/16, node-agent's VM tests 10.218/16):
 # host-side veth names derive from addresses, so daemons on one host must not share a range.
 "$bin" serve --work-dir "$work/state" --listen "127.0.0.1:$port" --capacity-vcpus 2 \
     --capacity-mem-mib 4096 --kernel "$kernel" --rootfs "$work/not-a-filesystem.img" \
-    --vm-network 10.217.0.0/16 --poll-interval-ms 1000 >"$work/daemon.log" 2>&1 &
+    --vm-network 10.217.0.0/16 --poll-interval-ms 1000 \
+    --s3-credentials-file "$work/s3-credentials.json" >"$work/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 100); do
     curl -fs "$base/healthz" >/dev/null 2>&1 && break
@@ -83,7 +89,7 @@ curl -fs "$base/healthz" >/dev/null || { log "the daemon did not start:"; cat "$
 token=$(cat "$work/state/api-token")
 auth=(-H "Authorization: Bearer $token")
 
-body='{"repo_url":"https://git.example/app.git","ref":"main","vcpus":1,"mem_mib":256,"disk_gib":1,"timeout_s":60}'
+body='{"repo_url":"https://git.example/app.git","ref":"main","vcpus":1,"mem_mib":256,"disk_gib":1,"timeout_s":60,"s3_bucket":"bench","s3_key":"app.rootfs"}'
 admissions=()
 claims=()
 for i in $(seq "$builds"); do

@@ -239,6 +239,7 @@ async fn submit(
     let mut request = parse_build_request(&bytes)?;
     let id = crate::new_build_id();
     let params = request.to_params(&id, &node.config.callback_url, node.limits())?;
+    request.check_output(node.uploads())?;
     // What is stored and shown is what the build gets: left-out resources become this node's.
     request.resolve_resources(node.limits());
     let credentials = request.take_credentials();

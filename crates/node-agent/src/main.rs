@@ -166,6 +166,13 @@ async fn run(cli: Cli) -> Result<i32> {
                 requester: std::env::var("USER").ok(),
             };
             inputs.apply(&mut request)?;
+            // The node refuses it too (it keeps no output); refused here before an upload.
+            if request.s3_bucket.is_none() {
+                bail!(
+                    "--s3-bucket (and --s3-key) is required: the node agent keeps no build \
+                     output, the rootfs is deleted with the VM unless it is uploaded to S3"
+                );
+            }
             let (repo, commit) = if Path::new(&repo).is_dir() {
                 if git_ref.is_some() || commit.is_some() {
                     bail!("--ref and --commit name a revision of a repository URL; {repo} is a local directory, built as it is committed (or with --snapshot, as it is on disk)");

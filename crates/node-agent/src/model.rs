@@ -292,6 +292,28 @@ impl BuildRequest {
         Ok(params)
     }
 
+    /// Where the rootfs goes. The node keeps no build output (the rootfs is deleted with the
+    /// VM's scratch disk), so a build must name an S3 bucket, and the node must be able to
+    /// upload to it (`uploads`: it has S3 credentials, `s3_credentials_file`). Checked at
+    /// admission only, so builds stored before a configuration change still run.
+    pub fn check_output(&self, uploads: bool) -> Result<(), RequestError> {
+        let field = |reason: &str| RequestError::Field {
+            field: "s3_bucket",
+            reason: reason.to_string(),
+        };
+        match (&self.s3_bucket, uploads) {
+            (None, _) => Err(field(
+                "is required: this node keeps no build output (the rootfs is deleted with the \
+                 VM's scratch disk); give `s3_bucket` and `s3_key` to have it uploaded to S3",
+            )),
+            (Some(_), false) => Err(field(
+                "cannot be used: this node has no S3 credentials (`s3_credentials_file` is not \
+                 set), so it has no way to upload the rootfs",
+            )),
+            (Some(_), true) => Ok(()),
+        }
+    }
+
     fn check_credentials(&self) -> Result<(), RequestError> {
         let field = |field, reason: String| RequestError::Field { field, reason };
         for id in self.secrets.keys() {
@@ -446,6 +468,22 @@ mod tests {
         ] {
             let err = request(json).to_params("b1", &base, LIMITS).unwrap_err();
             assert_eq!(err.field(), Some(field), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_build_without_a_bucket_or_a_node_without_s3_credentials_is_refused() {
+        let with =
+            request(r#"{"repo_url":"https://g.example/r","ref":"m","s3_bucket":"b","s3_key":"k"}"#);
+        with.check_output(true).unwrap();
+        let err = with.check_output(false).unwrap_err();
+        assert_eq!(err.field(), Some("s3_bucket"));
+        assert!(err.to_string().contains("s3_credentials_file"), "{err}");
+        let without = request(r#"{"repo_url":"https://g.example/r","ref":"m"}"#);
+        for uploads in [true, false] {
+            let err = without.check_output(uploads).unwrap_err();
+            assert_eq!(err.field(), Some("s3_bucket"));
+            assert!(err.to_string().contains("keeps no build output"), "{err}");
         }
     }
 

@@ -222,6 +222,11 @@ impl Node {
         }
     }
 
+    /// Whether builds can upload their rootfs: the node has S3 credentials to give them.
+    pub fn uploads(&self) -> bool {
+        self.s3.is_some()
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }

@@ -368,7 +368,7 @@ async fn restart_sweeps_credentials_of_ended_and_unknown_builds_and_keeps_queued
     let db_url = format!("sqlite://{}/node-agent.db?mode=rwc", dir.path().display());
     let db = Db::open(&db_url).await.unwrap();
     let store = CredentialStore::new(dir.path().join("credentials")).unwrap();
-    let mut request: BuildRequest = serde_json::from_value(json!({"repo_url": "https://g.example/r", "ref": "main", "vcpus": 1, "mem_mib": 512, "secrets": {"npm": SECRET_VALUE}})).unwrap();
+    let mut request: BuildRequest = serde_json::from_value(json!({"repo_url": "https://g.example/r", "ref": "main", "vcpus": 1, "mem_mib": 512, "s3_bucket": "rootfs", "s3_key": "app.rootfs", "secrets": {"npm": SECRET_VALUE}})).unwrap();
     let credentials = request.take_credentials();
     let mut ids = vec![];
     for state in [

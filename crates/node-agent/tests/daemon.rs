@@ -476,7 +476,7 @@ async fn restart_fails_running_builds_requeues_starting_ones_and_counts_reclaime
     // not started yet.
     let db_url = format!("sqlite://{}/node-agent.db?mode=rwc", dir.path().display());
     let db = Db::open(&db_url).await.unwrap();
-    let request: BuildRequest = serde_json::from_value(json!({"repo_url": "https://g.example/r", "ref": "main", "vcpus": 1, "mem_mib": 512, "notify_url": hook.url})).unwrap();
+    let request: BuildRequest = serde_json::from_value(json!({"repo_url": "https://g.example/r", "ref": "main", "vcpus": 1, "mem_mib": 512, "s3_bucket": "rootfs", "s3_key": "app.rootfs", "notify_url": hook.url})).unwrap();
     let mut ids = vec![];
     for target in [BuildState::Running, BuildState::Starting] {
         let id = node_agent::new_build_id();
@@ -712,7 +712,7 @@ async fn a_new_sqlite_file_and_defaults_that_fit_a_small_node() {
     let (status, v) = api
         .post(
             "/v1/builds",
-            &json!({"repo_url": "https://git.example/app.git", "ref": "main"}),
+            &json!({"repo_url": "https://git.example/app.git", "ref": "main", "s3_bucket": "rootfs", "s3_key": "app.rootfs"}),
         )
         .await;
     assert_eq!(status, 202, "{v}");
@@ -745,4 +745,57 @@ async fn a_new_sqlite_file_and_defaults_that_fit_a_small_node() {
     assert_eq!(status, 202);
     assert_eq!(api.wait_terminal(&id, SECS(20)).await["state"], "cancelled");
     d.stop().await;
+}
+
+/// The node keeps no build output: a build without `s3_bucket` would "succeed" with its rootfs
+/// deleted with the VM, so it is refused at admission; so is a bucket on a node without S3
+/// credentials, which has no way to upload.
+#[tokio::test]
+async fn builds_without_a_bucket_or_on_a_node_without_s3_credentials_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_s3 = common::start(
+        &dir.path().join("with"),
+        ScriptLauncher::new("exit 1"),
+        Options::default(),
+    )
+    .await;
+    let without_s3 = common::start(
+        &dir.path().join("without"),
+        ScriptLauncher::new("sleep 30"),
+        Options {
+            s3_credentials: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let bare = json!({"repo_url": "https://git.example/app.git", "ref": "main", "vcpus": 1});
+    let mut with_bucket = bare.clone();
+    with_bucket["s3_bucket"] = json!("rootfs");
+    with_bucket["s3_key"] = json!("app.rootfs");
+    for (d, body, words) in [
+        (&with_s3, &bare, "keeps no build output"),
+        (&without_s3, &bare, "keeps no build output"),
+        (&without_s3, &with_bucket, "no way to upload"),
+    ] {
+        let (status, v) = d.client().post("/v1/builds", body).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["field"], "s3_bucket", "{v}");
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains(words), "{error}");
+    }
+    let (_, v) = without_s3.client().post("/v1/builds", &with_bucket).await;
+    assert!(
+        v["error"].as_str().unwrap().contains("s3_credentials_file"),
+        "{v}"
+    );
+    // Nothing refused was stored.
+    for d in [&with_s3, &without_s3] {
+        let (status, v) = d.client().get("/v1/builds").await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["builds"].as_array().map(Vec::len), Some(0), "{v}");
+    }
+    let (status, v) = with_s3.client().post("/v1/builds", &with_bucket).await;
+    assert_eq!(status, 202, "{v}");
+    with_s3.stop().await;
+    without_s3.stop().await;
 }

@@ -251,12 +251,29 @@ async fn submit_of_a_dirty_work_tree_says_what_to_do_and_uploads_nothing() {
     .await;
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, &d.token).unwrap();
+    // Without a bucket the node would keep nothing: refused before the directory is read.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
         .arg("submit")
         .arg(src.join("app"))
         .args(["--server", &d.base])
         .arg("--token-file")
         .arg(&token_file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--s3-bucket") && stderr.contains("keeps no build output"),
+        "{stderr}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .arg("submit")
+        .arg(src.join("app"))
+        .args(["--server", &d.base])
+        .arg("--token-file")
+        .arg(&token_file)
+        .args(["--s3-bucket", "rootfs", "--s3-key", "app.rootfs"])
         .output()
         .await
         .unwrap();

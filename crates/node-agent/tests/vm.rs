@@ -47,8 +47,19 @@ fn free_port() -> u16 {
 
 impl Daemon {
     fn start(work: &Path, node_id: &str, rootfs: &Path, port: u16, capacity: u32) -> Daemon {
+        // A build must name a bucket and the node must be able to upload: these builds fail
+        // before any upload, and the status object they write goes to a closed port.
+        std::fs::create_dir_all(work).unwrap();
+        let s3_credentials = work.join("s3.json");
+        std::fs::write(
+            &s3_credentials,
+            r#"{"s3": {"endpoint": "http://127.0.0.1:9", "access_key_id": "test-access", "secret_access_key": "test-secret"}}"#,
+        )
+        .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
             .arg("serve")
+            .arg("--s3-credentials-file")
+            .arg(&s3_credentials)
             .arg("--work-dir")
             .arg(work)
             .arg("--listen")
@@ -117,7 +128,7 @@ impl Daemon {
     }
 
     fn submit(&self, extra: Value) -> String {
-        let mut body = json!({"repo_url": "http://192.0.2.1/unreachable.git", "ref": "main", "vcpus": 1, "mem_mib": 512, "disk_gib": 1});
+        let mut body = json!({"repo_url": "http://192.0.2.1/unreachable.git", "ref": "main", "vcpus": 1, "mem_mib": 512, "disk_gib": 1, "s3_bucket": "rootfs", "s3_key": "app.rootfs"});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }

@@ -139,6 +139,9 @@ pub struct Options {
     pub capacity_vcpus: u32,
     pub node_id: String,
     pub grace_period_s: u64,
+    /// Whether the node has S3 credentials (`s3_credentials_file`); the script VMs never
+    /// upload, so they name an endpoint nothing listens on.
+    pub s3_credentials: bool,
 }
 
 impl Default for Options {
@@ -148,6 +151,7 @@ impl Default for Options {
             capacity_vcpus: 2,
             node_id: "test-node".into(),
             grace_period_s: 5,
+            s3_credentials: true,
         }
     }
 }
@@ -155,8 +159,19 @@ impl Default for Options {
 pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> Daemon {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let s3_credentials_file = o.s3_credentials.then(|| {
+        std::fs::create_dir_all(work_dir).unwrap();
+        let path = work_dir.join("s3.json");
+        std::fs::write(
+            &path,
+            r#"{"s3": {"endpoint": "http://127.0.0.1:9", "access_key_id": "test-access", "secret_access_key": "test-secret"}}"#,
+        )
+        .unwrap();
+        path
+    });
     let args = ServeArgs {
         work_dir: Some(work_dir.to_path_buf()),
+        s3_credentials_file,
         database_url: o.database_url,
         capacity_vcpus: Some(o.capacity_vcpus),
         capacity_mem_mib: Some(16384),
@@ -235,7 +250,7 @@ impl Api {
     }
 
     pub async fn submit(&self, extra: serde_json::Value) -> String {
-        let mut body = serde_json::json!({"repo_url": "https://git.example/app.git", "ref": "main", "vcpus": 1, "mem_mib": 512});
+        let mut body = serde_json::json!({"repo_url": "https://git.example/app.git", "ref": "main", "vcpus": 1, "mem_mib": 512, "s3_bucket": "rootfs", "s3_key": "app.rootfs"});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
