@@ -676,6 +676,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Readiness>) 
         Err(e) => Check::new("database", false, crate::error_chain(&e)),
     });
     checks.push(disk_check(&node.config.work_dir));
+    checks.push(vm_dns_check(&node.config.vm_dns));
     checks.push(Check::new(
         "admitting",
         !node.is_draining(),
@@ -692,6 +693,20 @@ async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Readiness>) 
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(Readiness { ready, checks }))
+}
+
+/// The name servers the builder VMs get (`vm_dns`); none is only possible when configured so.
+fn vm_dns_check(servers: &[std::net::Ipv4Addr]) -> Check {
+    let detail = if servers.is_empty() {
+        "none: `vm_dns` is set empty, builds cannot resolve names".to_string()
+    } else {
+        servers
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Check::new("vm_dns", true, detail)
 }
 
 fn disk_check(dir: &std::path::Path) -> Check {

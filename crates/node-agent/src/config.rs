@@ -36,6 +36,16 @@ pub enum ConfigError {
     Meminfo(#[source] std::io::Error),
     #[error("`vm_network` {value:?} is not an IPv4 network in CIDR form with room for a VM")]
     VmNetwork { value: String },
+    #[error(
+        "`vm_dns` is not set and the host has no name server a VM can reach: {resolv_conf} \
+         names only loopback ones (or none) and {upstream} (systemd-resolved's upstream \
+         servers) gives none either; set `vm_dns` (--vm-dns, NODE_AGENT_VM_DNS) to the name \
+         servers the builder VMs should use"
+    )]
+    NoVmDns {
+        resolv_conf: PathBuf,
+        upstream: PathBuf,
+    },
     #[error("`{key}` must be at least {min}, got {value}")]
     TooSmall {
         key: &'static str,
@@ -151,7 +161,9 @@ pub struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_network: Option<String>,
     /// Name servers the builder VMs use, comma-separated IPv4 addresses (default: the host's
-    /// own from /etc/resolv.conf, leaving out loopback ones a VM cannot reach).
+    /// own from /etc/resolv.conf, leaving out loopback ones a VM cannot reach; behind a
+    /// loopback stub, systemd-resolved's upstreams from /run/systemd/resolve/resolv.conf; with
+    /// none of either the node refuses to start).
     #[arg(long, env = "NODE_AGENT_VM_DNS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_dns: Option<Vec<Ipv4Addr>>,
@@ -299,7 +311,10 @@ impl Config {
             rootfs: l.rootfs,
             boot_args: l.boot_args,
             vm_network: parse_pool(&l.vm_network)?,
-            vm_dns: l.vm_dns.unwrap_or_else(host_resolvers),
+            vm_dns: match l.vm_dns {
+                Some(servers) => servers,
+                None => default_vm_dns(Path::new(RESOLV_CONF), Path::new(RESOLVED_UPSTREAM))?,
+            },
             jailer_uid: l.jailer_uid,
             jailer_gid: l.jailer_gid,
             grace_period_s: l.grace_period_s,
@@ -333,16 +348,45 @@ impl Config {
     }
 }
 
-/// IPv4 resolvers of the host that a guest can reach through NAT (not loopback).
-fn host_resolvers() -> Vec<Ipv4Addr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .filter(|a| !a.is_loopback())
-        .take(2)
-        .collect()
+/// The host's resolver configuration.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// systemd-resolved's list of the real upstream servers, behind its 127.0.0.53 stub.
+const RESOLVED_UPSTREAM: &str = "/run/systemd/resolve/resolv.conf";
+
+/// The default `vm_dns`: the host's name servers a guest can reach through NAT, or an error
+/// when there are none (a node whose builds cannot resolve names fails every clone, late and
+/// far from the cause, so it does not start).
+fn default_vm_dns(resolv_conf: &Path, upstream: &Path) -> Result<Vec<Ipv4Addr>, ConfigError> {
+    let servers = host_resolvers(resolv_conf, upstream);
+    if servers.is_empty() {
+        return Err(ConfigError::NoVmDns {
+            resolv_conf: resolv_conf.to_path_buf(),
+            upstream: upstream.to_path_buf(),
+        });
+    }
+    Ok(servers)
+}
+
+/// IPv4 resolvers of the host that a guest can reach through NAT (not loopback): those of
+/// `resolv_conf`, or when it names only loopback ones (a local stub such as systemd-resolved's
+/// 127.0.0.53) or none, those of `upstream`, the stub's own upstream servers.
+fn host_resolvers(resolv_conf: &Path, upstream: &Path) -> Vec<Ipv4Addr> {
+    let reachable = |path: &Path| -> Vec<Ipv4Addr> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .filter(|a| !a.is_loopback())
+            .take(2)
+            .collect()
+    };
+    let servers = reachable(resolv_conf);
+    if servers.is_empty() {
+        reachable(upstream)
+    } else {
+        servers
+    }
 }
 
 fn parse_pool(value: &str) -> Result<builder_vmm::AddressPool, ConfigError> {
@@ -427,6 +471,8 @@ mod tests {
             config: Some(file.clone()),
             capacity_vcpus: Some(5),
             work_dir: Some(dir.path().to_path_buf()),
+            // The default depends on the host's resolv.conf (see the test below).
+            vm_dns: Some(vec![Ipv4Addr::new(192, 0, 2, 53)]),
             ..Default::default()
         };
         let c = Config::load(&args).unwrap();
@@ -441,5 +487,64 @@ mod tests {
         let err = Config::load(&args).unwrap_err();
         let chain = format!("{:#}", anyhow::Error::from(err));
         assert!(chain.contains("unknown field `capacity_cpus`"), "{chain}");
+    }
+
+    #[test]
+    fn vm_dns_defaults_to_reachable_host_servers_then_systemd_upstreams_else_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        let upstream = dir.path().join("upstream.conf");
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+
+        // A normal host: its own servers, loopback and IPv6 ones left out, at most two.
+        std::fs::write(
+            &resolv,
+            "# comment\nsearch example\nnameserver 127.0.0.1\nnameserver 10.1.2.3\n\
+             nameserver ::1\nnameserver 10.1.2.4\nnameserver 10.1.2.5\n",
+        )
+        .unwrap();
+        std::fs::write(&upstream, "nameserver 9.9.9.9\n").unwrap();
+        assert_eq!(
+            default_vm_dns(&resolv, &upstream).unwrap(),
+            [ip("10.1.2.3"), ip("10.1.2.4")]
+        );
+
+        // systemd-resolved's stub: its upstream servers.
+        std::fs::write(&resolv, "nameserver 127.0.0.53\noptions edns0 trust-ad\n").unwrap();
+        std::fs::write(
+            &upstream,
+            "nameserver 192.168.1.1\nnameserver 127.0.0.1\nnameserver 1.1.1.1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            default_vm_dns(&resolv, &upstream).unwrap(),
+            [ip("192.168.1.1"), ip("1.1.1.1")]
+        );
+
+        // The stub alone (no systemd file, or one without usable servers): refused, naming
+        // both files and the key to set.
+        for upstream_text in [None, Some("nameserver 127.0.0.53\n")] {
+            let _ = std::fs::remove_file(&upstream);
+            if let Some(text) = upstream_text {
+                std::fs::write(&upstream, text).unwrap();
+            }
+            let err = default_vm_dns(&resolv, &upstream).unwrap_err().to_string();
+            for words in [
+                "`vm_dns` is not set",
+                "resolv.conf",
+                "upstream.conf",
+                "--vm-dns",
+            ] {
+                assert!(err.contains(words), "{words} not in: {err}");
+            }
+        }
+
+        // An empty or missing resolv.conf and no upstream file: refused too.
+        std::fs::write(&resolv, "").unwrap();
+        assert!(default_vm_dns(&resolv, &upstream).is_err());
+        assert!(default_vm_dns(&dir.path().join("none"), &dir.path().join("none2")).is_err());
+        // ... but the systemd upstreams still count when resolv.conf is empty.
+        std::fs::write(&upstream, "nameserver 8.8.8.8\n").unwrap();
+        assert_eq!(default_vm_dns(&resolv, &upstream).unwrap(), [ip("8.8.8.8")]);
     }
 }

@@ -181,7 +181,12 @@ async fn api_contract_auth_validation_and_body_limits() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["script", "database", "disk", "admitting"]);
+    assert_eq!(names, ["script", "database", "disk", "vm_dns", "admitting"]);
+    assert_eq!(
+        ready["checks"][3]["detail"],
+        common::TEST_VM_DNS.to_string(),
+        "{ready}"
+    );
     d.stop().await;
 }
 

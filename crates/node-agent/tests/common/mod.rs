@@ -16,6 +16,9 @@ use node_agent::config::{Config, ServeArgs};
 use node_agent::node::Node;
 use node_agent::vm::{Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit};
 
+/// The name server test daemons give their VMs.
+pub const TEST_VM_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 53);
+
 /// The source upload limit of test daemons.
 pub const MAX_SOURCE_BYTES: u64 = 1 << 20;
 
@@ -172,6 +175,8 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
     let args = ServeArgs {
         work_dir: Some(work_dir.to_path_buf()),
         s3_credentials_file,
+        // Set, so the tests do not depend on the host's /etc/resolv.conf.
+        vm_dns: Some(vec![TEST_VM_DNS]),
         database_url: o.database_url,
         capacity_vcpus: Some(o.capacity_vcpus),
         capacity_mem_mib: Some(16384),
