@@ -353,6 +353,27 @@ impl Db {
         )
         .await?;
         tx.commit().await.map_err(q("commit a new build"))?;
+        tracing::info!(
+            target: "audit",
+            build_id = b.id,
+            to = BuildState::Queued.as_str(),
+            requester = b.requester.as_str(),
+            repo_url = b.request.repo_url.as_str(),
+            revision = b.revision.as_str(),
+            dockerfile = b
+                .request
+                .dockerfile
+                .as_deref()
+                .unwrap_or(builder_contract::params::DEFAULT_DOCKERFILE),
+            target = b.request.target.as_deref(),
+            secret_ids = b.credentials.secret_ids.join(","),
+            registry_hosts = b.credentials.registry_hosts.join(","),
+            git_token = b.credentials.git_token,
+            pinned_node = b.pinned_node.as_deref(),
+            s3_bucket = b.request.s3_bucket.as_deref(),
+            s3_key = b.request.s3_key.as_deref(),
+            "submitted"
+        );
         self.get(&b.id).await?.ok_or_else(|| DbError::Corrupt {
             id: b.id.clone(),
             column: "id",
@@ -513,6 +534,7 @@ impl Db {
             requester = row.requester.as_str(),
             repo_url = row.repo_url.as_str(),
             revision = row.revision.as_str(),
+            commit_sha = row.commit_sha.as_deref(),
             detail,
             "build state changed"
         );

@@ -564,3 +564,106 @@ async fn pg_a_build_with_credentials_runs_only_on_the_node_that_accepted_it() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The node's audit lines (`target` `audit`) about one build, as JSON.
+fn audit_lines(id: &str) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&NODE_LOG.lock().unwrap())
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "audit" && l["fields"]["build_id"] == id)
+        .collect()
+}
+
+/// The audit log says who submitted what (credential names, never values), every state
+/// change, and once the guest reported it, the commit that was built.
+#[tokio::test]
+async fn the_audit_log_records_the_submission_every_state_change_and_the_commit() {
+    use builder_contract::signature::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+    capture_node_log();
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = ScriptLauncher::new("echo '==> clone'; sleep 20");
+    let d = common::start(dir.path(), launcher.clone(), Options::default()).await;
+    let api = d.client();
+    let mut body = request_with_credentials(None);
+    body["requester"] = json!("alice@ci");
+    body["dockerfile"] = json!("docker/Dockerfile.prod");
+    let id = api.submit(body).await;
+    api.wait_state(&id, "running", SECS(10)).await;
+
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let report = BuildReport {
+        build_id: id.clone(),
+        status: builder_contract::BuildStatus::Succeeded,
+        repo_url: "https://git.example/app.git".into(),
+        revision: "main".into(),
+        commit_sha: Some(commit.into()),
+        image_digest: None,
+        inputs: None,
+        rootfs: None,
+        error: None,
+        phases: vec![],
+        started_at_unix_ms: 1,
+        duration_ms: 2,
+    };
+    let key = launcher.spec(&id).unwrap().secrets.webhook_secret.unwrap();
+    let body = serde_json::to_vec(&report).unwrap();
+    let ts = (node_agent::now_ms() / 1000) as u64;
+    let status = reqwest::Client::new()
+        .post(format!("{}/v1/internal/builds/{id}/complete", d.base))
+        .header(TIMESTAMP_HEADER, ts.to_string())
+        .header(SIGNATURE_HEADER, sign(key.as_bytes(), ts, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 204);
+    assert_eq!(api.wait_terminal(&id, SECS(20)).await["state"], "succeeded");
+    d.stop().await;
+
+    let lines = audit_lines(&id);
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    for line in &text {
+        assert_no_value("an audit line", line);
+    }
+    let submitted = &lines[0]["fields"];
+    assert_eq!(submitted["message"], "submitted", "{text:#?}");
+    for (field, value) in [
+        ("requester", json!("alice@ci")),
+        ("repo_url", json!("https://git.example/app.git")),
+        ("revision", json!("main")),
+        ("dockerfile", json!("docker/Dockerfile.prod")),
+        ("target", json!("prod")),
+        ("secret_ids", json!("npm")),
+        ("registry_hosts", json!("registry.example:5000")),
+        ("git_token", json!(true)),
+        ("pinned_node", json!("test-node")),
+        ("s3_bucket", json!("rootfs")),
+        ("s3_key", json!("app.rootfs")),
+    ] {
+        assert_eq!(submitted[field], value, "{field}: {text:#?}");
+    }
+    let changes: Vec<(&str, &str)> = lines[1..]
+        .iter()
+        .map(|l| {
+            assert_eq!(l["fields"]["message"], "build state changed", "{l}");
+            assert_eq!(l["fields"]["requester"], "alice@ci", "{l}");
+            (
+                l["fields"]["from"].as_str().unwrap(),
+                l["fields"]["to"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("queued", "starting"),
+            ("starting", "running"),
+            ("running", "succeeded")
+        ],
+        "{text:#?}"
+    );
+    // The commit is known from the guest's report on, not before.
+    assert_eq!(lines[1]["fields"].get("commit_sha"), None, "{}", lines[1]);
+    assert_eq!(lines[3]["fields"]["commit_sha"], commit, "{}", lines[3]);
+}
