@@ -137,5 +137,6 @@ pub fn terminate_all(grace: Duration) {
     }
     // SAFETY: as above.
     unsafe { libc::kill(-1, libc::SIGKILL) };
+    // SAFETY: a null status pointer is allowed; WNOHANG never blocks.
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
 }

@@ -327,8 +327,9 @@ fn files_over_4_gib_convert_sparse() {
 /// Used, free and total bytes, and used and total inodes, of a mounted file system.
 fn usage(root: &Path) -> (u64, u64, u64, u64) {
     let path = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: statvfs fills the zeroed struct for a NUL-terminated path.
+    // SAFETY: `statvfs` is a plain C struct of integers, for which all zero bytes are valid.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path that outlives the call, and a struct of the type it fills.
     assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
     let (total, free) = (st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize);
     (total - free, free, st.f_files - st.f_ffree, st.f_files)

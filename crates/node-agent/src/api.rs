@@ -712,8 +712,10 @@ fn vm_dns_check(servers: &[std::net::Ipv4Addr]) -> Check {
 fn disk_check(dir: &std::path::Path) -> Check {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap_or_default();
-    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    // SAFETY: `statvfs` is a plain C struct of integers, for which all zero bytes are valid.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated C string that outlives the call, and `st` is a
+    // writable struct of the type statvfs fills.
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return Check::new(
             "disk",

@@ -154,6 +154,7 @@ impl Daemon {
     }
 
     fn sigterm(mut self) {
+        // SAFETY: kill takes any pid and signal; the worst a stale pid gets is a signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         assert!(
