@@ -149,6 +149,18 @@ impl Daemon {
         }
     }
 
+    /// Waits until the build is in a terminal state.
+    fn wait_terminal(&self, id: &str, within: Duration) -> Value {
+        self.wait(
+            id,
+            |b| {
+                ["succeeded", "failed", "timed_out", "cancelled"]
+                    .contains(&b["state"].as_str().unwrap_or(""))
+            },
+            within,
+        )
+    }
+
     fn leftovers(&self) -> Vec<String> {
         leftovers(&self.work, &self.node_id)
     }
@@ -354,14 +366,7 @@ fn fifty_stub_vms_with_capacity_two_never_overlap_more_than_two() {
     let ids: Vec<String> = (0..50).map(|_| d.submit(json!({}))).collect();
     let mut spans = vec![];
     for id in &ids {
-        let b = d.wait(
-            id,
-            |b| {
-                ["succeeded", "failed", "timed_out", "cancelled"]
-                    .contains(&b["state"].as_str().unwrap_or(""))
-            },
-            Duration::from_secs(600),
-        );
+        let b = d.wait_terminal(id, Duration::from_secs(600));
         assert_eq!(b["state"], "failed", "{b}");
         assert!(
             b["error"]["message"]
@@ -399,14 +404,7 @@ fn a_real_guest_reports_through_its_veth_with_its_own_key() {
     );
     // DNS fails at once inside the VM, so the guest agent reports a user error in `clone`.
     let id = d.submit(json!({"repo_url": "https://nonexistent.invalid/repo.git", "vcpus": 2, "mem_mib": 2048, "timeout_s": 300}));
-    let b = d.wait(
-        &id,
-        |b| {
-            ["succeeded", "failed", "timed_out", "cancelled"]
-                .contains(&b["state"].as_str().unwrap_or(""))
-        },
-        Duration::from_secs(300),
-    );
+    let b = d.wait_terminal(&id, Duration::from_secs(300));
     assert_eq!(b["state"], "failed", "{b}");
     assert_eq!(b["error"]["class"], "user", "{b}");
     assert_eq!(b["error"]["phase"], "clone", "{b}");
@@ -449,14 +447,7 @@ fn a_real_guest_takes_oversized_build_args_and_credentials_from_its_config_drive
         "timeout_s": 300, "target": "prod", "build_args": {"BIG": big, "SMALL": "1"},
         "secrets": {"npm": SECRET}, "git_token": TOKEN,
     }));
-    let b = d.wait(
-        &id,
-        |b| {
-            ["succeeded", "failed", "timed_out", "cancelled"]
-                .contains(&b["state"].as_str().unwrap_or(""))
-        },
-        Duration::from_secs(300),
-    );
+    let b = d.wait_terminal(&id, Duration::from_secs(300));
     assert_eq!(b["state"], "failed", "{b}");
     assert_eq!(
         (&b["error"]["class"], &b["error"]["phase"]),
