@@ -95,14 +95,22 @@ bt_apt_install() {
 	apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# Installs, for each COMMAND=PACKAGE, the package when the command is missing (sbin included);
-# cheap when nothing is. For scripts that need a few tools and not the whole test setup.
-bt_ensure_commands() {
+# Prints, one a line, the packages of those COMMAND=PACKAGE pairs whose command is missing
+# (sbin included), each package once.
+bt_missing_packages() {
 	local pair missing=()
 	for pair in "$@"; do
 		PATH=$PATH:/usr/sbin:/sbin command -v "${pair%%=*}" >/dev/null && continue
 		[[ " ${missing[*]} " == *" ${pair#*=} "* ]] || missing+=("${pair#*=}")
 	done
+	((${#missing[@]} == 0)) || printf '%s\n' "${missing[@]}"
+}
+
+# Installs, for each COMMAND=PACKAGE, the package when the command is missing; cheap when
+# nothing is. For scripts that need a few tools and not the whole test setup.
+bt_ensure_commands() {
+	local missing
+	mapfile -t missing < <(bt_missing_packages "$@")
 	bt_apt_install "${missing[@]}"
 }
 
@@ -121,24 +129,13 @@ bt_ensure_kernel_deps() {
 # the private services: docker-registry, apache2-utils (htpasswd). Docker itself comes from
 # bt_ensure_docker.
 bt_ensure_deps() {
-	local missing=() cmd pkg
-	local -A needs=(
-		[git]=git [curl]=curl
-		[ip]=iproute2 [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [python3]=python3
-		[setsid]=util-linux [flock]=util-linux [runuser]=util-linux [mount]=mount [tar]=tar
-		[pgrep]=procps [sysctl]=procps [iptables]=iptables [nft]=nftables [setcap]=libcap2-bin
-		[qemu-system-x86_64]=qemu-system-x86 [postgres]=postgresql
-		[ca-certificates]=ca-certificates [htpasswd]=apache2-utils
-	)
-	for cmd in "${!needs[@]}"; do
-		pkg=${needs[$cmd]}
-		case $cmd in
-		ca-certificates) [[ -e /etc/ssl/certs/ca-certificates.crt ]] && continue ;;
-		postgres) compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && continue ;;
-		*) PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null && continue ;;
-		esac
-		[[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
-	done
+	local missing
+	mapfile -t missing < <(bt_missing_packages git=git curl=curl ip=iproute2 mkfs.ext4=e2fsprogs \
+		debugfs=e2fsprogs python3=python3 setsid=util-linux flock=util-linux runuser=util-linux \
+		mount=mount tar=tar pgrep=procps sysctl=procps iptables=iptables nft=nftables \
+		setcap=libcap2-bin qemu-system-x86_64=qemu-system-x86 htpasswd=apache2-utils)
+	[[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+	compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 	bt_busybox_static >/dev/null 2>&1 || missing+=(busybox-static)
 	bt_apt_install "${missing[@]}"
 	[[ -x "$(git --exec-path)/git-daemon" ]] ||
