@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use base64::Engine;
 use builder_contract::{BuildArgs, ErrorClass, Phase, RegistryCredentials};
 use tokio::process::Command;
 
@@ -160,11 +159,8 @@ impl Buildx {
     }
 }
 
-/// `base64(user:password)`: how a Docker config and a registry's `Authorization` header carry a
-/// login.
 fn basic_auth(login: &RegistryCredentials) -> String {
-    base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", login.username, login.password))
+    crate::basic_auth::encode(&login.username, &login.password)
 }
 
 /// What a log must not show of the registry logins besides their passwords.

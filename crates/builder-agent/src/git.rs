@@ -7,7 +7,6 @@
 
 use std::path::Path;
 
-use base64::Engine;
 use builder_contract::{Phase, Revision};
 use tokio::process::Command;
 use url::Url;
@@ -36,7 +35,7 @@ impl Git {
             ("http.lowSpeedTime".into(), "60".into()),
         ];
         if let Some((user, token)) = credentials {
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
+            let basic = crate::basic_auth::encode(user, token);
             config.push((
                 "http.extraHeader".into(),
                 format!("Authorization: Basic {basic}"),
@@ -48,9 +47,7 @@ impl Git {
     /// Strings derived from the credentials that the log must also hide.
     pub fn derived_secrets(credentials: Option<(&str, &str)>) -> Vec<String> {
         credentials
-            .map(|(user, token)| {
-                vec![base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"))]
-            })
+            .map(|(user, token)| vec![crate::basic_auth::encode(user, token)])
             .unwrap_or_default()
     }
 

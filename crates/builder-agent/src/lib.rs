@@ -5,8 +5,9 @@
 //! `docker buildx build`), `docker` (the daemon's API: pull, inspect, save), `convert`
 //! (image in the daemon → rootfs, with the `builder-rootfs` crate), `s3` (upload), `notify`
 //! (webhook). `vm` is the VM's init, `log` is the build log, `error` the one error type every
-//! phase returns.
+//! phase returns, `basic_auth` the `user:password` form git and Docker send credentials in.
 
+pub mod basic_auth;
 pub mod buildkit;
 pub mod cli;
 pub mod context;
