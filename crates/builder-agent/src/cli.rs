@@ -71,7 +71,8 @@ struct RunArgs {
     /// Webhook delivery attempts before giving up.
     #[arg(long, default_value_t = RetryPolicy::default().attempts)]
     notify_attempts: u32,
-    /// Delay before the second webhook attempt, in milliseconds (doubles each time).
+    /// Longest delay before the second webhook attempt, in milliseconds (doubles each time;
+    /// each wait is drawn at random below it).
     #[arg(long, default_value_t = RetryPolicy::default().first_delay.as_millis() as u64)]
     notify_first_delay_ms: u64,
     /// Multipart upload part size in MiB.
@@ -196,6 +197,7 @@ fn run(args: RunArgs) -> i32 {
         notify_retry: RetryPolicy {
             attempts: args.notify_attempts,
             first_delay: Duration::from_millis(args.notify_first_delay_ms),
+            ..RetryPolicy::default()
         },
         part_size: args.part_size_mib << 20,
         keep_work: args.keep_work,
