@@ -1,30 +1,43 @@
 //! A small S3 client: AWS Signature V4 over `reqwest`, path-style addressing, and a multipart
-//! upload that streams a file from disk part by part.
+//! upload that reads a file from disk with several parts in flight at once.
 //!
 //! Every part carries `Content-MD5` (the server rejects a part whose bytes differ) and its
-//! SHA-256 as the signed payload hash, so a corrupted part never lands. The object only appears
-//! when the upload completes; on any failure the upload is aborted, so nothing half-uploaded is
-//! left looking complete.
+//! SHA-256 as the signed payload hash, so a corrupted part never lands. At most
+//! `parts_in_flight` parts are read and sent at once, so memory stays at that many part buffers;
+//! each is read with `pread` and hashed on a blocking thread. The object only appears when the
+//! upload completes; on any failure the parts still in flight are dropped and the upload is
+//! aborted, so nothing half-uploaded is left looking complete. Every request is retried under the
+//! shared [`RetryPolicy`] (`builder-retry`) while the server is unreachable or answers
+//! 5xx/408/429; the retries are announced on stderr (the VM's console).
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use builder_contract::S3Credentials;
+use builder_retry::{retry, RetryPolicy, Verdict};
 use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 use hmac::{Hmac, Mac};
 use md5::Md5;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use url::Url;
 
 /// Part size of multipart uploads (S3 allows 5 MiB to 5 GiB, at most 10 000 parts).
 pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+/// Parts sent at once by default (see `scripts/bench-upload.sh` for how it was chosen).
+pub const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
 const MAX_PARTS: u64 = 10_000;
-/// Attempts per part before the upload is given up.
-const PART_ATTEMPTS: u32 = 3;
+/// How every request is retried: 4 attempts, waits of at most 0.5, 1 and 2 s.
+const REQUEST_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 4,
+    first_delay: Duration::from_millis(500),
+    max_delay: Duration::from_secs(8),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -47,6 +60,16 @@ pub enum S3Error {
         key: String,
         status: StatusCode,
         body: String,
+        /// The response's `Retry-After`, if any.
+        retry_after: Option<String>,
+    },
+    #[error("S3 {operation} of {key} failed {attempts} times")]
+    Exhausted {
+        operation: &'static str,
+        key: String,
+        attempts: u32,
+        #[source]
+        last: Box<S3Error>,
     },
     #[error("S3 answered {operation} of {key} without {what}")]
     BadResponse {
@@ -91,6 +114,42 @@ pub struct S3Client {
     http: reqwest::Client,
     endpoint: Url,
     credentials: S3Credentials,
+    parts_in_flight: usize,
+}
+
+/// One request to send, possibly several times.
+struct Request<'a> {
+    operation: &'static str,
+    method: Method,
+    bucket: &'a str,
+    key: &'a str,
+    query: &'a [(&'a str, &'a str)],
+    headers: Vec<(String, String)>,
+    body: Payload,
+}
+
+/// A request body and its SHA-256 (the signed payload hash), hashed once for every attempt.
+struct Payload {
+    bytes: Bytes,
+    sha256: String,
+}
+
+impl Payload {
+    fn new(bytes: Bytes) -> Self {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        Payload { bytes, sha256 }
+    }
+
+    fn empty() -> Self {
+        Payload::new(Bytes::new())
+    }
+}
+
+/// A part that landed.
+struct SentPart {
+    number: u32,
+    len: u64,
+    etag: String,
 }
 
 /// Percent-encodes like SigV4 wants: everything but unreserved characters (and `/` in paths).
@@ -137,7 +196,14 @@ impl S3Client {
             http,
             endpoint,
             credentials,
+            parts_in_flight: DEFAULT_PARTS_IN_FLIGHT,
         })
+    }
+
+    /// Sends up to `parts` parts of a multipart upload at once (at least one).
+    pub fn with_parts_in_flight(mut self, parts: usize) -> Self {
+        self.parts_in_flight = parts.max(1);
+        self
     }
 
     fn object_url(&self, bucket: &str, key: &str, query: &[(&str, &str)]) -> (Url, String, String) {
@@ -163,23 +229,56 @@ impl S3Client {
         (url, path, canonical_query)
     }
 
+    /// Sends `request` under [`REQUEST_RETRY`] and returns the first successful response.
+    async fn send(&self, request: Request<'_>) -> Result<reqwest::Response, S3Error> {
+        let verdict = |e: &S3Error| match e {
+            S3Error::Transport { .. } => Verdict::Retry,
+            S3Error::Refused {
+                status,
+                retry_after,
+                ..
+            } => Verdict::for_http_status(status.as_u16(), retry_after.as_deref()),
+            _ => Verdict::Final,
+        };
+        let announce = |retrying: &builder_retry::Retrying<'_, S3Error>| {
+            let error = crate::error::chain(retrying.error);
+            eprintln!("s3: {}", retrying.describe(&error));
+        };
+        retry(
+            &REQUEST_RETRY,
+            |_| self.send_once(&request),
+            verdict,
+            announce,
+        )
+        .await
+        .map_err(|gave_up| match gave_up.attempts {
+            1 => gave_up.error,
+            attempts => S3Error::Exhausted {
+                operation: request.operation,
+                key: request.key.to_string(),
+                attempts,
+                last: Box::new(gave_up.error),
+            },
+        })
+    }
+
     /// Sends one signed request and returns the response if it is a success.
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &self,
-        operation: &'static str,
-        method: Method,
-        bucket: &str,
-        key: &str,
-        query: &[(&str, &str)],
-        mut headers: Vec<(String, String)>,
-        body: Bytes,
-    ) -> Result<reqwest::Response, S3Error> {
+    async fn send_once(&self, request: &Request<'_>) -> Result<reqwest::Response, S3Error> {
+        let Request {
+            operation,
+            ref method,
+            bucket,
+            key,
+            query,
+            ref headers,
+            ref body,
+        } = *request;
+        let mut headers = headers.clone();
         let (url, path, canonical_query) = self.object_url(bucket, key, query);
         let now = SystemTime::now();
         let date_time = amz_date(now);
         let date = &date_time[..8];
-        let payload_hash = hex::encode(Sha256::digest(&body));
+        let payload_hash = body.sha256.clone();
         let host = match url.port() {
             Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
@@ -237,9 +336,9 @@ impl S3Client {
         );
         let response = self
             .http
-            .request(method, url)
+            .request(method.clone(), url)
             .headers(header_map)
-            .body(body)
+            .body(body.bytes.clone())
             .send()
             .await
             .map_err(|source| S3Error::Transport {
@@ -251,12 +350,18 @@ impl S3Client {
             return Ok(response);
         }
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = response.text().await.unwrap_or_default();
         Err(S3Error::Refused {
             operation,
             key: key.to_string(),
             status,
             body: body.chars().take(500).collect(),
+            retry_after,
         })
     }
 
@@ -270,12 +375,21 @@ impl S3Client {
     ) -> Result<(), S3Error> {
         let mut headers = attributes.headers();
         headers.push(("content-md5".into(), content_md5(&body)));
-        self.send("PUT", Method::PUT, bucket, key, &[], headers, body)
-            .await
-            .map(drop)
+        self.send(Request {
+            operation: "PUT",
+            method: Method::PUT,
+            bucket,
+            key,
+            query: &[],
+            headers,
+            body: Payload::new(body),
+        })
+        .await
+        .map(drop)
     }
 
-    /// Uploads the file at `path` as `key` in parts of `part_size` bytes; aborts on failure.
+    /// Uploads the file at `path` as `key` in parts of `part_size` bytes, `parts_in_flight` at
+    /// once; `progress(sent, total)` follows each part that lands. Aborts on failure.
     pub async fn upload_file(
         &self,
         bucket: &str,
@@ -289,20 +403,22 @@ impl S3Client {
             path: path.display().to_string(),
             source,
         };
-        let mut file = tokio::fs::File::open(path).await.map_err(read_error)?;
-        let total = file.metadata().await.map_err(read_error)?.len();
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let total = file.metadata().map_err(read_error)?.len();
         let part_size = part_size.max(5 << 20).max(total.div_ceil(MAX_PARTS));
-        let headers = attributes.headers();
+        // An empty file is one empty part.
+        let parts = total.div_ceil(part_size).max(1) as u32;
+        let file = Arc::new(file);
         let response = self
-            .send(
-                "CreateMultipartUpload",
-                Method::POST,
+            .send(Request {
+                operation: "CreateMultipartUpload",
+                method: Method::POST,
                 bucket,
                 key,
-                &[("uploads", "")],
-                headers,
-                Bytes::new(),
-            )
+                query: &[("uploads", "")],
+                headers: attributes.headers(),
+                body: Payload::empty(),
+            })
             .await?;
         let text = response.text().await.unwrap_or_default();
         let upload_id = xml_value(&text, "UploadId").ok_or_else(|| S3Error::BadResponse {
@@ -311,31 +427,23 @@ impl S3Client {
             what: "an UploadId",
         })?;
         let result = async {
-            let mut etags = Vec::new();
+            let mut etags = Vec::with_capacity(parts as usize);
             let mut sent = 0u64;
-            let mut number = 1u32;
-            loop {
-                let mut buf = Vec::with_capacity(part_size.min(total.max(1)) as usize);
-                (&mut file)
-                    .take(part_size)
-                    .read_to_end(&mut buf)
-                    .await
-                    .map_err(read_error)?;
-                if buf.is_empty() && number > 1 {
-                    break;
-                }
-                let len = buf.len() as u64;
-                let etag = self
-                    .upload_part(bucket, key, &upload_id, number, Bytes::from(buf))
-                    .await?;
-                etags.push((number, etag));
-                sent += len;
+            // `buffer_unordered` starts a part only when fewer than `parts_in_flight` run, so
+            // at most that many part buffers exist; an error drops (cancels) the others.
+            let mut uploads = futures_util::stream::iter(1..=parts)
+                .map(|number| {
+                    let offset = u64::from(number - 1) * part_size;
+                    let len = part_size.min(total - offset);
+                    self.upload_part(bucket, key, &upload_id, path, &file, number, offset, len)
+                })
+                .buffer_unordered(self.parts_in_flight);
+            while let Some(part) = uploads.try_next().await? {
+                sent += part.len;
                 progress(sent, total);
-                number += 1;
-                if len < part_size {
-                    break;
-                }
+                etags.push((part.number, part.etag));
             }
+            etags.sort_unstable_by_key(|(number, _)| *number);
             self.complete(bucket, key, &upload_id, &etags).await?;
             let size = self.head_size(bucket, key).await?;
             if size != total {
@@ -351,63 +459,70 @@ impl S3Client {
         if result.is_err() {
             // Leave no parts behind; if the abort fails too, the upload id expires by lifecycle.
             let _ = self
-                .send(
-                    "AbortMultipartUpload",
-                    Method::DELETE,
+                .send(Request {
+                    operation: "AbortMultipartUpload",
+                    method: Method::DELETE,
                     bucket,
                     key,
-                    &[("uploadId", &upload_id)],
-                    vec![],
-                    Bytes::new(),
-                )
+                    query: &[("uploadId", &upload_id)],
+                    headers: vec![],
+                    body: Payload::empty(),
+                })
                 .await;
         }
         result
     }
 
+    /// Reads part `number` (`len` bytes at `offset` of `file`), hashes it on a blocking thread
+    /// and sends it.
+    #[allow(clippy::too_many_arguments)]
     async fn upload_part(
         &self,
         bucket: &str,
         key: &str,
         upload_id: &str,
+        path: &Path,
+        file: &Arc<std::fs::File>,
         number: u32,
-        body: Bytes,
-    ) -> Result<String, S3Error> {
+        offset: u64,
+        len: u64,
+    ) -> Result<SentPart, S3Error> {
+        let file = Arc::clone(file);
+        let (body, md5) = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            let md5 = content_md5(&buf);
+            Ok((Payload::new(Bytes::from(buf)), md5))
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(|source| S3Error::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         let number_text = number.to_string();
-        let md5 = content_md5(&body);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self
-                .send(
-                    "UploadPart",
-                    Method::PUT,
-                    bucket,
-                    key,
-                    &[("partNumber", &number_text), ("uploadId", upload_id)],
-                    vec![("content-md5".into(), md5.clone())],
-                    body.clone(),
-                )
-                .await;
-            match result {
-                Ok(response) => {
-                    return response
-                        .headers()
-                        .get(reqwest::header::ETAG)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                        .ok_or(S3Error::BadResponse {
-                            operation: "UploadPart",
-                            key: key.to_string(),
-                            what: "an ETag",
-                        })
-                }
-                Err(e) if attempt < PART_ATTEMPTS && is_retryable(&e) => {
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let response = self
+            .send(Request {
+                operation: "UploadPart",
+                method: Method::PUT,
+                bucket,
+                key,
+                query: &[("partNumber", &number_text), ("uploadId", upload_id)],
+                headers: vec![("content-md5".into(), md5)],
+                body,
+            })
+            .await?;
+        let etag = response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or(S3Error::BadResponse {
+                operation: "UploadPart",
+                key: key.to_string(),
+                what: "an ETag",
+            })?;
+        Ok(SentPart { number, len, etag })
     }
 
     async fn complete(
@@ -425,15 +540,15 @@ impl S3Client {
         }
         xml.push_str("</CompleteMultipartUpload>");
         let response = self
-            .send(
-                "CompleteMultipartUpload",
-                Method::POST,
+            .send(Request {
+                operation: "CompleteMultipartUpload",
+                method: Method::POST,
                 bucket,
                 key,
-                &[("uploadId", upload_id)],
-                vec![("content-type".into(), "application/xml".into())],
-                Bytes::from(xml),
-            )
+                query: &[("uploadId", upload_id)],
+                headers: vec![("content-type".into(), "application/xml".into())],
+                body: Payload::new(Bytes::from(xml)),
+            })
             .await?;
         // S3 may answer 200 with an <Error> body when completion fails late.
         let text = response.text().await.unwrap_or_default();
@@ -443,6 +558,7 @@ impl S3Client {
                 key: key.to_string(),
                 status: StatusCode::OK,
                 body: text.chars().take(500).collect(),
+                retry_after: None,
             });
         }
         Ok(())
@@ -450,7 +566,15 @@ impl S3Client {
 
     async fn head_size(&self, bucket: &str, key: &str) -> Result<u64, S3Error> {
         let response = self
-            .send("HEAD", Method::HEAD, bucket, key, &[], vec![], Bytes::new())
+            .send(Request {
+                operation: "HEAD",
+                method: Method::HEAD,
+                bucket,
+                key,
+                query: &[],
+                headers: vec![],
+                body: Payload::empty(),
+            })
             .await?;
         response
             .headers()
@@ -462,14 +586,6 @@ impl S3Client {
                 key: key.to_string(),
                 what: "a Content-Length",
             })
-    }
-}
-
-fn is_retryable(e: &S3Error) -> bool {
-    match e {
-        S3Error::Transport { .. } => true,
-        S3Error::Refused { status, .. } => status.is_server_error(),
-        _ => false,
     }
 }
 
