@@ -133,7 +133,8 @@ bt_ensure_deps() {
 	mapfile -t missing < <(bt_missing_packages git=git curl=curl ip=iproute2 mkfs.ext4=e2fsprogs \
 		debugfs=e2fsprogs python3=python3 setsid=util-linux flock=util-linux runuser=util-linux \
 		mount=mount tar=tar pgrep=procps sysctl=procps iptables=iptables nft=nftables \
-		setcap=libcap2-bin qemu-system-x86_64=qemu-system-x86 htpasswd=apache2-utils)
+		setcap=libcap2-bin qemu-system-x86_64=qemu-system-x86 htpasswd=apache2-utils \
+		chromium=chromium)
 	[[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 	compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 	bt_busybox_static >/dev/null 2>&1 || missing+=(busybox-static)

@@ -147,6 +147,7 @@ pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
         .route_layer(middleware::from_fn_with_state(node.clone(), auth));
     Router::new()
         .merge(authed)
+        .merge(crate::dashboard::router(node.clone()))
         .route("/v1/internal/builds/{id}/complete", post(complete))
         .route("/v1/sources/{token}/repo.git/{*path}", get(source_file))
         .route("/healthz", get(|| async { "ok\n" }))

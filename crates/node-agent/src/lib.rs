@@ -7,6 +7,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod credentials;
+pub mod dashboard;
 pub mod db;
 pub mod flags;
 pub mod local_source;
