@@ -192,6 +192,7 @@ fn run(args: RunArgs) -> i32 {
             .work_dir
             .unwrap_or_else(|| std::env::temp_dir().join("builder-agent")),
         log_file: Some(args.log_file),
+        dockerd_log: None,
         docker_host: args.docker_host,
         docker_cli: args.docker_cli,
         notify_retry: RetryPolicy {

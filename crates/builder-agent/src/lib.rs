@@ -4,8 +4,9 @@
 //! `context` + `dockerignore` (the build context), `buildkit` (the image build through
 //! `docker buildx build`), `docker` (the daemon's API: pull, inspect, save), `convert`
 //! (image in the daemon → rootfs, with the `builder-rootfs` crate), `s3` (upload), `notify`
-//! (webhook). `vm` is the VM's init, `log` is the build log, `error` the one error type every
-//! phase returns, `basic_auth` the `user:password` form git and Docker send credentials in.
+//! (webhook), `guest_logs` (the build's own logs handed to the node agent). `vm` is the VM's
+//! init, `log` is the build log, `error` the one error type every phase returns, `basic_auth`
+//! the `user:password` form git and Docker send credentials in.
 
 pub mod basic_auth;
 pub mod buildkit;
@@ -16,6 +17,7 @@ pub mod docker;
 pub mod dockerignore;
 pub mod error;
 pub mod git;
+pub mod guest_logs;
 pub mod log;
 pub mod notify;
 pub mod pipeline;

@@ -3,7 +3,9 @@
 //!
 //! Whatever happens, the build ends with exactly one report: written to the log, printed on
 //! stdout, and POSTed to `notify_url` when one was given and can be read, even when the other
-//! parameters are invalid. Scratch files and the built image are removed at the end.
+//! parameters are invalid. A build reporting to a node agent first hands it the build log and
+//! the Docker daemon's ([`crate::guest_logs`]). Scratch files and the built image are removed
+//! at the end.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,7 +14,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use builder_contract::params::raw_value;
 use builder_contract::{
-    BuildParams, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming, RootfsArtifact, Secrets,
+    BuildParams, BuildReport, BuildStatus, ErrorClass, LogSource, Phase, PhaseTiming,
+    RootfsArtifact, Secrets,
 };
 use builder_rootfs::{ConvertOptions, ConvertReport};
 use url::Url;
@@ -42,6 +45,8 @@ pub struct RunOptions {
     /// Scratch space: the checkout, the context, the image archive.
     pub work_dir: PathBuf,
     pub log_file: Option<PathBuf>,
+    /// The Docker daemon's log (in the VM), sent to the node agent with the build log.
+    pub dockerd_log: Option<PathBuf>,
     pub docker_host: String,
     /// The Docker CLI with the buildx plugin.
     pub docker_cli: PathBuf,
@@ -226,6 +231,7 @@ pub async fn run(options: &RunOptions) -> Outcome {
 
     if let (Ok(params), Ok(secrets)) = (&params, &secrets) {
         record_status(&log, params, secrets, &report).await;
+        send_logs(&log, params, secrets, options).await;
     }
     let notify = notify(&log, &params, options, secrets.as_ref().ok(), &report).await;
     log.line(&format!(
@@ -282,6 +288,22 @@ async fn record_status(
             crate::error::chain(&e)
         )),
     }
+}
+
+/// Hands the build log and the Docker daemon's to the node agent, before the report (which
+/// ends the VM), on success and failure alike; only when the report goes to a node agent.
+async fn send_logs(log: &BuildLog, params: &BuildParams, secrets: &Secrets, options: &RunOptions) {
+    let (Some(url), Some(secret)) = (&params.notify_url, secrets.webhook_secret.as_deref()) else {
+        return;
+    };
+    let logs: Vec<(LogSource, &Path)> = [
+        (LogSource::Build, options.log_file.as_deref()),
+        (LogSource::Dockerd, options.dockerd_log.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(source, path)| Some((source, path?)))
+    .collect();
+    crate::guest_logs::send(log, url, &params.build_id, secret.as_bytes(), &logs).await;
 }
 
 /// Sends the webhook if there is somewhere to send it.

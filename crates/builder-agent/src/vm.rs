@@ -33,6 +33,8 @@ pub const IMAGE_DIRS: [&str; 2] = ["/usr/share/builder-vm/images", "/run/builder
 /// The console line the host looks for: `builder-agent: exit=<code>`.
 pub const EXIT_MARKER: &str = "builder-agent: exit=";
 const DOCKER_SOCKET: &str = "/run/docker.sock";
+/// The Docker daemon's stdout and stderr; handed to the node agent with the build log.
+const DOCKERD_LOG: &str = "/var/log/dockerd.log";
 const DOCKERD_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn console(message: &str) {
@@ -195,6 +197,7 @@ pub fn build() -> i32 {
         out_dir: PathBuf::from(SCRATCH_MOUNT).join("out"),
         work_dir: PathBuf::from(SCRATCH_MOUNT).join("work"),
         log_file: Some(PathBuf::from("/var/log/build.log")),
+        dockerd_log: Some(PathBuf::from(DOCKERD_LOG)),
         docker_host: format!("unix://{DOCKER_SOCKET}"),
         docker_cli: crate::buildkit::DEFAULT_DOCKER_CLI.into(),
         notify_retry: RetryPolicy::default(),
@@ -223,8 +226,8 @@ pub fn build() -> i32 {
 }
 
 fn start_dockerd() -> Result<std::process::Child, String> {
-    let log = std::fs::File::create("/var/log/dockerd.log")
-        .map_err(|e| format!("cannot create /var/log/dockerd.log: {e}"))?;
+    let log = std::fs::File::create(DOCKERD_LOG)
+        .map_err(|e| format!("cannot create {DOCKERD_LOG}: {e}"))?;
     let log_err = log
         .try_clone()
         .map_err(|e| format!("cannot open the dockerd log: {e}"))?;
@@ -297,7 +300,7 @@ async fn wait_for_dockerd() -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!(
-        "dockerd did not answer within {} s (see /var/log/dockerd.log)",
+        "dockerd did not answer within {} s (see {DOCKERD_LOG})",
         DOCKERD_READY_TIMEOUT.as_secs()
     ))
 }
