@@ -250,6 +250,7 @@ impl QemuConfig {
             process,
             console_log: plan.work_dir.join(CONSOLE_FILE),
             vmm_log: log_path,
+            jailer_log: None,
             collect: vec![],
             api_socket: None,
             metrics: None,

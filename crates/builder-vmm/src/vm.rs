@@ -151,6 +151,8 @@ pub(crate) struct Launched {
     /// Where the console is written while the VM runs.
     pub console_log: PathBuf,
     pub vmm_log: PathBuf,
+    /// The jailer's stdout and stderr, in the work dir (Firecracker only).
+    pub jailer_log: Option<PathBuf>,
     /// Files copied into the work dir when the VMM exits (from, to).
     pub collect: Vec<(PathBuf, PathBuf)>,
     pub api_socket: Option<PathBuf>,
@@ -433,6 +435,15 @@ impl Vm {
     /// The guest's console as it is being written (follow it for live logs).
     pub fn console_log(&self) -> &Path {
         &self.launched.console_log
+    }
+
+    /// The VMM's own logs in the work dir, complete once it has exited (and gone with
+    /// [`Vm::cleanup`]): its log ([`VmExit::vmm_log`]) and, under Firecracker, the jailer's
+    /// output.
+    pub fn vmm_logs(&self) -> Vec<&Path> {
+        std::iter::once(self.launched.vmm_log.as_path())
+            .chain(self.launched.jailer_log.as_deref())
+            .collect()
     }
 
     pub fn addresses(&self) -> Option<&VmAddresses> {

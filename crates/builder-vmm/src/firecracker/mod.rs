@@ -239,6 +239,7 @@ impl FirecrackerConfig {
             process,
             console_log: root.join(CONSOLE_FILE),
             vmm_log: plan.work_dir.join(LOG_FILE),
+            jailer_log: Some(jailer_log),
             collect,
             api_socket: Some(socket),
             metrics: Some(root.join(METRICS_FILE)),
