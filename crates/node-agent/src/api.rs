@@ -1,6 +1,8 @@
-//! The HTTP API (`/v1`, JSON, bearer-token auth), the guest's report endpoint (HMAC-signed with
-//! the build's own key, replays refused), source uploads and the read-only git repositories
-//! they become ([`crate::sources`]), health, readiness and metrics. Every failure is an
+//! The HTTP API (`/v1`, JSON, bearer-token auth), the guest's report and log endpoints
+//! (HMAC-signed with the build's own key, replays refused), source uploads and the read-only
+//! git repositories they become ([`crate::sources`]), each build's logs by source, health,
+//! readiness and metrics. [`router`] is the operator's listener (everything); [`vm_router`]
+//! the VM-facing one (the guest's posts and uploaded sources only). Every failure is an
 //! [`ApiError`], and [`ApiError::status`] is the one place that maps errors to status codes.
 //! A submitted build's credential values go to its file ([`crate::credentials`]); answers show
 //! only their names.
@@ -16,8 +18,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use builder_contract::logs::{log_path, report_path, MAX_GUEST_LOG_BYTES};
 use builder_contract::signature::{self, SignatureError, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use builder_contract::{BuildInputs, BuildReport};
+use builder_contract::{BuildInputs, BuildReport, LogSource};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -33,6 +36,8 @@ const MAX_LIST_LIMIT: u32 = 500;
 const LOG_POLL: Duration = Duration::from_millis(250);
 /// The disk space the work dir needs for a VM's scratch disk and logs.
 const MIN_FREE_DISK_BYTES: u64 = 1 << 30;
+/// The largest guest log post: the most the guest sends, and room for scrubbing's growth.
+const MAX_GUEST_LOG_BODY: u64 = MAX_GUEST_LOG_BYTES + (64 << 10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -50,6 +55,20 @@ pub enum ApiError {
     Query(String),
     #[error("no build has the id {id}")]
     NotFound { id: String },
+    #[error("`source` {given:?} is not a log source here; valid ones are {valid}")]
+    LogSource { given: String, valid: String },
+    #[error(
+        "build {id} has no {source_name} log on this node (not written or sent, pruned, or the \
+         build ran on another node)"
+    )]
+    NoLog { id: String, source_name: LogSource },
+    #[error("cannot read or keep the {source_name} log of build {id}")]
+    KeepLog {
+        id: String,
+        source_name: LogSource,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("build {id} is already {state}")]
     Finished { id: String, state: BuildState },
     #[error("the report for build {id} is refused: {reason}")]
@@ -83,20 +102,25 @@ impl ApiError {
             | ApiError::Body(_)
             | ApiError::Invalid(_)
             | ApiError::Query(_)
+            | ApiError::LogSource { .. }
             | ApiError::BadReport { .. } => StatusCode::BAD_REQUEST,
             ApiError::Source(SourceError::BadBundle { .. }) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound { .. } | ApiError::NoSource => StatusCode::NOT_FOUND,
+            ApiError::NotFound { .. } | ApiError::NoSource | ApiError::NoLog { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Finished { .. } | ApiError::Replay { .. } => StatusCode::CONFLICT,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Db(_) | ApiError::Source(_) | ApiError::Credentials(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::Db(_)
+            | ApiError::Source(_)
+            | ApiError::Credentials(_)
+            | ApiError::KeepLog { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn field(&self) -> Option<&'static str> {
         match self {
             ApiError::Invalid(e) => e.field(),
+            ApiError::LogSource { .. } => Some("source"),
             _ => None,
         }
     }
@@ -132,6 +156,30 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The routes builder VMs use: the signed report and logs, uploaded sources. Each VM gets them
+/// on a listener of its own ([`vm_router`]); the operator's listener serves them too, for a
+/// node whose `callback_url` points there.
+fn vm_routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route(&report_path("{id}"), post(complete))
+        .route(
+            &log_path("{id}", "{source}"),
+            post(guest_log).layer(DefaultBodyLimit::max(MAX_GUEST_LOG_BODY as usize)),
+        )
+        .route("/v1/sources/{token}/repo.git/{*path}", get(source_file))
+}
+
+/// The VM-facing listener's routes: [`vm_routes`] and nothing else (no operator API, no
+/// metrics, no health).
+pub fn vm_router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
+    let limit = node.config.max_body_bytes as usize;
+    vm_routes()
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(Extension(sources))
+        .with_state(node)
+}
+
+/// The operator's listener: the API, the VM routes, health, readiness and metrics.
 pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
     let limit = node.config.max_body_bytes as usize;
     let source_limit = node.config.max_source_bytes as usize;
@@ -148,8 +196,7 @@ pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
     Router::new()
         .merge(authed)
         .merge(crate::dashboard::router(node.clone()))
-        .route("/v1/internal/builds/{id}/complete", post(complete))
-        .route("/v1/sources/{token}/repo.git/{*path}", get(source_file))
+        .merge(vm_routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -239,7 +286,7 @@ async fn submit(
     }
     let mut request = parse_build_request(&bytes)?;
     let id = crate::new_build_id();
-    let params = request.to_params(&id, &node.config.callback_url, node.limits())?;
+    let params = request.to_params(&id, &node.config.vm_base_url(), node.limits())?;
     request.check_output(node.uploads())?;
     // What is stored and shown is what the build gets: left-out resources become this node's.
     request.resolve_resources(node.limits());
@@ -549,18 +596,41 @@ async fn cancel(
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     follow: Option<bool>,
+    source: Option<String>,
 }
 
-/// The console log: followed live while the build runs here, else what is stored.
+/// A build's log `source` (default the console): the console followed live while the build
+/// runs here, else what is kept.
 async fn logs(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
+    let source = match query.source.as_deref() {
+        None => LogSource::Console,
+        Some(name) => LogSource::parse(name).ok_or_else(|| ApiError::LogSource {
+            given: name.to_string(),
+            valid: LogSource::names(),
+        })?,
+    };
     let row = load(&node, &id).await?;
-    let path = node.config.log_path(&id);
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if source != LogSource::Console {
+        return match tokio::fs::read(node.config.log_file(&id, source)).await {
+            Ok(bytes) => Ok((text_plain, bytes).into_response()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::NoLog {
+                id,
+                source_name: source,
+            }),
+            Err(e) => Err(ApiError::KeepLog {
+                id,
+                source_name: source,
+                source: e,
+            }),
+        };
+    }
+    let path = node.config.log_path(&id);
     let follow = query.follow.unwrap_or(true) && !row.state.is_terminal();
     if !follow && !path.exists() {
         return Ok((text_plain, row.log_tail.unwrap_or_default()).into_response());
@@ -614,18 +684,18 @@ async fn logs(
     Ok((text_plain, Body::from_stream(stream)).into_response())
 }
 
-/// The guest's signed report.
-async fn complete(
-    State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<StatusCode> {
-    let bytes = body_bytes(&node, body)?;
-    let Some(key) = node.build_key(&id) else {
-        let row = load(&node, &id).await?;
+/// Checks a post of the guest of build `id`: the build runs here, the body is signed with its
+/// key within the tolerance, and this signature was not seen before (else a replay).
+async fn authenticate_guest(
+    node: &Node,
+    id: &str,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> ApiResult<()> {
+    let Some(key) = node.build_key(id) else {
+        let row = load(node, id).await?;
         return Err(ApiError::Finished {
-            id,
+            id: id.to_string(),
             state: row.state,
         });
     };
@@ -635,24 +705,71 @@ async fn complete(
         key.as_bytes(),
         header(TIMESTAMP_HEADER),
         header(SIGNATURE_HEADER),
-        &bytes,
+        bytes,
         now,
         signature::DEFAULT_TOLERANCE_SECS,
     )
     .map_err(|source| ApiError::Signature {
-        id: id.clone(),
+        id: id.to_string(),
         source,
     })?;
+    let sig = header(SIGNATURE_HEADER).unwrap_or_default();
+    if !node.db.record_signature(sig, id).await? {
+        return Err(ApiError::Replay { id: id.to_string() });
+    }
+    Ok(())
+}
+
+/// One of the guest's own logs ([`LogSource::GUEST`]), signed like its report; kept scrubbed
+/// and within `max_log_bytes`.
+async fn guest_log(
+    State(node): State<Arc<Node>>,
+    Path((id, source)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let source = LogSource::parse(&source)
+        .filter(|s| s.is_guest())
+        .ok_or_else(|| ApiError::LogSource {
+            given: source,
+            valid: LogSource::GUEST.map(LogSource::as_str).join(", "),
+        })?;
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: MAX_GUEST_LOG_BODY,
+            }
+        } else {
+            ApiError::Body(rejection)
+        }
+    })?;
+    authenticate_guest(&node, &id, &headers, &bytes).await?;
+    let row = load(&node, &id).await?;
+    node.keep_guest_log(&row, source, &bytes)
+        .await
+        .map_err(|e| ApiError::KeepLog {
+            id,
+            source_name: source,
+            source: e,
+        })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The guest's signed report.
+async fn complete(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let bytes = body_bytes(&node, body)?;
+    authenticate_guest(&node, &id, &headers, &bytes).await?;
     let report: BuildReport = parse_json(&bytes)?;
     if report.build_id != id {
         return Err(ApiError::BadReport {
             reason: format!("it is about build {}", report.build_id),
             id,
         });
-    }
-    let sig = header(SIGNATURE_HEADER).unwrap_or_default();
-    if !node.db.record_signature(sig, &id).await? {
-        return Err(ApiError::Replay { id });
     }
     if !node.signal(&id, Signal::Report(Box::new(report))).await {
         let row = load(&node, &id).await?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use builder_contract::LogSource;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -143,9 +144,18 @@ impl Client {
             .context("the node agent's answer to a cancel is not valid")
     }
 
-    /// Streams the log to `out` line by line until the build ends (or now, without `follow`).
-    pub async fn logs(&self, id: &str, follow: bool, mut out: impl FnMut(&str)) -> Result<()> {
-        let url = self.url(&format!("/v1/builds/{id}/logs?follow={follow}"))?;
+    /// Streams log `source` to `out` line by line until the build ends (or now, without
+    /// `follow`; only the console is followed).
+    pub async fn logs(
+        &self,
+        id: &str,
+        source: LogSource,
+        follow: bool,
+        mut out: impl FnMut(&str),
+    ) -> Result<()> {
+        let url = self.url(&format!(
+            "/v1/builds/{id}/logs?source={source}&follow={follow}"
+        ))?;
         let mut stream = self.send(self.http.get(url)).await?.bytes_stream();
         let mut pending = String::new();
         while let Some(chunk) = stream.next().await {
@@ -171,7 +181,9 @@ impl Client {
         );
         bar.enable_steady_tick(Duration::from_millis(120));
         let log_bar = bar.clone();
-        let logs = self.logs(id, true, move |line| say(&log_bar, format!("  | {line}")));
+        let logs = self.logs(id, LogSource::Console, true, move |line| {
+            say(&log_bar, format!("  | {line}"))
+        });
         tokio::pin!(logs);
         let mut logs_done = false;
         let mut last = String::new();

@@ -6,6 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use builder_contract::LogSource;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -46,6 +47,11 @@ pub enum ConfigError {
         resolv_conf: PathBuf,
         upstream: PathBuf,
     },
+    #[error(
+        "`listen` and `vm_listen_port` are both port {port}: the VM-facing listener needs a port \
+         of its own (or set `callback_url` to serve builder VMs on the API's address)"
+    )]
+    SamePort { port: u16 },
     #[error("`{key}` must be at least {min}, got {value}")]
     TooSmall {
         key: &'static str,
@@ -90,6 +96,9 @@ struct Layered {
     max_source_bytes: u64,
     webhook_attempts: u32,
     poll_interval_ms: u64,
+    vm_listen_port: u16,
+    max_log_bytes: u64,
+    retention_days: u64,
 }
 
 /// Flags of `node-agent serve`; every one also reads `NODE_AGENT_<NAME>`.
@@ -131,7 +140,9 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_CAPACITY_MEM_MIB")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_mem_mib: Option<u64>,
-    /// Base URL builder VMs post their signed report to.
+    /// Base URL builder VMs post their signed report and logs to and clone uploaded sources
+    /// from, instead of the per-VM listener on `vm_listen_port` (for a node agent behind
+    /// another address, e.g. several hosts behind one name).
     #[arg(long, env = "NODE_AGENT_CALLBACK_URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<Url>,
@@ -199,6 +210,19 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_POLL_INTERVAL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_interval_ms: Option<u64>,
+    /// The port of the VM-facing listener, served on the host end of each running VM's veth
+    /// (the guest's report and logs, uploaded sources; nothing of the operator API).
+    #[arg(long, env = "NODE_AGENT_VM_LISTEN_PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_listen_port: Option<u16>,
+    /// The most bytes kept of each log of a build (console, vmm, build, dockerd): the tail.
+    #[arg(long, env = "NODE_AGENT_MAX_LOG_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_log_bytes: Option<u64>,
+    /// Days an ended build (its row, events and logs) is kept; 0 keeps them forever.
+    #[arg(long, env = "NODE_AGENT_RETENTION_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -212,7 +236,9 @@ pub struct Config {
     pub node_id: String,
     pub capacity_vcpus: u32,
     pub capacity_mem_mib: u64,
-    pub callback_url: Url,
+    /// The base URL builder VMs reach this node at when set; else the per-VM listener
+    /// ([`Config::vm_base_url`]).
+    pub callback_url: Option<Url>,
     pub s3_credentials_file: Option<PathBuf>,
     pub vmm: VmmKind,
     pub kernel: PathBuf,
@@ -229,6 +255,10 @@ pub struct Config {
     pub max_source_bytes: u64,
     pub webhook_attempts: u32,
     pub poll_interval_ms: u64,
+    pub vm_listen_port: u16,
+    pub max_log_bytes: u64,
+    /// 0: builds are kept forever.
+    pub retention_days: u64,
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
@@ -277,6 +307,8 @@ impl Config {
             ("webhook_attempts", 1, u64::from(l.webhook_attempts)),
             ("poll_interval_ms", 10, l.poll_interval_ms),
             ("default_timeout_s", 1, l.default_timeout_s),
+            ("vm_listen_port", 1, u64::from(l.vm_listen_port)),
+            ("max_log_bytes", 4096, l.max_log_bytes),
         ] {
             if value < min {
                 return Err(ConfigError::TooSmall { key, min, value });
@@ -289,9 +321,11 @@ impl Config {
                 under_work_dir("node-agent.db").display()
             )
         });
-        let callback_url = l.callback_url.unwrap_or_else(|| {
-            Url::parse(&format!("http://{}", l.listen)).expect("a socket address makes a URL")
-        });
+        if l.callback_url.is_none() && l.listen.port() == l.vm_listen_port {
+            return Err(ConfigError::SamePort {
+                port: l.vm_listen_port,
+            });
+        }
         Ok(Config {
             listen: l.listen,
             database_url,
@@ -304,7 +338,7 @@ impl Config {
             node_id: l.node_id.unwrap_or_else(host_name),
             capacity_vcpus,
             capacity_mem_mib,
-            callback_url,
+            callback_url: l.callback_url,
             s3_credentials_file: l.s3_credentials_file,
             vmm: l.vmm,
             kernel: l.kernel,
@@ -323,6 +357,9 @@ impl Config {
             max_source_bytes: l.max_source_bytes,
             webhook_attempts: l.webhook_attempts,
             poll_interval_ms: l.poll_interval_ms,
+            vm_listen_port: l.vm_listen_port,
+            max_log_bytes: l.max_log_bytes,
+            retention_days: l.retention_days,
             work_dir: l.work_dir,
         })
     }
@@ -337,9 +374,35 @@ impl Config {
         self.work_dir.join("credentials")
     }
 
+    /// The base URL builder VMs post their report and logs to and clone uploaded sources from:
+    /// `callback_url` when set, else the VM-facing listener on `vm_listen_port`, whose loopback
+    /// host each VM's launcher replaces by the host end of that VM's veth (where the listener
+    /// is bound while the VM runs).
+    pub fn vm_base_url(&self) -> Url {
+        self.callback_url.clone().unwrap_or_else(|| {
+            Url::parse(&format!("http://127.0.0.1:{}", self.vm_listen_port))
+                .expect("an address and a port make a URL")
+        })
+    }
+
+    /// Whether the VM-facing routes are served per VM (no `callback_url` override).
+    pub fn per_vm_listener(&self) -> bool {
+        self.callback_url.is_none()
+    }
+
+    /// Where the build logs of this node are kept.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.work_dir.join("logs")
+    }
+
     /// Where a build's console log is kept on this node.
     pub fn log_path(&self, build_id: &str) -> PathBuf {
-        self.work_dir.join("logs").join(format!("{build_id}.log"))
+        self.log_file(build_id, LogSource::Console)
+    }
+
+    /// Where log `source` of a build is kept on this node ([`crate::logs::file_of`]).
+    pub fn log_file(&self, build_id: &str, source: LogSource) -> PathBuf {
+        crate::logs::file_of(&self.logs_dir(), build_id, source)
     }
 
     /// The directory each VM's work dir is made in.
@@ -481,7 +544,10 @@ mod tests {
         assert_eq!(c.grace_period_s, 60);
         assert_eq!(c.api_token_file, dir.path().join("api-token"));
         assert!(c.database_url.starts_with("sqlite://"));
-        assert_eq!(c.callback_url.as_str(), "http://127.0.0.1:9000/");
+        assert_eq!(c.callback_url, None);
+        assert_eq!(c.vm_base_url().as_str(), "http://127.0.0.1:7071/");
+        assert_eq!(c.retention_days, 14);
+        assert_eq!(c.max_log_bytes, 8 << 20);
 
         std::fs::write(&file, "capacity_cpus = 3\n").unwrap();
         let err = Config::load(&args).unwrap_err();

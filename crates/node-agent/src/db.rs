@@ -1,4 +1,5 @@
-//! The durable state: builds, their event history and seen report signatures, in SQLite (one
+//! The durable state: builds, their event history and seen report signatures (all pruned by
+//! age, see [`crate::node::Node::prune`]), in SQLite (one
 //! host) or PostgreSQL (a queue shared by several hosts) through one code path over
 //! `sqlx::Any`. The SQL is portable; the only dialect difference is the row-lock suffix, which
 //! is `FOR UPDATE [SKIP LOCKED]` on PostgreSQL and nothing on SQLite, where the pool has a
@@ -657,6 +658,73 @@ impl Db {
         .await
         .map_err(q("list pending webhooks"))?;
         rows.iter().map(build_from_row).collect()
+    }
+
+    /// Deletes up to `limit` builds that ended before `before_ms` (and whose requester webhook
+    /// is no longer being delivered) with their events, in one transaction. Returns their ids
+    /// and how many events went.
+    pub async fn prune_builds(
+        &self,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<(Vec<String>, u64), DbError> {
+        let terminal: Vec<BuildState> = BuildState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
+        let placeholders: Vec<String> =
+            (0..terminal.len()).map(|i| format!("${}", i + 3)).collect();
+        let sql = format!(
+            "SELECT id FROM builds WHERE COALESCE(finished_at_ms, updated_at_ms) < $1 \
+             AND webhook_state <> 'pending' AND state IN ({}) ORDER BY id LIMIT $2{}",
+            placeholders.join(", "),
+            self.lock(true)
+        );
+        let mut tx = self.pool.begin().await.map_err(q("begin a transaction"))?;
+        let mut query = sqlx::query(&sql).bind(before_ms).bind(i64::from(limit));
+        for s in &terminal {
+            query = query.bind(s.as_str());
+        }
+        let ids = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("find ended builds to prune"))?
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(q("find ended builds to prune"))?;
+        if ids.is_empty() {
+            return Ok((ids, 0));
+        }
+        let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let list = list.join(", ");
+        let events_sql = format!("DELETE FROM build_events WHERE build_id IN ({list})");
+        let builds_sql = format!("DELETE FROM builds WHERE id IN ({list})");
+        let with_ids = |sql| {
+            ids.iter()
+                .fold(sqlx::query(sql), |q, id| q.bind(id.clone()))
+        };
+        let events = with_ids(&events_sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("delete the events of pruned builds"))?
+            .rows_affected();
+        with_ids(&builds_sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("delete pruned builds"))?;
+        tx.commit().await.map_err(q("commit pruned builds"))?;
+        Ok((ids, events))
+    }
+
+    /// Deletes the report signatures recorded before `before_ms`; says how many went.
+    pub async fn prune_signatures(&self, before_ms: i64) -> Result<u64, DbError> {
+        let done = sqlx::query("DELETE FROM seen_signatures WHERE at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(q("prune report signatures"))?;
+        Ok(done.rows_affected())
     }
 
     /// Records a report signature; false when it was seen before (a replay).

@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod db;
 pub mod flags;
 pub mod local_source;
+pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod node;
@@ -59,11 +60,18 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let sources = std::sync::Arc::new(
-        sources::Sources::new(node.config.sources_dir(), node.config.callback_url.clone())
+        sources::Sources::new(node.config.sources_dir(), node.config.vm_base_url())
             .map_err(std::io::Error::other)?,
     );
     sweep_sources(&sources, &node).await;
+    if node.config.per_vm_listener() {
+        node.set_vm_routes(Some(vm::VmRoutes::new(api::vm_router(
+            node.clone(),
+            sources.clone(),
+        ))));
+    }
     let scheduler = tokio::spawn(node.clone().run());
+    let pruner = tokio::spawn(node.clone().prune_forever());
     let sweeper = tokio::spawn(sources.clone().sweep_forever(node.db.clone()));
     let credentials_sweeper = {
         let node = node.clone();
@@ -83,7 +91,10 @@ pub async fn serve_on(
         .with_graceful_shutdown(drained)
         .await?;
     scheduler.abort();
+    pruner.abort();
     sweeper.abort();
+    // The routes hold the node: dropped, nothing holds it in a cycle.
+    node.set_vm_routes(None);
     credentials_sweeper.abort();
     sweep_sources(&sources, &node).await;
     Ok(())
@@ -106,13 +117,19 @@ pub async fn serve(node: std::sync::Arc<node::Node>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(%listen, node_id = node.config.node_id, "node agent listening");
-    if listen.ip().is_loopback() {
-        tracing::warn!(
+    match &node.config.callback_url {
+        None => tracing::info!(
             %listen,
-            "the API listens on loopback only: builder VMs reach the host through their veth, so \
-             their reports will not arrive; listen on 0.0.0.0 (or the host's address) for real builds"
-        );
+            vm_listen_port = node.config.vm_listen_port,
+            node_id = node.config.node_id,
+            "node agent listening; builder VMs are served on the host end of their veth"
+        ),
+        Some(callback_url) => tracing::info!(
+            %listen,
+            %callback_url,
+            node_id = node.config.node_id,
+            "node agent listening; builder VMs reach it at the callback URL"
+        ),
     }
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use builder_contract::LogSource;
 use clap::{Parser, Subcommand};
 use node_agent::client::{self, Client, Connection};
 use node_agent::config::{Config, ServeArgs};
@@ -53,13 +54,16 @@ enum Command {
         conn: Connection,
         id: String,
     },
-    /// Print a build's console log (following it while the build runs).
+    /// Print a build's log: the console (followed while the build runs), or another source.
     Logs {
         #[command(flatten)]
         conn: Connection,
         id: String,
         #[arg(long)]
         no_follow: bool,
+        /// Which log: console, vmm (the VMM's own), build (the guest agent's), dockerd.
+        #[arg(long, default_value = "console", value_parser = parse_log_source)]
+        source: LogSource,
     },
 }
 
@@ -103,6 +107,12 @@ struct SubmitArgs {
     /// Follow the build to its end, streaming its log.
     #[arg(long)]
     wait: bool,
+}
+
+/// `--source`: a log source by name, or an error listing the valid ones.
+fn parse_log_source(name: &str) -> Result<LogSource, String> {
+    LogSource::parse(name)
+        .ok_or_else(|| format!("not a log source; valid ones are {}", LogSource::names()))
 }
 
 fn main() {
@@ -258,9 +268,10 @@ async fn run(cli: Cli) -> Result<i32> {
             conn,
             id,
             no_follow,
+            source,
         } => {
             Client::new(&conn)?
-                .logs(&id, !no_follow, |line| println!("{line}"))
+                .logs(&id, source, !no_follow, |line| println!("{line}"))
                 .await?;
             Ok(0)
         }

@@ -1,5 +1,5 @@
 //! Prometheus metrics: in-process histograms and counters (phase durations, admission latency,
-//! VMM exit codes), rendered in the text exposition format together with the gauges read at
+//! VMM exit codes, what the retention pass deleted), rendered in the text exposition format together with the gauges read at
 //! scrape time (builds by state from the database, queue depth, capacity and usage) and a
 //! curated set of each running Firecracker VM's own counters ([`VM_COUNTERS`], every non-zero
 //! `*_fails`), labelled by build id.
@@ -74,6 +74,7 @@ struct Inner {
     admission: Histogram,
     vmm_exits: BTreeMap<String, u64>,
     running: usize,
+    pruned: crate::node::Pruned,
 }
 
 #[derive(Debug)]
@@ -237,6 +238,7 @@ impl Metrics {
                 admission: Histogram::new(&ADMISSION_BUCKETS),
                 vmm_exits: BTreeMap::new(),
                 running: 0,
+                pruned: crate::node::Pruned::default(),
             }),
             reclaimed,
         }
@@ -261,6 +263,14 @@ impl Metrics {
     pub fn observe_vmm_exit(&self, code: Option<i32>) {
         let label = code.map_or_else(|| "signal".to_string(), |c| c.to_string());
         *self.inner().vmm_exits.entry(label).or_default() += 1;
+    }
+
+    pub fn observe_pruned(&self, p: &crate::node::Pruned) {
+        let total = &mut self.inner().pruned;
+        total.builds += p.builds;
+        total.events += p.events;
+        total.signatures += p.signatures;
+        total.log_files += p.log_files;
     }
 
     pub fn set_running(&self, running: usize) {
@@ -311,6 +321,16 @@ impl Metrics {
         inner
             .admission
             .render(&mut out, "node_agent_admission_seconds", "");
+        let p = inner.pruned;
+        out.push_str("# HELP node_agent_pruned_total Rows and files the retention pass deleted: ended builds, their events, their log files, seen report signatures.\n# TYPE node_agent_pruned_total counter\n");
+        for (what, n) in [
+            ("builds", p.builds),
+            ("events", p.events),
+            ("log_files", p.log_files),
+            ("signatures", p.signatures),
+        ] {
+            let _ = writeln!(out, "node_agent_pruned_total{{what=\"{what}\"}} {n}");
+        }
         render_vms(&mut out, &s.vms);
         out
     }

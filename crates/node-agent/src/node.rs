@@ -1,6 +1,7 @@
 //! The node: capacity and CPU accounting, the scheduler loop that claims queued builds, and the
-//! supervisor of each build's VM from launch to its one terminal state. Restart recovery and
-//! the SIGTERM drain live here too, since they are about the same running set.
+//! supervisor of each build's VM from launch to its one terminal state, and what is kept of
+//! its logs. Restart recovery, the SIGTERM drain and the retention pass (pruning ended builds,
+//! their events and logs, and old report signatures) live here too.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use builder_contract::{
-    BuildArgs, BuildFailure, BuildParams, BuildReport, BuildStatus, ErrorClass, Phase,
+    BuildArgs, BuildFailure, BuildParams, BuildReport, BuildStatus, ErrorClass, LogSource, Phase,
     S3Credentials, Secrets,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -20,7 +21,7 @@ use crate::credentials::{scrub, CredentialError, CredentialStore, Credentials};
 use crate::db::{BuildRow, Db, DbError, Update};
 use crate::metrics::Metrics;
 use crate::model::{BuildState, Limits};
-use crate::vm::{cmdline_budget_base, LaunchSpec, Launcher, RunningVm, VmExit};
+use crate::vm::{cmdline_budget_base, LaunchSpec, Launcher, RunningVm, VmExit, VmRoutes};
 
 /// How much of the console log goes into the database and the failure webhook.
 pub const LOG_TAIL_BYTES: u64 = 4096;
@@ -30,6 +31,15 @@ const REPORT_AFTER_EXIT: Duration = Duration::from_secs(2);
 const POWEROFF_AFTER_REPORT: Duration = Duration::from_secs(10);
 /// How often a running build's console and cancel flag are looked at.
 const SUPERVISE_TICK: Duration = Duration::from_millis(500);
+/// How often the retention pass runs (and once at start).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long a seen report signature is kept: a signature is accepted while its timestamp is
+/// within the tolerance of the receiver's clock on either side, so one recorded now can be
+/// replayed for at most twice the tolerance.
+const SIGNATURE_KEEP_MS: i64 =
+    2 * builder_contract::signature::DEFAULT_TOLERANCE_SECS as i64 * 1000;
+/// Ended builds deleted per database transaction of the retention pass.
+const PRUNE_BATCH: u32 = 500;
 
 /// What a supervisor is told while its VM runs.
 #[derive(Debug)]
@@ -79,6 +89,18 @@ pub struct Node {
     idle: Notify,
     draining: AtomicBool,
     http: reqwest::Client,
+    /// The VM-facing routes each VM gets on a listener of its own while it runs; set while the
+    /// node serves ([`crate::serve_on`]) and no `callback_url` overrides them.
+    vm_routes: Mutex<Option<VmRoutes>>,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub builds: u64,
+    pub events: u64,
+    pub signatures: u64,
+    pub log_files: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +175,7 @@ impl Node {
             wake: Notify::new(),
             idle: Notify::new(),
             draining: AtomicBool::new(false),
+            vm_routes: Mutex::new(None),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -169,7 +192,70 @@ impl Node {
         if removed > 0 {
             tracing::info!(removed, "credentials files of ended builds removed");
         }
+        node.prune_logged().await;
         Ok(node)
+    }
+
+    /// Sets (or, with `None`, drops) the routes each VM is served on a listener of its own.
+    pub fn set_vm_routes(&self, routes: Option<VmRoutes>) {
+        *self.vm_routes.lock().expect("vm routes lock") = routes;
+    }
+
+    /// The retention pass: deletes the builds that ended more than `retention_days` ago (not
+    /// while their webhook is still being delivered) with their events and logs, the log files
+    /// of builds the database no longer has, and the report signatures past the replay window.
+    pub async fn prune(&self) -> Result<Pruned, DbError> {
+        let now = crate::now_ms();
+        let mut pruned = Pruned {
+            signatures: self.db.prune_signatures(now - SIGNATURE_KEEP_MS).await?,
+            ..Pruned::default()
+        };
+        if self.config.retention_days > 0 {
+            let keep_ms = i64::try_from(self.config.retention_days)
+                .unwrap_or(i64::MAX / 86_400_000)
+                .saturating_mul(86_400_000);
+            let before_ms = now.saturating_sub(keep_ms);
+            let logs_dir = self.config.logs_dir();
+            loop {
+                let (ids, events) = self.db.prune_builds(before_ms, PRUNE_BATCH).await?;
+                pruned.builds += ids.len() as u64;
+                pruned.events += events;
+                for id in &ids {
+                    pruned.log_files += crate::logs::remove(&logs_dir, id).await;
+                }
+                if ids.len() < PRUNE_BATCH as usize {
+                    break;
+                }
+            }
+            let before = std::time::UNIX_EPOCH + Duration::from_millis(before_ms.max(0) as u64);
+            pruned.log_files += crate::logs::sweep(&logs_dir, &self.db, before).await?;
+        }
+        self.metrics.observe_pruned(&pruned);
+        Ok(pruned)
+    }
+
+    /// [`Node::prune`], its outcome logged.
+    async fn prune_logged(&self) {
+        match self.prune().await {
+            Ok(p) if p == Pruned::default() => {}
+            Ok(p) => tracing::info!(
+                builds = p.builds,
+                events = p.events,
+                signatures = p.signatures,
+                log_files = p.log_files,
+                retention_days = self.config.retention_days,
+                "pruned"
+            ),
+            Err(e) => tracing::warn!(error = crate::error_chain(&e), "the retention pass failed"),
+        }
+    }
+
+    /// Runs the retention pass every [`PRUNE_INTERVAL`] (the first ran at start).
+    pub async fn prune_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PRUNE_INTERVAL).await;
+            self.prune_logged().await;
+        }
     }
 
     async fn recover(self: &Arc<Self>) -> Result<(), DbError> {
@@ -362,6 +448,11 @@ impl Node {
             Err(message) => return (Outcome::Internal(message), None),
         };
         let console_log = self.config.log_path(&row.id);
+        let vm_routes = self
+            .config
+            .per_vm_listener()
+            .then(|| self.vm_routes.lock().expect("vm routes lock").clone())
+            .flatten();
         let spec = LaunchSpec {
             build_id: row.id.clone(),
             params,
@@ -372,6 +463,8 @@ impl Node {
             cpus: cpus.clone(),
             egress_allow: row.request.egress_allow.clone(),
             console_log: console_log.clone(),
+            vmm_log: self.config.log_file(&row.id, LogSource::Vmm),
+            vm_routes,
             timeout: Duration::from_secs(row.timeout_s),
         };
         let mut vm = match self.launcher.launch(spec).await {
@@ -437,7 +530,7 @@ impl Node {
     fn launch_inputs(&self, row: &BuildRow, key: String) -> Result<(BuildParams, Secrets), String> {
         let mut params = row
             .request
-            .to_params(&row.id, &self.config.callback_url, self.limits())
+            .to_params(&row.id, &self.config.vm_base_url(), self.limits())
             .map_err(|e| format!("the stored request is no longer valid: {e}"))?;
         let mut secrets = Secrets {
             s3: self.s3.clone(),
@@ -537,9 +630,47 @@ impl Node {
         vm.wait().await.ok()
     }
 
+    /// The build's credential values, to scrub what is kept of it; none when its file cannot
+    /// be read (said in the node's log).
+    fn credentials_of(&self, row: &BuildRow) -> Credentials {
+        if row.credentials.is_empty() {
+            return Credentials::default();
+        }
+        match self.credentials.read(&row.id) {
+            Ok(c) => c.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(
+                    build_id = row.id,
+                    error = crate::error_chain(&e),
+                    "cannot read the credentials file: the build's logs are kept unscrubbed"
+                );
+                Credentials::default()
+            }
+        }
+    }
+
+    /// Keeps a log the guest of a build running here sent: scrubbed of the build's credential
+    /// values, its tail within `max_log_bytes`.
+    pub async fn keep_guest_log(
+        &self,
+        row: &BuildRow,
+        source: LogSource,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        let credentials = self.credentials_of(row);
+        crate::logs::keep(
+            &self.config.log_file(&row.id, source),
+            bytes,
+            &credentials.values(),
+            self.config.max_log_bytes,
+        )
+        .await
+    }
+
     /// Writes the terminal state (if the build is not terminal yet), removes the build's
-    /// credentials file and sends the webhook. The console tail and the error message are
-    /// scrubbed of the credential values first.
+    /// credentials file and sends the webhook. The logs the node wrote itself (console, VMM)
+    /// are kept scrubbed of the credential values and capped first; so are the console tail
+    /// and the error message.
     pub async fn finish(
         self: &Arc<Self>,
         row: &BuildRow,
@@ -548,19 +679,19 @@ impl Node {
         exit_code: Option<i32>,
     ) -> Result<bool, DbError> {
         let has_credentials = !row.credentials.is_empty();
-        let credentials = match has_credentials.then(|| self.credentials.read(&row.id)) {
-            None => Credentials::default(),
-            Some(Ok(c)) => c.unwrap_or_default(),
-            Some(Err(e)) => {
+        let credentials = self.credentials_of(row);
+        let values = credentials.values();
+        for source in [LogSource::Console, LogSource::Vmm] {
+            let path = self.config.log_file(&row.id, source);
+            if let Err(e) = crate::logs::seal(&path, &values, self.config.max_log_bytes).await {
                 tracing::warn!(
                     build_id = row.id,
-                    error = crate::error_chain(&e),
-                    "cannot read the credentials file: the console tail is stored unscrubbed"
+                    error = %e,
+                    path = %path.display(),
+                    "the {source} log cannot be scrubbed and capped"
                 );
-                Credentials::default()
             }
-        };
-        let values = credentials.values();
+        }
         let tail = scrub(&read_tail(&self.config.log_path(&row.id)).await, &values);
         let current = self.db.get(&row.id).await?;
         let phase = current

@@ -2,7 +2,12 @@
 //! hands back a [`RunningVm`] to wait on, kill and clean up. Every host side effect of a VM
 //! (processes, TAPs, netns, cgroups, work dirs) sits behind these traits, so the scheduler and
 //! supervisor are the same code whichever VMM (or test double) is underneath.
+//!
+//! The VM-facing routes ([`VmRoutes`]: the guest's report and logs, uploaded sources) are
+//! served to each VM on an address of its own while it runs ([`VmListener`]), bound by the
+//! launcher, which alone knows where the VM reaches the host.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -76,8 +81,112 @@ pub struct LaunchSpec {
     pub egress_allow: Vec<String>,
     /// Where the serial console is written; it outlives the VM's work dir.
     pub console_log: PathBuf,
+    /// Where the VMM's own logs are kept once the VM is gone (the launcher writes it at
+    /// cleanup, before the VM's work dir goes).
+    pub vmm_log: PathBuf,
+    /// The VM-facing routes, to serve on the address the VM reaches the host at while it runs
+    /// ([`VmRoutes::serve`], then [`point_at_host`]); `None` when `callback_url` names where
+    /// the VMs reach this node.
+    pub vm_routes: Option<VmRoutes>,
     /// The build's time limit; the supervisor enforces it, a launcher may add a backstop.
     pub timeout: Duration,
+}
+
+/// The routes a builder VM uses (see [`crate::api::vm_router`]), to be served to one VM.
+#[derive(Clone)]
+pub struct VmRoutes(axum::Router);
+
+impl std::fmt::Debug for VmRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmRoutes")
+    }
+}
+
+impl VmRoutes {
+    pub fn new(router: axum::Router) -> Self {
+        VmRoutes(router)
+    }
+
+    /// Serves the routes on `addr` until the answer is dropped. The address need not exist
+    /// yet (`IP_FREEBIND`): a launcher binds before the VM's network is made, so the listener
+    /// is there before the VM can call.
+    pub fn serve(&self, addr: SocketAddr) -> std::io::Result<VmListener> {
+        use std::os::fd::AsRawFd;
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor, and a pointer to an int that outlives the call,
+        // with its size.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_FREEBIND,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        socket.bind(addr)?;
+        let listener = socket.listen(64)?;
+        let addr = listener.local_addr()?;
+        let router = self.0.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::warn!(%addr, error = %e, "the VM-facing listener failed");
+            }
+        });
+        Ok(VmListener { addr, task })
+    }
+}
+
+/// The VM-facing routes served to one VM; dropping it stops listening.
+#[derive(Debug)]
+pub struct VmListener {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl VmListener {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for VmListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Points the URLs of `params` that name this host (loopback, the wildcard address,
+/// `localhost`) at `host`: the report URL, and an uploaded source's URL when it is served on
+/// the report URL's port; both get `port` when given (the VM-facing listener's). Returns the
+/// port the VM must be let through to on `host`, when the report URL names this host.
+pub fn point_at_host(params: &mut BuildParams, host: IpAddr, port: Option<u16>) -> Option<u16> {
+    let is_local = |url: &url::Url| match url.host_str().and_then(|h| h.parse::<IpAddr>().ok()) {
+        Some(ip) => ip.is_loopback() || ip.is_unspecified(),
+        None => url.host_str() == Some("localhost"),
+    };
+    let url = params.notify_url.as_mut().filter(|url| is_local(url))?;
+    let original_port = url.port_or_known_default();
+    let point = |url: &mut url::Url| {
+        let _ = url.set_host(Some(&host.to_string()));
+        if let Some(port) = port {
+            let _ = url.set_port(Some(port));
+        }
+        url.port_or_known_default()
+    };
+    let host_port = point(url);
+    if is_local(&params.repo_url) && params.repo_url.port_or_known_default() == original_port {
+        point(&mut params.repo_url);
+    }
+    host_port
 }
 
 /// How a VM ended.

@@ -1,6 +1,7 @@
 //! The [`Launcher`] over the `builder-vmm` layer: turns a [`LaunchSpec`] into a [`VmSpec`]
 //! (scratch disk, config drive with the secrets, network slot, egress rules, CPU pinning, the
-//! report callback reachable from inside the VM) and a started VM into a [`RunningVm`].
+//! VM-facing listener on the host end of the VM's veth and the URLs pointing at it) and a
+//! started VM into a [`RunningVm`], which keeps the console and the VMM's logs when it goes.
 //!
 //! Every VM this node starts is tagged `bvm-<node tag>-<build id>`, the node tag being derived
 //! from the node id, so the reclaim at start removes this node's leftovers and never another
@@ -21,7 +22,9 @@ use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, VmmKind};
-use crate::vm::{Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit};
+use crate::vm::{
+    point_at_host, Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit, VmListener,
+};
 
 /// How long past the build's own timeout the VMM layer's backstop kills a VM.
 const BACKSTOP: Duration = Duration::from_secs(60);
@@ -129,6 +132,12 @@ enum LaunchError {
     NoSlot { slots: u32, pool: AddressPool },
     #[error("{field} = {value} is more than the VMM accepts")]
     TooBig { field: &'static str, value: u64 },
+    #[error("cannot serve the VM-facing routes on {addr}")]
+    VmListener {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot link the console log {link} to {target}")]
     Console {
         link: PathBuf,
@@ -146,33 +155,35 @@ impl VmmLauncher {
         Some(slot)
     }
 
-    async fn start(&self, spec: LaunchSpec, slot: u32) -> Result<Vm, VmError> {
+    async fn start(
+        &self,
+        spec: LaunchSpec,
+        slot: u32,
+    ) -> Result<(Vm, Option<VmListener>), VmError> {
         let id = spec.build_id.clone();
         let addresses = self.pool.addresses(slot).map_err(|e| boxed(&id, e))?;
+        let host = IpAddr::V4(addresses.host_veth);
         let mut params = spec.params;
+        // The VM-facing routes, on the host end of the VM's veth, bound before the VM exists.
+        let listener = match (&spec.vm_routes, &params.notify_url) {
+            (Some(routes), Some(url)) => {
+                let addr =
+                    std::net::SocketAddr::new(host, url.port_or_known_default().unwrap_or(80));
+                let listener = routes
+                    .serve(addr)
+                    .map_err(|source| boxed(&id, LaunchError::VmListener { addr, source }))?;
+                Some(listener)
+            }
+            _ => None,
+        };
         // A callback on loopback or the wildcard address is this host: from inside the VM that
         // is the host end of its veth. So is a source uploaded to this node agent, served on
         // the same port (`node-agent submit DIR`).
-        let is_local = |url: &url::Url| match url.host_str().and_then(|h| h.parse::<IpAddr>().ok())
-        {
-            Some(ip) => ip.is_loopback() || ip.is_unspecified(),
-            None => url.host_str() == Some("localhost"),
-        };
-        let mut host_port = None;
-        if let Some(url) = params.notify_url.as_mut() {
-            if is_local(url) {
-                let _ = url.set_host(Some(&addresses.host_veth.to_string()));
-                host_port = url.port_or_known_default();
-            }
-        }
-        if is_local(&params.repo_url)
-            && host_port.is_some()
-            && params.repo_url.port_or_known_default() == host_port
-        {
-            let _ = params
-                .repo_url
-                .set_host(Some(&addresses.host_veth.to_string()));
-        }
+        let host_port = point_at_host(
+            &mut params,
+            host,
+            listener.as_ref().map(|l| l.addr().port()),
+        );
         let allow = spec
             .egress_allow
             .iter()
@@ -214,7 +225,7 @@ impl VmmLauncher {
             let _ = vm.cleanup().await;
             return Err(boxed(&id, error));
         }
-        Ok(vm)
+        Ok((vm, listener))
     }
 }
 
@@ -236,11 +247,14 @@ impl Launcher for VmmLauncher {
             };
             let build_id = spec.build_id.clone();
             let console_log = spec.console_log.clone();
+            let vmm_log = spec.vmm_log.clone();
             match self.start(spec, slot).await {
-                Ok(vm) => Ok(Box::new(BuilderVm {
+                Ok((vm, listener)) => Ok(Box::new(BuilderVm {
                     build_id,
                     vm,
                     console_log,
+                    vmm_log,
+                    listener,
                     slot,
                     slots: self.slots.clone(),
                 }) as Box<dyn RunningVm>),
@@ -327,10 +341,30 @@ impl Launcher for VmmLauncher {
     }
 }
 
+/// Concatenates the VMM's logs into `to`, each under a line naming it; a log the VMM never
+/// wrote is left out.
+fn keep_vmm_logs(logs: &[&Path], to: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::fs::File::create(to)?;
+    for log in logs {
+        let Ok(mut from) = std::fs::File::open(log) else {
+            continue;
+        };
+        let name = log.file_name().unwrap_or_default().to_string_lossy();
+        writeln!(out, "--- {name} ---")?;
+        std::io::copy(&mut from, &mut out)?;
+    }
+    Ok(())
+}
+
 struct BuilderVm {
     build_id: String,
     vm: Vm,
     console_log: PathBuf,
+    /// Where the VMM's logs are kept ([`LaunchSpec::vmm_log`]).
+    vmm_log: PathBuf,
+    /// The VM-facing routes on the host end of the VM's veth, until cleanup.
+    listener: Option<VmListener>,
     slot: u32,
     slots: Arc<Mutex<BTreeSet<u32>>>,
 }
@@ -382,21 +416,28 @@ impl RunningVm for BuilderVm {
         })
     }
 
-    /// Keeps the console (the link becomes a copy) and removes everything else.
+    /// Keeps the console (the link becomes a copy) and the VMM's logs (one file, each under a
+    /// line naming it), stops the VM-facing listener and removes everything else.
     fn cleanup(self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>> {
         Box::pin(async move {
             let BuilderVm {
                 build_id,
                 mut vm,
                 console_log,
+                vmm_log,
+                listener,
                 slot,
                 slots,
             } = *self;
+            drop(listener);
             let exit = vm.kill().await.ok();
             let source = exit.map_or_else(|| vm.console_log().to_path_buf(), |e| e.console_log);
             let _ = std::fs::remove_file(&console_log);
             if let Err(e) = std::fs::copy(&source, &console_log) {
                 tracing::warn!(build_id, error = %e, from = %source.display(), "console log not kept");
+            }
+            if let Err(e) = keep_vmm_logs(&vm.vmm_logs(), &vmm_log) {
+                tracing::warn!(build_id, error = %e, to = %vmm_log.display(), "VMM logs not kept");
             }
             let result = vm.cleanup().await;
             slots.lock().expect("slot lock").remove(&slot);

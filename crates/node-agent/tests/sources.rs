@@ -157,9 +157,10 @@ async fn uploaded_sources_are_served_over_dumb_http_until_their_build_ends() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     work_tree(&src);
+    let launcher = ScriptLauncher::new("echo '==> clone'; sleep 3; exit 3");
     let d = common::start(
         &tmp.path().join("node"),
-        ScriptLauncher::new("echo '==> clone'; sleep 1; exit 3"),
+        launcher.clone(),
         Options::default(),
     )
     .await;
@@ -194,8 +195,15 @@ async fn uploaded_sources_are_served_over_dumb_http_until_their_build_ends() {
     assert_eq!(r.status(), 201);
     let up: Uploaded = r.json().await.unwrap();
     assert_eq!(up.commit_sha, bundle.commit_sha);
-    let url = up.repo_url.to_string();
-    assert!(url.starts_with(&format!("{}/v1/sources/", d.base)), "{url}");
+    // Served to the VMs: on their own listener, at the port the per-VM listener has (its host
+    // each VM's launcher points at the host end of the VM's veth); and on the API's port.
+    let for_vms = up.repo_url.to_string();
+    let vm_base = d.node.config.vm_base_url().to_string();
+    assert!(
+        for_vms.starts_with(&format!("{vm_base}v1/sources/")),
+        "{for_vms}"
+    );
+    let url = format!("{}{}", d.base, up.repo_url.path());
     assert!(url.ends_with("/repo.git"), "{url}");
 
     // The real git fetches it the guest's way, and gets the directory's committed files.
@@ -221,10 +229,24 @@ async fn uploaded_sources_are_served_over_dumb_http_until_their_build_ends() {
     // A build that names it keeps it until the build ends; then the sweeper removes it.
     let api = d.client();
     let id = api
-        .submit(json!({"repo_url": url, "commit_sha": up.commit_sha, "ref": null}))
+        .submit(json!({"repo_url": for_vms, "commit_sha": up.commit_sha, "ref": null}))
         .await;
+    // The VM clones it from its own listener, the one its report goes to.
+    api.wait_state(&id, "running", Duration::from_secs(10))
+        .await;
+    let params = launcher.spec(&id).unwrap().params;
+    let notify_url = params.notify_url.unwrap();
+    assert_eq!(params.repo_url.host(), notify_url.host());
+    assert_eq!(params.repo_url.port(), notify_url.port());
+    assert_ne!(params.repo_url.port(), up.repo_url.port());
+    fetch_like_the_guest(
+        params.repo_url.as_str(),
+        &up.commit_sha,
+        &tmp.path().join("vm-clone"),
+    );
+    assert!(tmp.path().join("vm-clone/Dockerfile").exists());
     let b = api.wait_terminal(&id, Duration::from_secs(15)).await;
-    assert_eq!(b["repo_url"], url.as_str());
+    assert_eq!(b["repo_url"], for_vms.as_str());
     let deadline = tokio::time::Instant::now() + SWEEP_INTERVAL * 2;
     while sources.join(&up.id).exists() {
         assert!(

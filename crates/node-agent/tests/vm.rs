@@ -6,9 +6,10 @@
 //! Guests: the project's kernel (`build/vms/vmlinux`, or `NODE_AGENT_TEST_KERNEL`) with a root
 //! disk that is not a filesystem panics at once and QEMU exits (the stub VM); with the builder
 //! image (`build/vms/builder-rootfs.ext4`, or `NODE_AGENT_TEST_ROOTFS`) and a repo on an
-//! unroutable address it runs until stopped. The builder image's own agent also reports
-//! through its veth, once with build args too long for the kernel command line and build
-//! credentials, which it takes from its config drive.
+//! unroutable address it runs until stopped. The builder image's own agent also reports, and
+//! hands over its logs, through its veth to the node's VM-facing listener (the daemon listens
+//! on loopback only, the default), once with build args too long for the kernel command line
+//! and build credentials, which it takes from its config drive.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -63,7 +64,8 @@ impl Daemon {
             .arg("--work-dir")
             .arg(work)
             .arg("--listen")
-            .arg(format!("0.0.0.0:{port}"))
+            // Loopback, the default: VMs are served on their own listener at their veth.
+            .arg(format!("127.0.0.1:{port}"))
             .arg("--node-id")
             .arg(node_id)
             .arg("--capacity-vcpus")
@@ -108,6 +110,19 @@ impl Daemon {
             rootfs: rootfs.into(),
             port,
         }
+    }
+
+    /// Log `source` of build `id` through the API: status and text.
+    fn log(&self, id: &str, source: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg(format!("{}/v1/builds/{id}/logs?source={source}", self.base))
+            .output()
+            .unwrap();
+        let out = String::from_utf8(out.stdout).unwrap();
+        let (text, code) = out.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), text.to_string())
     }
 
     fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -422,6 +437,20 @@ fn a_real_guest_reports_through_its_veth_with_its_own_key() {
         log.contains("webhook: delivered") && log.contains("HTTP 204"),
         "{log}"
     );
+    // The guest handed over its logs before its report; the VMM's log was kept at cleanup.
+    assert!(
+        log.contains("logs: build log sent") && log.contains("logs: dockerd log sent"),
+        "{log}"
+    );
+    let (status, build) = d.log(&id, "build");
+    assert_eq!(status, 200, "{build}");
+    assert!(build.contains("==> clone"), "{build}");
+    let (status, dockerd) = d.log(&id, "dockerd");
+    assert_eq!(status, 200, "{dockerd}");
+    assert!(dockerd.contains("API listen on"), "{dockerd}");
+    let (status, vmm) = d.log(&id, "vmm");
+    assert_eq!(status, 200, "{vmm}");
+    assert!(vmm.starts_with("--- qemu.log ---\n"), "{vmm}");
     assert_eq!(d.leftovers(), Vec::<String>::new());
     d.sigterm();
 }
@@ -465,6 +494,10 @@ fn a_real_guest_takes_oversized_build_args_and_credentials_from_its_config_drive
         .join(format!("{id}.json"))
         .exists());
     let console = std::fs::read_to_string(d.work.join("logs").join(format!("{id}.log"))).unwrap();
+    let guest_logs: Vec<String> = ["build", "dockerd", "vmm"]
+        .iter()
+        .map(|source| d.log(&id, source).1)
+        .collect();
     let daemon_log = std::fs::read_to_string(d.work.join("daemon.log")).unwrap();
     assert_eq!(d.leftovers(), Vec::<String>::new());
     d.sigterm();
@@ -492,6 +525,9 @@ fn a_real_guest_takes_oversized_build_args_and_credentials_from_its_config_drive
         ("the node's log", daemon_log.as_str()),
         ("the database", &database),
         ("the API answer", &b.to_string()),
+        ("the build log", &guest_logs[0]),
+        ("the dockerd log", &guest_logs[1]),
+        ("the VMM's log", &guest_logs[2]),
     ] {
         assert!(
             !text.contains(SECRET) && !text.contains(TOKEN),

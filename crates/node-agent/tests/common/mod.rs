@@ -1,7 +1,10 @@
 //! Test harness: the daemon in-process on loopback (real HTTP, real database) with a launcher
 //! whose "VM" is a real child process running a shell script, so the scheduler, supervisor,
-//! timeouts and cancels act on real processes; a webhook receiver; and a private PostgreSQL
-//! cluster in a temp dir when `NODE_AGENT_TEST_POSTGRES_URL` is not given.
+//! timeouts and cancels act on real processes; its stderr is the "VMM's log", and its
+//! VM-facing listener is served on a loopback port of its own, as a real launcher serves it on
+//! the VM's veth; a guest's posts of its logs and report ([`Guest`]); a webhook receiver; and
+//! a private PostgreSQL cluster in a temp dir when `NODE_AGENT_TEST_POSTGRES_URL` is not
+//! given.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -14,7 +17,9 @@ use builder_vmm::firecracker::metrics::MetricsTotals;
 use futures_util::future::BoxFuture;
 use node_agent::config::{Config, ServeArgs};
 use node_agent::node::Node;
-use node_agent::vm::{Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit};
+use node_agent::vm::{
+    point_at_host, Check, LaunchSpec, Launcher, RunningVm, VmError, VmExit, VmListener,
+};
 
 /// The name server test daemons give their VMs.
 pub const TEST_VM_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 53);
@@ -60,17 +65,30 @@ impl ScriptLauncher {
 struct ScriptVm {
     child: tokio::process::Child,
     running: Arc<AtomicUsize>,
+    /// The VM-facing routes, served while the "VM" runs.
+    listener: Option<VmListener>,
 }
 
 impl Launcher for ScriptLauncher {
-    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>> {
+    fn launch(&self, mut spec: LaunchSpec) -> BoxFuture<'_, Result<Box<dyn RunningVm>, VmError>> {
         Box::pin(async move {
+            let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+            let listener = spec
+                .vm_routes
+                .as_ref()
+                .map(|routes| routes.serve((loopback, 0).into()).unwrap());
+            point_at_host(
+                &mut spec.params,
+                loopback,
+                listener.as_ref().map(|l| l.addr().port()),
+            );
             let console = std::fs::File::create(&spec.console_log).unwrap();
+            let vmm_log = std::fs::File::create(&spec.vmm_log).unwrap();
             let child = tokio::process::Command::new("sh")
                 .arg("-c")
                 .arg(self.script.lock().unwrap().clone())
                 .stdout(Stdio::from(console))
-                .stderr(Stdio::null())
+                .stderr(Stdio::from(vmm_log))
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| VmError::Launch {
@@ -84,6 +102,7 @@ impl Launcher for ScriptLauncher {
             Ok(Box::new(ScriptVm {
                 child,
                 running: self.running.clone(),
+                listener,
             }) as Box<dyn RunningVm>)
         })
     }
@@ -122,6 +141,7 @@ impl RunningVm for ScriptVm {
     }
     fn cleanup(self: Box<Self>) -> BoxFuture<'static, Result<(), VmError>> {
         Box::pin(async move {
+            drop(self.listener);
             self.running.fetch_sub(1, Ordering::SeqCst);
             Ok(())
         })
@@ -145,6 +165,10 @@ pub struct Options {
     /// Whether the node has S3 credentials (`s3_credentials_file`); the script VMs never
     /// upload, so they name an endpoint nothing listens on.
     pub s3_credentials: bool,
+    /// `max_log_bytes` (the default's when `None`).
+    pub max_log_bytes: Option<u64>,
+    /// `retention_days` (the default's when `None`).
+    pub retention_days: Option<u64>,
 }
 
 impl Default for Options {
@@ -155,6 +179,8 @@ impl Default for Options {
             node_id: "test-node".into(),
             grace_period_s: 5,
             s3_credentials: true,
+            max_log_bytes: None,
+            retention_days: None,
         }
     }
 }
@@ -187,6 +213,8 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
         max_body_bytes: Some(4096),
         max_source_bytes: Some(MAX_SOURCE_BYTES),
         webhook_attempts: Some(3),
+        max_log_bytes: o.max_log_bytes,
+        retention_days: o.retention_days,
         ..Default::default()
     };
     let config = Config::load(&args).unwrap();
@@ -301,6 +329,54 @@ impl Api {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// What a guest posts to its node: its logs and its report, signed with the build's key, at
+/// the URLs its launch spec gives it (the VM-facing listener).
+pub struct Guest {
+    pub build_id: String,
+    pub key: String,
+    pub notify_url: url::Url,
+}
+
+impl Guest {
+    /// The guest of the build `spec` launched.
+    pub fn of(spec: &LaunchSpec) -> Self {
+        Guest {
+            build_id: spec.build_id.clone(),
+            key: spec.secrets.webhook_secret.clone().unwrap(),
+            notify_url: spec.params.notify_url.clone().unwrap(),
+        }
+    }
+
+    /// Posts `body` signed with `key` (the build's, or another to be refused); the status.
+    pub async fn post_signed(&self, url: &url::Url, key: &str, body: &[u8]) -> u16 {
+        use builder_contract::signature::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+        let ts = (node_agent::now_ms() / 1000) as u64;
+        reqwest::Client::new()
+            .post(url.clone())
+            .header(TIMESTAMP_HEADER, ts.to_string())
+            .header(SIGNATURE_HEADER, sign(key.as_bytes(), ts, body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// Posts log `source` as the guest would; the status.
+    pub async fn post_log(&self, source: builder_contract::LogSource, text: &str) -> u16 {
+        let url = builder_contract::logs::guest_log_url(&self.notify_url, &self.build_id, source)
+            .expect("a guest log goes beside the node's report route");
+        self.post_signed(&url, &self.key, text.as_bytes()).await
+    }
+
+    /// Posts the report; the status.
+    pub async fn post_report(&self, report: &builder_contract::BuildReport) -> u16 {
+        let body = serde_json::to_vec(report).unwrap();
+        self.post_signed(&self.notify_url, &self.key, &body).await
     }
 }
 
