@@ -1,9 +1,10 @@
 //! The dashboard against the real HTTP server of an in-process daemon (SQLite, shell scripts as
 //! VMs) with builds that succeeded, failed, run and wait, looked at in real headless Chromium
 //! (Debian's `chromium`): its DOM (every build with its state, filters, the timeline, the log,
-//! markup from a repository URL and a log shown as text) and its screenshots, checked by
-//! pixels. Also the login: the login page without a session, a wrong token refused, the
-//! session cookie's attributes, one-time login links, and the live log route.
+//! markup from a repository URL and a log shown as text, the live log) and its screenshots,
+//! checked by pixels. Also the login (the login page without a session, a wrong token refused,
+//! the session cookie's attributes, one-time login links), the logs by source and the live log
+//! route.
 //!
 //! `NODE_AGENT_DASHBOARD_SCREENSHOTS=DIR` keeps the screenshots in DIR (how
 //! `docs/images/dashboard-*.png` are made).
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use builder_contract::signature::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use builder_contract::{BuildReport, BuildStatus, Phase, PhaseTiming, RootfsArtifact};
+use builder_contract::{BuildReport, BuildStatus, LogSource, Phase, PhaseTiming, RootfsArtifact};
 use common::{Daemon, Options, ScriptLauncher};
 use serde_json::json;
 
@@ -334,6 +335,33 @@ async fn dashboard_pages_in_headless_chromium() {
     assert_eq!(text, "appended-while-watching\n");
     assert!(asked.elapsed() < SECS(4), "{:?}", asked.elapsed());
     appender.await.unwrap();
+
+    // The build's page shows the logs this node has by source (here a build log the guest
+    // would have sent), each escaped.
+    std::fs::write(
+        d.node.config.log_file(&ok, LogSource::Build),
+        "#5 [2/3] RUN make <all>\n",
+    )
+    .unwrap();
+    let page = get(format!("/ui/builds/{ok}?log=build"), cookie.clone())
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    let tab = |source: &str| format!("/ui/builds/{ok}?log={source}\"");
+    assert!(
+        page.contains(&format!("{} class=\"current\">build</a>", tab("build"))),
+        "{page}"
+    );
+    assert!(
+        page.contains(&tab("console")) && !page.contains(&tab("dockerd")),
+        "{page}"
+    );
+    assert!(page.contains("RUN make &lt;all&gt;"), "{page}");
+    let r = get(format!("/ui/builds/{ok}?log=bogus"), cookie.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 
     // Chromium: without a session, the login page.
     let dom = chromium.dom(&format!("{}/", d.base)).await;

@@ -13,7 +13,9 @@ async function followLog(pre) {
     let response;
     try {
       // The server holds the request until there is output or a few seconds passed.
-      response = await fetch(pre.dataset.src + "?offset=" + offset, { cache: "no-store" });
+      const url = new URL(pre.dataset.src, location.href);
+      url.searchParams.set("offset", offset);
+      response = await fetch(url, { cache: "no-store" });
     } catch (e) {
       await new Promise((resolve) => setTimeout(resolve, 2000));
       continue;

@@ -1,7 +1,7 @@
 //! The dashboard's pages: the builds list (filters by state, requester and text in the
 //! repository URL; pages of [`PAGE`] newest first), a build's page (parameters without
-//! credential values, the timeline, the result and the console log followed live through
-//! [`log_chunk`]) and the node's capacity page.
+//! credential values, the timeline, the result and its logs by source, the one shown followed
+//! live through [`log_chunk`]) and the node's capacity page.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use builder_contract::BuildReport;
+use builder_contract::{BuildReport, LogSource};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -30,7 +30,7 @@ const SCAN_BATCH: u32 = 200;
 /// Rows one list request reads at most while filtering; the page then ends early, with a link
 /// to go on.
 const MAX_SCAN: usize = 5_000;
-/// The most of a console log a page or one [`log_chunk`] carries.
+/// The most of a log a page or one [`log_chunk`] carries.
 const LOG_CHUNK: u64 = 256 * 1024;
 /// How long [`log_chunk`] waits for new output of a running build before answering empty.
 const LOG_WAIT: Duration = Duration::from_secs(5);
@@ -259,13 +259,35 @@ fn item(out: &mut String, name: &str, value: &str) {
     }
 }
 
-/// The console log as far as `offset` + [`LOG_CHUNK`]: the node's log file while it has one,
-/// else (the build ran on another node, or the file is gone) the tail stored when it ended.
-/// Returns the text and the offset to read on from; a chunk ends at a character boundary.
-async fn read_log(dash: &Dashboard, row: &BuildRow, offset: u64) -> (String, u64) {
-    let path = dash.node.config.log_path(&row.id);
+/// The log source a query names (`?log=` on a build's page, `?source=` on its log route);
+/// the console when it names none.
+fn log_source(name: Option<&str>) -> Result<LogSource, DashboardError> {
+    name.map_or(Ok(LogSource::Console), |name| {
+        LogSource::parse(name).ok_or_else(|| {
+            DashboardError::Query(format!(
+                "{name:?} is not a log source; valid ones are {}",
+                LogSource::names()
+            ))
+        })
+    })
+}
+
+/// Log `source` of a build as far as `offset` + [`LOG_CHUNK`], from this node's file of it;
+/// without one (the build ran on another node, or the file is gone) the console is the tail
+/// stored when the build ended. Returns the text and the offset to read on from; a chunk ends
+/// at a character boundary.
+async fn read_log(
+    dash: &Dashboard,
+    row: &BuildRow,
+    source: LogSource,
+    offset: u64,
+) -> (String, u64) {
+    let path = dash.node.config.log_file(&row.id, source);
     let Ok(mut file) = tokio::fs::File::open(&path).await else {
-        let tail = row.log_tail.clone().unwrap_or_default();
+        let tail = match source {
+            LogSource::Console => row.log_tail.clone().unwrap_or_default(),
+            _ => String::new(),
+        };
         let len = tail.len() as u64;
         return if offset == 0 {
             (tail, len)
@@ -291,10 +313,31 @@ async fn read_log(dash: &Dashboard, row: &BuildRow, offset: u64) -> (String, u64
 }
 
 /// Where a page starts showing a log: its last [`LOG_CHUNK`] bytes.
-async fn log_start(dash: &Dashboard, id: &str) -> u64 {
-    tokio::fs::metadata(dash.node.config.log_path(id))
+async fn log_start(dash: &Dashboard, id: &str, source: LogSource) -> u64 {
+    tokio::fs::metadata(dash.node.config.log_file(id, source))
         .await
         .map_or(0, |m| m.len().saturating_sub(LOG_CHUNK))
+}
+
+/// The logs of a build this node has: the console always (while it runs, and its stored tail
+/// after), the others once their file exists.
+async fn log_sources(dash: &Dashboard, id: &str) -> Vec<LogSource> {
+    let mut sources = vec![LogSource::Console];
+    for source in LogSource::ALL {
+        if source != LogSource::Console
+            && tokio::fs::try_exists(dash.node.config.log_file(id, source))
+                .await
+                .unwrap_or(false)
+        {
+            sources.push(source);
+        }
+    }
+    sources
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct BuildQuery {
+    log: Option<String>,
 }
 
 async fn load(dash: &Dashboard, id: &str) -> Result<BuildRow, DashboardError> {
@@ -305,11 +348,14 @@ async fn load(dash: &Dashboard, id: &str) -> Result<BuildRow, DashboardError> {
         .ok_or_else(|| DashboardError::NotFound { id: id.to_string() })
 }
 
-/// `GET /ui/builds/{id}`.
+/// `GET /ui/builds/{id}?log=SOURCE`.
 pub(super) async fn build(
     State(dash): State<Arc<Dashboard>>,
     Path(id): Path<String>,
+    query: Result<Query<BuildQuery>, QueryRejection>,
 ) -> Result<Html<String>, DashboardError> {
+    let Query(query) = query.map_err(|e| DashboardError::Query(e.body_text()))?;
+    let source = log_source(query.log.as_deref())?;
     let row = load(&dash, &id).await?;
     let events = dash.node.db.events(&id).await?;
     let now = crate::now_ms();
@@ -339,8 +385,9 @@ pub(super) async fn build(
         (Some(bucket), Some(key)) => format!("s3://{bucket}/{key}"),
         _ => String::new(),
     };
-    let start = log_start(&dash, &id).await;
-    let (log, offset) = read_log(&dash, &row, start).await;
+    let sources = log_sources(&dash, &id).await;
+    let start = log_start(&dash, &id, source).await;
+    let (log, offset) = read_log(&dash, &row, source, start).await;
     let view = BuildView::new(row, Some(events.clone()));
 
     let mut body = String::new();
@@ -500,13 +547,30 @@ pub(super) async fn build(
 
     let _ = write!(
         body,
-        "<h2>Console log</h2><p class=\"log-tools\">{cut}{live}</p>\
-         <pre id=\"log\" class=\"log\" data-src=\"{href}/log\" data-offset=\"{offset}\" \
-         data-state=\"{state}\">{log}</pre><p id=\"log-ended\" class=\"notice\" hidden></p>",
+        "<h2>Logs</h2><nav class=\"log-sources\">{tabs}</nav>\
+         <p class=\"log-tools\">{cut}{live}</p>\
+         <pre id=\"log\" class=\"log\" data-src=\"{href}/log?source={source}\" \
+         data-offset=\"{offset}\" data-state=\"{state}\">{log}</pre>\
+         <p id=\"log-ended\" class=\"notice\" hidden></p>",
+        tabs = sources
+            .iter()
+            .map(|s| format!(
+                "<a href=\"{}?log={s}\"{}>{s}</a>",
+                Esc(&build_href(&view.id)),
+                if *s == source {
+                    " class=\"current\""
+                } else {
+                    ""
+                }
+            ))
+            .collect::<String>(),
         cut = if start > 0 {
-            "the first part is left out (the whole log: <code>GET /v1/builds/ID/logs</code>). "
+            format!(
+                "the first part is left out (the whole log: <code>GET /v1/builds/ID/logs\
+                 ?source={source}</code>). "
+            )
         } else {
-            ""
+            String::new()
         },
         live = if view.state.is_terminal() {
             ""
@@ -528,11 +592,12 @@ pub(super) async fn build(
 
 #[derive(Debug, Deserialize)]
 pub(super) struct LogQuery {
+    source: Option<String>,
     offset: Option<u64>,
 }
 
-/// `GET /ui/builds/{id}/log?offset=N`: the console from byte `N` on, waiting up to
-/// [`LOG_WAIT`] for output while the build runs. Headers: `X-Log-Offset` (where to go on) and
+/// `GET /ui/builds/{id}/log?source=SOURCE&offset=N`: a log (default the console) from byte
+/// `N` on, waiting up to [`LOG_WAIT`] for output while the build runs. Headers: `X-Log-Offset` (where to go on) and
 /// `X-Build-State`.
 pub(super) async fn log_chunk(
     State(dash): State<Arc<Dashboard>>,
@@ -540,11 +605,12 @@ pub(super) async fn log_chunk(
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, DashboardError> {
     let Query(query) = query.map_err(|e| DashboardError::Query(e.body_text()))?;
+    let source = log_source(query.source.as_deref())?;
     let offset = query.offset.unwrap_or(0);
     let deadline = tokio::time::Instant::now() + LOG_WAIT;
     let (row, text, next) = loop {
         let row = load(&dash, &id).await?;
-        let (text, next) = read_log(&dash, &row, offset).await;
+        let (text, next) = read_log(&dash, &row, source, offset).await;
         if !text.is_empty() || row.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             break (row, text, next);
         }
