@@ -78,6 +78,9 @@ pub enum ConvertError {
     /// The planned file system turned out too small for what it must hold (a sizing bug).
     #[error("the ext4 file system of {blocks} blocks planned for the image is too small for its content")]
     Ext4TooSmall { blocks: u64 },
+    /// The ext4 writer refused the merged tree (which the converter validates first: a bug).
+    #[error("the ext4 writer refused the merged tree")]
+    Ext4Writer(#[source] builder_ext4::Ext4Error),
 }
 
 /// Why a single layer entry is rejected.
@@ -167,7 +170,24 @@ impl ConvertError {
             | ConvertError::LayerDigestMismatch { .. }
             | ConvertError::Io { .. }
             | ConvertError::InitNotStatic { .. }
-            | ConvertError::Ext4TooSmall { .. } => false,
+            | ConvertError::Ext4TooSmall { .. }
+            | ConvertError::Ext4Writer(_) => false,
+        }
+    }
+}
+
+impl From<builder_ext4::Ext4Error> for ConvertError {
+    /// The writer's errors as the converter's: its limits are the image's to blame, the rest
+    /// (I/O, a tree the converter should not have produced, a sizing bug) the host's.
+    fn from(e: builder_ext4::Ext4Error) -> Self {
+        use builder_ext4::Ext4Error as E;
+        match e {
+            E::Output { op, path, source } | E::Content { op, path, source } => {
+                ConvertError::Io { op, path, source }
+            }
+            E::LimitExceeded { what, limit } => ConvertError::LimitExceeded { what, limit },
+            E::TooSmall { blocks } => ConvertError::Ext4TooSmall { blocks },
+            other => ConvertError::Ext4Writer(other),
         }
     }
 }

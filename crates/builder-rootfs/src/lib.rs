@@ -17,7 +17,6 @@
 
 mod archive;
 mod error;
-mod ext4;
 mod image;
 mod layerdir;
 mod source;
@@ -174,7 +173,7 @@ fn convert_inner(
     })?;
     tracing::debug!(
         layers = layers.len(),
-        nodes = tree.nodes.len(),
+        nodes = tree.fs.nodes.len(),
         "layers applied"
     );
     write_rootfs(
@@ -244,7 +243,7 @@ fn convert_layer_dirs_inner(
     }
     tracing::debug!(
         layers = layer_dirs.len(),
-        nodes = tree.nodes.len(),
+        nodes = tree.fs.nodes.len(),
         "layer directories applied"
     );
     write_rootfs(tree, sources, image_id, config, output, options, work)
@@ -287,13 +286,21 @@ fn write_rootfs(
         tree.inject(b".builder-vm", &files);
     }
 
-    let written = ext4::write(
-        &tree,
+    let written = builder_ext4::write(
+        &tree.fs,
         &sources,
-        image_id,
-        &ext4::Ext4Options {
-            free_space_percent: options.free_space_percent,
-            min_free_bytes: options.min_free_bytes,
+        &builder_ext4::Options {
+            size: builder_ext4::Size::Fit {
+                free_space_percent: options.free_space_percent,
+                min_free_bytes: options.min_free_bytes,
+            },
+            label: String::new(),
+            uuid: derived_id(image_id, "filesystem uuid"),
+            hash_seed: derived_id(image_id, "directory hash seed"),
+            time: tree::DEFAULT_MTIME,
+            journal: true,
+            sha256: true,
+            create: builder_ext4::Create::Replace,
         },
         output,
     )?;
@@ -304,9 +311,21 @@ fn write_rootfs(
         image_id: image_id.to_owned(),
         config,
         size_bytes: written.size_bytes,
-        sha256: written.sha256,
+        sha256: written.sha256.expect("asked for"),
         entries: written.entries,
     })
+}
+
+/// 16 bytes derived from the image id and a purpose (UUID, hash seed): same image, same bytes.
+fn derived_id(image_id: &str, purpose: &str) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"builder-rootfs ")
+        .chain_update(purpose)
+        .chain_update(b" ")
+        .chain_update(image_id)
+        .finalize();
+    digest[..16].try_into().expect("16 bytes")
 }
 
 /// Refuses an init that has a program interpreter (`PT_INTERP`): in a scratch or Alpine image

@@ -2,13 +2,13 @@
 //! into the work area, the files the converter injects, and regular files of layer directories
 //! (opened only when the writer asks for them, so a big image never holds one descriptor per
 //! file). Tree nodes refer to them by index ([`crate::tree::Content`]); the writer asks this
-//! module where a node's bytes are.
+//! module where a node's bytes are ([`builder_ext4::Contents`]).
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use crate::archive::lossy;
 use crate::tree::Content;
@@ -84,8 +84,20 @@ impl Sources {
         Ok(Located {
             file,
             offset: content.span.offset,
-            len: content.span.len,
         })
+    }
+}
+
+impl builder_ext4::Contents for Sources {
+    type File = Content;
+    type Reader<'a> = Located<'a>;
+
+    fn len(&self, content: &Content) -> u64 {
+        content.span.len
+    }
+
+    fn open<'a>(&'a self, content: &'a Content) -> io::Result<Located<'a>> {
+        self.locate(content)
     }
 }
 
@@ -121,11 +133,10 @@ enum SourceFile<'a> {
     Owned(File),
 }
 
-/// A file's content: `len` bytes at `offset` of [`Located::file`].
+/// A file's content: its bytes start at `offset` of [`Located::file`].
 pub(crate) struct Located<'a> {
     file: SourceFile<'a>,
     pub offset: u64,
-    pub len: u64,
 }
 
 impl Located<'_> {
@@ -134,6 +145,36 @@ impl Located<'_> {
             SourceFile::Borrowed(file) => file,
             SourceFile::Owned(file) => file,
         }
+    }
+}
+
+impl builder_ext4::ReadContent for Located<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file().read_exact_at(buf, self.offset + offset)
+    }
+
+    /// The data between the holes of the source file (`SEEK_DATA`/`SEEK_HOLE`).
+    fn data_ranges(&self, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        let fd = self.file().as_raw_fd();
+        let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
+            let from = libc::off_t::try_from(from).ok()?;
+            // SAFETY: lseek on a descriptor we hold; only the offset changes, and every read
+            // of content is positional (pread), so nothing depends on it.
+            let at = unsafe { libc::lseek(fd, from, whence) };
+            u64::try_from(at).ok()
+        };
+        let end = self.offset + len;
+        let mut ranges = Vec::new();
+        let mut pos = self.offset;
+        while pos < end {
+            let Some(data) = seek(pos, libc::SEEK_DATA).filter(|&d| d < end) else {
+                break;
+            };
+            let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            ranges.push((data - self.offset, hole - self.offset));
+            pos = hole;
+        }
+        Ok(ranges)
     }
 }
 
@@ -162,10 +203,7 @@ mod tests {
         let located = sources.locate(&file).unwrap();
         let mut text = String::new();
         io::Read::read_to_string(&mut located.file(), &mut text).unwrap();
-        assert_eq!(
-            (text.as_str(), located.offset, located.len),
-            ("inside", 0, 6)
-        );
+        assert_eq!((text.as_str(), located.offset), ("inside", 0));
 
         for (path, errno) in [
             (&b"../canary"[..], libc::EXDEV),

@@ -1,14 +1,15 @@
 //! The merged root filesystem as an in-memory tree: layers are applied in order with Docker's
 //! layer semantics (a later entry replaces an earlier one, whiteouts and opaque directories
 //! hide lower layers, hardlinks share an inode), and every entry is validated as hostile input.
-//! File contents stay in the archive: a node only records where its bytes are.
+//! File contents stay in the archive: a node only records where its bytes are. The nodes are
+//! the ext4 writer's own ([`builder_ext4::Tree`]), so the merged tree is its input as is.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 
 use crate::archive::{lossy, Span, Window};
 use crate::error::{ConvertError, EntryProblem};
-use crate::ext4;
+pub(crate) use builder_ext4::{Meta, NodeId, ROOT};
 
 /// Deepest directory nesting accepted.
 pub(crate) const MAX_DEPTH: usize = 256;
@@ -27,9 +28,6 @@ const MOUNT_POINTS: &[&[u8]] = &[b"dev", b"proc", b"sys"];
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 pub(crate) const OPAQUE: &[u8] = b".wh..wh..opq";
 
-pub(crate) type NodeId = usize;
-pub(crate) const ROOT: NodeId = 0;
-
 /// Where a regular file's bytes are: a span of one of the source files.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Content {
@@ -37,44 +35,19 @@ pub(crate) struct Content {
     pub span: Span,
 }
 
-#[derive(Debug)]
-pub(crate) enum Kind {
-    Dir(BTreeMap<Vec<u8>, NodeId>),
-    File(Content),
-    Symlink(Vec<u8>),
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
-    Fifo,
-}
+pub(crate) type Kind = builder_ext4::Kind<Content>;
+pub(crate) type Node = builder_ext4::Node<Content>;
 
-#[derive(Debug, Clone)]
-pub(crate) struct Meta {
-    /// Permission bits including setuid, setgid and sticky.
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: i64,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl Meta {
-    /// What the converter gives an entry no layer describes: owned by root, no xattrs,
-    /// [`DEFAULT_MTIME`].
-    fn synthetic(mode: u32) -> Self {
-        Meta {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: DEFAULT_MTIME,
-            xattrs: Vec::new(),
-        }
+/// What the converter gives an entry no layer describes: owned by root, no xattrs,
+/// [`DEFAULT_MTIME`].
+fn synthetic(mode: u32) -> Meta {
+    Meta {
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: DEFAULT_MTIME,
+        xattrs: Vec::new(),
     }
-}
-
-#[derive(Debug)]
-pub(crate) struct Node {
-    pub kind: Kind,
-    pub meta: Meta,
 }
 
 /// Limits on what one image may contain.
@@ -84,7 +57,8 @@ pub(crate) struct Limits {
 }
 
 pub(crate) struct Tree {
-    pub nodes: Vec<Node>,
+    /// The nodes, as the ext4 writer takes them.
+    pub fs: builder_ext4::Tree<Content>,
     /// Tar entries applied so far (all layers), checked against `Limits::max_entries`.
     applied: u64,
     limits: Limits,
@@ -106,26 +80,19 @@ pub(crate) struct LayerInput<'a> {
 
 impl Tree {
     pub fn new(limits: Limits) -> Self {
-        let root = Node {
-            kind: Kind::Dir(BTreeMap::new()),
-            meta: Meta::synthetic(0o755),
-        };
         Tree {
-            nodes: vec![root],
+            fs: builder_ext4::Tree::new(synthetic(0o755)),
             applied: 0,
             limits,
         }
     }
 
     pub fn children(&self, id: NodeId) -> Option<&BTreeMap<Vec<u8>, NodeId>> {
-        match &self.nodes[id].kind {
-            Kind::Dir(children) => Some(children),
-            _ => None,
-        }
+        self.fs.children(id)
     }
 
     fn children_mut(&mut self, id: NodeId) -> &mut BTreeMap<Vec<u8>, NodeId> {
-        match &mut self.nodes[id].kind {
+        match &mut self.fs.nodes[id].kind {
             Kind::Dir(children) => children,
             _ => unreachable!("only directories are resolved as parents"),
         }
@@ -148,17 +115,17 @@ impl Tree {
     pub fn inject(&mut self, dir: &[u8], files: &[(&[u8], u32, Content)]) {
         let mut children = BTreeMap::new();
         for &(name, mode, content) in files {
-            self.nodes.push(Node {
+            self.fs.nodes.push(Node {
                 kind: Kind::File(content),
-                meta: Meta::synthetic(mode),
+                meta: synthetic(mode),
             });
-            children.insert(name.to_vec(), self.nodes.len() - 1);
+            children.insert(name.to_vec(), self.fs.nodes.len() - 1);
         }
-        self.nodes.push(Node {
+        self.fs.nodes.push(Node {
             kind: Kind::Dir(children),
-            meta: Meta::synthetic(0o755),
+            meta: synthetic(0o755),
         });
-        let id = self.nodes.len() - 1;
+        let id = self.fs.nodes.len() - 1;
         self.children_mut(ROOT).insert(dir.to_vec(), id);
     }
 
@@ -258,8 +225,8 @@ impl Tree {
         let parent = self.make_parents(parents)?;
         let existing = self.children(parent).and_then(|c| c.get(*name)).copied();
         if let (Some(id), ParsedKind::Dir) = (existing, &entry.kind) {
-            if matches!(self.nodes[id].kind, Kind::Dir(_)) {
-                self.nodes[id].meta = entry.meta;
+            if matches!(self.fs.nodes[id].kind, Kind::Dir(_)) {
+                self.fs.nodes[id].meta = entry.meta;
                 unpacked.insert((parent, name.to_vec()));
                 return Ok(());
             }
@@ -275,11 +242,11 @@ impl Tree {
                     ParsedKind::Other(kind) => kind,
                     ParsedKind::Hardlink(_) => unreachable!("handled above"),
                 };
-                self.nodes.push(Node {
+                self.fs.nodes.push(Node {
                     kind,
                     meta: entry.meta,
                 });
-                self.nodes.len() - 1
+                self.fs.nodes.len() - 1
             }
         };
         self.children_mut(parent).insert(name.to_vec(), id);
@@ -296,7 +263,9 @@ impl Tree {
         for name in names {
             if unpacked.contains(&(dir, name.clone())) {
                 let child = self.children(dir).and_then(|c| c.get(&name)).copied();
-                if let Some(child) = child.filter(|&c| matches!(self.nodes[c].kind, Kind::Dir(_))) {
+                if let Some(child) =
+                    child.filter(|&c| matches!(self.fs.nodes[c].kind, Kind::Dir(_)))
+                {
                     self.make_opaque(child, unpacked);
                 }
             } else {
@@ -308,7 +277,7 @@ impl Tree {
     /// `node`, reached through `path`, if it can be a parent: a real directory, not a symlink
     /// to one (that could lead anywhere) nor any other kind of entry.
     fn as_parent(&self, node: NodeId, path: &[&[u8]]) -> Result<NodeId, EntryProblem> {
-        match &self.nodes[node].kind {
+        match &self.fs.nodes[node].kind {
             Kind::Dir(_) => Ok(node),
             Kind::Symlink(_) => Err(EntryProblem::ThroughSymlink {
                 symlink: lossy(&path.join(&b'/')),
@@ -322,11 +291,11 @@ impl Tree {
     /// Adds an empty root-owned 0755 directory `name` under `parent`, as Docker creates a
     /// parent no entry describes.
     fn add_synthetic_dir(&mut self, parent: NodeId, name: &[u8]) -> NodeId {
-        self.nodes.push(Node {
+        self.fs.nodes.push(Node {
             kind: Kind::Dir(BTreeMap::new()),
-            meta: Meta::synthetic(0o755),
+            meta: synthetic(0o755),
         });
-        let id = self.nodes.len() - 1;
+        let id = self.fs.nodes.len() - 1;
         self.children_mut(parent).insert(name.to_vec(), id);
         id
     }
@@ -387,7 +356,7 @@ impl Tree {
             .ok_or_else(|| EntryProblem::HardlinkMissing {
                 target: shown.clone(),
             })?;
-        if matches!(self.nodes[node].kind, Kind::Dir(_)) {
+        if matches!(self.fs.nodes[node].kind, Kind::Dir(_)) {
             return Err(EntryProblem::HardlinkToDirectory { target: shown });
         }
         Ok(node)
@@ -548,14 +517,14 @@ pub(crate) fn check_xattr(
     total: &mut usize,
 ) -> Result<(), EntryProblem> {
     let footprint = (name.len() <= MAX_NAME && !name.contains(&0))
-        .then(|| ext4::xattr_footprint(name, value))
+        .then(|| builder_ext4::xattr_footprint(name, value))
         .flatten()
         .ok_or_else(|| EntryProblem::BadXattrName { name: lossy(name) })?;
     *total += footprint;
-    if *total > ext4::XATTR_ROOM {
+    if *total > builder_ext4::XATTR_ROOM {
         return Err(EntryProblem::XattrsTooLarge {
             bytes: *total,
-            max: ext4::XATTR_ROOM,
+            max: builder_ext4::XATTR_ROOM,
         });
     }
     Ok(())

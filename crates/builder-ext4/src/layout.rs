@@ -8,21 +8,33 @@
 //! blocks in inode order, file data in inode order, extent tree blocks; superblock backups of
 //! groups 1, 3, 5, 7, 9, 25, ... where `sparse_super` puts them, with runs split around them.
 
-use std::os::fd::AsRawFd;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
-use super::format::{
-    self, dir_block_count, dirent_type, extent_tree, extent_tree_blocks, Extent, Geometry,
-    GroupDesc, Inode, BLOCK, BLOCKS_PER_GROUP, DESC_SIZE, EXTENTS_FL, FAST_SYMLINK_MAX, FIRST_INO,
+use crate::error::{EntryProblem, Ext4Error};
+use crate::format::{
+    self, dirent_type, extent_tree, extent_tree_blocks, Extent, Geometry, GroupDesc, Inode, BLOCK,
+    BLOCKS_PER_GROUP, DESC_SIZE, EXTENTS_FL, FAST_SYMLINK_MAX, FIRST_INO, INDEX_FL,
     INODES_PER_BLOCK, JOURNAL_INO, LINK_MAX, MAX_EXTENT_LEN, ROOT_INO, S_IFBLK, S_IFCHR, S_IFDIR,
-    S_IFIFO, S_IFLNK, S_IFREG,
+    S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,
 };
-use super::xattr::{self, Placement};
-use super::Ext4Options;
-use crate::error::ConvertError;
-use crate::source::Sources;
-use crate::tree::{Content, Kind, NodeId, Tree, ROOT};
+use crate::htree;
+use crate::input::{Contents, Kind, Meta, NodeId, ReadContent, Tree, ROOT};
+use crate::xattr::{self, Placement};
+use crate::{Options, Size};
 
 const LOST_FOUND: &[u8] = b"lost+found";
+/// Deepest directory nesting accepted (the walk recurses; a path of 2048 levels is already
+/// longer than `PATH_MAX`).
+const MAX_DEPTH: usize = 2048;
+/// Longest name, and longest symlink target, ext4 stores with 4 KiB blocks.
+const MAX_NAME: usize = 255;
+const MAX_SYMLINK_TARGET: usize = 4095;
+/// The range of seconds ext4 with 256-byte inodes stores (34 bits from 1901-12-13).
+const MTIME_RANGE: std::ops::RangeInclusive<i64> = -(1 << 31)..=0x3_7FFF_FFFF;
+/// Bytes per inode of a fixed-size file system, `mkfs.ext4`'s default.
+const FIXED_BYTES_PER_INODE: u64 = 16 << 10;
 /// The largest file ext4 holds with 4 KiB blocks: 2^32 - 1 logical blocks.
 const MAX_FILE_BYTES: u64 = (u32::MAX as u64) * BLOCK;
 /// Files at least this large are probed for holes (`SEEK_DATA`); smaller ones are taken whole.
@@ -31,7 +43,7 @@ const PROBE_HOLES_FROM: u64 = 1 << 20;
 /// What an inode number stands for.
 #[derive(Clone, Copy)]
 pub(crate) enum Owner {
-    /// Reserved inodes that hold nothing (1, 3–7, 9, 10).
+    /// Reserved inodes that hold nothing (1, 3–7, 9, 10, and 8 without a journal).
     Unused,
     Node(NodeId),
     LostFound,
@@ -88,31 +100,46 @@ pub(crate) struct Layout<'t> {
 }
 
 impl Layout<'_> {
-    /// `/path/of/node` in the image, for error messages.
-    pub fn path_of(&self, node: NodeId) -> std::path::PathBuf {
-        image_path(&self.first_name, node)
+    /// `/path/of/node` in the tree, for error messages.
+    pub fn path_of(&self, node: NodeId) -> PathBuf {
+        tree_path(&self.first_name, node)
     }
 }
 
 /// Per-inode facts gathered before sizing.
 struct Needs {
-    /// Logical block ranges holding data (files), or the block count (dirs, slow symlinks).
+    /// Logical block ranges holding data (files), or the block count (slow symlinks).
     ranges: Vec<(u64, u64)>,
+    /// A directory's blocks, encoded.
+    dir: Option<htree::DirBlocks>,
     xattrs: Placement,
 }
 
-pub(crate) fn plan<'t>(
-    tree: &'t Tree,
-    sources: &Sources,
-    image_id: &str,
-    options: &Ext4Options,
-) -> Result<Layout<'t>, ConvertError> {
+pub(crate) fn plan<'t, C: Contents>(
+    tree: &'t Tree<C::File>,
+    contents: &C,
+    options: &Options,
+) -> Result<Layout<'t>, Ext4Error> {
+    if options.label.len() > 16 {
+        return Err(Ext4Error::InvalidOption {
+            option: "label",
+            reason: format!("{:?} is longer than 16 bytes", options.label),
+        });
+    }
+    if !matches!(tree.nodes.first(), Some(n) if matches!(n.kind, Kind::Dir(_))) {
+        return Err(Ext4Error::InvalidEntry {
+            path: PathBuf::from("/"),
+            problem: EntryProblem::RootNotDirectory,
+        });
+    }
     // 1. Inode numbers, link counts, entries.
     let mut node_ino = vec![0u32; tree.nodes.len()];
     let mut links = vec![0u32; tree.nodes.len()];
     let mut owners = vec![Owner::Unused; FIRST_INO as usize - 1];
     owners[ROOT_INO as usize - 1] = Owner::Node(ROOT);
-    owners[JOURNAL_INO as usize - 1] = Owner::Journal;
+    if options.journal {
+        owners[JOURNAL_INO as usize - 1] = Owner::Journal;
+    }
     node_ino[ROOT] = ROOT_INO;
     let has_lost_found = tree
         .children(ROOT)
@@ -128,7 +155,7 @@ pub(crate) fn plan<'t>(
         first_name: vec![None; tree.nodes.len()],
         entries: 0,
     };
-    numbering.number(tree, ROOT);
+    numbering.number(tree, ROOT, 0)?;
     let Numbering {
         mut parent_ino,
         first_name,
@@ -138,52 +165,81 @@ pub(crate) fn plan<'t>(
     parent_ino[ROOT] = ROOT_INO;
     for (node, &count) in links.iter().enumerate() {
         if count > LINK_MAX && !matches!(tree.nodes[node].kind, Kind::Dir(_)) {
-            return Err(ConvertError::LimitExceeded {
+            return Err(Ext4Error::LimitExceeded {
                 what: "hardlinks to one file",
                 limit: u64::from(LINK_MAX),
             });
         }
     }
 
-    // 2. What every inode needs.
+    // 2. What every inode needs. Directories are encoded now (their size depends on their
+    // index), with the checksum seed and hash seed the options fix.
+    let uuid = options.uuid;
+    let csum_seed = format::crc32c(!0, &uuid);
+    let dir_seeds = htree::Seeds {
+        csum: csum_seed,
+        hash: options.hash_seed,
+    };
     let mut needs: Vec<Needs> = Vec::with_capacity(owners.len());
-    for owner in &owners {
+    for (index, owner) in owners.iter().enumerate() {
+        let ino = format::ino_of(index as u64);
         needs.push(match *owner {
             Owner::Unused | Owner::Journal => Needs {
                 ranges: Vec::new(),
+                dir: None,
                 xattrs: Placement::None,
             },
             Owner::LostFound => Needs {
-                ranges: vec![(0, 1)],
+                ranges: Vec::new(),
+                dir: Some(htree::dir_blocks(&dir_seeds, ino, ROOT_INO, Vec::new())?),
                 xattrs: Placement::None,
             },
             Owner::Node(node) => {
+                let invalid = |problem| Ext4Error::InvalidEntry {
+                    path: tree_path(&first_name, node),
+                    problem,
+                };
                 let meta = &tree.nodes[node].meta;
+                check_meta(meta).map_err(invalid)?;
+                let mut dir = None;
                 let ranges = match &tree.nodes[node].kind {
                     Kind::Dir(_) => {
-                        let names =
-                            dir_entries(tree, node, &node_ino, &parent_ino, !has_lost_found)
-                                .map(|(name, _, _)| name.len());
-                        vec![(0, dir_block_count(names))]
+                        let entries = dir_entries(tree, node, &node_ino, !has_lost_found).collect();
+                        dir = Some(htree::dir_blocks(
+                            &dir_seeds,
+                            ino,
+                            parent_ino[node],
+                            entries,
+                        )?);
+                        Vec::new()
                     }
-                    Kind::File(content) => {
-                        if content.span.len > MAX_FILE_BYTES {
-                            return Err(ConvertError::LimitExceeded {
+                    Kind::File(file) => {
+                        let len = contents.len(file);
+                        if len > MAX_FILE_BYTES {
+                            return Err(Ext4Error::LimitExceeded {
                                 what: "bytes in one file (ext4 with 4 KiB blocks)",
                                 limit: MAX_FILE_BYTES,
                             });
                         }
-                        data_ranges(sources, content).map_err(|source| ConvertError::Io {
+                        data_ranges(contents, file, len).map_err(|source| Ext4Error::Content {
                             op: "open the content of",
-                            path: image_path(&first_name, node),
+                            path: tree_path(&first_name, node),
                             source,
                         })?
+                    }
+                    Kind::Symlink(target)
+                        if target.is_empty()
+                            || target.len() > MAX_SYMLINK_TARGET
+                            || target.contains(&0) =>
+                    {
+                        return Err(invalid(EntryProblem::BadSymlinkTarget));
                     }
                     Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => vec![(0, 1)],
                     _ => Vec::new(),
                 };
                 Needs {
                     ranges,
+                    dir,
                     xattrs: xattr::placement(&meta.xattrs),
                 }
             }
@@ -194,58 +250,66 @@ pub(crate) fn plan<'t>(
     let content_blocks: u64 = needs
         .iter()
         .map(|n| {
-            let blocks: u64 = n.ranges.iter().map(|r| r.1).sum();
+            let dir_blocks = n.dir.as_ref().map_or(0, htree::DirBlocks::count);
+            let blocks: u64 = n.ranges.iter().map(|r| r.1).sum::<u64>() + dir_blocks;
             let extents = n.ranges.len()
-                + n.ranges.iter().map(|r| r.1 / MAX_EXTENT_LEN).sum::<u64>() as usize;
+                + usize::from(dir_blocks > 0)
+                + format::index(n.ranges.iter().map(|r| r.1 / MAX_EXTENT_LEN).sum::<u64>());
             blocks
                 + extent_tree_blocks(extents + 1)
                 + u64::from(matches!(n.xattrs, Placement::Block))
         })
         .sum();
     let used_inodes = owners.len() as u64;
-    let percent = u64::from(options.free_space_percent);
-    let wanted_inodes = used_inodes + (used_inodes * percent / 100).max(1024);
-    let journal_blocks = (content_blocks / 32)
-        .clamp(1024, 16384)
-        .next_multiple_of(256);
-    let free = (content_blocks * percent / 100).max(options.min_free_bytes.div_ceil(BLOCK));
-    let mut groups = 1u64;
-    let (blocks, inodes_per_group, gdt_blocks) = loop {
-        let ipg = wanted_inodes
-            .div_ceil(groups)
-            .next_multiple_of(INODES_PER_BLOCK)
-            .max(INODES_PER_BLOCK);
-        if ipg > BLOCKS_PER_GROUP {
-            groups = wanted_inodes.div_ceil(BLOCKS_PER_GROUP);
-            continue;
+    let (blocks, inodes_per_group, gdt_blocks, journal_blocks) = match options.size {
+        Size::Fit {
+            free_space_percent,
+            min_free_bytes,
+        } => {
+            let journal_blocks = if options.journal {
+                (content_blocks / 32)
+                    .clamp(1024, 16384)
+                    .next_multiple_of(256)
+            } else {
+                0
+            };
+            let (blocks, ipg, gdt) = fit(
+                content_blocks,
+                journal_blocks,
+                used_inodes,
+                free_space_percent,
+                min_free_bytes,
+            );
+            (blocks, ipg, gdt, journal_blocks)
         }
-        let gdt = (groups * DESC_SIZE as u64).div_ceil(BLOCK);
-        let backups = (0..groups).filter(|&g| Geometry::has_backup(g)).count() as u64;
-        // Runs split around each backup can each cost one more extent tree block.
-        let overhead = backups * (1 + gdt) + groups * (2 + ipg / INODES_PER_BLOCK) + backups;
-        let mut total = overhead + journal_blocks + content_blocks + free;
-        let last = total % BLOCKS_PER_GROUP;
-        let last_group = total / BLOCKS_PER_GROUP;
-        if last != 0 && Geometry::has_backup(last_group) && last < 2 + gdt {
-            total += 2 + gdt - last;
+        Size::Fixed { bytes } => {
+            let (blocks, ipg, gdt) = fixed(bytes, used_inodes)?;
+            let journal_blocks = if options.journal {
+                default_journal_blocks(blocks)
+            } else {
+                0
+            };
+            (blocks, ipg, gdt, journal_blocks)
         }
-        let needed = total.div_ceil(BLOCKS_PER_GROUP);
-        if needed <= groups {
-            break (total, ipg, gdt);
-        }
-        groups = needed;
     };
     let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
-    let uuid = derived_id(image_id, "filesystem uuid");
+    if groups * inodes_per_group > u64::from(u32::MAX) {
+        return Err(Ext4Error::LimitExceeded {
+            what: "inodes in one file system",
+            limit: u64::from(u32::MAX),
+        });
+    }
     let geo = Geometry {
         blocks,
         groups,
         inodes_per_group,
         gdt_blocks,
         uuid,
-        hash_seed: derived_id(image_id, "directory hash seed"),
-        csum_seed: format::crc32c(!0, &uuid),
-        time: crate::tree::DEFAULT_MTIME,
+        hash_seed: options.hash_seed,
+        csum_seed,
+        time: options.time,
+        label: options.label.as_bytes().to_vec(),
+        journal: options.journal,
     };
 
     // 4. Place every block.
@@ -265,7 +329,7 @@ pub(crate) fn plan<'t>(
         });
     }
     // Every group's block bitmap, then every inode bitmap, then every inode table.
-    let mut per_group = |len: u64, item: fn(u64) -> Item| -> Result<Vec<u64>, ConvertError> {
+    let mut per_group = |len: u64, item: fn(u64) -> Item| -> Result<Vec<u64>, Ext4Error> {
         (0..groups)
             .map(|group| {
                 let start = alloc.contiguous(len)?;
@@ -283,30 +347,27 @@ pub(crate) fn plan<'t>(
     let inode_table_at = per_group(geo.itable_blocks(), |group| Item::InodeTable { group })?;
 
     let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); owners.len()];
-    let journal_extents = alloc.extents(0, journal_blocks)?;
-    items.push(Placed {
-        start: journal_extents[0].start,
-        len: 1,
-        item: Item::Bytes(format::journal_superblock(&geo, journal_blocks).to_vec()),
-    });
-    extents[JOURNAL_INO as usize - 1] = journal_extents;
+    if options.journal {
+        let journal_extents = alloc.extents(0, journal_blocks)?;
+        items.push(Placed {
+            start: journal_extents[0].start,
+            len: 1,
+            item: Item::Bytes(format::journal_superblock(&geo, journal_blocks).to_vec()),
+        });
+        extents[JOURNAL_INO as usize - 1] = journal_extents;
+    }
 
     // Directory, symlink and xattr blocks.
     let mut xattr_block_at = vec![0u64; owners.len()];
+    let mut indexed = vec![false; owners.len()];
     for (index, owner) in owners.iter().enumerate() {
-        let ino = index as u32 + 1;
         let bytes = match *owner {
-            Owner::LostFound => Some(format::dir_blocks(
-                &geo,
-                ino,
-                [(b".".to_vec(), ino, 2), (b"..".to_vec(), ROOT_INO, 2)].into_iter(),
-            )),
+            Owner::LostFound | Owner::Node(_) if needs[index].dir.is_some() => {
+                let dir = needs[index].dir.take().expect("checked");
+                indexed[index] = dir.indexed;
+                Some(dir.bytes)
+            }
             Owner::Node(node) => match &tree.nodes[node].kind {
-                Kind::Dir(_) => Some(format::dir_blocks(
-                    &geo,
-                    ino,
-                    dir_entries(tree, node, &node_ino, &parent_ino, !has_lost_found),
-                )),
                 Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => {
                     let mut block = target.clone();
                     block.resize(BLOCK as usize, 0);
@@ -420,14 +481,18 @@ pub(crate) fn plan<'t>(
                         (
                             S_IFDIR,
                             data_blocks * BLOCK,
-                            EXTENTS_FL,
+                            EXTENTS_FL | if indexed[index] { INDEX_FL } else { 0 },
                             i_block,
                             if links > LINK_MAX { 1 } else { links },
                         )
                     }
-                    Kind::File(content) => {
-                        (S_IFREG, content.span.len, EXTENTS_FL, i_block, links[node])
-                    }
+                    Kind::File(file) => (
+                        S_IFREG,
+                        contents.len(file),
+                        EXTENTS_FL,
+                        i_block,
+                        links[node],
+                    ),
                     Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => (
                         S_IFLNK,
                         target.len() as u64,
@@ -447,13 +512,14 @@ pub(crate) fn plan<'t>(
                         (S_IFBLK, 0, 0, device(*major, *minor), links[node])
                     }
                     Kind::Fifo => (S_IFIFO, 0, 0, [0u8; 60], links[node]),
+                    Kind::Socket => (S_IFSOCK, 0, 0, [0u8; 60], links[node]),
                 };
                 Some(Inode {
-                    mode: kind_mode | (n.meta.mode & 0o7777) as u16,
+                    mode: kind_mode | permission_bits(n.meta.mode),
                     uid: n.meta.uid,
                     gid: n.meta.gid,
                     size,
-                    links: links as u16,
+                    links: u16::try_from(links).expect("link counts are at most LINK_MAX"),
                     sectors,
                     flags,
                     mtime: n.meta.mtime,
@@ -519,14 +585,12 @@ pub(crate) fn plan<'t>(
         block_bitmaps.push(bitmap);
         inode_bitmaps.push(ibitmap);
     }
-    let journal = inodes[JOURNAL_INO as usize - 1]
-        .as_ref()
-        .expect("the journal inode is planned");
+    let journal = inodes[JOURNAL_INO as usize - 1].as_ref();
     let superblock_counts = format::SuperblockCounts {
         free_blocks: free_blocks_total,
         free_inodes: free_inodes_total,
-        journal_blocks: journal.i_block,
-        journal_size: journal.size,
+        journal_blocks: journal.map_or([0; 60], |j| j.i_block),
+        journal_size: journal.map_or(0, |j| j.size),
     };
     Ok(Layout {
         geo,
@@ -540,6 +604,95 @@ pub(crate) fn plan<'t>(
         entries,
         first_name,
     })
+}
+
+/// The size of a file system fitted to its content: `content` blocks (data, directories,
+/// extent trees, xattr blocks), `journal` blocks and `used_inodes`, plus `percent` of the
+/// content's blocks and inodes free (at least `min_free_bytes` and 1024 inodes). Returns the
+/// blocks, inodes per group and descriptor blocks.
+fn fit(
+    content: u64,
+    journal: u64,
+    used_inodes: u64,
+    percent: u32,
+    min_free_bytes: u64,
+) -> (u64, u64, u64) {
+    let percent = u64::from(percent);
+    let wanted_inodes = used_inodes + (used_inodes * percent / 100).max(1024);
+    let free = (content * percent / 100).max(min_free_bytes.div_ceil(BLOCK));
+    let mut groups = 1u64;
+    loop {
+        let ipg = wanted_inodes
+            .div_ceil(groups)
+            .next_multiple_of(INODES_PER_BLOCK)
+            .max(INODES_PER_BLOCK);
+        if ipg > BLOCKS_PER_GROUP {
+            groups = wanted_inodes.div_ceil(BLOCKS_PER_GROUP);
+            continue;
+        }
+        let gdt = (groups * DESC_SIZE as u64).div_ceil(BLOCK);
+        let backups = (0..groups).filter(|&g| Geometry::has_backup(g)).count() as u64;
+        // Runs split around each backup can each cost one more extent tree block.
+        let overhead = backups * (1 + gdt) + groups * (2 + ipg / INODES_PER_BLOCK) + backups;
+        // Every group holding inodes must exist, also when inodes, not blocks, need them.
+        let mut total =
+            (overhead + journal + content + free).max((groups - 1) * BLOCKS_PER_GROUP + 1);
+        let last = total % BLOCKS_PER_GROUP;
+        let last_group = total / BLOCKS_PER_GROUP;
+        if last != 0 && Geometry::has_backup(last_group) && last < 2 + gdt {
+            total += 2 + gdt - last;
+        }
+        let needed = total.div_ceil(BLOCKS_PER_GROUP);
+        if needed <= groups {
+            return (total, ipg, gdt);
+        }
+        groups = needed;
+    }
+}
+
+/// The geometry of a file system of `bytes`, as `mkfs.ext4` would size it: one inode per
+/// [`FIXED_BYTES_PER_INODE`] (at least `used_inodes`), a last group too small for its
+/// superblock backup left out. Returns the blocks, inodes per group and descriptor blocks.
+fn fixed(bytes: u64, used_inodes: u64) -> Result<(u64, u64, u64), Ext4Error> {
+    let mut blocks = bytes / BLOCK;
+    let gdt_of =
+        |blocks: u64| (blocks.div_ceil(BLOCKS_PER_GROUP) * DESC_SIZE as u64).div_ceil(BLOCK);
+    let last = blocks % BLOCKS_PER_GROUP;
+    if last != 0
+        && blocks > BLOCKS_PER_GROUP
+        && Geometry::has_backup(blocks / BLOCKS_PER_GROUP)
+        && last < 2 + gdt_of(blocks)
+    {
+        blocks -= last;
+    }
+    let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
+    if groups == 0 {
+        return Err(Ext4Error::TooSmall { blocks });
+    }
+    let inodes = (blocks * BLOCK / FIXED_BYTES_PER_INODE).max(used_inodes);
+    let ipg = inodes
+        .div_ceil(groups)
+        .next_multiple_of(INODES_PER_BLOCK)
+        .max(INODES_PER_BLOCK);
+    if ipg > BLOCKS_PER_GROUP {
+        return Err(Ext4Error::TooSmall { blocks });
+    }
+    Ok((blocks, ipg, gdt_of(blocks)))
+}
+
+/// `mkfs.ext4`'s journal size for a file system of `blocks` 4 KiB blocks
+/// (`ext2fs_default_journal_size`).
+fn default_journal_blocks(blocks: u64) -> u64 {
+    match blocks {
+        0..32_768 => 1024,
+        32_768..262_144 => 4096,
+        262_144..524_288 => 8192,
+        524_288..4_194_304 => 16_384,
+        4_194_304..8_388_608 => 32_768,
+        8_388_608..16_777_216 => 65_536,
+        16_777_216..33_554_432 => 131_072,
+        _ => 262_144,
+    }
 }
 
 /// Inode numbers given depth first, names in order, with what else that walk learns.
@@ -556,28 +709,93 @@ struct Numbering<'a, 't> {
 }
 
 impl<'t> Numbering<'_, 't> {
-    fn number(&mut self, tree: &'t Tree, dir: NodeId) {
+    /// Numbers what `dir` (at `depth`) holds, checking every name on the way.
+    fn number<F>(&mut self, tree: &'t Tree<F>, dir: NodeId, depth: usize) -> Result<(), Ext4Error> {
+        if depth > MAX_DEPTH {
+            return Err(Ext4Error::LimitExceeded {
+                what: "directory depth",
+                limit: MAX_DEPTH as u64,
+            });
+        }
         let children = tree.children(dir).expect("numbering starts at a directory");
         for (name, &child) in children {
+            let invalid = |problem| Ext4Error::InvalidEntry {
+                path: tree_path(&self.first_name, dir).join(OsStr::from_bytes(name)),
+                problem,
+            };
+            if name.len() > MAX_NAME {
+                return Err(invalid(EntryProblem::NameTooLong));
+            }
+            if name.is_empty()
+                || name == b"."
+                || name == b".."
+                || name.contains(&b'/')
+                || name.contains(&0)
+            {
+                return Err(invalid(EntryProblem::BadName));
+            }
+            let Some(node) = tree.nodes.get(child) else {
+                return Err(invalid(EntryProblem::NoSuchNode { node: child }));
+            };
+            let is_dir = matches!(node.kind, Kind::Dir(_));
             self.entries += 1;
             self.links[child] += 1;
             if self.node_ino[child] != 0 {
+                if is_dir {
+                    return Err(invalid(EntryProblem::DirectoryHardlink));
+                }
                 continue;
             }
             self.owners.push(Owner::Node(child));
-            self.node_ino[child] = self.owners.len() as u32;
+            self.node_ino[child] =
+                u32::try_from(self.owners.len()).map_err(|_| Ext4Error::LimitExceeded {
+                    what: "inodes in one file system",
+                    limit: u64::from(u32::MAX),
+                })?;
             self.first_name[child] = Some((dir, name));
-            if matches!(tree.nodes[child].kind, Kind::Dir(_)) {
+            if is_dir {
                 self.parent_ino[child] = self.node_ino[dir];
-                self.number(tree, child);
+                self.number(tree, child, depth + 1)?;
             }
         }
+        Ok(())
     }
 }
 
-/// `/path/of/node` in the image, for error messages.
-fn image_path(first_name: &[Option<(NodeId, &[u8])>], mut node: NodeId) -> std::path::PathBuf {
-    use std::os::unix::ffi::OsStrExt;
+/// Refuses metadata ext4 cannot store: mode bits beyond 0o7777, an mtime out of range,
+/// extended attributes it has no name for or no room for.
+fn check_meta(meta: &Meta) -> Result<(), EntryProblem> {
+    if meta.mode & !0o7777 != 0 {
+        return Err(EntryProblem::BadMode { mode: meta.mode });
+    }
+    if !MTIME_RANGE.contains(&meta.mtime) {
+        return Err(EntryProblem::BadMtime { mtime: meta.mtime });
+    }
+    let mut total = 0;
+    for (name, value) in &meta.xattrs {
+        total += (name.len() <= MAX_NAME && !name.contains(&0))
+            .then(|| xattr::footprint(name, value))
+            .flatten()
+            .ok_or_else(|| EntryProblem::BadXattrName {
+                name: String::from_utf8_lossy(name).into_owned(),
+            })?;
+    }
+    if total > xattr::BLOCK_ROOM {
+        return Err(EntryProblem::XattrsTooLarge {
+            bytes: total,
+            max: xattr::BLOCK_ROOM,
+        });
+    }
+    Ok(())
+}
+
+/// The permission bits of a mode [`check_meta`] accepted.
+fn permission_bits(mode: u32) -> u16 {
+    u16::try_from(mode & 0o7777).expect("12 bits fit 16")
+}
+
+/// `/path/of/node` in the tree, for error messages.
+fn tree_path(first_name: &[Option<(NodeId, &[u8])>], mut node: NodeId) -> PathBuf {
     let mut names = Vec::new();
     while let Some((parent, name)) = first_name[node] {
         names.push(name);
@@ -585,27 +803,23 @@ fn image_path(first_name: &[Option<(NodeId, &[u8])>], mut node: NodeId) -> std::
     }
     let mut path = std::path::PathBuf::from("/");
     for name in names.iter().rev() {
-        path.push(std::ffi::OsStr::from_bytes(name));
+        path.push(OsStr::from_bytes(name));
     }
     path
 }
 
-/// The entries of directory `dir`: `.`, `..`, its children and, for the root when the image
-/// has none, `lost+found` (inode 11), as (name, inode, type).
-fn dir_entries<'a>(
-    tree: &'a Tree,
+/// The entries of directory `dir` but `.` and `..`: for the root when the tree has none,
+/// `lost+found` (inode 11), then its children, as (name, inode, type).
+fn dir_entries<'a, F>(
+    tree: &'a Tree<F>,
     dir: NodeId,
     node_ino: &'a [u32],
-    parent_ino: &[u32],
     with_lost_found: bool,
 ) -> impl Iterator<Item = (Vec<u8>, u32, u8)> + 'a {
-    let ino = node_ino[dir];
-    let parent = parent_ino[dir];
     let lost_found =
         (dir == ROOT && with_lost_found).then(|| (LOST_FOUND.to_vec(), FIRST_INO, 2u8));
-    [(b".".to_vec(), ino, 2u8), (b"..".to_vec(), parent, 2u8)]
+    lost_found
         .into_iter()
-        .chain(lost_found)
         .chain(
             tree.children(dir)
                 .expect("a directory")
@@ -620,7 +834,7 @@ fn dir_entries<'a>(
         )
 }
 
-fn type_bits(kind: &Kind) -> u16 {
+fn type_bits<F>(kind: &Kind<F>) -> u16 {
     match kind {
         Kind::Dir(_) => S_IFDIR,
         Kind::File(_) => S_IFREG,
@@ -628,6 +842,7 @@ fn type_bits(kind: &Kind) -> u16 {
         Kind::CharDevice { .. } => S_IFCHR,
         Kind::BlockDevice { .. } => S_IFBLK,
         Kind::Fifo => S_IFIFO,
+        Kind::Socket => S_IFSOCK,
     }
 }
 
@@ -646,10 +861,13 @@ fn device(major: u32, minor: u32) -> [u8; 60] {
     b
 }
 
-/// Logical block ranges of `content` that hold data: the whole file, except that large files
-/// are probed for holes in their source (`SEEK_DATA`/`SEEK_HOLE`), which stay holes.
-fn data_ranges(sources: &Sources, content: &Content) -> std::io::Result<Vec<(u64, u64)>> {
-    let len = content.span.len;
+/// Logical block ranges of `file` (`len` bytes) that hold data: the whole file, except that
+/// large files are asked for their holes ([`ReadContent::data_ranges`]), which stay holes.
+fn data_ranges<C: Contents>(
+    contents: &C,
+    file: &C::File,
+    len: u64,
+) -> std::io::Result<Vec<(u64, u64)>> {
     let blocks = len.div_ceil(BLOCK);
     if len < PROBE_HOLES_FROM {
         // Taken whole without opening it (a layer directory's file is opened only to be read).
@@ -659,32 +877,21 @@ fn data_ranges(sources: &Sources, content: &Content) -> std::io::Result<Vec<(u64
             vec![(0, blocks)]
         });
     }
-    let located = sources.locate(content)?;
-    let offset = located.offset;
-    let fd = located.file().as_raw_fd();
-    let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
-        // SAFETY: lseek on a descriptor we hold; only the offset changes, and every read of
-        // content is positional (pread), so nothing depends on it.
-        let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
-        (at >= 0).then_some(at as u64)
-    };
-    let end = offset + len;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut pos = offset;
-    while pos < end {
-        let Some(data) = seek(pos, libc::SEEK_DATA).filter(|&d| d < end) else {
-            break;
-        };
-        let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
-        let first = (data - offset) / BLOCK;
-        let last = (hole - offset).div_ceil(BLOCK);
+    for (data, hole) in contents.open(file)?.data_ranges(len)? {
+        let (first, last) = (data / BLOCK, hole.min(len).div_ceil(BLOCK));
+        if first >= last {
+            continue;
+        }
+        if ranges.last().is_some_and(|&(start, _)| first < start) {
+            return Err(std::io::Error::other("the data ranges are not in order"));
+        }
         match ranges.last_mut() {
             Some((start, count)) if *start + *count >= first => {
                 *count = (*count).max(last - *start);
             }
             _ => ranges.push((first, last - first)),
         }
-        pos = hole;
     }
     Ok(ranges)
 }
@@ -748,14 +955,14 @@ impl Allocator {
         self.reserved.get(i).copied()
     }
 
-    fn too_small(&self) -> ConvertError {
-        ConvertError::Ext4TooSmall {
+    fn too_small(&self) -> Ext4Error {
+        Ext4Error::TooSmall {
             blocks: self.blocks,
         }
     }
 
     /// `len` blocks in one run.
-    fn contiguous(&mut self, len: u64) -> Result<u64, ConvertError> {
+    fn contiguous(&mut self, len: u64) -> Result<u64, Ext4Error> {
         loop {
             match self.reserved_after(self.next) {
                 Some((s, l)) if s < self.next + len => self.next = s + l,
@@ -773,7 +980,7 @@ impl Allocator {
 
     /// `len` blocks for logical blocks from `logical`, as extents split around reserved
     /// areas and at the longest extent.
-    fn extents(&mut self, logical: u64, len: u64) -> Result<Vec<Extent>, ConvertError> {
+    fn extents(&mut self, logical: u64, len: u64) -> Result<Vec<Extent>, Ext4Error> {
         let mut out = Vec::new();
         let mut done = 0;
         while done < len {
@@ -804,14 +1011,36 @@ impl Allocator {
     }
 }
 
-/// 16 bytes derived from the image id and a purpose (UUID, hash seed): same image, same bytes.
-fn derived_id(image_id: &str, purpose: &str) -> [u8; 16] {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(b"builder-rootfs ")
-        .chain_update(purpose)
-        .chain_update(b" ")
-        .chain_update(image_id)
-        .finalize();
-    digest[..16].try_into().expect("16 bytes")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitted_sizes_hold_their_inodes_also_when_inodes_need_more_groups_than_blocks() {
+        for (content, inodes) in [(100, 20), (50_000, 3000), (1000, 80_000), (10, 200_000)] {
+            let (blocks, ipg, gdt) = fit(content, 1024, inodes, 20, 0);
+            let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
+            assert!(
+                groups * ipg >= inodes + 1024,
+                "{content} blocks, {inodes} inodes"
+            );
+            assert!(blocks > content + 1024 + groups * ipg / INODES_PER_BLOCK);
+            assert_eq!(gdt, (groups * DESC_SIZE as u64).div_ceil(BLOCK));
+        }
+    }
+
+    #[test]
+    fn fixed_sizes_follow_mkfs() {
+        // 4 GiB: 32 full groups, one inode per 16 KiB, a 64 MiB journal.
+        let (blocks, ipg, gdt) = fixed(4 << 30, 11).unwrap();
+        assert_eq!((blocks, ipg, gdt), (1 << 20, 8192, 1));
+        assert_eq!(default_journal_blocks(blocks), 16_384);
+        // A last group too small for its superblock backup is left out.
+        let (blocks, _, _) = fixed((BLOCKS_PER_GROUP + 1) * BLOCK, 11).unwrap();
+        assert_eq!(blocks, BLOCKS_PER_GROUP);
+        assert!(matches!(
+            fixed(BLOCK - 1, 11),
+            Err(Ext4Error::TooSmall { .. })
+        ));
+    }
 }

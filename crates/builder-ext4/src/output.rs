@@ -1,6 +1,7 @@
 //! The output file, written front to back exactly once, as a three-stage pipeline: the
 //! planner's thread fills 4 KiB-aligned buffers, a hashing thread runs SHA-256 over every byte
-//! (holes included, so the digest needs no read-back pass), and a writing thread writes each
+//! (holes included, so the digest needs no read-back pass; only when asked for: a scratch
+//! disk's gigabytes of holes are not worth hashing), and a writing thread writes each
 //! buffer at its offset. Small gaps become zeros in the buffer, long ones holes in the sparse
 //! file. Where the file system allows it the file is opened `O_DIRECT`: the data goes from our
 //! buffers to the disk without being copied into (and later written back from) the page
@@ -17,6 +18,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
+
+use crate::Create;
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT`.
 const ALIGN: usize = 4096;
@@ -90,18 +93,22 @@ pub(crate) struct Output {
     pending_zeros: u64,
     to_hasher: Option<SyncSender<Chunk>>,
     recycled: Receiver<Buffer>,
-    hasher: Option<JoinHandle<[u8; 32]>>,
+    hasher: Option<JoinHandle<Option<[u8; 32]>>>,
     writer: Option<JoinHandle<io::Result<()>>>,
 }
 
 impl Output {
-    /// Creates (or truncates) `path`, never following a symlink.
-    pub fn create(path: &Path) -> io::Result<Self> {
+    /// Creates `path` as `create` says, never following a symlink; `hash` says whether to
+    /// compute the SHA-256.
+    pub fn create(path: &Path, create: Create, hash: bool) -> io::Result<Self> {
         let open = |direct: bool| {
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
+            let mut options = OpenOptions::new();
+            options.write(true);
+            match create {
+                Create::Replace => options.create(true).truncate(true),
+                Create::NewPrivate => options.create_new(true).mode(0o600),
+            };
+            options
                 .custom_flags(
                     libc::O_NOFOLLOW | libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 },
                 )
@@ -119,16 +126,19 @@ impl Output {
             .name("ext4-sha256".into())
             .spawn(move || {
                 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-                let mut sha = Sha256::new();
+                let mut sha = hash.then(Sha256::new);
                 for chunk in for_hasher {
-                    match chunk {
-                        Chunk::Data { buffer, offset } => {
-                            sha.update(buffer.filled());
+                    match (chunk, &mut sha) {
+                        (Chunk::Data { buffer, offset }, sha) => {
+                            if let Some(sha) = sha {
+                                sha.update(buffer.filled());
+                            }
                             if to_writer.send((buffer, offset)).is_err() {
                                 break; // the writer failed; `finish` reports why
                             }
                         }
-                        Chunk::Zeros(mut n) => {
+                        (Chunk::Zeros(_), None) => {}
+                        (Chunk::Zeros(mut n), Some(sha)) => {
                             while n > 0 {
                                 let step = n.min(ZEROS.len() as u64);
                                 sha.update(&ZEROS[..step as usize]);
@@ -137,7 +147,7 @@ impl Output {
                         }
                     }
                 }
-                sha.finalize().into()
+                sha.map(|sha| sha.finalize().into())
             })?;
         let out = file.try_clone()?;
         let writer = std::thread::Builder::new()
@@ -275,8 +285,8 @@ impl Output {
             .unwrap_or_else(|| io::Error::other("the output pipeline stopped")))
     }
 
-    /// Ends the pipeline: waits for both threads; the digest, or the writer's error.
-    fn join(&mut self) -> io::Result<[u8; 32]> {
+    /// Ends the pipeline: waits for both threads; the digest (if hashed), or the writer's error.
+    fn join(&mut self) -> io::Result<Option<[u8; 32]>> {
         self.to_hasher = None;
         let digest = self.hasher.take().map(|h| {
             h.join()
@@ -293,8 +303,8 @@ impl Output {
     }
 
     /// Writes what is left, sizes the file to `len` (a whole number of blocks; the rest a
-    /// hole), syncs it, and returns the SHA-256 of all `len` bytes.
-    pub fn finish(mut self, len: u64) -> io::Result<[u8; 32]> {
+    /// hole), syncs it, and returns the SHA-256 of all `len` bytes when hashing.
+    pub fn finish(mut self, len: u64) -> io::Result<Option<[u8; 32]>> {
         debug_assert_eq!(len % ALIGN as u64, 0);
         self.skip_to(len);
         self.settle()?;

@@ -33,13 +33,13 @@ pub(crate) fn split_name(name: &[u8]) -> Option<(u8, &[u8])> {
 }
 
 /// Room in one xattr block for entries and values (header and end marker excluded).
-pub(crate) const BLOCK_ROOM: usize = BLOCK_USIZE - BLOCK_HEADER - 4;
+pub const BLOCK_ROOM: usize = BLOCK_USIZE - BLOCK_HEADER - 4;
 /// Room in the inode for entries and values (magic and end marker excluded).
 const INLINE_ROOM: usize = INODE_SIZE - INLINE_XATTR_START - 4 - 4;
 
 /// Bytes `name = value` takes in an xattr block or inode: entry header, stored name and
 /// value, each padded to 4 bytes. `None` when ext4 cannot store the name.
-pub(crate) fn footprint(name: &[u8], value: &[u8]) -> Option<usize> {
+pub fn footprint(name: &[u8], value: &[u8]) -> Option<usize> {
     let (index, rest) = split_name(name)?;
     let value_len = stored_value(index, value).map_or(value.len(), |v| v.len());
     Some((ENTRY_HEADER + rest.len()).next_multiple_of(4) + value_len.next_multiple_of(4))

@@ -36,9 +36,12 @@ pub(crate) const S_IFDIR: u16 = 0o040000;
 pub(crate) const S_IFBLK: u16 = 0o060000;
 pub(crate) const S_IFREG: u16 = 0o100000;
 pub(crate) const S_IFLNK: u16 = 0o120000;
+pub(crate) const S_IFSOCK: u16 = 0o140000;
 
 /// `EXT4_EXTENTS_FL`.
 pub(crate) const EXTENTS_FL: u32 = 0x80000;
+/// `EXT4_INDEX_FL`: the directory has a hashed index.
+pub(crate) const INDEX_FL: u32 = 0x1000;
 
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
 const COMPAT_EXT_ATTR: u32 = 0x8;
@@ -55,6 +58,16 @@ const RO_COMPAT_EXTRA_ISIZE: u32 = 0x40;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 /// `EXT4_BG_INODE_ZEROED`: the inode table is zeroed (it is, as holes of a fresh file).
 const BG_INODE_ZEROED: u16 = 0x4;
+
+/// `v` as an index into something held in memory.
+pub(crate) fn index(v: u64) -> usize {
+    usize::try_from(v).expect("an index into memory fits usize")
+}
+
+/// The inode number of inode table slot `index` (the planner keeps inode counts within u32).
+pub(crate) fn ino_of(index: u64) -> u32 {
+    u32::try_from(index + 1).expect("inode numbers fit u32")
+}
 
 pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_le_bytes());
@@ -136,6 +149,10 @@ pub(crate) struct Geometry {
     pub csum_seed: u32,
     /// Timestamp of the file system itself (creation, last write, last check).
     pub time: i64,
+    /// Volume label, at most 16 bytes.
+    pub label: Vec<u8>,
+    /// Whether inode 8 holds a journal.
+    pub journal: bool,
 }
 
 impl Geometry {
@@ -196,11 +213,8 @@ pub(crate) fn superblock(geo: &Geometry, counts: &SuperblockCounts, group: u64) 
     put32(&mut sb, 0x54, FIRST_INO);
     put16(&mut sb, 0x58, INODE_SIZE as u16);
     put16(&mut sb, 0x5A, group as u16);
-    put32(
-        &mut sb,
-        0x5C,
-        COMPAT_HAS_JOURNAL | COMPAT_EXT_ATTR | COMPAT_DIR_INDEX,
-    );
+    let journal = if geo.journal { COMPAT_HAS_JOURNAL } else { 0 };
+    put32(&mut sb, 0x5C, journal | COMPAT_EXT_ATTR | COMPAT_DIR_INDEX);
     put32(
         &mut sb,
         0x60,
@@ -217,10 +231,13 @@ pub(crate) fn superblock(geo: &Geometry, counts: &SuperblockCounts, group: u64) 
             | RO_COMPAT_METADATA_CSUM,
     );
     sb[0x68..0x78].copy_from_slice(&geo.uuid);
-    put32(&mut sb, 0xE0, JOURNAL_INO);
+    sb[0x78..0x78 + geo.label.len()].copy_from_slice(&geo.label);
+    if geo.journal {
+        put32(&mut sb, 0xE0, JOURNAL_INO);
+    }
     sb[0xEC..0xFC].copy_from_slice(&geo.hash_seed);
     sb[0xFC] = 1; // default directory hash: half MD4
-    sb[0xFD] = 1; // s_jnl_blocks holds a backup of the journal inode's blocks
+    sb[0xFD] = u8::from(geo.journal); // s_jnl_blocks backs up the journal inode's blocks
     put16(&mut sb, 0xFE, DESC_SIZE as u16);
     put32(&mut sb, 0x100, 0x0004 | 0x0008); // default mount options: user_xattr, acl
     put32(&mut sb, 0x108, time); // mkfs time
@@ -281,11 +298,8 @@ pub(crate) fn group_desc(geo: &Geometry, group: u64, d: &GroupDesc) -> [u8; DESC
 
 /// The checksum seed of everything that belongs to inode `ino` (the inode itself, its extent
 /// tree and directory blocks): the file system seed, then the inode number and generation (0).
-fn inode_seed(geo: &Geometry, ino: u32) -> u32 {
-    crc32c(
-        crc32c(geo.csum_seed, &ino.to_le_bytes()),
-        &0u32.to_le_bytes(),
-    )
+pub(crate) fn inode_seed(csum_seed: u32, ino: u32) -> u32 {
+    crc32c(crc32c(csum_seed, &ino.to_le_bytes()), &0u32.to_le_bytes())
 }
 
 /// An inode's fields, before encoding.
@@ -335,7 +349,7 @@ pub(crate) fn inode(geo: &Geometry, ino: u32, n: &Inode) -> [u8; INODE_SIZE] {
     if let Some(area) = &n.inline_xattrs {
         b[INLINE_XATTR_START..INLINE_XATTR_START + area.len()].copy_from_slice(area);
     }
-    let csum = crc32c(inode_seed(geo, ino), &b);
+    let csum = crc32c(inode_seed(geo.csum_seed, ino), &b);
     put16(&mut b, 0x7C, csum as u16);
     put16(&mut b, 0x82, (csum >> 16) as u16);
     b
@@ -419,7 +433,7 @@ pub(crate) fn extent_tree(
     }
     let mut i_block = [0u8; 60];
     extent_node(&mut i_block, &level, EXTENTS_IN_INODE, depth);
-    let seed = inode_seed(geo, ino);
+    let seed = inode_seed(geo.csum_seed, ino);
     for b in &mut blocks {
         let tail = 12 + 12 * EXTENTS_IN_BLOCK;
         let csum = crc32c(seed, &b[..tail]);
@@ -436,69 +450,10 @@ pub(crate) fn dirent_type(mode: u16) -> u8 {
         S_IFCHR => 3,
         S_IFBLK => 4,
         S_IFIFO => 5,
+        S_IFSOCK => 6,
         S_IFLNK => 7,
         _ => 0,
     }
-}
-
-/// Bytes a directory entry named `name` takes at least.
-pub(crate) fn dirent_len(name: &[u8]) -> usize {
-    (8 + name.len()).next_multiple_of(4)
-}
-
-/// Packs directory entries `(name, inode, type)` into blocks, in order, each block closed by
-/// the checksum tail. The same packing gives [`dir_block_count`].
-pub(crate) fn dir_blocks(
-    geo: &Geometry,
-    ino: u32,
-    entries: impl Iterator<Item = (Vec<u8>, u32, u8)>,
-) -> Vec<u8> {
-    let mut out: Vec<u8> = Vec::new();
-    let mut block = [0u8; BLOCK_USIZE];
-    let mut used = 0usize;
-    let mut last = 0usize;
-    let seed = inode_seed(geo, ino);
-    let close = |block: &mut [u8; BLOCK_USIZE], last: usize, out: &mut Vec<u8>| {
-        // The last entry's record stretches to the tail.
-        put16(block, last + 4, (DIR_BLOCK_ROOM - last) as u16);
-        put16(block, DIR_BLOCK_ROOM + 4, 12);
-        block[DIR_BLOCK_ROOM + 7] = 0xDE;
-        let csum = crc32c(seed, &block[..DIR_BLOCK_ROOM]);
-        put32(block, DIR_BLOCK_ROOM + 8, csum);
-        out.extend_from_slice(block);
-        *block = [0u8; BLOCK_USIZE];
-    };
-    for (name, inode, kind) in entries {
-        let len = dirent_len(&name);
-        if used + len > DIR_BLOCK_ROOM {
-            close(&mut block, last, &mut out);
-            used = 0;
-        }
-        put32(&mut block, used, inode);
-        put16(&mut block, used + 4, len as u16);
-        block[used + 6] = name.len() as u8;
-        block[used + 7] = kind;
-        block[used + 8..used + 8 + name.len()].copy_from_slice(&name);
-        last = used;
-        used += len;
-    }
-    close(&mut block, last, &mut out);
-    out
-}
-
-/// Blocks [`dir_blocks`] fills with entries of these name lengths.
-pub(crate) fn dir_block_count(name_lens: impl Iterator<Item = usize>) -> u64 {
-    let mut blocks = 1;
-    let mut used = 0;
-    for name_len in name_lens {
-        let len = (8 + name_len).next_multiple_of(4);
-        if used + len > DIR_BLOCK_ROOM {
-            blocks += 1;
-            used = 0;
-        }
-        used += len;
-    }
-    blocks
 }
 
 /// The jbd2 superblock (v2) of an empty internal journal of `blocks` blocks.
@@ -547,27 +502,5 @@ mod tests {
         assert_eq!(extent_tree_blocks(5), 1);
         assert_eq!(extent_tree_blocks(340 * 4), 4);
         assert_eq!(extent_tree_blocks(340 * 4 + 1), 5 + 1);
-    }
-
-    #[test]
-    fn directory_packing_matches_its_count() {
-        let names: Vec<Vec<u8>> = (0..700)
-            .map(|i| format!("file-{i:05}").into_bytes())
-            .collect();
-        let geo = Geometry {
-            blocks: 1,
-            groups: 1,
-            inodes_per_group: 16,
-            gdt_blocks: 1,
-            uuid: [0; 16],
-            hash_seed: [0; 16],
-            csum_seed: 0,
-            time: 0,
-        };
-        let bytes = dir_blocks(&geo, 12, names.iter().map(|n| (n.clone(), 13, 1)));
-        assert_eq!(
-            bytes.len() as u64 / BLOCK,
-            dir_block_count(names.iter().map(Vec::len))
-        );
     }
 }
