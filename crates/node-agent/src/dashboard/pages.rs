@@ -731,3 +731,98 @@ pub(super) async fn node(
     ));
     Ok(Html(html::page("Node", &config.node_id, Nav::Node, &body)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::NewBuild;
+
+    /// A SQLite database with `n` queued builds, every third by `alice` from `other.git`.
+    async fn database(dir: &std::path::Path, n: usize) -> (Db, Vec<String>) {
+        let db = Db::open(&format!("sqlite://{}/builds.sqlite", dir.display()))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let (requester, repo) = if i % 3 == 0 {
+                ("alice", "https://git.example/other.git")
+            } else {
+                ("bob", "https://git.example/app.git")
+            };
+            let id = format!("{i:024x}");
+            let request =
+                serde_json::from_value(serde_json::json!({"repo_url": repo, "ref": "main"}))
+                    .unwrap();
+            db.insert(&NewBuild {
+                id: id.clone(),
+                request,
+                credentials: Default::default(),
+                pinned_node: None,
+                requester: requester.into(),
+                revision: "main".into(),
+                timeout_s: 60,
+                created_at_ms: i as i64,
+            })
+            .await
+            .unwrap();
+            ids.push(id);
+        }
+        (db, ids)
+    }
+
+    fn filter(requester: Option<&str>, repo: Option<&str>) -> Filter {
+        Filter::new(&ListQuery {
+            requester: requester.map(str::to_string),
+            repo: repo.map(str::to_string),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Every page of `filter`, by following the cursors.
+    async fn pages(db: &Db, filter: &Filter) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (rows, next) = filtered_page(db, filter, cursor).await.unwrap();
+            out.push(rows.into_iter().map(|r| r.id).collect());
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return out,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_and_filters_cover_every_match_once_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ids) = database(dir.path(), 130).await;
+        let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+
+        let all = pages(&db, &filter(None, None)).await;
+        assert_eq!(all.iter().map(Vec::len).collect::<Vec<_>>(), [50, 50, 30]);
+        assert_eq!(all.concat(), newest_first);
+
+        let alice = pages(&db, &filter(Some("alice"), None)).await;
+        let by_alice: Vec<String> = newest_first
+            .iter()
+            .filter(|id| u64::from_str_radix(id, 16).unwrap() % 3 == 0)
+            .cloned()
+            .collect();
+        assert_eq!(alice.iter().map(Vec::len).collect::<Vec<_>>(), [44]);
+        assert_eq!(alice.concat(), by_alice);
+        assert_eq!(
+            pages(&db, &filter(None, Some("other.git"))).await.concat(),
+            by_alice
+        );
+        assert_eq!(
+            pages(&db, &filter(Some("bob"), Some("other.git"))).await,
+            [Vec::<String>::new()]
+        );
+        assert!(Filter::new(&ListQuery {
+            state: Some("bogus".into()),
+            ..Default::default()
+        })
+        .is_err());
+    }
+}
