@@ -1,11 +1,12 @@
 //! The `builder-agent` command line: `run` (one build), `convert` (image archive → ext4),
-//! `convert-image` (image in the Docker daemon → ext4, as the pipeline converts).
+//! `convert-image` (image in the Docker daemon → ext4, as the pipeline converts), `upload` (a
+//! file to S3, as the pipeline uploads a rootfs).
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use builder_contract::report::exit_code;
-use builder_contract::ErrorClass;
+use builder_contract::{ErrorClass, S3Location, Secrets};
 use clap::{Parser, Subcommand};
 
 use crate::notify::RetryPolicy;
@@ -31,6 +32,9 @@ enum Command {
     /// Convert an image in the Docker daemon into an ext4 root filesystem, as a build does:
     /// from its overlay2 layer directories when readable here, else through `docker save`.
     ConvertImage(ConvertImageArgs),
+    /// Upload a file to S3 as a build uploads its rootfs (multipart, several parts in flight,
+    /// retries) and print what it took as JSON.
+    Upload(UploadArgs),
     /// Inside the builder VM: be its init (what pid 1 runs when started with no arguments).
     VmInit,
     /// Inside the builder VM: start dockerd and run the build (started by `vm-init`).
@@ -109,6 +113,25 @@ struct ConvertImageArgs {
     docker_host: String,
 }
 
+#[derive(Debug, clap::Args)]
+struct UploadArgs {
+    /// The file to upload.
+    file: PathBuf,
+    /// JSON file whose `s3` holds the endpoint and credentials (the secrets file of `run`).
+    #[arg(long)]
+    secrets: PathBuf,
+    #[arg(long)]
+    bucket: String,
+    #[arg(long)]
+    key: String,
+    /// Multipart upload part size in MiB.
+    #[arg(long, default_value_t = crate::s3::DEFAULT_PART_SIZE >> 20)]
+    part_size_mib: u64,
+    /// Parts sent at once.
+    #[arg(long, default_value_t = crate::s3::DEFAULT_PARTS_IN_FLIGHT)]
+    parts_in_flight: usize,
+}
+
 /// The ext4 file to write and how.
 #[derive(Debug, clap::Args)]
 struct OutputArgs {
@@ -157,6 +180,7 @@ pub fn main() -> i32 {
         Command::Run(args) => run(args),
         Command::Convert(args) => convert(args),
         Command::ConvertImage(args) => convert_image(args),
+        Command::Upload(args) => upload(args),
         Command::VmInit => crate::vm::init(),
         Command::VmBuild => crate::vm::build(),
     }
@@ -296,6 +320,64 @@ fn convert_image(args: ConvertImageArgs) -> i32 {
             } else {
                 exit_code::INTERNAL_ERROR
             }
+        }
+    }
+}
+
+fn upload(args: UploadArgs) -> i32 {
+    let location = match S3Location::new(&args.bucket, &args.key) {
+        Ok(location) => location,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_code::USAGE;
+        }
+    };
+    let credentials = match Secrets::load(&args.secrets) {
+        Ok(Secrets { s3: Some(s3), .. }) => s3,
+        Ok(_) => {
+            eprintln!(
+                "error: the secrets file {} has no `s3` credentials",
+                args.secrets.display()
+            );
+            return exit_code::USAGE;
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::error::chain(&e));
+            return exit_code::USAGE;
+        }
+    };
+    let started = Instant::now();
+    let result = runtime().block_on(async {
+        let client =
+            crate::s3::S3Client::new(credentials)?.with_parts_in_flight(args.parts_in_flight);
+        client
+            .upload_file(
+                &location.bucket,
+                &location.key,
+                &args.file,
+                crate::s3::ObjectAttributes {
+                    content_type: "application/octet-stream",
+                    metadata: &[],
+                },
+                args.part_size_mib << 20,
+                |_, _| {},
+            )
+            .await
+    });
+    match result {
+        Ok(()) => {
+            let json = serde_json::json!({
+                "location": location.to_string(),
+                "seconds": started.elapsed().as_secs_f64(),
+                "part_size_mib": args.part_size_mib,
+                "parts_in_flight": args.parts_in_flight,
+            });
+            println!("{json}");
+            exit_code::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::error::chain(&e));
+            exit_code::INTERNAL_ERROR
         }
     }
 }

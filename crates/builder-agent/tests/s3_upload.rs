@@ -2,7 +2,8 @@
 //! through a loopback proxy that counts the requests in flight and fails chosen parts: the
 //! object is byte-identical with its metadata, at most `parts_in_flight` parts travel at once,
 //! a transient 500 is retried, and a part that keeps failing aborts the upload and leaves no
-//! multipart upload behind (checked with ListMultipartUploads on the server).
+//! multipart upload behind (checked with ListMultipartUploads on the server). Also the
+//! `builder-agent upload` command that `scripts/bench-upload.sh` times.
 
 mod support;
 
@@ -372,4 +373,41 @@ fn a_part_that_keeps_failing_aborts_and_leaves_nothing() {
     assert_eq!(posts, 1, "created once, never completed: {requests:?}");
     assert_eq!(s3_get(&env("BUILDER_TEST_S3_BUCKET"), &key).0, 404);
     assert!(open_uploads(&key).is_empty(), "the upload was left open");
+}
+
+#[test]
+fn the_upload_command_lands_the_file_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, bytes) = random_file(dir.path(), (PART + 99) as usize, 4);
+    let secrets = support::secrets_file(dir.path(), None);
+    let key = unique("s3-command");
+    let agent = |bucket: &str| {
+        Command::new(env!("CARGO_BIN_EXE_builder-agent"))
+            .arg("upload")
+            .arg(&path)
+            .arg("--secrets")
+            .arg(&secrets)
+            .args(["--bucket", bucket, "--key", &key, "--parts-in-flight", "2"])
+            .output()
+            .unwrap()
+    };
+    let bucket = env("BUILDER_TEST_S3_BUCKET");
+    let out = agent(&bucket);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["location"], format!("s3://{bucket}/{key}"));
+    assert_eq!(json["parts_in_flight"], 2);
+    assert!(json["seconds"].as_f64().unwrap() > 0.0, "{json}");
+    let (status, _, body) = s3_get(&bucket, &key);
+    assert_eq!(status, 200);
+    assert!(body == bytes, "the object differs from the file");
+
+    let out = agent("Not_A_Bucket");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("s3_bucket"), "{stderr}");
 }
