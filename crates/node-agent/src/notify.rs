@@ -138,3 +138,94 @@ pub async fn deliver(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::http::StatusCode;
+
+    use super::*;
+    use crate::db::NewBuild;
+    use crate::model::BuildRequest;
+
+    /// A receiver on loopback answering `statuses` in turn (the last one from then on); returns
+    /// its URL and the number of requests it got.
+    async fn scripted_receiver(statuses: &[u16]) -> (String, Arc<Mutex<usize>>) {
+        let statuses = statuses.to_vec();
+        let hits = Arc::new(Mutex::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                let mut hits = counter.lock().unwrap();
+                let status = statuses[(*hits).min(statuses.len() - 1)];
+                *hits += 1;
+                async move { StatusCode::from_u16(status).unwrap() }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, hits)
+    }
+
+    /// A finished build with a report for `url`, `made` deliveries already attempted.
+    async fn finished_build(db: &Db, url: &str, made: i64) -> BuildRow {
+        let request: BuildRequest = serde_json::from_value(serde_json::json!(
+            {"repo_url": "https://g.example/r", "ref": "main", "notify_url": url}
+        ))
+        .unwrap();
+        let row = db
+            .insert(&NewBuild {
+                id: crate::new_build_id(),
+                request,
+                credentials: Default::default(),
+                pinned_node: None,
+                requester: "t".into(),
+                revision: "main".into(),
+                timeout_s: 60,
+                created_at_ms: crate::now_ms(),
+            })
+            .await
+            .unwrap();
+        let update = Update::default()
+            .set("report", "{\"status\":\"failed\"}")
+            .set("webhook_attempts", made);
+        db.update(&row.id, update).await.unwrap();
+        db.get(&row.id).await.unwrap().unwrap()
+    }
+
+    /// Delivers with `attempts` allowed; returns the row's webhook state, attempts and the
+    /// receiver's hits.
+    async fn deliver_to(statuses: &[u16], made: i64, attempts: u32) -> (String, i64, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/node-agent.db?mode=rwc", dir.path().display());
+        let db = Db::open(&url).await.unwrap();
+        let (hook, hits) = scripted_receiver(statuses).await;
+        let row = finished_build(&db, &hook, made).await;
+        deliver(&reqwest::Client::new(), &db, &row, b"key", attempts).await;
+        let row = db.get(&row.id).await.unwrap().unwrap();
+        let hits = *hits.lock().unwrap();
+        (row.webhook_state, row.webhook_attempts, hits)
+    }
+
+    #[tokio::test]
+    async fn transient_answers_are_retried_until_delivered() {
+        let (state, attempts, hits) = deliver_to(&[503, 429, 204], 0, 8).await;
+        assert_eq!((state.as_str(), attempts, hits), ("delivered", 3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_final_at_once() {
+        let (state, attempts, hits) = deliver_to(&[400, 204], 0, 8).await;
+        assert_eq!((state.as_str(), attempts, hits), ("failed", 1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_restart_resumes_with_the_attempts_left() {
+        // 3 of 4 attempts were made before the restart: one more, then it is given up.
+        let (state, attempts, hits) = deliver_to(&[503], 3, 4).await;
+        assert_eq!((state.as_str(), attempts, hits), ("failed", 4, 1));
+    }
+}
