@@ -58,6 +58,7 @@ aws_s3() { aws --endpoint-url "$BUILDER_TEST_S3_ENDPOINT" s3 "$@"; }
 finish() {
 	aws_s3 rm --quiet --recursive "s3://$bucket/$prefix/" >/dev/null 2>&1 || true
 	rm -f "$dir/rootfs.ext4" "$dir/secrets.json" "$dir/aws-config" "$dir/ours.json"
+	rmdir "$dir" 2>/dev/null || true
 	if $leased; then bt_lease_release; fi
 }
 trap finish EXIT
