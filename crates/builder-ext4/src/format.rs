@@ -83,7 +83,7 @@ fn put32_be(b: &mut [u8], at: usize, v: u32) {
 
 /// CRC-32C (Castagnoli) without pre- or post-inversion, as ext4 chains it.
 pub(crate) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
-    const TABLE: [[u32; 256]; 8] = {
+    static TABLE: [[u32; 256]; 8] = {
         let mut table = [[0u32; 256]; 8];
         let mut i = 0;
         while i < 256 {

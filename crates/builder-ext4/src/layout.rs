@@ -546,25 +546,14 @@ pub(crate) fn plan<'t, C: Contents>(
     let mut free_blocks_total = 0u64;
     let mut free_inodes_total = 0u64;
     for group in 0..groups {
-        let first = group * BLOCKS_PER_GROUP;
-        let mut bitmap = vec![0u8; BLOCK as usize];
-        let mut free_blocks = 0u32;
-        for bit in 0..BLOCKS_PER_GROUP {
-            let block = first + bit;
-            if block >= blocks || alloc.is_used(block) {
-                bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
-            } else {
-                free_blocks += 1;
-            }
-        }
+        let (bitmap, free_blocks) = alloc.group_bitmap(group);
         let first_ino = group * inodes_per_group;
         let used_in_group = (owners.len() as u64)
             .saturating_sub(first_ino)
             .min(inodes_per_group);
         let mut ibitmap = vec![0u8; BLOCK as usize];
-        for bit in (0..used_in_group).chain(inodes_per_group..BLOCK * 8) {
-            ibitmap[(bit / 8) as usize] |= 1 << (bit % 8);
-        }
+        set_bits(&mut ibitmap, 0, used_in_group);
+        set_bits(&mut ibitmap, inodes_per_group, BLOCK * 8);
         let free_inodes = (inodes_per_group - used_in_group) as u32;
         free_blocks_total += u64::from(free_blocks);
         free_inodes_total += u64::from(free_inodes);
@@ -896,6 +885,21 @@ fn data_ranges<C: Contents>(
     Ok(ranges)
 }
 
+/// Sets bits `from..to` of `bitmap` (least significant bit first), whole bytes at once.
+fn set_bits(bitmap: &mut [u8], from: u64, to: u64) {
+    let mut bit = from;
+    while bit < to {
+        if bit.is_multiple_of(8) && to - bit >= 8 {
+            let end = bit + (to - bit) / 8 * 8;
+            bitmap[format::index(bit / 8)..format::index(end / 8)].fill(0xFF);
+            bit = end;
+        } else {
+            bitmap[format::index(bit / 8)] |= 1 << (bit % 8);
+            bit += 1;
+        }
+    }
+}
+
 /// Appends `placed` to `extents`, joining runs that continue each other.
 fn extend_merged(extents: &mut Vec<Extent>, placed: &[Extent]) {
     for e in placed {
@@ -945,8 +949,25 @@ impl Allocator {
         }
     }
 
-    fn is_used(&self, block: u64) -> bool {
-        self.used[(block / 64) as usize] & (1 << (block % 64)) != 0
+    /// The block bitmap of `group` (blocks past the end count as used) and its free blocks.
+    fn group_bitmap(&self, group: u64) -> (Vec<u8>, u32) {
+        let mut bitmap = Vec::with_capacity(format::BLOCK_USIZE);
+        let mut free = 0;
+        for first in (0..BLOCKS_PER_GROUP).step_by(64) {
+            let first = group * BLOCKS_PER_GROUP + first;
+            let mut word = self
+                .used
+                .get(format::index(first / 64))
+                .copied()
+                .unwrap_or(0);
+            let valid = self.blocks.saturating_sub(first);
+            if valid < 64 {
+                word |= !0u64 << valid;
+            }
+            free += word.count_zeros();
+            bitmap.extend_from_slice(&word.to_le_bytes());
+        }
+        (bitmap, free)
     }
 
     /// The next reserved area that ends after `at`.

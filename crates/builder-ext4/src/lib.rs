@@ -70,6 +70,9 @@ pub struct Options {
     pub journal: bool,
     /// Whether to compute the SHA-256 of the output (of every byte, holes included).
     pub sha256: bool,
+    /// Whether to `fsync` the output before returning (a disk a VM on this host opens at once
+    /// needs none).
+    pub sync: bool,
     pub create: Create,
 }
 
@@ -92,13 +95,11 @@ pub fn write<C: Contents>(
 ) -> Result<Written, Ext4Error> {
     let layout = layout::plan(tree, contents, options)?;
     let geo = &layout.geo;
-    let mut out =
-        output::Output::create(path, options.create, options.sha256).map_err(|source| {
-            Ext4Error::Output {
-                op: "create",
-                path: path.to_owned(),
-                source,
-            }
+    let mut out = output::Output::create(path, options.create, options.sha256, options.sync)
+        .map_err(|source| Ext4Error::Output {
+            op: "create",
+            path: path.to_owned(),
+            source,
         })?;
     let write_err = |source| Ext4Error::Output {
         op: "write",
@@ -132,14 +133,18 @@ pub fn write<C: Contents>(
                 .map_err(write_err)?,
             Item::InodeTable { group } => {
                 let first = group * geo.inodes_per_group;
-                for index in first..first + geo.inodes_per_group {
-                    match layout.inodes.get(format::index(index)) {
-                        Some(Some(inode)) => out
+                let end = first + geo.inodes_per_group;
+                // Inodes past the last one in use are zeros, placed at once.
+                let used_end = (layout.inodes.len() as u64).clamp(first, end);
+                for index in first..used_end {
+                    match &layout.inodes[format::index(index)] {
+                        Some(inode) => out
                             .put(&format::inode(geo, format::ino_of(index), inode))
                             .map_err(write_err)?,
-                        _ => out.zeros(format::INODE_SIZE as u64),
+                        None => out.zeros(format::INODE_SIZE as u64),
                     }
                 }
+                out.zeros((end - used_end) * format::INODE_SIZE as u64);
             }
             Item::Bytes(bytes) => out.put(bytes).map_err(write_err)?,
             Item::FileData { ino, logical } => {

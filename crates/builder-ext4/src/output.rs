@@ -3,9 +3,11 @@
 //! (holes included, so the digest needs no read-back pass; only when asked for: a scratch
 //! disk's gigabytes of holes are not worth hashing), and a writing thread writes each
 //! buffer at its offset. Small gaps become zeros in the buffer, long ones holes in the sparse
-//! file. Where the file system allows it the file is opened `O_DIRECT`: the data goes from our
-//! buffers to the disk without being copied into (and later written back from) the page
-//! cache; elsewhere (tmpfs) writes are buffered and their writeback started at once.
+//! file. An output that is synced at the end is opened `O_DIRECT` where the file system allows
+//! it: the data goes from our buffers to the disk without being copied into (and later written
+//! back from) the page cache; elsewhere (tmpfs) writes are buffered and their writeback
+//! started at once. An output that is not synced (a VM disk used at once) stays in the page
+//! cache.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
@@ -28,7 +30,8 @@ const FLUSH_AT: usize = 4 << 20;
 /// Zero runs at least this long are left as holes.
 const HOLE_FROM: u64 = 64 << 10;
 
-/// A fixed-capacity, 4 KiB-aligned byte buffer.
+/// A fixed-capacity, 4 KiB-aligned byte buffer: an anonymous mapping, so its pages are zero
+/// and cost nothing until first written (a small output touches a few of them).
 struct Buffer {
     ptr: NonNull<u8>,
     len: usize,
@@ -38,14 +41,26 @@ struct Buffer {
 unsafe impl Send for Buffer {}
 
 impl Buffer {
-    fn layout() -> Layout {
-        Layout::from_size_align(FLUSH_AT, ALIGN).expect("a valid layout")
-    }
-
     fn new() -> Self {
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(Self::layout()) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(Self::layout()));
+        // SAFETY: a new anonymous private mapping (no file, no address hint); the result is
+        // checked before use and unmapped only in `drop`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                FLUSH_AT,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .filter(|_| ptr != libc::MAP_FAILED)
+            .unwrap_or_else(|| {
+                alloc::handle_alloc_error(
+                    Layout::from_size_align(FLUSH_AT, ALIGN).expect("a valid layout"),
+                )
+            });
         Buffer { ptr, len: 0 }
     }
 
@@ -54,7 +69,7 @@ impl Buffer {
     }
 
     fn filled(&self) -> &[u8] {
-        // SAFETY: the first `len` bytes are initialized (the allocation is zeroed).
+        // SAFETY: the first `len` bytes are initialized (the mapping is zeroed).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -63,15 +78,17 @@ impl Buffer {
         assert!(n <= self.room(), "buffer overflow");
         let start = self.len;
         self.len += n;
-        // SAFETY: within the allocation, initialized (zeroed at allocation, then only written).
+        // SAFETY: within the mapping, initialized (zero when mapped, then only written).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), n) }
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout()) }
+        // SAFETY: mapped in `new` with this length, and no slice of it outlives the buffer.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), FLUSH_AT);
+        }
     }
 }
 
@@ -92,6 +109,7 @@ pub(crate) struct Output {
     /// Zeros after the buffer, not yet placed.
     pending_zeros: u64,
     to_hasher: Option<SyncSender<Chunk>>,
+    sync: bool,
     recycled: Receiver<Buffer>,
     hasher: Option<JoinHandle<Option<[u8; 32]>>>,
     writer: Option<JoinHandle<io::Result<()>>>,
@@ -99,8 +117,8 @@ pub(crate) struct Output {
 
 impl Output {
     /// Creates `path` as `create` says, never following a symlink; `hash` says whether to
-    /// compute the SHA-256.
-    pub fn create(path: &Path, create: Create, hash: bool) -> io::Result<Self> {
+    /// compute the SHA-256, `sync` whether [`Output::finish`] syncs.
+    pub fn create(path: &Path, create: Create, hash: bool, sync: bool) -> io::Result<Self> {
         let open = |direct: bool| {
             let mut options = OpenOptions::new();
             options.write(true);
@@ -114,10 +132,10 @@ impl Output {
                 )
                 .open(path)
         };
-        let (file, direct) = match open(true) {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
-            Err(e) => return Err(e),
+        let (file, direct) = match sync.then(|| open(true)) {
+            Some(Ok(file)) => (file, true),
+            Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
+            _ => (open(false)?, false),
         };
         let (to_hasher, for_hasher) = mpsc::sync_channel::<Chunk>(2);
         let (to_writer, for_writer) = mpsc::sync_channel::<(Buffer, u64)>(2);
@@ -155,7 +173,7 @@ impl Output {
             .spawn(move || -> io::Result<()> {
                 for (buffer, offset) in for_writer {
                     out.write_all_at(buffer.filled(), offset)?;
-                    if !direct {
+                    if sync && !direct {
                         // Start writeback now, so the disk works while the next buffer fills
                         // and the final sync only waits for the tail (a hint: errors show at
                         // the sync).
@@ -179,6 +197,7 @@ impl Output {
             buf_start: 0,
             pending_zeros: 0,
             to_hasher: Some(to_hasher),
+            sync,
             recycled,
             hasher: Some(hasher),
             writer: Some(writer),
@@ -303,7 +322,7 @@ impl Output {
     }
 
     /// Writes what is left, sizes the file to `len` (a whole number of blocks; the rest a
-    /// hole), syncs it, and returns the SHA-256 of all `len` bytes when hashing.
+    /// hole), syncs it if asked to, and returns the SHA-256 of all `len` bytes when hashing.
     pub fn finish(mut self, len: u64) -> io::Result<Option<[u8; 32]>> {
         debug_assert_eq!(len % ALIGN as u64, 0);
         self.skip_to(len);
@@ -312,7 +331,9 @@ impl Output {
         debug_assert_eq!(self.buf.len, 0, "the output ends on a block boundary");
         let digest = self.join()?;
         self.file.set_len(len)?;
-        self.file.sync_all()?;
+        if self.sync {
+            self.file.sync_all()?;
+        }
         Ok(digest)
     }
 }

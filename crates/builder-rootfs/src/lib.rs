@@ -300,6 +300,7 @@ fn write_rootfs(
             time: tree::DEFAULT_MTIME,
             journal: true,
             sha256: true,
+            sync: true,
             create: builder_ext4::Create::Replace,
         },
         output,

@@ -29,6 +29,7 @@ pub fn options(size: Size, journal: bool) -> Options {
         time: 1_700_000_000,
         journal,
         sha256: false,
+        sync: false,
         create: Create::Replace,
     }
 }
