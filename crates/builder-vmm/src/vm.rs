@@ -15,7 +15,7 @@ use builder_contract::params::check_cmdline_len;
 use builder_contract::ParamError;
 
 use crate::cleanup::{remove_dir_all_if_exists, CleanupErrors, CleanupStack};
-use crate::disk::{DiskError, DiskTemplates};
+use crate::disk::{self, DiskError};
 use crate::exit::{classify, Stop, VmExit};
 use crate::firecracker::metrics::{MetricsFileError, MetricsTotals};
 use crate::firecracker::{FirecrackerConfig, FirecrackerError};
@@ -165,7 +165,6 @@ pub(crate) struct Launched {
 pub struct Vmm {
     config: VmmConfig,
     host: Arc<dyn Host>,
-    disks: Arc<DiskTemplates>,
 }
 
 impl Vmm {
@@ -175,11 +174,7 @@ impl Vmm {
 
     /// A VMM whose network commands go through `host`.
     pub fn with_host(config: VmmConfig, host: Arc<dyn Host>) -> Self {
-        Vmm {
-            config,
-            host,
-            disks: Arc::default(),
-        }
+        Vmm { config, host }
     }
 
     pub fn config(&self) -> &VmmConfig {
@@ -237,7 +232,7 @@ impl Vmm {
             shared: true,
         }];
         let scratch = work_dir.join("scratch.ext4");
-        self.disks.scratch_disk(&scratch, spec.scratch_mib)?;
+        disk::create_scratch_disk(&scratch, spec.scratch_mib)?;
         drives.push(DriveFile {
             id: "scratch",
             path: scratch,
@@ -246,7 +241,7 @@ impl Vmm {
         });
         if let Some(secrets) = &spec.secrets {
             let config = work_dir.join("config.ext4");
-            self.disks.config_drive(&config, secrets)?;
+            disk::create_config_drive(&config, secrets)?;
             drives.push(DriveFile {
                 id: "config",
                 path: config,

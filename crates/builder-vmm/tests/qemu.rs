@@ -1,7 +1,7 @@
 //! The QEMU driver for real: a kernel boots under `-M microvm` with all three disks and the
 //! network, panics for want of a root filesystem and makes QEMU exit; the console is captured;
 //! a timeout and a kill are detected; cleanup and reclaim leave nothing; guests mount the
-//! disks made from templates.
+//! disks builder-ext4 wrote.
 //!
 //! Set `BUILDER_VMM_ACCEL=tcg` where KVM is nested (as on the CI hosts).
 
@@ -192,11 +192,11 @@ async fn a_refused_start_undoes_what_it_made() {
     assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
 }
 
-/// Two guests in a row from one VMM, the second on disks copied from the templates the first
-/// made: each mounts its scratch disk read-write and its config drive, writes and reads back,
-/// finds only its own secrets, and the host's e2fsck finds both scratch disks clean afterwards.
+/// Two guests in a row from one VMM, each on disks of its own written by builder-ext4: each
+/// mounts its scratch disk read-write and its config drive, writes and reads back, finds only
+/// its own secrets, and the host's e2fsck finds both scratch disks clean afterwards.
 #[tokio::test]
-async fn guests_mount_scratch_disks_and_config_drives_made_from_templates() {
+async fn guests_mount_their_scratch_disks_and_config_drives() {
     let dir = tempfile::tempdir().unwrap();
     let vmm = vmm(&dir.path().join("vms"));
     let script = "/bin/busybox mount -t proc proc /proc
