@@ -126,6 +126,8 @@ struct Request<'a> {
     query: &'a [(&'a str, &'a str)],
     headers: Vec<(String, String)>,
     body: Payload,
+    /// The part number of an UploadPart, for the retry lines.
+    part: Option<u32>,
 }
 
 /// A request body and its SHA-256 (the signed payload hash), hashed once for every attempt.
@@ -242,7 +244,11 @@ impl S3Client {
         };
         let announce = |retrying: &builder_retry::Retrying<'_, S3Error>| {
             let error = crate::error::chain(retrying.error);
-            eprintln!("s3: {}", retrying.describe(&error));
+            let part = request
+                .part
+                .map(|n| format!("part {n}: "))
+                .unwrap_or_default();
+            eprintln!("s3: {part}{}", retrying.describe(&error));
         };
         retry(
             &REQUEST_RETRY,
@@ -272,6 +278,7 @@ impl S3Client {
             query,
             ref headers,
             ref body,
+            part: _,
         } = *request;
         let mut headers = headers.clone();
         let (url, path, canonical_query) = self.object_url(bucket, key, query);
@@ -383,6 +390,7 @@ impl S3Client {
             query: &[],
             headers,
             body: Payload::new(body),
+            part: None,
         })
         .await
         .map(drop)
@@ -418,6 +426,7 @@ impl S3Client {
                 query: &[("uploads", "")],
                 headers: attributes.headers(),
                 body: Payload::empty(),
+                part: None,
             })
             .await?;
         let text = response.text().await.unwrap_or_default();
@@ -467,6 +476,7 @@ impl S3Client {
                     query: &[("uploadId", &upload_id)],
                     headers: vec![],
                     body: Payload::empty(),
+                    part: None,
                 })
                 .await;
         }
@@ -510,6 +520,7 @@ impl S3Client {
                 query: &[("partNumber", &number_text), ("uploadId", upload_id)],
                 headers: vec![("content-md5".into(), md5)],
                 body,
+                part: Some(number),
             })
             .await?;
         let etag = response
@@ -548,6 +559,7 @@ impl S3Client {
                 query: &[("uploadId", upload_id)],
                 headers: vec![("content-type".into(), "application/xml".into())],
                 body: Payload::new(Bytes::from(xml)),
+                part: None,
             })
             .await?;
         // S3 may answer 200 with an <Error> body when completion fails late.
@@ -574,6 +586,7 @@ impl S3Client {
                 query: &[],
                 headers: vec![],
                 body: Payload::empty(),
+                part: None,
             })
             .await?;
         response
