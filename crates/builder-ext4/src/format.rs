@@ -3,10 +3,16 @@
 //! checksums (`metadata_csum`). Everything is little endian except the journal (big endian).
 //!
 //! Field offsets follow the kernel's `fs/ext4/ext4.h` and `include/linux/jbd2.h`.
+//!
+//! No value is narrowed by a bare cast (the crate denies `clippy::cast_possible_truncation`):
+//! a field split into `_lo` and `_hi` halves takes [`lo16`]/[`hi16`]/[`lo32`]/[`hi32`], and a
+//! value that must fit its field whole goes through [`field32`]/[`field16`], which name the
+//! field if the planner ever let one through that does not.
 
 /// File system block size.
 pub(crate) const BLOCK: u64 = 4096;
-pub(crate) const BLOCK_USIZE: usize = BLOCK as usize;
+pub(crate) const BLOCK_USIZE: usize = 4096;
+const _: () = assert!(BLOCK_USIZE as u64 == BLOCK);
 pub(crate) const BLOCKS_PER_GROUP: u64 = 32768;
 pub(crate) const INODE_SIZE: usize = 256;
 pub(crate) const INODES_PER_BLOCK: u64 = BLOCK / INODE_SIZE as u64;
@@ -69,6 +75,40 @@ pub(crate) fn ino_of(index: u64) -> u32 {
     u32::try_from(index + 1).expect("inode numbers fit u32")
 }
 
+/// The low 16 bits of `v` (a field's `_lo` half).
+pub(crate) fn lo16(v: u32) -> u16 {
+    let [a, b, _, _] = v.to_le_bytes();
+    u16::from_le_bytes([a, b])
+}
+
+/// The high 16 bits of `v` (a field's `_hi` half).
+pub(crate) fn hi16(v: u32) -> u16 {
+    let [_, _, c, d] = v.to_le_bytes();
+    u16::from_le_bytes([c, d])
+}
+
+/// The low 32 bits of `v` (a field's `_lo` half).
+pub(crate) fn lo32(v: u64) -> u32 {
+    let [a, b, c, d, ..] = v.to_le_bytes();
+    u32::from_le_bytes([a, b, c, d])
+}
+
+/// The high 32 bits of `v` (a field's `_hi` half; of a 48-bit block number, `lo16` of it).
+pub(crate) fn hi32(v: u64) -> u32 {
+    let [.., e, f, g, h] = v.to_le_bytes();
+    u32::from_le_bytes([e, f, g, h])
+}
+
+/// `v` as the 32-bit on-disk `field`, which the planner keeps it within.
+pub(crate) fn field32(v: u64, field: &str) -> u32 {
+    u32::try_from(v).unwrap_or_else(|_| panic!("the {field} ({v}) exceeds its 32-bit field"))
+}
+
+/// `v` as the 16-bit on-disk `field`, which the planner keeps it within.
+pub(crate) fn field16(v: usize, field: &str) -> u16 {
+    u16::try_from(v).unwrap_or_else(|_| panic!("the {field} ({v}) exceeds its 16-bit field"))
+}
+
 pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_le_bytes());
 }
@@ -85,9 +125,9 @@ fn put32_be(b: &mut [u8], at: usize, v: u32) {
 pub(crate) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
     static TABLE: [[u32; 256]; 8] = {
         let mut table = [[0u32; 256]; 8];
-        let mut i = 0;
+        let mut i = 0u32;
         while i < 256 {
-            let mut c = i as u32;
+            let mut c = i;
             let mut k = 0;
             while k < 8 {
                 c = if c & 1 != 0 {
@@ -97,7 +137,7 @@ pub(crate) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
                 };
                 k += 1;
             }
-            table[0][i] = c;
+            table[0][i as usize] = c;
             i += 1;
         }
         let mut i = 0;
@@ -133,8 +173,9 @@ pub(crate) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
 /// The seconds field and the `_extra` field (epoch bits, no nanoseconds) of a timestamp, as
 /// `ext4_encode_extra_time` splits it.
 pub(crate) fn encode_time(seconds: i64) -> (u32, u32) {
-    let extra = (((seconds - i64::from(seconds as i32)) >> 32) & 0b11) as u32;
-    (seconds as u32, extra)
+    let low = lo32(seconds.cast_unsigned());
+    let extra = ((seconds - i64::from(low.cast_signed())) >> 32) & 0b11;
+    (low, u32::try_from(extra).expect("two bits"))
 }
 
 /// The file system as a whole: what the superblock and group descriptors describe.
@@ -192,16 +233,28 @@ pub(crate) struct SuperblockCounts {
 /// The 1024-byte superblock as stored in `group` (0 for the primary copy).
 pub(crate) fn superblock(geo: &Geometry, counts: &SuperblockCounts, group: u64) -> [u8; 1024] {
     let mut sb = [0u8; 1024];
-    put32(&mut sb, 0x00, geo.inodes() as u32);
-    put32(&mut sb, 0x04, geo.blocks as u32);
-    put32(&mut sb, 0x0C, counts.free_blocks as u32);
-    put32(&mut sb, 0x10, counts.free_inodes as u32);
+    put32(&mut sb, 0x00, field32(geo.inodes(), "inode count"));
+    put32(&mut sb, 0x04, lo32(geo.blocks));
+    put32(&mut sb, 0x0C, lo32(counts.free_blocks));
+    put32(
+        &mut sb,
+        0x10,
+        field32(counts.free_inodes, "free inode count"),
+    );
     put32(&mut sb, 0x14, 0); // first data block
     put32(&mut sb, 0x18, 2); // log2(block size) - 10
     put32(&mut sb, 0x1C, 2); // log2(cluster size) - 10
-    put32(&mut sb, 0x20, BLOCKS_PER_GROUP as u32);
-    put32(&mut sb, 0x24, BLOCKS_PER_GROUP as u32);
-    put32(&mut sb, 0x28, geo.inodes_per_group as u32);
+    put32(&mut sb, 0x20, field32(BLOCKS_PER_GROUP, "blocks per group"));
+    put32(
+        &mut sb,
+        0x24,
+        field32(BLOCKS_PER_GROUP, "clusters per group"),
+    );
+    put32(
+        &mut sb,
+        0x28,
+        field32(geo.inodes_per_group, "inodes per group"),
+    );
     let (time, _) = encode_time(geo.time);
     put32(&mut sb, 0x30, time); // last write
     put16(&mut sb, 0x36, 0xFFFF); // max mount count: no periodic check
@@ -211,8 +264,9 @@ pub(crate) fn superblock(geo: &Geometry, counts: &SuperblockCounts, group: u64) 
     put32(&mut sb, 0x40, time); // last check
     put32(&mut sb, 0x4C, 1); // dynamic revision
     put32(&mut sb, 0x54, FIRST_INO);
-    put16(&mut sb, 0x58, INODE_SIZE as u16);
-    put16(&mut sb, 0x5A, group as u16);
+    put16(&mut sb, 0x58, field16(INODE_SIZE, "inode size"));
+    // s_block_group_nr is 16 bits; mke2fs stores the low half too.
+    put16(&mut sb, 0x5A, lo16(lo32(group)));
     let journal = if geo.journal { COMPAT_HAS_JOURNAL } else { 0 };
     put32(&mut sb, 0x5C, journal | COMPAT_EXT_ATTR | COMPAT_DIR_INDEX);
     put32(
@@ -238,14 +292,14 @@ pub(crate) fn superblock(geo: &Geometry, counts: &SuperblockCounts, group: u64) 
     sb[0xEC..0xFC].copy_from_slice(&geo.hash_seed);
     sb[0xFC] = 1; // default directory hash: half MD4
     sb[0xFD] = u8::from(geo.journal); // s_jnl_blocks backs up the journal inode's blocks
-    put16(&mut sb, 0xFE, DESC_SIZE as u16);
+    put16(&mut sb, 0xFE, field16(DESC_SIZE, "descriptor size"));
     put32(&mut sb, 0x100, 0x0004 | 0x0008); // default mount options: user_xattr, acl
     put32(&mut sb, 0x108, time); // mkfs time
     sb[0x10C..0x148].copy_from_slice(&counts.journal_blocks);
-    put32(&mut sb, 0x148, (counts.journal_size >> 32) as u32);
-    put32(&mut sb, 0x14C, counts.journal_size as u32);
-    put32(&mut sb, 0x150, (geo.blocks >> 32) as u32);
-    put32(&mut sb, 0x158, (counts.free_blocks >> 32) as u32);
+    put32(&mut sb, 0x148, hi32(counts.journal_size));
+    put32(&mut sb, 0x14C, lo32(counts.journal_size));
+    put32(&mut sb, 0x150, hi32(geo.blocks));
+    put32(&mut sb, 0x158, hi32(counts.free_blocks));
     put16(&mut sb, 0x15C, EXTRA_ISIZE);
     put16(&mut sb, 0x15E, EXTRA_ISIZE);
     put32(&mut sb, 0x160, 0x1); // directory hashes use signed chars (x86)
@@ -272,27 +326,29 @@ pub(crate) struct GroupDesc {
 /// The 64-byte descriptor of `group`, checksummed.
 pub(crate) fn group_desc(geo: &Geometry, group: u64, d: &GroupDesc) -> [u8; DESC_SIZE] {
     let mut b = [0u8; DESC_SIZE];
-    put32(&mut b, 0x00, d.block_bitmap as u32);
-    put32(&mut b, 0x04, d.inode_bitmap as u32);
-    put32(&mut b, 0x08, d.inode_table as u32);
-    put16(&mut b, 0x0C, d.free_blocks as u16);
-    put16(&mut b, 0x0E, d.free_inodes as u16);
-    put16(&mut b, 0x10, d.used_dirs as u16);
+    put32(&mut b, 0x00, lo32(d.block_bitmap));
+    put32(&mut b, 0x04, lo32(d.inode_bitmap));
+    put32(&mut b, 0x08, lo32(d.inode_table));
+    put16(&mut b, 0x0C, lo16(d.free_blocks));
+    put16(&mut b, 0x0E, lo16(d.free_inodes));
+    put16(&mut b, 0x10, lo16(d.used_dirs));
     put16(&mut b, 0x12, BG_INODE_ZEROED);
-    put16(&mut b, 0x18, d.block_bitmap_csum as u16);
-    put16(&mut b, 0x1A, d.inode_bitmap_csum as u16);
-    put16(&mut b, 0x1C, d.itable_unused as u16);
-    put32(&mut b, 0x20, (d.block_bitmap >> 32) as u32);
-    put32(&mut b, 0x24, (d.inode_bitmap >> 32) as u32);
-    put32(&mut b, 0x28, (d.inode_table >> 32) as u32);
-    put16(&mut b, 0x2C, (d.free_blocks >> 16) as u16);
-    put16(&mut b, 0x2E, (d.free_inodes >> 16) as u16);
-    put16(&mut b, 0x30, (d.used_dirs >> 16) as u16);
-    put16(&mut b, 0x32, (d.itable_unused >> 16) as u16);
-    put16(&mut b, 0x38, (d.block_bitmap_csum >> 16) as u16);
-    put16(&mut b, 0x3A, (d.inode_bitmap_csum >> 16) as u16);
-    let csum = crc32c(crc32c(geo.csum_seed, &(group as u32).to_le_bytes()), &b);
-    put16(&mut b, 0x1E, csum as u16);
+    put16(&mut b, 0x18, lo16(d.block_bitmap_csum));
+    put16(&mut b, 0x1A, lo16(d.inode_bitmap_csum));
+    put16(&mut b, 0x1C, lo16(d.itable_unused));
+    put32(&mut b, 0x20, hi32(d.block_bitmap));
+    put32(&mut b, 0x24, hi32(d.inode_bitmap));
+    put32(&mut b, 0x28, hi32(d.inode_table));
+    put16(&mut b, 0x2C, hi16(d.free_blocks));
+    put16(&mut b, 0x2E, hi16(d.free_inodes));
+    put16(&mut b, 0x30, hi16(d.used_dirs));
+    put16(&mut b, 0x32, hi16(d.itable_unused));
+    put16(&mut b, 0x38, hi16(d.block_bitmap_csum));
+    put16(&mut b, 0x3A, hi16(d.inode_bitmap_csum));
+    let group = field32(group, "group number").to_le_bytes();
+    let csum = crc32c(crc32c(geo.csum_seed, &group), &b);
+    // bg_checksum is the low half of the CRC.
+    put16(&mut b, 0x1E, lo16(csum));
     b
 }
 
@@ -325,23 +381,24 @@ pub(crate) struct Inode {
 pub(crate) fn inode(geo: &Geometry, ino: u32, n: &Inode) -> [u8; INODE_SIZE] {
     let mut b = [0u8; INODE_SIZE];
     put16(&mut b, 0x00, n.mode);
-    put16(&mut b, 0x02, n.uid as u16);
-    put32(&mut b, 0x04, n.size as u32);
+    put16(&mut b, 0x02, lo16(n.uid));
+    put32(&mut b, 0x04, lo32(n.size));
     let (time, extra) = encode_time(n.mtime);
     for at in [0x08, 0x0C, 0x10, 0x90] {
         put32(&mut b, at, time);
     }
-    put16(&mut b, 0x18, n.gid as u16);
+    put16(&mut b, 0x18, lo16(n.gid));
     put16(&mut b, 0x1A, n.links);
-    put32(&mut b, 0x1C, n.sectors as u32);
+    put32(&mut b, 0x1C, lo32(n.sectors));
     put32(&mut b, 0x20, n.flags);
     b[0x28..0x64].copy_from_slice(&n.i_block);
-    put32(&mut b, 0x68, n.xattr_block as u32);
-    put32(&mut b, 0x6C, (n.size >> 32) as u32);
-    put16(&mut b, 0x74, (n.sectors >> 32) as u16);
-    put16(&mut b, 0x76, (n.xattr_block >> 32) as u16);
-    put16(&mut b, 0x78, (n.uid >> 16) as u16);
-    put16(&mut b, 0x7A, (n.gid >> 16) as u16);
+    put32(&mut b, 0x68, lo32(n.xattr_block));
+    put32(&mut b, 0x6C, hi32(n.size));
+    // i_blocks_high and i_file_acl_high: bits 32..48.
+    put16(&mut b, 0x74, lo16(hi32(n.sectors)));
+    put16(&mut b, 0x76, lo16(hi32(n.xattr_block)));
+    put16(&mut b, 0x78, hi16(n.uid));
+    put16(&mut b, 0x7A, hi16(n.gid));
     put16(&mut b, 0x80, EXTRA_ISIZE);
     for at in [0x84, 0x88, 0x8C, 0x94] {
         put32(&mut b, at, extra);
@@ -350,8 +407,8 @@ pub(crate) fn inode(geo: &Geometry, ino: u32, n: &Inode) -> [u8; INODE_SIZE] {
         b[INLINE_XATTR_START..INLINE_XATTR_START + area.len()].copy_from_slice(area);
     }
     let csum = crc32c(inode_seed(geo.csum_seed, ino), &b);
-    put16(&mut b, 0x7C, csum as u16);
-    put16(&mut b, 0x82, (csum >> 16) as u16);
+    put16(&mut b, 0x7C, lo16(csum));
+    put16(&mut b, 0x82, hi16(csum));
     b
 }
 
@@ -367,8 +424,8 @@ pub(crate) struct Extent {
 /// index entries above).
 fn extent_node(b: &mut [u8], entries: &[(u32, [u8; 12])], max: usize, depth: u16) {
     put16(b, 0, 0xF30A);
-    put16(b, 2, entries.len() as u16);
-    put16(b, 4, max as u16);
+    put16(b, 2, field16(entries.len(), "extent node entry count"));
+    put16(b, 4, field16(max, "extent node capacity"));
     put16(b, 6, depth);
     for (i, (_, entry)) in entries.iter().enumerate() {
         b[12 + 12 * i..24 + 12 * i].copy_from_slice(entry);
@@ -378,17 +435,22 @@ fn extent_node(b: &mut [u8], entries: &[(u32, [u8; 12])], max: usize, depth: u16
 fn leaf_entry(e: &Extent) -> [u8; 12] {
     let mut b = [0u8; 12];
     put32(&mut b, 0, e.logical);
-    put16(&mut b, 4, e.len as u16);
-    put16(&mut b, 6, (e.start >> 32) as u16);
-    put32(&mut b, 8, e.start as u32);
+    put16(
+        &mut b,
+        4,
+        u16::try_from(e.len).expect("extents are at most 32768 blocks"),
+    );
+    // ee_start_hi: bits 32..48 of the block number.
+    put16(&mut b, 6, lo16(hi32(e.start)));
+    put32(&mut b, 8, lo32(e.start));
     b
 }
 
 fn index_entry(logical: u32, block: u64) -> [u8; 12] {
     let mut b = [0u8; 12];
     put32(&mut b, 0, logical);
-    put32(&mut b, 4, block as u32);
-    put16(&mut b, 8, (block >> 32) as u16);
+    put32(&mut b, 4, lo32(block));
+    put16(&mut b, 8, lo16(hi32(block)));
     b
 }
 
@@ -461,8 +523,8 @@ pub(crate) fn journal_superblock(geo: &Geometry, blocks: u64) -> [u8; BLOCK_USIZ
     let mut b = [0u8; BLOCK_USIZE];
     put32_be(&mut b, 0x00, 0xC03B_3998);
     put32_be(&mut b, 0x04, 4); // superblock v2
-    put32_be(&mut b, 0x0C, BLOCK as u32);
-    put32_be(&mut b, 0x10, blocks as u32);
+    put32_be(&mut b, 0x0C, field32(BLOCK, "journal block size"));
+    put32_be(&mut b, 0x10, field32(blocks, "journal length"));
     put32_be(&mut b, 0x14, 1); // first log block
     put32_be(&mut b, 0x18, 1); // first expected sequence
     b[0x30..0x40].copy_from_slice(&geo.uuid);
@@ -477,7 +539,7 @@ mod tests {
     #[test]
     fn crc32c_matches_the_standard_check_value() {
         assert_eq!(!crc32c(!0, b"123456789"), 0xE306_9283);
-        let long: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let long: Vec<u8> = (0..1000u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
         let bytewise = long.iter().fold(!0u32, |crc, &b| crc32c(crc, &[b]));
         assert_eq!(crc32c(!0, &long), bytewise);
     }

@@ -33,6 +33,9 @@ const MAX_NAME: usize = 255;
 const MAX_SYMLINK_TARGET: usize = 4095;
 /// The range of seconds ext4 with 256-byte inodes stores (34 bits from 1901-12-13).
 const MTIME_RANGE: std::ops::RangeInclusive<i64> = -(1 << 31)..=0x3_7FFF_FFFF;
+/// The most blocks a file system gets: 16 TiB, what a 32-bit block count holds (the fields
+/// are 64-bit, but group numbers and the descriptor table stay small).
+const MAX_BLOCKS: u64 = 1 << 32;
 /// Bytes per inode of a fixed-size file system, `mkfs.ext4`'s default.
 const FIXED_BYTES_PER_INODE: u64 = 16 << 10;
 /// The largest file ext4 holds with 4 KiB blocks: 2^32 - 1 logical blocks.
@@ -292,6 +295,12 @@ pub(crate) fn plan<'t, C: Contents>(
             (blocks, ipg, gdt, journal_blocks)
         }
     };
+    if blocks > MAX_BLOCKS {
+        return Err(Ext4Error::LimitExceeded {
+            what: "blocks in one file system (16 TiB of 4 KiB blocks)",
+            limit: MAX_BLOCKS,
+        });
+    }
     let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
     if groups * inodes_per_group > u64::from(u32::MAX) {
         return Err(Ext4Error::LimitExceeded {
@@ -370,7 +379,7 @@ pub(crate) fn plan<'t, C: Contents>(
             Owner::Node(node) => match &tree.nodes[node].kind {
                 Kind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => {
                     let mut block = target.clone();
-                    block.resize(BLOCK as usize, 0);
+                    block.resize(format::BLOCK_USIZE, 0);
                     Some(block)
                 }
                 _ => None,
@@ -382,7 +391,7 @@ pub(crate) fn plan<'t, C: Contents>(
             let placed = alloc.extents(0, blocks)?;
             let mut offset = 0usize;
             for e in &placed {
-                let end = offset + e.len as usize * BLOCK as usize;
+                let end = offset + format::index(u64::from(e.len) * BLOCK);
                 items.push(Placed {
                     start: e.start,
                     len: u64::from(e.len),
@@ -418,7 +427,7 @@ pub(crate) fn plan<'t, C: Contents>(
                     start: e.start,
                     len: u64::from(e.len),
                     item: Item::FileData {
-                        ino: index as u32 + 1,
+                        ino: format::ino_of(index as u64),
                         logical: u64::from(e.logical),
                     },
                 });
@@ -429,11 +438,11 @@ pub(crate) fn plan<'t, C: Contents>(
 
     // Extent trees, and the inodes themselves.
     let mut inodes: Vec<Option<Inode>> = Vec::with_capacity(owners.len());
-    let mut used_dirs = vec![0u32; groups as usize];
+    let mut used_dirs = vec![0u32; format::index(groups)];
     for (index, owner) in owners.iter().enumerate() {
-        let ino = index as u32 + 1;
+        let ino = format::ino_of(index as u64);
         let tree_blocks = extent_tree_blocks(extents[index].len());
-        let mut tree_at = Vec::with_capacity(tree_blocks as usize);
+        let mut tree_at = Vec::with_capacity(format::index(tree_blocks));
         for _ in 0..tree_blocks {
             tree_at.push(alloc.contiguous(1)?);
         }
@@ -475,9 +484,10 @@ pub(crate) fn plan<'t, C: Contents>(
                         let subdirs = children
                             .values()
                             .filter(|&&c| matches!(tree.nodes[c].kind, Kind::Dir(_)))
-                            .count() as u32
-                            + u32::from(node == ROOT && !has_lost_found);
-                        let links = 2 + subdirs;
+                            .count()
+                            + usize::from(node == ROOT && !has_lost_found);
+                        // More than LINK_MAX counts 1 (dir_nlink).
+                        let links = u32::try_from(subdirs + 2).unwrap_or(u32::MAX);
                         (
                             S_IFDIR,
                             data_blocks * BLOCK,
@@ -533,16 +543,16 @@ pub(crate) fn plan<'t, C: Contents>(
             }
         };
         if inode.as_ref().is_some_and(|i| i.mode & 0o170000 == S_IFDIR) {
-            used_dirs[(index as u64 / inodes_per_group) as usize] += 1;
+            used_dirs[format::index(index as u64 / inodes_per_group)] += 1;
         }
         inodes.push(inode);
     }
     items.sort_by_key(|p| p.start);
 
     // 5. Bitmaps and descriptors.
-    let mut descs = Vec::with_capacity(groups as usize);
-    let mut block_bitmaps = Vec::with_capacity(groups as usize);
-    let mut inode_bitmaps = Vec::with_capacity(groups as usize);
+    let mut descs = Vec::with_capacity(format::index(groups));
+    let mut block_bitmaps = Vec::with_capacity(format::index(groups));
+    let mut inode_bitmaps = Vec::with_capacity(format::index(groups));
     let mut free_blocks_total = 0u64;
     let mut free_inodes_total = 0u64;
     for group in 0..groups {
@@ -551,19 +561,20 @@ pub(crate) fn plan<'t, C: Contents>(
         let used_in_group = (owners.len() as u64)
             .saturating_sub(first_ino)
             .min(inodes_per_group);
-        let mut ibitmap = vec![0u8; BLOCK as usize];
+        let mut ibitmap = vec![0u8; format::BLOCK_USIZE];
         set_bits(&mut ibitmap, 0, used_in_group);
         set_bits(&mut ibitmap, inodes_per_group, BLOCK * 8);
-        let free_inodes = (inodes_per_group - used_in_group) as u32;
+        let free_inodes =
+            format::field32(inodes_per_group - used_in_group, "free inodes of a group");
         free_blocks_total += u64::from(free_blocks);
         free_inodes_total += u64::from(free_inodes);
         descs.push(GroupDesc {
-            block_bitmap: block_bitmap_at[group as usize],
-            inode_bitmap: inode_bitmap_at[group as usize],
-            inode_table: inode_table_at[group as usize],
+            block_bitmap: block_bitmap_at[format::index(group)],
+            inode_bitmap: inode_bitmap_at[format::index(group)],
+            inode_table: inode_table_at[format::index(group)],
             free_blocks,
             free_inodes,
-            used_dirs: used_dirs[group as usize],
+            used_dirs: used_dirs[format::index(group)],
             itable_unused: free_inodes,
             block_bitmap_csum: format::crc32c(geo.csum_seed, &bitmap),
             inode_bitmap_csum: format::crc32c(
@@ -934,7 +945,7 @@ impl Allocator {
         let mut alloc = Allocator {
             next: 1 + geo.gdt_blocks,
             blocks: geo.blocks,
-            used: vec![0; geo.blocks.div_ceil(64) as usize],
+            used: vec![0; format::index(geo.blocks.div_ceil(64))],
             reserved: reserved.clone(),
         };
         for (start, len) in reserved {
@@ -1020,9 +1031,9 @@ impl Allocator {
                 return Err(self.too_small());
             }
             out.push(Extent {
-                logical: (logical + done) as u32,
+                logical: format::field32(logical + done, "logical block"),
                 start: self.next,
-                len: take as u32,
+                len: format::field32(take, "extent length"),
             });
             self.mark(self.next, take);
             self.next += take;

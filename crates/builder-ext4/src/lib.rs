@@ -15,6 +15,8 @@
 //! `input` defines the tree; `layout` plans every block before anything is written; `output`
 //! writes and hashes; `format`, `htree` and `xattr` own the on-disk encodings.
 
+#![deny(clippy::cast_possible_truncation)]
+
 mod error;
 mod format;
 mod htree;

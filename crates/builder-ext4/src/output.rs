@@ -159,7 +159,9 @@ impl Output {
                         (Chunk::Zeros(mut n), Some(sha)) => {
                             while n > 0 {
                                 let step = n.min(ZEROS.len() as u64);
-                                sha.update(&ZEROS[..step as usize]);
+                                sha.update(
+                                    &ZEROS[..usize::try_from(step).expect("at most 64 KiB")],
+                                );
                                 n -= step;
                             }
                         }
@@ -265,7 +267,7 @@ impl Output {
             if self.buf.room() == 0 {
                 self.flush()?;
             }
-            let step = n.min(self.buf.room() as u64) as usize;
+            let step = usize::try_from(n).map_or(self.buf.room(), |n| n.min(self.buf.room()));
             self.buf.grow(step).fill(0);
             n -= step as u64;
         }

@@ -3,7 +3,9 @@
 //! fit there, all in one xattr block. POSIX ACLs arrive in the VFS format (`getxattr`, tar)
 //! and are stored in ext4's own, shorter format.
 
-use super::format::{crc32c, put16, put32, BLOCK_USIZE, INLINE_XATTR_START, INODE_SIZE};
+use super::format::{
+    crc32c, field16, field32, put16, put32, BLOCK_USIZE, INLINE_XATTR_START, INODE_SIZE,
+};
 
 const MAGIC: u32 = 0xEA02_0000;
 /// Header of an xattr block.
@@ -159,7 +161,8 @@ fn encode_at(all: &[Stored<'_>], region: &mut [u8], first: usize) -> Vec<u32> {
         value_end = value_at;
         let hash = entry_hash(s.name, &s.value);
         hashes.push(hash);
-        region[entry] = s.name.len() as u8;
+        region[entry] =
+            u8::try_from(s.name.len()).expect("names are checked to be at most 255 bytes");
         region[entry + 1] = s.index;
         put16(
             region,
@@ -167,11 +170,15 @@ fn encode_at(all: &[Stored<'_>], region: &mut [u8], first: usize) -> Vec<u32> {
             if s.value.is_empty() {
                 0
             } else {
-                value_at as u16
+                field16(value_at, "xattr value offset")
             },
         );
         put32(region, entry + 4, 0); // value inode
-        put32(region, entry + 8, s.value.len() as u32);
+        put32(
+            region,
+            entry + 8,
+            field32(s.value.len() as u64, "xattr value size"),
+        );
         put32(region, entry + 12, hash);
         region[entry + ENTRY_HEADER..entry + ENTRY_HEADER + s.name.len()].copy_from_slice(s.name);
         entry += (ENTRY_HEADER + s.name.len()).next_multiple_of(4);
