@@ -55,13 +55,19 @@ fn refused(tree: &Tree<Vec<u8>>, options: &Options) -> String {
     text
 }
 
-#[test]
-fn entries_ext4_cannot_store_are_refused_naming_their_path() {
-    let dir_node = || Node {
+fn dir_node() -> Node<Vec<u8>> {
+    Node {
         kind: Kind::Dir(BTreeMap::new()),
         meta: meta(),
-    };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Tree<Vec<u8>>)>, &str)> = vec![
+    }
+}
+
+/// Adds one bad entry to a tree.
+type Build = Box<dyn Fn(&mut Tree<Vec<u8>>)>;
+
+#[test]
+fn entries_ext4_cannot_store_are_refused_naming_their_path() {
+    let cases: Vec<(&str, Build, &str)> = vec![
         (
             "/etc/a/b",
             Box::new(|t| {
