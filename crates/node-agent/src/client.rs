@@ -41,6 +41,17 @@ pub struct Client {
     token: String,
 }
 
+/// Which builds `list` asks for (`GET /v1/builds`); `None` leaves a filter out.
+#[derive(Debug, Default)]
+pub struct ListQuery<'a> {
+    pub state: Option<&'a str>,
+    pub requester: Option<&'a str>,
+    /// Text the repository URL contains (any case).
+    pub repo: Option<&'a str>,
+    pub limit: u32,
+    pub cursor: Option<&'a str>,
+}
+
 impl Client {
     pub fn new(c: &Connection) -> Result<Self> {
         let token = std::fs::read_to_string(&c.token_file).with_context(|| {
@@ -109,21 +120,20 @@ impl Client {
             .context("the node agent's build status is not valid")
     }
 
-    pub async fn list(
-        &self,
-        state: Option<&str>,
-        limit: u32,
-        cursor: Option<&str>,
-    ) -> Result<BuildList> {
+    pub async fn list(&self, query: &ListQuery<'_>) -> Result<BuildList> {
         let mut url = self.url("/v1/builds")?;
         {
             let mut q = url.query_pairs_mut();
-            q.append_pair("limit", &limit.to_string());
-            if let Some(s) = state {
-                q.append_pair("state", s);
-            }
-            if let Some(c) = cursor {
-                q.append_pair("cursor", c);
+            q.append_pair("limit", &query.limit.to_string());
+            for (key, value) in [
+                ("state", query.state),
+                ("requester", query.requester),
+                ("repo", query.repo),
+                ("cursor", query.cursor),
+            ] {
+                if let Some(value) = value {
+                    q.append_pair(key, value);
+                }
             }
         }
         let r = self.send(self.http.get(url)).await?;

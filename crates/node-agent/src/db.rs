@@ -238,6 +238,33 @@ pub struct Transition {
     pub row: BuildRow,
 }
 
+/// Which builds a list shows; every part left out matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    pub state: Option<BuildState>,
+    /// Exactly this requester.
+    pub requester: Option<String>,
+    /// Text the repository URL contains, compared without regard to case.
+    pub repo_contains: Option<String>,
+}
+
+impl BuildFilter {
+    /// `repo_contains` as a `LIKE` pattern (`%`, `_` and `\` in it taken literally), or `''`.
+    fn repo_like_pattern(&self) -> String {
+        self.repo_contains.as_deref().map_or(String::new(), |text| {
+            let mut pattern = String::from("%");
+            for c in text.to_lowercase().chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    pattern.push('\\');
+                }
+                pattern.push(c);
+            }
+            pattern.push('%');
+            pattern
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
@@ -392,19 +419,24 @@ impl Db {
             .transpose()
     }
 
-    /// Newest first; `cursor` is the last id of the previous page.
+    /// The builds that pass `filter`, newest first; `cursor` is the last id of the previous
+    /// page.
     pub async fn list(
         &self,
-        state: Option<BuildState>,
+        filter: &BuildFilter,
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<Vec<BuildRow>, DbError> {
         let rows = sqlx::query(
             "SELECT * FROM builds WHERE ($1 = '' OR state = $1) AND ($2 = '' OR id < $2) \
-             ORDER BY id DESC LIMIT $3",
+             AND ($3 = '' OR requester = $3) \
+             AND ($4 = '' OR lower(repo_url) LIKE $4 ESCAPE '\\') \
+             ORDER BY id DESC LIMIT $5",
         )
-        .bind(state.map_or("", BuildState::as_str))
+        .bind(filter.state.map_or("", BuildState::as_str))
         .bind(cursor.unwrap_or(""))
+        .bind(filter.requester.as_deref().unwrap_or(""))
+        .bind(filter.repo_like_pattern())
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await

@@ -43,6 +43,12 @@ enum Command {
         conn: Connection,
         #[arg(long)]
         state: Option<String>,
+        /// Only this requester's builds.
+        #[arg(long)]
+        requester: Option<String>,
+        /// Only builds whose repository URL contains this text (any case).
+        #[arg(long)]
+        repo: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long)]
@@ -245,11 +251,19 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::List {
             conn,
             state,
+            requester,
+            repo,
             limit,
             cursor,
         } => {
             let list = Client::new(&conn)?
-                .list(state.as_deref(), limit, cursor.as_deref())
+                .list(&client::ListQuery {
+                    state: state.as_deref(),
+                    requester: requester.as_deref(),
+                    repo: repo.as_deref(),
+                    limit,
+                    cursor: cursor.as_deref(),
+                })
                 .await?;
             for b in &list.builds {
                 println!("{}", client::summary(b));

@@ -149,6 +149,24 @@ async fn api_contract_auth_validation_and_body_limits() {
     assert_eq!(page2["next_cursor"], serde_json::Value::Null);
     let (status, v) = api.get("/v1/builds?state=bogus").await;
     assert_eq!(status, 400, "{v}");
+    // The database filters by requester and by text in the repository URL (any case; `%` and
+    // `_` are plain characters, not patterns).
+    for (query, expected) in [
+        ("requester=alice", 3),
+        ("requester=bob", 0),
+        ("repo=GIT.EXAMPLE%2Fapp", 3),
+        ("repo=%25", 0),
+        ("repo=git_example", 0),
+        ("requester=alice&repo=other", 0),
+    ] {
+        let (status, v) = api.get(&format!("/v1/builds?{query}")).await;
+        assert_eq!(status, 200, "{query}: {v}");
+        assert_eq!(
+            v["builds"].as_array().unwrap().len(),
+            expected,
+            "{query}: {v}"
+        );
+    }
 
     // One runs (capacity 1), two wait: metrics and the state filter agree.
     api.wait_state(&ids[0], "running", SECS(10)).await;

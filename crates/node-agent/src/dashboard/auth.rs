@@ -2,15 +2,15 @@
 //! link minted with the bearer token) exchanges it for a session cookie (HttpOnly,
 //! SameSite=Strict) whose value is an expiry and an HMAC-SHA256 of it keyed with the token, so
 //! the cookie never carries the token, needs no server-side store, and every session ends when
-//! the token changes. Tokens and tags are compared in constant time (through `hmac`'s
-//! `verify_slice`).
+//! the token changes. Tokens are checked by the API's own check ([`crate::api::is_api_token`]),
+//! session tags through `hmac`'s `verify_slice`, both in constant time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -34,14 +34,6 @@ fn mac(key: &str, message: &str) -> Hmac<Sha256> {
         Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any size");
     mac.update(message.as_bytes());
     mac
-}
-
-/// Whether `given` is the API token, in a time that does not depend on where they differ: the
-/// tags the two make over one label are compared.
-fn is_token(token: &str, given: &str) -> bool {
-    const LABEL: &str = "node-agent dashboard login";
-    let expected = mac(token, LABEL).finalize().into_bytes();
-    mac(given, LABEL).verify_slice(&expected).is_ok()
 }
 
 fn session_label(expires_s: i64) -> String {
@@ -160,7 +152,7 @@ pub(super) async fn login(State(dash): State<Arc<Dashboard>>, body: Bytes) -> Re
         }
     }
     let next = local_path(next.as_deref());
-    if !is_token(&dash.node.api_token, &token) {
+    if !crate::api::is_api_token(&dash.node, &token) {
         tracing::warn!(target: "audit", "dashboard login refused: wrong token");
         return login_refused(next, "That is not this node's API token.");
     }
@@ -222,18 +214,8 @@ struct LoginLink {
 /// `POST /ui/login-links` with the bearer token: a one-time login link, for a browser that
 /// should not be handed the token (and for the tests' headless Chromium).
 pub(super) async fn mint_link(State(dash): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !is_token(&dash.node.api_token, given) {
-        let mut response =
-            (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+    if !crate::api::bearer_is_api_token(&dash.node, &headers) {
+        return crate::api::ApiError::Unauthorized.into_response();
     }
     let link = LoginLink {
         path: format!("/ui/login/{}", dash.links.mint()),
@@ -272,13 +254,6 @@ mod tests {
         let tag = hex::encode(mac("token-a", &session_label(past)).finalize().into_bytes());
         assert!(!session_is_valid("token-a", &format!("{past}.{tag}")));
         assert!(!session_is_valid("token-a", "garbage"));
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(is_token("secret", "secret"));
-        assert!(!is_token("secret", "secre"));
-        assert!(!is_token("secret", ""));
     }
 
     #[test]

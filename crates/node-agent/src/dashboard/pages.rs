@@ -20,16 +20,11 @@ use super::html::{self, Esc, Nav};
 use super::timeline;
 use super::{Dashboard, DashboardError};
 use crate::api::BuildView;
-use crate::db::{BuildRow, Db};
+use crate::db::{BuildFilter, BuildRow, Db};
 use crate::model::BuildState;
 
 /// Builds on one page of the list.
 const PAGE: u32 = 50;
-/// Rows read per query while filtering by requester or repository text.
-const SCAN_BATCH: u32 = 200;
-/// Rows one list request reads at most while filtering; the page then ends early, with a link
-/// to go on.
-const MAX_SCAN: usize = 5_000;
 /// The most of a log a page or one [`log_chunk`] carries.
 const LOG_CHUNK: u64 = 256 * 1024;
 /// How long [`log_chunk`] waits for new output of a running build before answering empty.
@@ -45,11 +40,8 @@ pub(super) struct ListQuery {
     cursor: Option<String>,
 }
 
-struct Filter {
-    state: Option<BuildState>,
-    requester: Option<String>,
-    repo: Option<String>,
-}
+/// The list's filters; the database applies them.
+struct Filter(BuildFilter);
 
 impl Filter {
     fn new(query: &ListQuery) -> Result<Self, DashboardError> {
@@ -62,31 +54,23 @@ impl Filter {
                     .ok_or_else(|| DashboardError::Query(format!("{s:?} is not a build state")))
             })
             .transpose()?;
-        Ok(Filter {
+        Ok(Filter(BuildFilter {
             state,
             requester: given(&query.requester).map(str::to_string),
-            repo: given(&query.repo).map(str::to_string),
-        })
-    }
-
-    fn matches(&self, row: &BuildRow) -> bool {
-        self.requester.as_ref().is_none_or(|r| row.requester == *r)
-            && self
-                .repo
-                .as_ref()
-                .is_none_or(|r| row.repo_url.contains(r.as_str()))
+            repo_contains: given(&query.repo).map(str::to_string),
+        }))
     }
 
     /// The query string of this filter at `cursor`.
     fn query(&self, cursor: Option<&str>) -> String {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(s) = self.state {
+        if let Some(s) = self.0.state {
             q.append_pair("state", s.as_str());
         }
-        if let Some(r) = &self.requester {
+        if let Some(r) = &self.0.requester {
             q.append_pair("requester", r);
         }
-        if let Some(r) = &self.repo {
+        if let Some(r) = &self.0.repo_contains {
             q.append_pair("repo", r);
         }
         if let Some(c) = cursor {
@@ -97,40 +81,15 @@ impl Filter {
 }
 
 /// A page of builds that pass `filter`, newest first from `cursor`, and the cursor of the next
-/// page. The database filters by state; requester and repository text are filtered here (the
-/// database module has no query for them), reading at most [`MAX_SCAN`] rows.
+/// page.
 async fn filtered_page(
     db: &Db,
     filter: &Filter,
-    mut cursor: Option<String>,
+    cursor: Option<String>,
 ) -> Result<(Vec<BuildRow>, Option<String>), DashboardError> {
-    let batch = if filter.requester.is_some() || filter.repo.is_some() {
-        SCAN_BATCH
-    } else {
-        PAGE
-    };
-    let mut page = Vec::new();
-    let mut scanned = 0;
-    loop {
-        let rows = db.list(filter.state, batch, cursor.as_deref()).await?;
-        let exhausted = rows.len() < batch as usize;
-        for row in rows {
-            scanned += 1;
-            cursor = Some(row.id.clone());
-            if filter.matches(&row) {
-                page.push(row);
-                if page.len() == PAGE as usize {
-                    return Ok((page, cursor));
-                }
-            }
-        }
-        if exhausted {
-            return Ok((page, None));
-        }
-        if scanned >= MAX_SCAN {
-            return Ok((page, cursor));
-        }
-    }
+    let rows = db.list(&filter.0, PAGE, cursor.as_deref()).await?;
+    let next = (rows.len() == PAGE as usize).then(|| rows[rows.len() - 1].id.clone());
+    Ok((rows, next))
 }
 
 fn build_href(id: &str) -> String {
@@ -178,7 +137,7 @@ pub(super) async fn builds(
         let _ = write!(
             body,
             "<option{}>{}</option>",
-            if filter.state == Some(state) {
+            if filter.0.state == Some(state) {
                 " selected"
             } else {
                 ""
@@ -191,8 +150,8 @@ pub(super) async fn builds(
         "</select></label><label>requester <input name=\"requester\" value=\"{}\"></label>\
          <label>repository contains <input name=\"repo\" value=\"{}\"></label>\
          <button>Filter</button> <a href=\"/\">clear</a></form>",
-        Esc(filter.requester.as_deref().unwrap_or("")),
-        Esc(filter.repo.as_deref().unwrap_or("")),
+        Esc(filter.0.requester.as_deref().unwrap_or("")),
+        Esc(filter.0.repo_contains.as_deref().unwrap_or("")),
     );
     let active = rows.iter().any(|r| !r.state.is_terminal());
     let _ = write!(
