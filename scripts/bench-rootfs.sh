@@ -78,13 +78,9 @@ finish() {
 }
 trap finish EXIT
 
-if [ ! -x "$agent" ]; then
-	# shellcheck source=scripts/lib/toolchain.sh
-	source "$repo/scripts/lib/toolchain.sh"
-	bt_ensure_rust
-	log "building $agent"
-	(cd "$repo" && cargo build --release -p builder-agent >&2)
-fi
+# shellcheck source=scripts/lib/toolchain.sh
+source "$repo/scripts/lib/toolchain.sh"
+bt_ensure_release_binary "$agent" builder-agent "$repo"
 
 mkdir -p "$dir"
 if [ -n "${BENCH_FS_GIB:-}" ]; then

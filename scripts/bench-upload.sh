@@ -63,13 +63,9 @@ finish() {
 }
 trap finish EXIT
 
-if [ ! -x "$agent" ]; then
-	# shellcheck source=scripts/lib/toolchain.sh
-	source "$repo/scripts/lib/toolchain.sh"
-	bt_ensure_rust
-	log "building $agent"
-	(cd "$repo" && cargo build --release -p builder-agent >&2)
-fi
+# shellcheck source=scripts/lib/toolchain.sh
+source "$repo/scripts/lib/toolchain.sh"
+bt_ensure_release_binary "$agent" builder-agent "$repo"
 
 mkdir -p "$dir"
 printf '[default]\ns3 =\n  multipart_threshold = %dMB\n  multipart_chunksize = %dMB\n' \

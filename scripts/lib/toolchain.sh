@@ -28,3 +28,13 @@ bt_ensure_rust_components() {
 	bt_log "rustup component add ${missing[*]}"
 	rustup component add "${missing[@]}"
 }
+
+# The release binary of package $2 at $1 (a benchmark's own BUILDER_AGENT may be given):
+# built from the checkout at $3 when it is not there yet.
+bt_ensure_release_binary() {
+	local bin=$1 package=$2 repo=$3
+	[ -x "$bin" ] && return 0
+	bt_ensure_rust
+	bt_log "building $bin"
+	(cd "$repo" && cargo build --release -p "$package" >&2)
+}
