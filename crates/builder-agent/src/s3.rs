@@ -99,6 +99,17 @@ pub struct ObjectAttributes<'a> {
 }
 
 impl ObjectAttributes<'_> {
+    /// Whether `object` carries all of this metadata (names compared without case, as HTTP
+    /// headers are).
+    fn matches(&self, object: &ObjectHead) -> bool {
+        self.metadata.iter().all(|(name, value)| {
+            object
+                .metadata
+                .iter()
+                .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
+        })
+    }
+
     fn headers(&self) -> Vec<(String, String)> {
         let mut headers: Vec<(String, String)> = self
             .metadata
@@ -453,8 +464,17 @@ impl S3Client {
                 etags.push((part.number, part.etag));
             }
             etags.sort_unstable_by_key(|(number, _)| *number);
-            self.complete(bucket, key, &upload_id, &etags).await?;
-            let size = self.head_size(bucket, key).await?;
+            let object = match self.complete(bucket, key, &upload_id, &etags).await {
+                Ok(()) => self.head(bucket, key).await?,
+                // A Complete whose answer was lost completed the upload; sent again, it finds
+                // the upload gone. The object is this one if it carries this upload's metadata.
+                Err(e) if is_no_such_upload(&e) => match self.head(bucket, key).await {
+                    Ok(object) if attributes.matches(&object) => object,
+                    _ => return Err(e),
+                },
+                Err(e) => return Err(e),
+            };
+            let size = object.size;
             if size != total {
                 return Err(S3Error::SizeMismatch {
                     key: key.to_string(),
@@ -576,7 +596,7 @@ impl S3Client {
         Ok(())
     }
 
-    async fn head_size(&self, bucket: &str, key: &str) -> Result<u64, S3Error> {
+    async fn head(&self, bucket: &str, key: &str) -> Result<ObjectHead, S3Error> {
         let response = self
             .send(Request {
                 operation: "HEAD",
@@ -589,8 +609,8 @@ impl S3Client {
                 part: None,
             })
             .await?;
-        response
-            .headers()
+        let headers = response.headers();
+        let size = headers
             .get(reqwest::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
@@ -598,7 +618,33 @@ impl S3Client {
                 operation: "HEAD",
                 key: key.to_string(),
                 what: "a Content-Length",
+            })?;
+        let metadata = headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.as_str().strip_prefix("x-amz-meta-")?;
+                Some((name.to_string(), value.to_str().ok()?.to_string()))
             })
+            .collect();
+        Ok(ObjectHead { size, metadata })
+    }
+}
+
+/// What a HEAD of an object says.
+struct ObjectHead {
+    size: u64,
+    /// `x-amz-meta-*` headers, without the prefix.
+    metadata: Vec<(String, String)>,
+}
+
+/// Whether S3 answered that the multipart upload no longer exists (at once, or on a retry).
+fn is_no_such_upload(error: &S3Error) -> bool {
+    match error {
+        S3Error::Refused { status, body, .. } => {
+            *status == StatusCode::NOT_FOUND && body.contains("NoSuchUpload")
+        }
+        S3Error::Exhausted { last, .. } => is_no_such_upload(last),
+        _ => false,
     }
 }
 

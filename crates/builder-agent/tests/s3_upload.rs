@@ -32,6 +32,12 @@ enum Fault {
     Once(u32),
     /// Every attempt of this part.
     Always(u32),
+    /// The first CompleteMultipartUpload is forwarded, and its answer replaced by a 500: the
+    /// upload is complete, but the client does not know; a second one is answered
+    /// `NoSuchUpload` (SeaweedFS would answer 200 again; S3 may not).
+    CompleteAnswerLost,
+    /// Every CompleteMultipartUpload is answered `NoSuchUpload` without being forwarded.
+    CompleteNoSuchUpload,
 }
 
 #[derive(Clone)]
@@ -39,7 +45,7 @@ struct ProxyState {
     upstream: String,
     http: reqwest::Client,
     fault: Fault,
-    /// `METHOD partNumber` (or `METHOD -`) of every request, in arrival order.
+    /// `METHOD partNumber` (`POST complete`, or `METHOD -`) of every request, in arrival order.
     requests: Arc<Mutex<Vec<String>>>,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
@@ -111,6 +117,9 @@ async fn forward(
         let mut requests = state.requests.lock().unwrap();
         let entry = match part {
             Some(n) => format!("{method} {n}"),
+            None if method == Method::POST && query.contains_key("uploadId") => {
+                "POST complete".to_string()
+            }
             None => format!("{method} -"),
         };
         requests.push(entry.clone());
@@ -124,6 +133,18 @@ async fn forward(
     if fail {
         let body = "<Error><Code>InternalError</Code><Message>injected by the test proxy</Message></Error>";
         return (StatusCode::INTERNAL_SERVER_ERROR, body).into_response();
+    }
+    let complete = method == Method::POST && query.contains_key("uploadId") && part.is_none();
+    let gone = match state.fault {
+        Fault::CompleteNoSuchUpload => true,
+        // S3 need not remember a completed upload: its id is gone.
+        Fault::CompleteAnswerLost => seen > 1,
+        _ => false,
+    };
+    if complete && gone {
+        let body =
+            "<Error><Code>NoSuchUpload</Code><Message>injected by the test proxy</Message></Error>";
+        return (StatusCode::NOT_FOUND, body).into_response();
     }
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -143,6 +164,9 @@ async fn forward(
         .send()
         .await;
     let response = match result {
+        Ok(_) if complete && matches!(state.fault, Fault::CompleteAnswerLost) && seen == 1 => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "the answer was lost").into_response()
+        }
         Ok(response) => {
             let status = response.status();
             let mut headers = response.headers().clone();
@@ -317,6 +341,45 @@ fn parallel_parts_make_a_byte_identical_object_with_its_metadata() {
     for number in 1..=5 {
         assert_eq!(proxy.part_attempts(number), 1, "{:?}", proxy.requests());
     }
+    assert!(open_uploads(&key).is_empty());
+}
+
+#[test]
+fn a_complete_whose_answer_was_lost_is_recognised_by_the_object_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, bytes) = random_file(dir.path(), (PART + 99) as usize, 4);
+    let sha256 = sha256_hex(&bytes);
+    let proxy = Proxy::start(Fault::CompleteAnswerLost);
+    let key = unique("s3-complete-lost");
+    let (result, _) = upload(&client(&proxy.endpoint, 2), &key, &path, &metadata(&sha256));
+    result.unwrap();
+    // The Complete was sent twice: the second found the upload gone, and the object was
+    // recognised as this upload's by its metadata.
+    let completes = proxy
+        .requests()
+        .iter()
+        .filter(|r| *r == "POST complete")
+        .count();
+    assert_eq!(completes, 2, "{:?}", proxy.requests());
+    let (status, headers, body) = s3_get(&env("BUILDER_TEST_S3_BUCKET"), &key);
+    assert_eq!(status, 200, "{headers}");
+    assert!(body == bytes, "the object differs from the file");
+    assert!(open_uploads(&key).is_empty());
+
+    // A NoSuchUpload at Complete with an object of other metadata at the key (an earlier
+    // build's) stays a failure: that object is not taken for this upload's.
+    let earlier = metadata(&"0".repeat(64));
+    let (result, _) = upload(
+        &client(&env("BUILDER_TEST_S3_ENDPOINT"), 2),
+        &key,
+        &path,
+        &earlier,
+    );
+    result.unwrap();
+    let proxy = Proxy::start(Fault::CompleteNoSuchUpload);
+    let (result, _) = upload(&client(&proxy.endpoint, 2), &key, &path, &metadata(&sha256));
+    let error = result.unwrap_err();
+    assert!(error.to_string().contains("NoSuchUpload"), "{error}");
     assert!(open_uploads(&key).is_empty());
 }
 
