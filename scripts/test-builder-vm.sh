@@ -262,7 +262,9 @@ mark "outside services up" "$t"
 say "node-agent serve ($VMM, work dir $work/node)"
 t=$(now_ms)
 mkdir -p "$work/node"
-spawn node-agent "$node_agent" serve --work-dir "$work/node" --listen "0.0.0.0:$api_port" \
+# The API on loopback, as by default: the VM reaches the node on a listener of its own (the host
+# end of its veth, vm_listen_port), which serves only its report, logs and source.
+spawn node-agent "$node_agent" serve --work-dir "$work/node" --listen "127.0.0.1:$api_port" \
 	--node-id "$node_id" --capacity-vcpus 1 --capacity-mem-mib 2048 --vmm "$VMM" \
 	--kernel build/vms/vmlinux --rootfs build/vms/builder-rootfs.ext4 --vm-network "$vm_network" \
 	--s3-credentials-file "$work/s3-credentials.json" --notify-secret-file "$work/notify-secret" \
@@ -317,6 +319,17 @@ else
 fi
 jq -r '"node agent: state \(.state), admission \(.timings.admission_ms // "-") ms, duration \(.timings.duration_ms // "-") ms, VMM start to end \((.timings.finished_at_ms // 0) - (.timings.vm_started_at_ms // 0)) ms, VMM exit \(.vmm_exit_code // "-"), webhook \(.webhook.state // "-")"' \
 	"$work/build.json" 2>/dev/null || true
+
+# The node kept every log of the build: the guest's build and dockerd logs came signed over the
+# VM's listener, the VMM's log was copied out before cleanup.
+for source in console vmm build dockerd; do
+	"$node_agent" logs "$build_id" --source "$source" --server "http://127.0.0.1:$api_port" \
+		--token-file "$work/node/api-token" >"$work/log-$source.txt" ||
+		fail "node-agent logs --source $source failed"
+	[[ -s $work/log-$source.txt ]] || fail "the node kept no $source log"
+done
+grep -q '^.*==> clone' "$work/log-build.txt" || fail "the kept build log has none of the agent's phase lines"
+echo "kept logs: $(for s in console vmm build dockerd; do printf '%s %s B  ' "$s" "$(stat -c %s "$work/log-$s.txt")"; done)"
 
 # The VM shut itself down: the agent printed its exit marker and the VMM exited on its own.
 grep -q 'builder-agent: exit=' "$console_log" ||
