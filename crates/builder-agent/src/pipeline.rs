@@ -564,7 +564,8 @@ async fn build(
                             options.part_size,
                             |sent, total| {
                                 let percent = sent * 100 / total.max(1);
-                                if percent >= next_report {
+                                // Every 10 % or so (parts land unevenly), and always the end.
+                                if percent >= next_report || sent == total {
                                     log.line(&format!(
                                         "upload: {sent} of {total} bytes ({percent} %)"
                                     ));
