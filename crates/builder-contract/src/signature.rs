@@ -41,6 +41,19 @@ pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     )
 }
 
+/// A signature that [`verify`] accepted, decoded: what a receiver records to refuse a replay.
+/// The header's text is not fit for that: `v1=AB..` and `v1=ab..`, or surrounding spaces, are
+/// one signature in several spellings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSignature(Vec<u8>);
+
+impl VerifiedSignature {
+    /// The one spelling of this signature: `v1=<lower-case hex>`, as [`sign`] writes it.
+    pub fn canonical(&self) -> String {
+        format!("v1={}", hex::encode(&self.0))
+    }
+}
+
 /// Checks the two headers of a received webhook against its body, at time `now` (Unix seconds).
 pub fn verify(
     secret: &[u8],
@@ -49,7 +62,7 @@ pub fn verify(
     body: &[u8],
     now: u64,
     tolerance_secs: u64,
-) -> Result<(), SignatureError> {
+) -> Result<VerifiedSignature, SignatureError> {
     let timestamp: u64 = timestamp_header
         .and_then(|t| t.trim().parse().ok())
         .ok_or(SignatureError::BadTimestamp)?;
@@ -66,7 +79,8 @@ pub fn verify(
     }
     mac(secret, timestamp, body)
         .verify_slice(&signature)
-        .map_err(|_| SignatureError::Mismatch)
+        .map_err(|_| SignatureError::Mismatch)?;
+    Ok(VerifiedSignature(signature))
 }
 
 #[cfg(test)]
@@ -76,10 +90,12 @@ mod tests {
     #[test]
     fn signs_verifies_and_rejects_tampering_and_replay() {
         let sig = sign(b"k", 1000, b"{}");
-        assert_eq!(
-            verify(b"k", Some("1000"), Some(&sig), b"{}", 1100, 300),
-            Ok(())
-        );
+        let verified = verify(b"k", Some("1000"), Some(&sig), b"{}", 1100, 300).unwrap();
+        assert_eq!(verified.canonical(), sig);
+        // Other spellings of the same signature verify too, and come out as the same one.
+        let upper = format!(" v1={} ", sig["v1=".len()..].to_uppercase());
+        let again = verify(b"k", Some("1000"), Some(&upper), b"{}", 1100, 300).unwrap();
+        assert_eq!(again, verified);
         assert_eq!(
             verify(b"k", Some("1000"), Some(&sig), b"{ }", 1000, 300),
             Err(SignatureError::Mismatch)

@@ -725,7 +725,7 @@ async fn authenticate_guest(
     };
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let now = (crate::now_ms() / 1000) as u64;
-    signature::verify(
+    let verified = signature::verify(
         key.as_bytes(),
         header(TIMESTAMP_HEADER),
         header(SIGNATURE_HEADER),
@@ -737,8 +737,8 @@ async fn authenticate_guest(
         id: id.to_string(),
         source,
     })?;
-    let sig = header(SIGNATURE_HEADER).unwrap_or_default();
-    if !node.db.record_signature(sig, id).await? {
+    // Recorded decoded: another spelling of a seen signature is the same replay.
+    if !node.db.record_signature(&verified.canonical(), id).await? {
         return Err(ApiError::Replay { id: id.to_string() });
     }
     Ok(())

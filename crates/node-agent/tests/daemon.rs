@@ -234,16 +234,29 @@ fn report(id: &str, status: BuildStatus) -> BuildReport {
 }
 
 async fn post_report(base: &str, id: &str, key: &str, body: &[u8], ts: u64) -> u16 {
-    reqwest::Client::new()
+    post_signed_report(base, id, &sign(key.as_bytes(), ts, body), body, ts)
+        .await
+        .0
+}
+
+/// Posts `body` as build `id`'s report with this signature header; the status and the answer.
+async fn post_signed_report(
+    base: &str,
+    id: &str,
+    signature: &str,
+    body: &[u8],
+    ts: u64,
+) -> (u16, String) {
+    let response = reqwest::Client::new()
         .post(format!("{base}/v1/internal/builds/{id}/complete"))
         .header(TIMESTAMP_HEADER, ts.to_string())
-        .header(SIGNATURE_HEADER, sign(key.as_bytes(), ts, body))
+        .header(SIGNATURE_HEADER, signature)
         .body(body.to_vec())
         .send()
         .await
-        .unwrap()
-        .status()
-        .as_u16()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
 }
 
 async fn state_machine(database_url: Option<String>) {
@@ -290,8 +303,13 @@ async fn state_machine(database_url: Option<String>) {
     let other = serde_json::to_vec(&report("0000000000000000", BuildStatus::Succeeded)).unwrap();
     assert_eq!(post_report(&d.base, &id, &key, &other, now).await, 400);
     assert_eq!(post_report(&d.base, &id, &key, &body, now).await, 204);
-    // The same signed report again is a replay.
+    // The same signed report again is a replay, also when its signature is spelled otherwise.
     assert_eq!(post_report(&d.base, &id, &key, &body, now).await, 409);
+    let signature = sign(key.as_bytes(), now, &body);
+    let respelled = format!("v1={}", signature["v1=".len()..].to_uppercase());
+    let (status, answer) = post_signed_report(&d.base, &id, &respelled, &body, now).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains("(replay)"), "{answer}");
 
     let b = api.wait_terminal(&id, SECS(10)).await;
     assert_eq!(b["state"], "succeeded", "{b}");

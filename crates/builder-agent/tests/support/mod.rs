@@ -178,7 +178,7 @@ async fn receive(
         now,
         300,
     ) {
-        Ok(()) => {
+        Ok(_) => {
             let report: BuildReport = serde_json::from_slice(&body).expect("a valid report");
             state.verified.lock().unwrap().push(report);
             StatusCode::NO_CONTENT
