@@ -176,10 +176,7 @@ impl Node {
             idle: Notify::new(),
             draining: AtomicBool::new(false),
             vm_routes: Mutex::new(None),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("a default HTTP client builds"),
+            http: crate::notify::webhook_client(),
         });
         tracing::info!(
             reclaimed,

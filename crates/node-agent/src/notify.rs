@@ -139,6 +139,17 @@ pub async fn deliver(
     }
 }
 
+/// The client requester webhooks go out with: a 30 s limit per attempt, and no redirects
+/// followed (a redirect is the receiver's answer, a failure: a webhook URL cannot send the
+/// node's signed report on to an address its admission never checked).
+pub(crate) fn webhook_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a plain HTTP client builds")
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -204,7 +215,7 @@ mod tests {
         let db = Db::open(&url).await.unwrap();
         let (hook, hits) = scripted_receiver(statuses).await;
         let row = finished_build(&db, &hook, made).await;
-        deliver(&reqwest::Client::new(), &db, &row, b"key", attempts).await;
+        deliver(&webhook_client(), &db, &row, b"key", attempts).await;
         let row = db.get(&row.id).await.unwrap().unwrap();
         let hits = *hits.lock().unwrap();
         (row.webhook_state, row.webhook_attempts, hits)
@@ -220,6 +231,37 @@ mod tests {
     async fn a_refusal_is_final_at_once() {
         let (state, attempts, hits) = deliver_to(&[400, 204], 0, 8).await;
         assert_eq!((state.as_str(), attempts, hits), ("failed", 1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let (elsewhere, elsewhere_hits) = scripted_receiver(&[204]).await;
+        let hits = Arc::new(Mutex::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                *counter.lock().unwrap() += 1;
+                let to = elsewhere.clone();
+                async move { (StatusCode::TEMPORARY_REDIRECT, [("location", to)]) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/node-agent.db?mode=rwc", dir.path().display());
+        let db = Db::open(&url).await.unwrap();
+        let row = finished_build(&db, &hook, 0).await;
+        deliver(&webhook_client(), &db, &row, b"key", 8).await;
+        let row = db.get(&row.id).await.unwrap().unwrap();
+        assert_eq!(row.webhook_state, "failed");
+        assert_eq!(*hits.lock().unwrap(), 1);
+        assert_eq!(
+            *elsewhere_hits.lock().unwrap(),
+            0,
+            "the redirect was followed"
+        );
     }
 
     #[tokio::test]
