@@ -292,84 +292,65 @@ fn str2hashbuf_signed(msg: &[u8]) -> [u32; 8] {
     out
 }
 
-/// `half_md4_transform` of `fs/ext4/hash.c`.
+/// `half_md4_transform` of `fs/ext4/hash.c`: three passes of eight steps.
 fn half_md4_transform(buf: &mut [u32; 4], input: &[u32; 8]) {
     const K2: u32 = 0o13240474631;
     const K3: u32 = 0o15666365641;
     let f = |x: u32, y: u32, z: u32| z ^ (x & (y ^ z));
     let g = |x: u32, y: u32, z: u32| (x & y).wrapping_add((x ^ y) & z);
     let h = |x: u32, y: u32, z: u32| x ^ y ^ z;
-    let [mut a, mut b, mut c, mut d] = *buf;
-    let round = |func: &dyn Fn(u32, u32, u32) -> u32, a: &mut u32, b, c, d, x: u32, s| {
-        *a = a.wrapping_add(func(b, c, d)).wrapping_add(x).rotate_left(s);
+    let mut state = *buf;
+    let steps = |indices: [usize; 8], shifts: [u32; 4]| {
+        std::array::from_fn::<_, 8, _>(|n| (indices[n], shifts[n % 4]))
     };
-    // Round 1.
-    for (i, s) in [
-        (0, 3),
-        (1, 7),
-        (2, 11),
-        (3, 19),
-        (4, 3),
-        (5, 7),
-        (6, 11),
-        (7, 19),
-    ] {
-        let x = input[i];
-        match i % 4 {
-            0 => round(&f, &mut a, b, c, d, x, s),
-            1 => round(&f, &mut d, a, b, c, x, s),
-            2 => round(&f, &mut c, d, a, b, x, s),
-            _ => round(&f, &mut b, c, d, a, x, s),
-        }
+    md4_pass(
+        &mut state,
+        f,
+        0,
+        steps([0, 1, 2, 3, 4, 5, 6, 7], [3, 7, 11, 19]),
+        input,
+    );
+    md4_pass(
+        &mut state,
+        g,
+        K2,
+        steps([1, 3, 5, 7, 0, 2, 4, 6], [3, 5, 9, 13]),
+        input,
+    );
+    md4_pass(
+        &mut state,
+        h,
+        K3,
+        steps([3, 7, 2, 6, 1, 5, 0, 4], [3, 9, 11, 15]),
+        input,
+    );
+    for (word, add) in buf.iter_mut().zip(state) {
+        *word = word.wrapping_add(add);
     }
-    // Round 2.
-    for (n, (i, s)) in [
-        (1, 3),
-        (3, 5),
-        (5, 9),
-        (7, 13),
-        (0, 3),
-        (2, 5),
-        (4, 9),
-        (6, 13),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let x = input[i].wrapping_add(K2);
-        match n % 4 {
-            0 => round(&g, &mut a, b, c, d, x, s),
-            1 => round(&g, &mut d, a, b, c, x, s),
-            2 => round(&g, &mut c, d, a, b, x, s),
-            _ => round(&g, &mut b, c, d, a, x, s),
-        }
+}
+
+/// One pass of MD4: step `n` adds `func` of the other three words and `input[index] + k` to
+/// word a, d, c, b in turn (`n % 4`), then rotates it left by its shift.
+fn md4_pass(
+    state: &mut [u32; 4],
+    func: impl Fn(u32, u32, u32) -> u32,
+    k: u32,
+    steps: [(usize, u32); 8],
+    input: &[u32; 8],
+) {
+    for (n, (index, shift)) in steps.into_iter().enumerate() {
+        // a, d, c, b: the word updated, and after it the other three in their turn.
+        let target = (4 - n % 4) % 4;
+        let (x, y, z) = (
+            state[(target + 1) % 4],
+            state[(target + 2) % 4],
+            state[(target + 3) % 4],
+        );
+        state[target] = state[target]
+            .wrapping_add(func(x, y, z))
+            .wrapping_add(input[index].wrapping_add(k))
+            .rotate_left(shift);
     }
-    // Round 3.
-    for (n, (i, s)) in [
-        (3, 3),
-        (7, 9),
-        (2, 11),
-        (6, 15),
-        (1, 3),
-        (5, 9),
-        (0, 11),
-        (4, 15),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let x = input[i].wrapping_add(K3);
-        match n % 4 {
-            0 => round(&h, &mut a, b, c, d, x, s),
-            1 => round(&h, &mut d, a, b, c, x, s),
-            2 => round(&h, &mut c, d, a, b, x, s),
-            _ => round(&h, &mut b, c, d, a, x, s),
-        }
-    }
-    buf[0] = buf[0].wrapping_add(a);
-    buf[1] = buf[1].wrapping_add(b);
-    buf[2] = buf[2].wrapping_add(c);
-    buf[3] = buf[3].wrapping_add(d);
 }
 
 #[cfg(test)]
