@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the builder VM's guest kernel: an uncompressed ELF vmlinux (PVH entry
 # point, so QEMU -M microvm and Firecracker can boot it directly) from Debian's
-# linux-source-6.1 package, configured as `make allnoconfig` plus the fragment
-# vm/kernel/builder.config, and checked by scripts/check-kernel-config.sh.
+# linux-source-6.1 package, configured as `make allnoconfig` plus the fragments
+# vm/kernel/builder.config (what a builder guest needs) and vm/kernel/hardening.config
+# (hardening that costs little in a VM), and checked by scripts/check-kernel-config.sh.
 #
 # The result is cached under $BUILDER_VM_CACHE/kernel/<key>/ where <key> hashes
-# the inputs (source package version, fragment, this script and the checker),
+# the inputs (source package version, fragments, this script and the checker),
 # so it is rebuilt only when one of them changes.
 #
 # Usage: scripts/build-kernel.sh [OUTPUT]     (default OUTPUT: build/vms/vmlinux)
@@ -13,6 +14,8 @@
 #   BUILDER_VM_CACHE   cache root (default /var/cache/builder-vm)
 #   KERNEL_SOURCE_PKG  Debian source package (default linux-source-6.1)
 #   KERNEL_JOBS        make -j (default 2; the build runs under nice -n 19)
+#   KERNEL_HARDENING   1 (default) applies vm/kernel/hardening.config; 0 leaves it out (the
+#                      baseline of scripts/bench-kernel-boot.sh; cached under its own key)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,7 +23,12 @@ output=${1:-$repo_root/build/vms/vmlinux}
 cache_root=${BUILDER_VM_CACHE:-/var/cache/builder-vm}
 source_pkg=${KERNEL_SOURCE_PKG:-linux-source-6.1}
 jobs=${KERNEL_JOBS:-2}
-fragment=$repo_root/vm/kernel/builder.config
+fragments=("$repo_root/vm/kernel/builder.config")
+case ${KERNEL_HARDENING:-1} in
+1) fragments+=("$repo_root/vm/kernel/hardening.config") ;;
+0) ;;
+*) printf '[build-kernel] error: KERNEL_HARDENING must be 0 or 1, not %s\n' "$KERNEL_HARDENING" >&2; exit 2 ;;
+esac
 checker=$repo_root/scripts/check-kernel-config.sh
 
 log() { printf '[build-kernel] %s\n' "$*" >&2; }
@@ -36,7 +44,7 @@ done
 
 key=$({
 	printf '%s %s\n' "$source_pkg" "$pkg_version"
-	sha256sum "$fragment" "${BASH_SOURCE[0]}" "$checker" | cut -d' ' -f1
+	sha256sum "${fragments[@]}" "${BASH_SOURCE[0]}" "$checker" | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 cached=$cache_root/kernel/$key
 
@@ -56,9 +64,10 @@ else
 		tar -xJf "$tarball" -C "$src" --strip-components=1
 		touch "$src/.extracted"
 	fi
-	log "configuring: allnoconfig + $(realpath --relative-to="$repo_root" "$fragment")"
-	make -C "$src" -s allnoconfig KCONFIG_ALLCONFIG="$fragment"
-	"$checker" "$src/.config" "$fragment"
+	log "configuring: allnoconfig + $(realpath --relative-to="$repo_root" "${fragments[@]}" | tr '\n' ' ')"
+	cat "${fragments[@]}" >"$src/.builder-fragments"
+	make -C "$src" -s allnoconfig KCONFIG_ALLCONFIG="$src/.builder-fragments"
+	"$checker" "$src/.config" "${fragments[@]}"
 
 	log "building vmlinux with nice -n 19 make -j$jobs (this takes a while)"
 	started=$(date +%s)
