@@ -82,11 +82,21 @@ pub fn log_path(build_id: &str, source: &str) -> String {
 /// Where the guest posts its log `source`: beside the report, when `notify_url` is the node
 /// agent's report route of this build and `source` is one the guest sends; else nowhere.
 pub fn guest_log_url(notify_url: &Url, build_id: &str, source: LogSource) -> Option<Url> {
-    if notify_url.path() != report_path(build_id) || !source.is_guest() {
+    if !source.is_guest() {
+        return None;
+    }
+    beside_report_route(notify_url, build_id, &log_path(build_id, source.as_str()))
+}
+
+/// `path` on the node agent behind `notify_url`, when `notify_url` is its report route of
+/// build `build_id`; else `None`. The one rule of where the guest's other posts (its logs,
+/// its progress) go.
+pub(crate) fn beside_report_route(notify_url: &Url, build_id: &str, path: &str) -> Option<Url> {
+    if notify_url.path() != report_path(build_id) {
         return None;
     }
     let mut url = notify_url.clone();
-    url.set_path(&log_path(build_id, source.as_str()));
+    url.set_path(path);
     url.set_query(None);
     Some(url)
 }
