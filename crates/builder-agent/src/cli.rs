@@ -80,7 +80,7 @@ struct RunArgs {
     #[arg(long, default_value_t = RetryPolicy::default().first_delay.as_millis() as u64)]
     notify_first_delay_ms: u64,
     /// Multipart upload part size in MiB.
-    #[arg(long, default_value_t = crate::s3::DEFAULT_PART_SIZE >> 20)]
+    #[arg(long, default_value_t = builder_s3::DEFAULT_PART_SIZE >> 20)]
     part_size_mib: u64,
     /// Keep the scratch directory after the build.
     #[arg(long)]
@@ -125,10 +125,10 @@ struct UploadArgs {
     #[arg(long)]
     key: String,
     /// Multipart upload part size in MiB.
-    #[arg(long, default_value_t = crate::s3::DEFAULT_PART_SIZE >> 20)]
+    #[arg(long, default_value_t = builder_s3::DEFAULT_PART_SIZE >> 20)]
     part_size_mib: u64,
     /// Parts sent at once.
-    #[arg(long, default_value_t = crate::s3::DEFAULT_PARTS_IN_FLIGHT)]
+    #[arg(long, default_value_t = builder_s3::DEFAULT_PARTS_IN_FLIGHT)]
     parts_in_flight: usize,
 }
 
@@ -348,17 +348,22 @@ fn upload(args: UploadArgs) -> i32 {
     };
     let started = Instant::now();
     let result = runtime().block_on(async {
-        let client =
-            crate::s3::S3Client::new(credentials)?.with_parts_in_flight(args.parts_in_flight);
-        client
-            .upload_file(
-                &location.bucket,
-                &location.key,
+        let client = builder_s3::S3Client::new(credentials)?;
+        let direct = builder_s3::DirectUpload::new(
+            &client,
+            &location.bucket,
+            &location.key,
+            builder_s3::ObjectAttributes {
+                content_type: "application/octet-stream",
+                metadata: &[],
+            },
+        );
+        builder_s3::Uploader::default()
+            .with_parts_in_flight(args.parts_in_flight)
+            .upload(
+                &direct,
                 &args.file,
-                crate::s3::ObjectAttributes {
-                    content_type: "application/octet-stream",
-                    metadata: &[],
-                },
+                None,
                 args.part_size_mib << 20,
                 |_, _| {},
             )

@@ -3,7 +3,8 @@
 //! `pipeline` drives the phases; each phase lives in its own module: `git` (clone, checkout),
 //! `context` + `dockerignore` (the build context), `buildkit` (the image build through
 //! `docker buildx build`), `docker` (the daemon's API: pull, inspect, save), `convert`
-//! (image in the daemon → rootfs, with the `builder-rootfs` crate), `s3` (upload), `notify`
+//! (image in the daemon → rootfs, with the `builder-rootfs` crate; the upload is the `builder-s3`
+//! crate's), `notify`
 //! (webhook), `guest_logs` (the build's own logs handed to the node agent). `vm` is the VM's
 //! init, `log` is the build log, `error` the one error type every phase returns, `basic_auth`
 //! the `user:password` form git and Docker send credentials in.
@@ -22,5 +23,4 @@ pub mod log;
 pub mod notify;
 pub mod pipeline;
 pub mod process;
-pub mod s3;
 pub mod vm;

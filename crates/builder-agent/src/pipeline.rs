@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use builder_contract::params::raw_value;
+use builder_contract::upload::{upload_url, UploadStep};
 use builder_contract::{
     BuildParams, BuildReport, BuildStatus, ErrorClass, LogSource, Phase, PhaseTiming,
-    RootfsArtifact, Secrets,
+    RootfsArtifact, S3Location, Secrets,
 };
 use builder_rootfs::{ConvertOptions, ConvertReport};
+use builder_s3::{DirectUpload, GrantedObject, NodeGrant, ObjectAttributes, S3Client, Uploader};
 use url::Url;
 
 use crate::buildkit::{
@@ -30,7 +32,6 @@ use crate::error::{is_disk_full, BuildError};
 use crate::git::{Checkout, Git};
 use crate::log::BuildLog;
 use crate::notify::{deliver, NotifyError, RetryPolicy};
-use crate::s3::{ObjectAttributes, S3Client};
 
 /// Everything `builder-agent run` was told.
 #[derive(Debug, Clone)]
@@ -242,10 +243,10 @@ pub async fn run(options: &RunOptions) -> Outcome {
     Outcome { report, notify }
 }
 
-/// Writes the report beside the rootfs as `<s3_key>.status.json`, whether the build succeeded
-/// or failed, so the place a rootfs was expected at says what became of it (the rootfs's own
-/// metadata exists only when it was uploaded). Best effort: a status that cannot be written is
-/// logged, and the webhook still tells.
+/// Writes the report beside the rootfs as `<s3_key>.status.json` when this run holds S3
+/// credentials of its own (a host run); a build granted its upload by a node agent leaves it
+/// to the node, which writes it for every build that ends. Best effort: a status that cannot be
+/// written is logged, and the webhook still tells.
 async fn record_status(
     log: &BuildLog,
     params: &BuildParams,
@@ -255,28 +256,11 @@ async fn record_status(
     let (Some(location), Some(credentials)) = (&params.s3, &secrets.s3) else {
         return;
     };
-    let key = location.status_key();
-    let body = serde_json::to_vec_pretty(report).expect("a report always serializes");
-    let metadata = vec![
-        ("build-id".to_string(), report.build_id.clone()),
-        ("status".to_string(), report.status.to_string()),
-    ];
     let written = match S3Client::new(credentials.clone()) {
-        Ok(client) => {
-            client
-                .put_object(
-                    &location.bucket,
-                    &key,
-                    body.into(),
-                    ObjectAttributes {
-                        content_type: "application/json",
-                        metadata: &metadata,
-                    },
-                )
-                .await
-        }
+        Ok(client) => client.put_status(location, report).await,
         Err(e) => Err(e),
     };
+    let key = location.status_key();
     match written {
         Ok(()) => log.line(&format!(
             "status {} written to s3://{}/{key}",
@@ -358,10 +342,15 @@ async fn execute(
     log: &BuildLog,
     progress: &mut Progress,
 ) -> Result<(), BuildError> {
-    if params.s3.is_some() && secrets.s3.is_none() {
+    let grantable = params.notify_url.as_ref().is_some_and(|url| {
+        secrets.webhook_secret.is_some()
+            && upload_url(url, &params.build_id, UploadStep::Start).is_some()
+    });
+    if params.s3.is_some() && secrets.s3.is_none() && !grantable {
         return Err(BuildError::internal(
             Phase::Params,
-            "s3_bucket is set but the secrets file has no `s3` credentials",
+            "s3_bucket is set but the secrets file has no `s3` credentials, and the build does \
+             not report to a node agent that could grant the upload",
         ));
     }
     let scratch = options.work_dir.join(&params.build_id);
@@ -517,67 +506,28 @@ async fn build(
         )
         .await?;
 
-    let artifact = match (&params.s3, &secrets.s3) {
-        (Some(location), Some(credentials)) => {
-            let client = S3Client::new(credentials.clone())
-                .map_err(|e| BuildError::from_chain(Phase::Upload, ErrorClass::Internal, &e))?;
-            let metadata = vec![
-                ("build-id".to_string(), params.build_id.clone()),
-                ("commit-sha".to_string(), commit.clone()),
-                ("status".to_string(), BuildStatus::Succeeded.to_string()),
-                ("rootfs-sha256".to_string(), converted.sha256.clone()),
-                ("image-digest".to_string(), image_id.clone()),
-            ];
+    let artifact = match &params.s3 {
+        Some(location) => {
+            let object = GrantedObject {
+                sha256: converted.sha256.clone(),
+                image_digest: image_id.clone(),
+                commit_sha: commit.clone(),
+            };
             progress
-                .phase(log, Phase::Upload, async {
-                    // The config first: the rootfs object appearing means the build is complete.
-                    let config = std::fs::read(&config_path).map_err(|e| {
-                        BuildError::internal(
-                            Phase::Upload,
-                            format!("cannot read the image config: {e}"),
-                        )
-                    })?;
-                    client
-                        .put_object(
-                            &location.bucket,
-                            &location.config_key(),
-                            config.into(),
-                            ObjectAttributes {
-                                content_type: "application/json",
-                                metadata: &metadata,
-                            },
-                        )
-                        .await
-                        .map_err(|e| {
-                            BuildError::from_chain(Phase::Upload, ErrorClass::Internal, &e)
-                        })?;
-                    let mut next_report = 0u64;
-                    client
-                        .upload_file(
-                            &location.bucket,
-                            &location.key,
-                            &rootfs_path,
-                            ObjectAttributes {
-                                content_type: "application/octet-stream",
-                                metadata: &metadata,
-                            },
-                            options.part_size,
-                            |sent, total| {
-                                let percent = sent * 100 / total.max(1);
-                                // Every 10 % or so (parts land unevenly), and always the end.
-                                if percent >= next_report || sent == total {
-                                    log.line(&format!(
-                                        "upload: {sent} of {total} bytes ({percent} %)"
-                                    ));
-                                    next_report = percent + 10;
-                                }
-                            },
-                        )
-                        .await
-                        .map_err(|e| {
-                            BuildError::from_chain(Phase::Upload, ErrorClass::Internal, &e)
-                        })
-                })
+                .phase(
+                    log,
+                    Phase::Upload,
+                    upload(
+                        options,
+                        params,
+                        secrets,
+                        log,
+                        location,
+                        &rootfs_path,
+                        &config_path,
+                        object,
+                    ),
+                )
                 .await?;
             RootfsArtifact {
                 location: location.to_string(),
@@ -586,7 +536,7 @@ async fn build(
                 sha256: converted.sha256.clone(),
             }
         }
-        _ => RootfsArtifact {
+        None => RootfsArtifact {
             location: rootfs_path.display().to_string(),
             config_location: config_path.display().to_string(),
             size_bytes: converted.size_bytes,
@@ -595,6 +545,105 @@ async fn build(
     };
     progress.rootfs = Some(artifact);
     Ok(())
+}
+
+/// The grant of the node agent the build reports to, when it reports to one (and can sign).
+fn node_grant(params: &BuildParams, secrets: &Secrets, object: GrantedObject) -> Option<NodeGrant> {
+    NodeGrant::new(
+        params.notify_url.as_ref()?,
+        &params.build_id,
+        secrets.webhook_secret.as_deref()?.as_bytes(),
+        object,
+    )
+}
+
+/// Uploads the image config to `<s3_key>.json` and the rootfs to `s3_key` (the config first:
+/// the rootfs object appearing means the build is complete), each request signed with the
+/// secrets' `s3` credentials when there are some (a host run), else granted by the node agent
+/// the build reports to (the builder VM holds no S3 key); one engine either way.
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    options: &RunOptions,
+    params: &BuildParams,
+    secrets: &Secrets,
+    log: &BuildLog,
+    location: &S3Location,
+    rootfs: &Path,
+    config: &Path,
+    object: GrantedObject,
+) -> Result<(), BuildError> {
+    let failed =
+        |e: &builder_s3::S3Error| BuildError::from_chain(Phase::Upload, ErrorClass::Internal, e);
+    let config = std::fs::read(config).map_err(|e| {
+        BuildError::internal(Phase::Upload, format!("cannot read the image config: {e}"))
+    })?;
+    let mut next_report = 0u64;
+    let progress = |sent: u64, total: u64| {
+        let percent = sent * 100 / total.max(1);
+        // Every 10 % or so (parts land unevenly), and always the end.
+        if percent >= next_report || sent == total {
+            log.line(&format!("upload: {sent} of {total} bytes ({percent} %)"));
+            next_report = percent + 10;
+        }
+    };
+    let uploader = Uploader::default();
+    match &secrets.s3 {
+        Some(credentials) => {
+            let client = S3Client::new(credentials.clone()).map_err(|e| failed(&e))?;
+            let metadata = vec![
+                ("build-id".to_string(), params.build_id.clone()),
+                ("commit-sha".to_string(), object.commit_sha.clone()),
+                ("status".to_string(), BuildStatus::Succeeded.to_string()),
+                ("rootfs-sha256".to_string(), object.sha256.clone()),
+                ("image-digest".to_string(), object.image_digest.clone()),
+            ];
+            let config_key = location.config_key();
+            let direct = DirectUpload::new(
+                &client,
+                &location.bucket,
+                &location.key,
+                ObjectAttributes {
+                    content_type: "application/octet-stream",
+                    metadata: &metadata,
+                },
+            )
+            .with_companion(
+                &config_key,
+                ObjectAttributes {
+                    content_type: "application/json",
+                    metadata: &metadata,
+                },
+            );
+            uploader
+                .upload(
+                    &direct,
+                    rootfs,
+                    Some(config.into()),
+                    options.part_size,
+                    progress,
+                )
+                .await
+        }
+        None => {
+            let grant = node_grant(params, secrets, object).ok_or_else(|| {
+                BuildError::internal(
+                    Phase::Upload,
+                    "no S3 credentials and no node to grant the upload",
+                )
+            })?;
+            log.line("upload: granted by the node agent (this VM holds no S3 key)");
+            uploader
+                .upload(
+                    &grant,
+                    rootfs,
+                    Some(config.into()),
+                    options.part_size,
+                    progress,
+                )
+                .await
+        }
+    }
+    .map_err(|e| failed(&e))
 }
 
 /// Converts the image into the rootfs and writes the image config beside it.

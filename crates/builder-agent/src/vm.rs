@@ -201,7 +201,7 @@ pub fn build() -> i32 {
         docker_host: format!("unix://{DOCKER_SOCKET}"),
         docker_cli: crate::buildkit::DEFAULT_DOCKER_CLI.into(),
         notify_retry: RetryPolicy::default(),
-        part_size: crate::s3::DEFAULT_PART_SIZE,
+        part_size: builder_s3::DEFAULT_PART_SIZE,
         keep_work: false,
         init: crate::cli::default_init(),
     };

@@ -17,8 +17,8 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use builder_agent::s3::{ObjectAttributes, S3Client, S3Error};
 use builder_contract::S3Credentials;
+use builder_s3::{DirectUpload, ObjectAttributes, S3Client, S3Error, Uploader};
 use support::{env, run, s3_get, sha256_hex, unique};
 
 /// Part size of these tests: S3's smallest.
@@ -185,16 +185,25 @@ async fn forward(
     response
 }
 
-fn client(endpoint: &str, parts_in_flight: usize) -> S3Client {
-    S3Client::new(S3Credentials {
-        endpoint: endpoint.to_string(),
-        region: env("BUILDER_TEST_S3_REGION"),
-        access_key_id: env("BUILDER_TEST_S3_ACCESS_KEY"),
-        secret_access_key: env("BUILDER_TEST_S3_SECRET_KEY"),
-        session_token: None,
-    })
-    .unwrap()
-    .with_parts_in_flight(parts_in_flight)
+/// A client of the test S3 server's credentials at `endpoint`, sending `parts_in_flight`
+/// parts at once.
+struct Client {
+    s3: S3Client,
+    parts_in_flight: usize,
+}
+
+fn client(endpoint: &str, parts_in_flight: usize) -> Client {
+    Client {
+        s3: S3Client::new(S3Credentials {
+            endpoint: endpoint.to_string(),
+            region: env("BUILDER_TEST_S3_REGION"),
+            access_key_id: env("BUILDER_TEST_S3_ACCESS_KEY"),
+            secret_access_key: env("BUILDER_TEST_S3_SECRET_KEY"),
+            session_token: None,
+        })
+        .unwrap(),
+        parts_in_flight,
+    }
 }
 
 /// `len` incompressible bytes (xorshift), different for every `seed`.
@@ -221,26 +230,30 @@ fn metadata(sha256: &str) -> Vec<(String, String)> {
     ]
 }
 
-/// Uploads `path` as `key` through `client`; returns the result and every progress call.
+/// Uploads `path` as `key` through `client`, signing with its credentials (the direct
+/// authorizer); returns the result and every progress call.
 fn upload(
-    client: &S3Client,
+    client: &Client,
     key: &str,
     path: &Path,
     metadata: &[(String, String)],
 ) -> (Result<(), S3Error>, Vec<(u64, u64)>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut progress = Vec::new();
-    let result = runtime.block_on(client.upload_file(
-        &env("BUILDER_TEST_S3_BUCKET"),
+    let bucket = env("BUILDER_TEST_S3_BUCKET");
+    let direct = DirectUpload::new(
+        &client.s3,
+        &bucket,
         key,
-        path,
         ObjectAttributes {
             content_type: "application/octet-stream",
             metadata,
         },
-        PART,
-        |sent, total| progress.push((sent, total)),
-    ));
+    );
+    let uploader = Uploader::default().with_parts_in_flight(client.parts_in_flight);
+    let result = runtime.block_on(uploader.upload(&direct, path, None, PART, |sent, total| {
+        progress.push((sent, total))
+    }));
     (result, progress)
 }
 

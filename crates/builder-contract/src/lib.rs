@@ -11,6 +11,7 @@ pub mod progress;
 pub mod report;
 pub mod secrets;
 pub mod signature;
+pub mod upload;
 
 pub use image::ImageConfig;
 pub use logs::LogSource;

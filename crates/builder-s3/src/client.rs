@@ -1,43 +1,36 @@
-//! A small S3 client: AWS Signature V4 over `reqwest`, path-style addressing, and a multipart
-//! upload that reads a file from disk with several parts in flight at once.
-//!
-//! Every part carries `Content-MD5` (the server rejects a part whose bytes differ) and its
-//! SHA-256 as the signed payload hash, so a corrupted part never lands. At most
-//! `parts_in_flight` parts are read and sent at once, so memory stays at that many part buffers;
-//! each is read with `pread` and hashed on a blocking thread. The object only appears when the
-//! upload completes; on any failure the parts still in flight are dropped and the upload is
-//! aborted, so nothing half-uploaded is left looking complete. Every request is retried under the
-//! shared [`RetryPolicy`] (`builder-retry`) while the server is unreachable or answers
-//! 5xx/408/429; the retries are announced on stderr (the VM's console).
+//! The S3 client of whoever holds a key: requests signed in their headers and sent under the
+//! shared retry policy ([`REQUEST_RETRY`], `builder-retry`: retried while the server is
+//! unreachable or answers 5xx/408/429, announced on stderr), presigned requests for someone
+//! without the key, and the object operations a build needs: PUT, the multipart upload's
+//! create/complete/abort, HEAD, DELETE and ListMultipartUploads. [`S3Client::complete_verified`]
+//! completes an upload and checks the object it made (size, metadata, multipart ETag), which a
+//! Complete whose answer was lost and that finds the upload gone on its retry still passes
+//! when the object is that upload's.
 
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
+use builder_contract::upload::{CompletedPart, SignedRequest};
 use builder_contract::S3Credentials;
 use builder_retry::{retry, RetryPolicy, Verdict};
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
-use hmac::{Hmac, Mac};
 use md5::Md5;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use url::Url;
 
-/// Part size of multipart uploads (S3 allows 5 MiB to 5 GiB, at most 10 000 parts).
-pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
-/// Parts sent at once by default (see `scripts/bench-upload.sh` for how it was chosen).
-pub const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
-const MAX_PARTS: u64 = 10_000;
+use crate::sigv4::{amz_date, scope, uri_encode, Canonical, UNSIGNED_PAYLOAD};
+
 /// How every request is retried: 4 attempts, waits of at most 0.5, 1 and 2 s.
-const REQUEST_RETRY: RetryPolicy = RetryPolicy {
+pub const REQUEST_RETRY: RetryPolicy = RetryPolicy {
     attempts: 4,
     first_delay: Duration::from_millis(500),
     max_delay: Duration::from_secs(8),
 };
+/// The longest a presigned URL may live (SigV4's limit).
+pub const MAX_PRESIGN_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -77,18 +70,85 @@ pub enum S3Error {
         key: String,
         what: &'static str,
     },
+    #[error("the header `{name}` of {operation} of {key} cannot be sent over HTTP")]
+    BadHeader {
+        operation: &'static str,
+        key: String,
+        name: String,
+    },
     #[error("cannot read {path} for upload")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("the uploaded object {key} has {actual} bytes, expected {expected}")]
-    SizeMismatch {
+    #[error("the uploaded object {key} has {field} `{actual}`, expected `{expected}`")]
+    Mismatch {
         key: String,
-        expected: u64,
-        actual: u64,
+        field: &'static str,
+        expected: String,
+        actual: String,
     },
+    #[error("the node agent refused the upload's {step} at {url} with HTTP {status}: {body}")]
+    GrantRefused {
+        step: &'static str,
+        url: String,
+        status: StatusCode,
+        body: String,
+        retry_after: Option<String>,
+    },
+    #[error("cannot reach the node agent for the upload's {step} at {url}")]
+    GrantTransport {
+        step: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the node agent's answer to the upload's {step} is not valid: {reason}")]
+    GrantAnswer { step: &'static str, reason: String },
+}
+
+impl S3Error {
+    /// Whether to try again: unreachable, or an answer the shared policy retries.
+    fn verdict(&self) -> Verdict {
+        match self {
+            S3Error::Transport { .. } | S3Error::GrantTransport { .. } => Verdict::Retry,
+            S3Error::Refused {
+                status,
+                retry_after,
+                ..
+            }
+            | S3Error::GrantRefused {
+                status,
+                retry_after,
+                ..
+            } => Verdict::for_http_status(status.as_u16(), retry_after.as_deref()),
+            _ => Verdict::Final,
+        }
+    }
+
+    /// Whether S3 answered that the multipart upload no longer exists (at once, or on a retry).
+    pub fn is_no_such_upload(&self) -> bool {
+        match self {
+            S3Error::Refused { status, body, .. } => {
+                *status == StatusCode::NOT_FOUND && body.contains("NoSuchUpload")
+            }
+            S3Error::Exhausted { last, .. } => last.is_no_such_upload(),
+            _ => false,
+        }
+    }
+}
+
+/// The error and its causes on one line, as the retry lines show them.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What an uploaded object is: its content type and `x-amz-meta-*` metadata.
@@ -101,7 +161,7 @@ pub struct ObjectAttributes<'a> {
 impl ObjectAttributes<'_> {
     /// Whether `object` carries all of this metadata (names compared without case, as HTTP
     /// headers are).
-    fn matches(&self, object: &ObjectHead) -> bool {
+    pub fn matches(&self, object: &ObjectHead) -> bool {
         self.metadata.iter().all(|(name, value)| {
             object
                 .metadata
@@ -110,7 +170,8 @@ impl ObjectAttributes<'_> {
         })
     }
 
-    fn headers(&self) -> Vec<(String, String)> {
+    /// The headers that give an object these attributes.
+    pub fn headers(&self) -> Vec<(String, String)> {
         let mut headers: Vec<(String, String)> = self
             .metadata
             .iter()
@@ -121,14 +182,48 @@ impl ObjectAttributes<'_> {
     }
 }
 
+/// What a HEAD of an object says.
+#[derive(Debug, Clone)]
+pub struct ObjectHead {
+    pub size: u64,
+    /// Without its quotes.
+    pub etag: String,
+    /// `x-amz-meta-*` headers, without the prefix.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// What an object must be after its upload.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub size: u64,
+    pub attributes: ObjectAttributes<'a>,
+    /// The multipart ETag ([`multipart_etag`]), when known.
+    pub etag: Option<&'a str>,
+}
+
+/// A multipart upload S3 still holds (ListMultipartUploads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenUpload {
+    pub key: String,
+    pub upload_id: String,
+}
+
+/// The HTTP client of every S3 and grant request: connects in 10 s, each request in 300 s.
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("a client with timeouts always builds")
+}
+
 pub struct S3Client {
     http: reqwest::Client,
     endpoint: Url,
     credentials: S3Credentials,
-    parts_in_flight: usize,
 }
 
-/// One request to send, possibly several times.
+/// One request to sign and send, possibly several times.
 struct Request<'a> {
     operation: &'static str,
     method: Method,
@@ -136,62 +231,7 @@ struct Request<'a> {
     key: &'a str,
     query: &'a [(&'a str, &'a str)],
     headers: Vec<(String, String)>,
-    body: Payload,
-    /// The part number of an UploadPart, for the retry lines.
-    part: Option<u32>,
-}
-
-/// A request body and its SHA-256 (the signed payload hash), hashed once for every attempt.
-struct Payload {
-    bytes: Bytes,
-    sha256: String,
-}
-
-impl Payload {
-    fn new(bytes: Bytes) -> Self {
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        Payload { bytes, sha256 }
-    }
-
-    fn empty() -> Self {
-        Payload::new(Bytes::new())
-    }
-}
-
-/// A part that landed.
-struct SentPart {
-    number: u32,
-    len: u64,
-    etag: String,
-}
-
-/// Percent-encodes like SigV4 wants: everything but unreserved characters (and `/` in paths).
-fn uri_encode(text: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        let unreserved = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
-        if unreserved || (keep_slash && b == b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn hmac(key: &[u8], data: &str) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(data.as_bytes());
-    mac.finalize().into_bytes().to_vec()
-}
-
-/// `YYYYMMDD'T'HHMMSS'Z'` for a time.
-fn amz_date(now: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(now);
-    t.format(time::macros::format_description!(
-        "[year][month][day]T[hour][minute][second]Z"
-    ))
-    .expect("a fixed format always formats")
+    body: Bytes,
 }
 
 impl S3Client {
@@ -200,187 +240,180 @@ impl S3Client {
             endpoint: credentials.endpoint.clone(),
             source,
         })?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(300))
-            .build()
-            .expect("a client with timeouts always builds");
         Ok(S3Client {
-            http,
+            http: http_client(),
             endpoint,
             credentials,
-            parts_in_flight: DEFAULT_PARTS_IN_FLIGHT,
         })
     }
 
-    /// Sends up to `parts` parts of a multipart upload at once (at least one).
-    pub fn with_parts_in_flight(mut self, parts: usize) -> Self {
-        self.parts_in_flight = parts.max(1);
-        self
-    }
-
-    fn object_url(&self, bucket: &str, key: &str, query: &[(&str, &str)]) -> (Url, String, String) {
+    /// The URL of `bucket/key` (path-style; the bucket's own with an empty key) and its encoded
+    /// path.
+    fn object_url(&self, bucket: &str, key: &str) -> (Url, String) {
         let base = self.endpoint.path().trim_end_matches('/');
-        let path = format!(
-            "{base}/{}/{}",
-            uri_encode(bucket, false),
-            uri_encode(key, true)
-        );
-        let mut pairs: Vec<(String, String)> = query
-            .iter()
-            .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
-            .collect();
-        pairs.sort();
-        let canonical_query = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
+        let path = match key {
+            "" => format!("{base}/{}", uri_encode(bucket, false)),
+            key => format!(
+                "{base}/{}/{}",
+                uri_encode(bucket, false),
+                uri_encode(key, true)
+            ),
+        };
         let mut url = self.endpoint.clone();
         url.set_path(&path);
-        url.set_query((!canonical_query.is_empty()).then_some(canonical_query.as_str()));
-        (url, path, canonical_query)
+        (url, path)
     }
 
-    /// Sends `request` under [`REQUEST_RETRY`] and returns the first successful response.
-    async fn send(&self, request: Request<'_>) -> Result<reqwest::Response, S3Error> {
-        let verdict = |e: &S3Error| match e {
-            S3Error::Transport { .. } => Verdict::Retry,
-            S3Error::Refused {
-                status,
-                retry_after,
-                ..
-            } => Verdict::for_http_status(status.as_u16(), retry_after.as_deref()),
-            _ => Verdict::Final,
-        };
-        let announce = |retrying: &builder_retry::Retrying<'_, S3Error>| {
-            let error = crate::error::chain(retrying.error);
-            let part = request
-                .part
-                .map(|n| format!("part {n}: "))
-                .unwrap_or_default();
-            eprintln!("s3: {part}{}", retrying.describe(&error));
-        };
-        retry(
-            &REQUEST_RETRY,
-            |_| self.send_once(&request),
-            verdict,
-            announce,
-        )
-        .await
-        .map_err(|gave_up| match gave_up.attempts {
-            1 => gave_up.error,
-            attempts => S3Error::Exhausted {
-                operation: request.operation,
-                key: request.key.to_string(),
-                attempts,
-                last: Box::new(gave_up.error),
-            },
-        })
+    fn host(&self) -> String {
+        let host = self.endpoint.host_str().unwrap_or_default();
+        match self.endpoint.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        }
     }
 
-    /// Sends one signed request and returns the response if it is a success.
-    async fn send_once(&self, request: &Request<'_>) -> Result<reqwest::Response, S3Error> {
-        let Request {
-            operation,
-            ref method,
-            bucket,
-            key,
-            query,
-            ref headers,
-            ref body,
-            part: _,
-        } = *request;
-        let mut headers = headers.clone();
-        let (url, path, canonical_query) = self.object_url(bucket, key, query);
-        let now = SystemTime::now();
+    /// `method` of `bucket/key?query` with `headers`, signed in its headers at `now` for a body
+    /// whose SHA-256 is `payload_hash`: what to send at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        &self,
+        method: &str,
+        bucket: &str,
+        key: &str,
+        query: &[(&str, &str)],
+        mut headers: Vec<(String, String)>,
+        payload_hash: &str,
+        now: SystemTime,
+    ) -> SignedRequest {
+        let (mut url, path) = self.object_url(bucket, key);
         let date_time = amz_date(now);
-        let date = &date_time[..8];
-        let payload_hash = body.sha256.clone();
-        let host = match url.port() {
-            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_string(),
-        };
-        headers.push(("host".into(), host));
-        headers.push(("x-amz-content-sha256".into(), payload_hash.clone()));
+        headers.push(("host".into(), self.host()));
+        headers.push(("x-amz-content-sha256".into(), payload_hash.into()));
         headers.push(("x-amz-date".into(), date_time.clone()));
         if let Some(token) = &self.credentials.session_token {
             headers.push(("x-amz-security-token".into(), token.clone()));
         }
-        for (name, value) in headers.iter_mut() {
-            *name = name.to_ascii_lowercase();
-            *value = value.trim().to_string();
+        let signed = Canonical {
+            method,
+            path: &path,
+            query: owned(query),
+            headers: headers.clone(),
+            payload_hash,
         }
-        headers.sort();
-        let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
-        let signed_headers = headers
+        .sign(&self.credentials, &date_time);
+        url.set_query((!signed.query.is_empty()).then_some(signed.query.as_str()));
+        let mut headers: BTreeMap<String, String> = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
+            .filter(|(k, _)| k != "host")
+            .collect();
+        headers.insert(
+            "authorization".into(),
+            format!(
+                "AWS4-HMAC-SHA256 Credential={}/{}, SignedHeaders={}, Signature={}",
+                self.credentials.access_key_id,
+                signed.scope,
+                signed.signed_headers,
+                signed.signature
+            ),
+        );
+        SignedRequest { url, headers }
+    }
+
+    /// `method` of `bucket/key?query`, presigned at `now` for `expires`: a URL whose sender
+    /// must send exactly `headers` (they are signed; `host` is implied) and, when
+    /// `payload_sha256` is given, a body of that SHA-256 (signed as `X-Amz-Content-Sha256`,
+    /// which not every server checks). It is good for nothing else: another method, bucket,
+    /// key, query or header value breaks the signature.
+    #[allow(clippy::too_many_arguments)]
+    pub fn presign(
+        &self,
+        method: &str,
+        bucket: &str,
+        key: &str,
+        query: &[(&str, &str)],
+        headers: Vec<(String, String)>,
+        payload_sha256: Option<&str>,
+        expires: Duration,
+        now: SystemTime,
+    ) -> SignedRequest {
+        let (mut url, path) = self.object_url(bucket, key);
+        let date_time = amz_date(now);
+        let mut signed_headers: Vec<String> = headers
             .iter()
-            .map(|(k, _)| k.as_str())
-            .collect::<Vec<_>>()
-            .join(";");
-        let canonical_request = format!(
-            "{method}\n{path}\n{canonical_query}\n{canonical_headers}\n{signed_headers}\n{payload_hash}"
-        );
-        let scope = format!("{date}/{}/s3/aws4_request", self.credentials.region);
-        let string_to_sign = format!(
-            "AWS4-HMAC-SHA256\n{date_time}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical_request.as_bytes()))
-        );
-        let mut key_bytes = hmac(
-            format!("AWS4{}", self.credentials.secret_access_key).as_bytes(),
-            date,
-        );
-        for part in [self.credentials.region.as_str(), "s3", "aws4_request"] {
-            key_bytes = hmac(&key_bytes, part);
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .chain(["host".to_string()])
+            .collect();
+        signed_headers.sort();
+        let expires = expires.clamp(Duration::from_secs(1), MAX_PRESIGN_EXPIRY);
+        let mut query = owned(query);
+        query.extend([
+            ("X-Amz-Algorithm".into(), "AWS4-HMAC-SHA256".into()),
+            (
+                "X-Amz-Credential".into(),
+                format!(
+                    "{}/{}",
+                    self.credentials.access_key_id,
+                    scope(&self.credentials, &date_time[..8])
+                ),
+            ),
+            ("X-Amz-Date".into(), date_time.clone()),
+            ("X-Amz-Expires".into(), expires.as_secs().to_string()),
+            ("X-Amz-SignedHeaders".into(), signed_headers.join(";")),
+        ]);
+        if let Some(sha256) = payload_sha256 {
+            query.push(("X-Amz-Content-Sha256".into(), sha256.into()));
         }
-        let signature = hex::encode(hmac(&key_bytes, &string_to_sign));
-        let authorization = format!(
-            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
-            self.credentials.access_key_id
-        );
-        let mut header_map = HeaderMap::new();
-        for (name, value) in headers.iter().filter(|(k, _)| k != "host") {
-            let name = HeaderName::from_bytes(name.as_bytes()).expect("header names are ASCII");
-            let value = HeaderValue::from_str(value).map_err(|_| S3Error::BadResponse {
-                operation,
-                key: key.to_string(),
-                what: "a header value that HTTP can carry",
-            })?;
-            header_map.insert(name, value);
+        if let Some(token) = &self.credentials.session_token {
+            query.push(("X-Amz-Security-Token".into(), token.clone()));
         }
-        header_map.insert(
-            reqwest::header::AUTHORIZATION,
-            HeaderValue::from_str(&authorization).expect("the authorization header is ASCII"),
-        );
-        let response = self
-            .http
-            .request(method.clone(), url)
-            .headers(header_map)
-            .body(body.bytes.clone())
-            .send()
-            .await
-            .map_err(|source| S3Error::Transport {
-                operation,
-                key: key.to_string(),
-                source,
-            })?;
-        if response.status().is_success() {
-            return Ok(response);
+        let mut all_headers = headers.clone();
+        all_headers.push(("host".into(), self.host()));
+        let signed = Canonical {
+            method,
+            path: &path,
+            query,
+            headers: all_headers,
+            payload_hash: payload_sha256.unwrap_or(UNSIGNED_PAYLOAD),
         }
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = response.text().await.unwrap_or_default();
-        Err(S3Error::Refused {
-            operation,
-            key: key.to_string(),
-            status,
-            body: body.chars().take(500).collect(),
-            retry_after,
+        .sign(&self.credentials, &date_time);
+        url.set_query(Some(&format!(
+            "{}&X-Amz-Signature={}",
+            signed.query, signed.signature
+        )));
+        SignedRequest {
+            url,
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
+                .collect(),
+        }
+    }
+
+    /// Signs and sends `request` under [`REQUEST_RETRY`] (signed afresh for each attempt);
+    /// the first successful response.
+    async fn send(&self, request: Request<'_>) -> Result<reqwest::Response, S3Error> {
+        let payload_hash = hex::encode(Sha256::digest(&request.body));
+        send_retried(request.operation, request.key, None, |_| {
+            let signed = self.sign(
+                request.method.as_str(),
+                request.bucket,
+                request.key,
+                request.query,
+                request.headers.clone(),
+                &payload_hash,
+                SystemTime::now(),
+            );
+            execute(
+                &self.http,
+                request.operation,
+                request.key,
+                request.method.clone(),
+                signed,
+                request.body.clone(),
+            )
         })
+        .await
     }
 
     /// A single PUT of a small object with metadata.
@@ -400,34 +433,19 @@ impl S3Client {
             key,
             query: &[],
             headers,
-            body: Payload::new(body),
-            part: None,
+            body,
         })
         .await
         .map(drop)
     }
 
-    /// Uploads the file at `path` as `key` in parts of `part_size` bytes, `parts_in_flight` at
-    /// once; `progress(sent, total)` follows each part that lands. Aborts on failure.
-    pub async fn upload_file(
+    /// Starts a multipart upload of `key` with `attributes`; its upload id.
+    pub async fn create_multipart(
         &self,
         bucket: &str,
         key: &str,
-        path: &Path,
         attributes: ObjectAttributes<'_>,
-        part_size: u64,
-        mut progress: impl FnMut(u64, u64),
-    ) -> Result<(), S3Error> {
-        let read_error = |source| S3Error::Read {
-            path: path.display().to_string(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(read_error)?;
-        let total = file.metadata().map_err(read_error)?.len();
-        let part_size = part_size.max(5 << 20).max(total.div_ceil(MAX_PARTS));
-        // An empty file is one empty part.
-        let parts = total.div_ceil(part_size).max(1) as u32;
-        let file = Arc::new(file);
+    ) -> Result<String, S3Error> {
         let response = self
             .send(Request {
                 operation: "CreateMultipartUpload",
@@ -436,124 +454,73 @@ impl S3Client {
                 key,
                 query: &[("uploads", "")],
                 headers: attributes.headers(),
-                body: Payload::empty(),
-                part: None,
+                body: Bytes::new(),
             })
             .await?;
         let text = response.text().await.unwrap_or_default();
-        let upload_id = xml_value(&text, "UploadId").ok_or_else(|| S3Error::BadResponse {
-            operation: "CreateMultipartUpload",
-            key: key.to_string(),
-            what: "an UploadId",
-        })?;
-        let result = async {
-            let mut etags = Vec::with_capacity(parts as usize);
-            let mut sent = 0u64;
-            // `buffer_unordered` starts a part only when fewer than `parts_in_flight` run, so
-            // at most that many part buffers exist; an error drops (cancels) the others.
-            let mut uploads = futures_util::stream::iter(1..=parts)
-                .map(|number| {
-                    let offset = u64::from(number - 1) * part_size;
-                    let len = part_size.min(total - offset);
-                    self.upload_part(bucket, key, &upload_id, path, &file, number, offset, len)
-                })
-                .buffer_unordered(self.parts_in_flight);
-            while let Some(part) = uploads.try_next().await? {
-                sent += part.len;
-                progress(sent, total);
-                etags.push((part.number, part.etag));
-            }
-            etags.sort_unstable_by_key(|(number, _)| *number);
-            let object = match self.complete(bucket, key, &upload_id, &etags).await {
-                Ok(()) => self.head(bucket, key).await?,
-                // A Complete whose answer was lost completed the upload; sent again, it finds
-                // the upload gone. The object is this one if it carries this upload's metadata.
-                Err(e) if is_no_such_upload(&e) => match self.head(bucket, key).await {
-                    Ok(object) if attributes.matches(&object) => object,
-                    _ => return Err(e),
-                },
-                Err(e) => return Err(e),
-            };
-            let size = object.size;
-            if size != total {
-                return Err(S3Error::SizeMismatch {
-                    key: key.to_string(),
-                    expected: total,
-                    actual: size,
-                });
-            }
-            Ok(())
-        }
-        .await;
-        if result.is_err() {
-            // Leave no parts behind; if the abort fails too, the upload id expires by lifecycle.
-            let _ = self
-                .send(Request {
-                    operation: "AbortMultipartUpload",
-                    method: Method::DELETE,
-                    bucket,
-                    key,
-                    query: &[("uploadId", &upload_id)],
-                    headers: vec![],
-                    body: Payload::empty(),
-                    part: None,
-                })
-                .await;
-        }
-        result
+        xml_values(&text, "UploadId")
+            .into_iter()
+            .next()
+            .ok_or_else(|| S3Error::BadResponse {
+                operation: "CreateMultipartUpload",
+                key: key.to_string(),
+                what: "an UploadId",
+            })
     }
 
-    /// Reads part `number` (`len` bytes at `offset` of `file`), hashes it on a blocking thread
-    /// and sends it.
-    #[allow(clippy::too_many_arguments)]
-    async fn upload_part(
+    /// Completes upload `upload_id` of `key` from `parts` and checks the object it made against
+    /// `expected`; what HEAD says of it. A Complete whose answer was lost completed the upload;
+    /// sent again, it finds the upload gone: the object is then this upload's if it carries
+    /// this upload's metadata (and passes the checks).
+    pub async fn complete_verified(
         &self,
         bucket: &str,
         key: &str,
         upload_id: &str,
-        path: &Path,
-        file: &Arc<std::fs::File>,
-        number: u32,
-        offset: u64,
-        len: u64,
-    ) -> Result<SentPart, S3Error> {
-        let file = Arc::clone(file);
-        let (body, md5) = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; len as usize];
-            file.read_exact_at(&mut buf, offset)?;
-            let md5 = content_md5(&buf);
-            Ok((Payload::new(Bytes::from(buf)), md5))
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(|source| S3Error::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let number_text = number.to_string();
-        let response = self
-            .send(Request {
-                operation: "UploadPart",
-                method: Method::PUT,
-                bucket,
-                key,
-                query: &[("partNumber", &number_text), ("uploadId", upload_id)],
-                headers: vec![("content-md5".into(), md5)],
-                body,
-                part: Some(number),
-            })
-            .await?;
-        let etag = response
-            .headers()
-            .get(reqwest::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .ok_or(S3Error::BadResponse {
-                operation: "UploadPart",
-                key: key.to_string(),
-                what: "an ETag",
-            })?;
-        Ok(SentPart { number, len, etag })
+        parts: &[CompletedPart],
+        expected: Expected<'_>,
+    ) -> Result<ObjectHead, S3Error> {
+        let object = match self.complete(bucket, key, upload_id, parts).await {
+            Ok(()) => self.head(bucket, key).await?,
+            Err(e) if e.is_no_such_upload() => match self.head(bucket, key).await {
+                Ok(object) if expected.attributes.matches(&object) => object,
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        let mismatch = |field, expected: String, actual: String| S3Error::Mismatch {
+            key: key.to_string(),
+            field,
+            expected,
+            actual,
+        };
+        if object.size != expected.size {
+            return Err(mismatch(
+                "size",
+                expected.size.to_string(),
+                object.size.to_string(),
+            ));
+        }
+        if let Some(etag) = expected.etag.filter(|etag| *etag != object.etag) {
+            return Err(mismatch("ETag", etag.to_string(), object.etag));
+        }
+        for (name, value) in expected.attributes.metadata {
+            let actual = object
+                .metadata
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            if actual != *value {
+                return Err(S3Error::Mismatch {
+                    key: key.to_string(),
+                    field: "metadata",
+                    expected: format!("{name}: {value}"),
+                    actual: format!("{name}: {actual}"),
+                });
+            }
+        }
+        Ok(object)
     }
 
     async fn complete(
@@ -561,12 +528,13 @@ impl S3Client {
         bucket: &str,
         key: &str,
         upload_id: &str,
-        etags: &[(u32, String)],
+        parts: &[CompletedPart],
     ) -> Result<(), S3Error> {
         let mut xml = String::from("<CompleteMultipartUpload>");
-        for (number, etag) in etags {
+        for part in parts {
             xml.push_str(&format!(
-                "<Part><PartNumber>{number}</PartNumber><ETag>{etag}</ETag></Part>"
+                "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
+                part.number, part.etag
             ));
         }
         xml.push_str("</CompleteMultipartUpload>");
@@ -578,8 +546,7 @@ impl S3Client {
                 key,
                 query: &[("uploadId", upload_id)],
                 headers: vec![("content-type".into(), "application/xml".into())],
-                body: Payload::new(Bytes::from(xml)),
-                part: None,
+                body: Bytes::from(xml),
             })
             .await?;
         // S3 may answer 200 with an <Error> body when completion fails late.
@@ -596,7 +563,37 @@ impl S3Client {
         Ok(())
     }
 
-    async fn head(&self, bucket: &str, key: &str) -> Result<ObjectHead, S3Error> {
+    /// Drops upload `upload_id` of `key` and its parts.
+    pub async fn abort(&self, bucket: &str, key: &str, upload_id: &str) -> Result<(), S3Error> {
+        self.send(Request {
+            operation: "AbortMultipartUpload",
+            method: Method::DELETE,
+            bucket,
+            key,
+            query: &[("uploadId", upload_id)],
+            headers: vec![],
+            body: Bytes::new(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Deletes `key` (S3 answers success when there is none).
+    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
+        self.send(Request {
+            operation: "DELETE",
+            method: Method::DELETE,
+            bucket,
+            key,
+            query: &[],
+            headers: vec![],
+            body: Bytes::new(),
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn head(&self, bucket: &str, key: &str) -> Result<ObjectHead, S3Error> {
         let response = self
             .send(Request {
                 operation: "HEAD",
@@ -605,8 +602,7 @@ impl S3Client {
                 key,
                 query: &[],
                 headers: vec![],
-                body: Payload::empty(),
-                part: None,
+                body: Bytes::new(),
             })
             .await?;
         let headers = response.headers();
@@ -619,6 +615,12 @@ impl S3Client {
                 key: key.to_string(),
                 what: "a Content-Length",
             })?;
+        let etag = headers
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string();
         let metadata = headers
             .iter()
             .filter_map(|(name, value)| {
@@ -626,37 +628,187 @@ impl S3Client {
                 Some((name.to_string(), value.to_str().ok()?.to_string()))
             })
             .collect();
-        Ok(ObjectHead { size, metadata })
+        Ok(ObjectHead {
+            size,
+            etag,
+            metadata,
+        })
+    }
+
+    /// The multipart uploads S3 holds for keys starting with `prefix` (the first 1000).
+    pub async fn list_multipart_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<OpenUpload>, S3Error> {
+        let response = self
+            .send(Request {
+                operation: "ListMultipartUploads",
+                method: Method::GET,
+                bucket,
+                key: "",
+                query: &[("uploads", ""), ("prefix", prefix)],
+                headers: vec![],
+                body: Bytes::new(),
+            })
+            .await?;
+        let text = response.text().await.unwrap_or_default();
+        Ok(text
+            .split("<Upload>")
+            .skip(1)
+            .filter_map(|upload| {
+                Some(OpenUpload {
+                    key: xml_values(upload, "Key").into_iter().next()?,
+                    upload_id: xml_values(upload, "UploadId").into_iter().next()?,
+                })
+            })
+            .collect())
     }
 }
 
-/// What a HEAD of an object says.
-struct ObjectHead {
-    size: u64,
-    /// `x-amz-meta-*` headers, without the prefix.
-    metadata: Vec<(String, String)>,
-}
-
-/// Whether S3 answered that the multipart upload no longer exists (at once, or on a retry).
-fn is_no_such_upload(error: &S3Error) -> bool {
-    match error {
-        S3Error::Refused { status, body, .. } => {
-            *status == StatusCode::NOT_FOUND && body.contains("NoSuchUpload")
-        }
-        S3Error::Exhausted { last, .. } => is_no_such_upload(last),
-        _ => false,
+impl S3Client {
+    /// Writes `report` beside the rootfs as `<s3_key>.status.json` (metadata `build-id`,
+    /// `status`), so the place a rootfs was expected at says what became of the build, also
+    /// when it failed. Written by whoever holds the key: a host run itself, else the node agent.
+    pub async fn put_status(
+        &self,
+        location: &builder_contract::S3Location,
+        report: &builder_contract::BuildReport,
+    ) -> Result<(), S3Error> {
+        let body = serde_json::to_vec_pretty(report).expect("a report always serializes");
+        let metadata = [
+            ("build-id".to_string(), report.build_id.clone()),
+            ("status".to_string(), report.status.to_string()),
+        ];
+        self.put_object(
+            &location.bucket,
+            &location.status_key(),
+            body.into(),
+            ObjectAttributes {
+                content_type: "application/json",
+                metadata: &metadata,
+            },
+        )
+        .await
     }
 }
 
-fn content_md5(body: &[u8]) -> String {
+fn owned(query: &[(&str, &str)]) -> Vec<(String, String)> {
+    query
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs `attempt` under [`REQUEST_RETRY`]; a request that failed more than once ends as
+/// [`S3Error::Exhausted`]. Each retry is announced on stderr, naming the part when there is one.
+pub(crate) async fn send_retried<T, F>(
+    operation: &'static str,
+    key: &str,
+    part: Option<u32>,
+    attempt: impl FnMut(u32) -> F,
+) -> Result<T, S3Error>
+where
+    F: std::future::Future<Output = Result<T, S3Error>>,
+{
+    let announce = |retrying: &builder_retry::Retrying<'_, S3Error>| {
+        let error = chain(retrying.error);
+        let part = part.map(|n| format!("part {n}: ")).unwrap_or_default();
+        eprintln!("s3: {part}{}", retrying.describe(&error));
+    };
+    retry(&REQUEST_RETRY, attempt, S3Error::verdict, announce)
+        .await
+        .map_err(|gave_up| match gave_up.attempts {
+            1 => gave_up.error,
+            attempts => S3Error::Exhausted {
+                operation,
+                key: key.to_string(),
+                attempts,
+                last: Box::new(gave_up.error),
+            },
+        })
+}
+
+/// Sends a signed request once; the response if it is a success.
+pub(crate) async fn execute(
+    http: &reqwest::Client,
+    operation: &'static str,
+    key: &str,
+    method: Method,
+    request: SignedRequest,
+    body: Bytes,
+) -> Result<reqwest::Response, S3Error> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &request.headers {
+        let bad = || S3Error::BadHeader {
+            operation,
+            key: key.to_string(),
+            name: name.clone(),
+        };
+        headers.insert(
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?,
+            HeaderValue::from_str(value).map_err(|_| bad())?,
+        );
+    }
+    let response = http
+        .request(method, request.url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(|source| S3Error::Transport {
+            operation,
+            key: key.to_string(),
+            source,
+        })?;
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = response.text().await.unwrap_or_default();
+    Err(S3Error::Refused {
+        operation,
+        key: key.to_string(),
+        status,
+        body: body.chars().take(500).collect(),
+        retry_after,
+    })
+}
+
+/// The `Content-MD5` of a body: base64 of its MD5.
+pub fn content_md5(body: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
 }
 
-/// The text of the first `<tag>` element of an XML response.
-fn xml_value(xml: &str, tag: &str) -> Option<String> {
-    let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
-    let end = xml[start..].find(&format!("</{tag}>"))? + start;
-    Some(xml[start..end].to_string())
+/// The ETag S3 gives a multipart object: the hex MD5 of the parts' MD5s, `-` their count.
+/// `None` when a Content-MD5 is not base64 of 16 bytes.
+pub fn multipart_etag<'a>(content_md5s: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let mut all = Md5::new();
+    let mut count = 0;
+    for md5 in content_md5s {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(md5)
+            .ok()
+            .filter(|b| b.len() == 16)?;
+        all.update(&bytes);
+        count += 1;
+    }
+    Some(format!("{}-{count}", hex::encode(all.finalize())))
+}
+
+/// The texts of every `<tag>` element of an XML response.
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    xml.split(open.as_str())
+        .skip(1)
+        .filter_map(|rest| rest.split(close.as_str()).next().map(str::to_string))
+        .collect()
 }
 
 #[cfg(test)]
@@ -664,16 +816,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encodes_like_sigv4() {
-        assert_eq!(uri_encode("a b/c~d.e_f-g+h", true), "a%20b/c~d.e_f-g%2Bh");
-        assert_eq!(uri_encode("a/b", false), "a%2Fb");
+    fn reads_xml_and_computes_multipart_etags() {
         assert_eq!(
-            amz_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1_440_938_160)),
-            "20150830T123600Z"
+            xml_values("<a><UploadId>xyz</UploadId></a>", "UploadId"),
+            ["xyz"]
         );
+        let md5s = [content_md5(b"one"), content_md5(b"two")];
+        let mut all = Vec::new();
+        for part in [&b"one"[..], b"two"] {
+            all.extend_from_slice(&Md5::digest(part));
+        }
         assert_eq!(
-            xml_value("<a><UploadId>xyz</UploadId></a>", "UploadId").as_deref(),
-            Some("xyz")
+            multipart_etag(md5s.iter().map(String::as_str)).unwrap(),
+            format!("{}-2", hex::encode(Md5::digest(&all)))
         );
+        assert_eq!(multipart_etag(["bm90IDE2IGJ5dGVz"]), None);
     }
 }
