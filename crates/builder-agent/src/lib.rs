@@ -5,7 +5,8 @@
 //! `docker buildx build`), `docker` (the daemon's API: pull, inspect, save), `convert`
 //! (image in the daemon → rootfs, with the `builder-rootfs` crate; the upload is the `builder-s3`
 //! crate's), `notify`
-//! (webhook), `guest_logs` (the build's own logs handed to the node agent). `vm` is the VM's
+//! (webhook), `guest_logs` (the build's own logs handed to the node agent), `phase_events` (each
+//! phase's start, signed, to the node agent). `vm` is the VM's
 //! init, `log` is the build log, `error` the one error type every phase returns, `basic_auth`
 //! the `user:password` form git and Docker send credentials in.
 
@@ -21,6 +22,7 @@ pub mod git;
 pub mod guest_logs;
 pub mod log;
 pub mod notify;
+pub mod phase_events;
 pub mod pipeline;
 pub mod process;
 pub mod vm;

@@ -3,6 +3,14 @@
 //!
 //! Output of child processes and the Docker build stream arrives in arbitrary chunks; it is
 //! split into lines before scrubbing so a secret cannot slip through split across two writes.
+//!
+//! Two kinds of lines, and this module is the one place that tells them apart: the agent's own
+//! ([`BuildLog::line`]) and output it does not control ([`BuildLog::output`]: git's, BuildKit's,
+//! a `RUN` step's), which always carries [`UNTRUSTED_PREFIX`] after the timestamp, so nothing a
+//! build prints can look like an agent line (`==> upload`). The continuation lines of a
+//! multi-line agent message (an error carrying a tool's output) carry the prefix too, and control
+//! characters are written escaped, so a line cannot rewrite the terminal it is shown on. The node
+//! agent reads no state from these lines either way (it learns progress from signed events).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -12,6 +20,8 @@ use std::time::Instant;
 
 /// What replaces a secret in the log.
 pub const REDACTED: &str = "[REDACTED]";
+/// What starts every line of output the agent does not control, after the timestamp.
+pub const UNTRUSTED_PREFIX: &str = "  | ";
 
 pub struct BuildLog {
     started: Instant,
@@ -68,15 +78,34 @@ impl BuildLog {
         text
     }
 
-    /// Writes one or more lines.
+    /// Writes one of the agent's own messages; its lines after the first (the output of others
+    /// an error carries) are marked as untrusted.
     pub fn line(&self, text: &str) {
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default();
+        self.write(std::iter::once(("", first)).chain(lines.map(|l| (UNTRUSTED_PREFIX, l))));
+    }
+
+    /// Writes output the agent does not control (a tool's, the build's): every line after
+    /// [`UNTRUSTED_PREFIX`].
+    pub fn output(&self, text: &str) {
+        self.write(text.lines().map(|l| (UNTRUSTED_PREFIX, l)));
+    }
+
+    /// Writes `(prefix, line)` pairs, timestamped, scrubbed and with control characters escaped.
+    fn write<'a>(&self, lines: impl Iterator<Item = (&'a str, &'a str)>) {
         let elapsed = self.started.elapsed().as_secs_f64();
         let mut out = String::new();
-        for line in text.lines() {
-            out.push_str(&format!(
-                "[{elapsed:8.3}s] {}\n",
-                self.scrub(line.trim_end())
-            ));
+        for (prefix, line) in lines {
+            out.push_str(&format!("[{elapsed:8.3}s] {prefix}"));
+            for c in self.scrub(line.trim_end()).chars() {
+                if c.is_control() && c != '\t' {
+                    out.extend(c.escape_default());
+                } else {
+                    out.push(c);
+                }
+            }
+            out.push('\n');
         }
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(file) = inner.file.as_mut() {
@@ -153,5 +182,28 @@ mod tests {
         assert!(text.contains("one [REDACTED] two"), "{text}");
         assert!(text.contains("three [REDACTED]\n"), "{text}");
         assert!(text.contains("] four\n"), "{text}");
+    }
+
+    #[test]
+    fn output_cannot_pass_for_the_agents_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("build.log");
+        let log = BuildLog::create(Some(&path), false).unwrap();
+        log.line("==> build");
+        log.output("==> upload\n\u{1b}[2K==> upload");
+        log.line("build b1 failed: step failed:\n==> upload");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let agent: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_once("s] ").unwrap().1)
+            .filter(|l| !l.starts_with(UNTRUSTED_PREFIX))
+            .collect();
+        assert_eq!(
+            agent,
+            ["==> build", "build b1 failed: step failed:"],
+            "{text}"
+        );
+        assert_eq!(text.matches("s]   | ==> upload\n").count(), 2, "{text}");
+        assert!(text.contains("s]   | \\u{1b}[2K==> upload\n"), "{text}");
     }
 }

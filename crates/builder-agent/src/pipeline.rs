@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use builder_contract::params::raw_value;
 use builder_contract::upload::{upload_url, UploadStep};
@@ -32,6 +33,7 @@ use crate::error::{is_disk_full, BuildError};
 use crate::git::{Checkout, Git};
 use crate::log::BuildLog;
 use crate::notify::{deliver, NotifyError, RetryPolicy};
+use crate::phase_events::PhaseEvents;
 
 /// Everything `builder-agent run` was told.
 #[derive(Debug, Clone)]
@@ -83,7 +85,12 @@ struct Progress {
     image_id: Option<String>,
     rootfs: Option<RootfsArtifact>,
     phases: Vec<PhaseTiming>,
+    /// Each phase's start, told to the node agent (when the build reports to one).
+    events: Option<PhaseEvents>,
 }
+
+/// How long the end of a build waits for progress events still queued.
+const PHASE_EVENTS_DRAIN: Duration = Duration::from_secs(5);
 
 impl Progress {
     /// Runs one phase, logging its start and end and recording its duration.
@@ -94,6 +101,9 @@ impl Progress {
         work: impl Future<Output = Result<T, BuildError>>,
     ) -> Result<T, BuildError> {
         log.line(&format!("==> {phase}"));
+        if let Some(events) = &self.events {
+            events.started(phase);
+        }
         let started = Instant::now();
         let result = work.await;
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -139,6 +149,7 @@ pub async fn run(options: &RunOptions) -> Outcome {
         log.redact(Git::derived_secrets(git_credentials(secrets)));
         log.redact(registry_login_secrets(&secrets.registry_auths));
     }
+    let log = Arc::new(log);
     let params = BuildParams::from_cmdline(&options.cmdline, &options.default_build_id)
         .and_then(|mut params| {
             if let Some(overflow) = secrets.as_ref().ok().and_then(|s| s.build_args.as_ref()) {
@@ -151,6 +162,10 @@ pub async fn run(options: &RunOptions) -> Outcome {
     let mut progress = Progress::default();
     let result = match (&params, &secrets) {
         (Ok(params), Ok(secrets)) => {
+            progress.events = params.notify_url.as_ref().and_then(|url| {
+                let secret = secrets.webhook_secret.as_deref()?;
+                PhaseEvents::start(log.clone(), url, &params.build_id, secret)
+            });
             log.line(&format!(
                 "build {}: {} at {} (Dockerfile {}{}, {}{})",
                 params.build_id,
@@ -177,7 +192,11 @@ pub async fn run(options: &RunOptions) -> Outcome {
                     )
                 },
             ));
-            execute(options, params, secrets, &log, &mut progress).await
+            let result = execute(options, params, secrets, &log, &mut progress).await;
+            if let Some(events) = progress.events.take() {
+                events.finish(&log, PHASE_EVENTS_DRAIN).await;
+            }
+            result
         }
         (Err(e), _) | (_, Err(e)) => Err(BuildError {
             phase: e.phase,

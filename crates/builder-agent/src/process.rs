@@ -67,7 +67,7 @@ async fn pump(
     let mut tail = Vec::new();
     let mut buf = vec![0u8; 8192];
     let emit = |line: String, tail: &mut Vec<String>| {
-        log.line(&format!("  | {line}"));
+        log.output(&line);
         let scrubbed = log.scrub(&line);
         (observer.borrow_mut())(&scrubbed);
         tail.push(scrubbed);
