@@ -1,20 +1,48 @@
-//! Cgroup limits of a jailed Firecracker: the `--cgroup` values for the jailer (v1 or v2 names),
-//! and finding the cgroups the jailer made (`<mount>/<parent>/bvm-<id>` in every mounted
-//! hierarchy) to remove them, which the jailer never does. A cgroup is emptied first: whatever
-//! process is still in it is killed.
+//! Cgroup limits of a VMM process, for both drivers: the `file=value` limits (v1 or v2 names)
+//! computed from a VM's vCPUs and memory, handed to Firecracker's jailer as `--cgroup` and
+//! written by [`create`] for QEMU, which then joins them ([`Joined`]); finding those cgroups
+//! (`<mount>/<parent>/bvm-<id>` in every mounted hierarchy) to remove them, which the jailer
+//! never does. A cgroup is emptied first: whatever process is still in it is killed.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::process::Process;
 use crate::spec::CpuSet;
 
-/// The parent cgroup our jailed VMs live under.
-pub const PARENT_CGROUP: &str = "firecracker";
+/// The parent cgroup every VMM process of this layer lives under, in each hierarchy.
+pub const PARENT_CGROUP: &str = "builder-vm";
 /// Memory allowed to the Firecracker process beyond the guest's RAM.
-pub const VMM_OVERHEAD_MIB: u64 = 128;
+pub const FIRECRACKER_OVERHEAD_MIB: u64 = 128;
 /// CFS period for the CPU quota.
 const CPU_PERIOD_US: u64 = 100_000;
+
+/// Why a VMM's cgroup could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no mounted cgroup hierarchy offers the `{controller}` controller that {file} needs")]
+    NoHierarchy { controller: String, file: String },
+    #[error("cannot create the cgroup {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write `{value}` to {path}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open {path} to join the cgroup")]
+    Join {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Which cgroup interface the host offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +69,16 @@ impl CgroupVersion {
         }
     }
 
-    /// `file=value` pairs for the jailer's `--cgroup`: CPU set, memory limit and a CPU quota of
-    /// `vcpus` CPUs.
-    pub fn limits(self, cpus: Option<&CpuSet>, vcpus: u8, mem_mib: u32) -> Vec<String> {
-        let memory = (u64::from(mem_mib) + VMM_OVERHEAD_MIB) << 20;
+    /// `file=value` pairs: CPU set, a memory limit of the guest's RAM plus `overhead_mib` for
+    /// the VMM itself, and a CPU quota of `vcpus` CPUs.
+    pub fn limits(
+        self,
+        cpus: Option<&CpuSet>,
+        vcpus: u8,
+        mem_mib: u32,
+        overhead_mib: u64,
+    ) -> Vec<String> {
+        let memory = (u64::from(mem_mib) + overhead_mib) << 20;
         let quota = u64::from(vcpus) * CPU_PERIOD_US;
         let mut limits = vec![];
         if let Some(cpus) = cpus {
@@ -77,18 +111,41 @@ fn root_cpuset_mems() -> String {
         .unwrap_or_else(|| "0".to_string())
 }
 
-/// Mount points of every cgroup hierarchy (v1 controllers and the v2 unified one).
-pub fn mounts() -> Vec<PathBuf> {
+/// One mounted hierarchy: where, and which controllers it carries (v1) or offers (v2).
+#[derive(Debug, Clone)]
+struct Hierarchy {
+    mount: PathBuf,
+    controllers: Vec<String>,
+}
+
+fn hierarchies() -> Vec<Hierarchy> {
     let Ok(text) = std::fs::read_to_string("/proc/mounts") else {
         return vec![];
     };
     text.lines()
         .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(dir))
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (dir, fstype, options) = (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+            let controllers = match *fstype {
+                "cgroup" => options.split(',').map(String::from).collect(),
+                "cgroup2" => std::fs::read_to_string(Path::new(dir).join("cgroup.controllers"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect(),
+                _ => return None,
+            };
+            Some(Hierarchy {
+                mount: PathBuf::from(dir),
+                controllers,
+            })
         })
         .collect()
+}
+
+/// Mount points of every cgroup hierarchy (v1 controllers and the v2 unified one).
+pub fn mounts() -> Vec<PathBuf> {
+    hierarchies().into_iter().map(|h| h.mount).collect()
 }
 
 /// The existing cgroup directories of every hierarchy under [`PARENT_CGROUP`] whose name
@@ -107,6 +164,121 @@ pub fn find(prefix: &str) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(CgroupError::Create {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Makes `<mount>/<PARENT_CGROUP>/<tag>` in each hierarchy `limits` (from
+/// [`CgroupVersion::limits`]) need and writes them, as the jailer does for Firecracker: under
+/// v2 the parent first delegates the controllers to its children, under v1 a new parent
+/// cpuset first gets the root's CPUs and memory nodes. Returns the cgroups made, for
+/// [`Joined::open`]; they are removed by [`remove`].
+pub fn create(tag: &str, limits: &[String]) -> Result<Vec<PathBuf>, CgroupError> {
+    let all = hierarchies();
+    let mut made: Vec<(Hierarchy, PathBuf)> = vec![];
+    for limit in limits {
+        let (file, value) = limit.split_once('=').unwrap_or((limit, ""));
+        let controller = file.split('.').next().unwrap_or(file).to_string();
+        let dir = match made
+            .iter()
+            .find(|(h, _)| h.controllers.contains(&controller))
+        {
+            Some((_, dir)) => dir.clone(),
+            None => {
+                let hierarchy = all
+                    .iter()
+                    .find(|h| h.controllers.contains(&controller))
+                    .ok_or_else(|| CgroupError::NoHierarchy {
+                        controller: controller.clone(),
+                        file: file.to_string(),
+                    })?;
+                let parent = hierarchy.mount.join(PARENT_CGROUP);
+                mkdir(&parent)?;
+                prepare_parent(hierarchy, &parent)?;
+                let dir = parent.join(tag);
+                mkdir(&dir)?;
+                made.push((hierarchy.clone(), dir.clone()));
+                dir
+            }
+        };
+        write(&dir.join(file), value)?;
+    }
+    Ok(made.into_iter().map(|(_, dir)| dir).collect())
+}
+
+/// What a parent cgroup needs before a child can hold a limited process.
+fn prepare_parent(hierarchy: &Hierarchy, parent: &Path) -> Result<(), CgroupError> {
+    let is_v2 = hierarchy.mount.join("cgroup.controllers").exists();
+    if is_v2 {
+        // Each level down to the parent must delegate the controllers to the next.
+        let wanted: Vec<String> = ["cpu", "memory", "cpuset"]
+            .into_iter()
+            .filter(|c| hierarchy.controllers.iter().any(|h| h == c))
+            .map(|c| format!("+{c}"))
+            .collect();
+        for dir in [hierarchy.mount.as_path(), parent] {
+            write(&dir.join("cgroup.subtree_control"), &wanted.join(" "))?;
+        }
+    } else if hierarchy.controllers.iter().any(|c| c == "cpuset") {
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let current = std::fs::read_to_string(parent.join(file)).unwrap_or_default();
+            if current.trim().is_empty() {
+                let root = std::fs::read_to_string(hierarchy.mount.join(file)).unwrap_or_default();
+                write(&parent.join(file), root.trim())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Open `cgroup.procs` files of cgroups a child process joins between fork and exec by
+/// writing `0` (the writer itself) to each: one `write(2)` per cgroup, async-signal-safe.
+#[derive(Debug)]
+pub struct Joined(Vec<OwnedFd>);
+
+impl Joined {
+    /// Opens `cgroup.procs` of each of `dirs`.
+    pub fn open(dirs: &[PathBuf]) -> Result<Self, CgroupError> {
+        dirs.iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(|source| CgroupError::Join { path, source })
+            })
+            .collect::<Result<_, _>>()
+            .map(Joined)
+    }
+
+    /// Moves the calling process into every cgroup. Only `write(2)`: safe between fork and
+    /// exec.
+    pub fn enter(&self) -> io::Result<()> {
+        for fd in &self.0 {
+            // SAFETY: a write of one static byte to an fd this value owns.
+            if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Kills whatever is still in the cgroup `dir`, then removes it.
@@ -155,7 +327,7 @@ mod tests {
     #[test]
     fn limit_names_per_version() {
         let cpus: CpuSet = "1".parse().unwrap();
-        let v2 = CgroupVersion::V2.limits(Some(&cpus), 2, 512);
+        let v2 = CgroupVersion::V2.limits(Some(&cpus), 2, 512, 128);
         assert_eq!(
             v2,
             [
@@ -164,7 +336,7 @@ mod tests {
                 "cpu.max=200000 100000"
             ]
         );
-        let v1 = CgroupVersion::V1.limits(None, 1, 256);
+        let v1 = CgroupVersion::V1.limits(None, 1, 256, 128);
         assert_eq!(
             v1,
             [

@@ -354,15 +354,15 @@ impl Vmm {
     /// [`Vmm::reclaim`] limited to resources whose tag starts with `prefix` (`bvm-...`).
     pub fn reclaim_matching(&self, prefix: &str) -> ReclaimReport {
         let chroots = match &self.config.driver {
-            Driver::Firecracker(fc) => Some(fc.jail_dir()),
-            Driver::Qemu(_) => None,
+            Driver::Firecracker(fc) => fc.jail_dir(),
+            Driver::Qemu(qemu) => qemu.jail_dir(),
         };
         reclaim::reclaim(
             self.host.as_ref(),
             &reclaim::ReclaimScope {
                 prefix,
                 work_root: &self.config.work_root,
-                jail_dir: chroots.as_deref(),
+                jail_dir: Some(&chroots),
             },
         )
     }

@@ -1,7 +1,10 @@
 //! The QEMU driver for real: a kernel boots under `-M microvm` with all three disks and the
 //! network, panics for want of a root filesystem and makes QEMU exit; the console is captured;
 //! a timeout and a kill are detected; cleanup and reclaim leave nothing; guests mount the
-//! disks builder-ext4 wrote.
+//! disks builder-ext4 wrote. QEMU runs confined: its own uid and gid, seccomp, `no_new_privs`,
+//! no capabilities, chrooted into its jail in a mount namespace of its own, in cgroups with
+//! the VM's CPU and memory limits, with a config drive its uid cannot write; cleanup and the
+//! reclaim of a crashed run remove the jail and the cgroups.
 //!
 //! Set `BUILDER_VMM_ACCEL=tcg` where KVM is nested (as on the CI hosts).
 
@@ -17,12 +20,31 @@ use builder_vmm::{
     DEFAULT_BOOT_ARGS,
 };
 
+/// A QEMU VMM with its work dirs in `work_root` and its jails beside it, in `<parent>/jail`.
 fn vmm(work_root: &Path) -> Vmm {
     Vmm::new(VmmConfig {
         work_root: work_root.to_path_buf(),
         pool: AddressPool::default(),
-        driver: Driver::Qemu(QemuConfig::from_env().unwrap()),
+        driver: Driver::Qemu(QemuConfig {
+            chroot_base: jail_base(work_root),
+            ..QemuConfig::from_env().unwrap()
+        }),
     })
+}
+
+fn jail_base(work_root: &Path) -> std::path::PathBuf {
+    work_root.with_file_name("jail")
+}
+
+/// [`common::leftovers`] of `prefix`, the work dirs and jails of `vmm(<dir>/vms)` included.
+fn leftovers(prefix: &str, dir: &Path) -> Vec<String> {
+    let work_root = dir.join("vms");
+    common::leftovers(prefix, &[&work_root, &jail_dir(&work_root)])
+}
+
+/// Where the VMs of [`vmm`]`(work_root)` are jailed.
+fn jail_dir(work_root: &Path) -> std::path::PathBuf {
+    jail_base(work_root).join("qemu")
 }
 
 fn network(slot: u32) -> NetworkSpec {
@@ -33,10 +55,11 @@ fn network(slot: u32) -> NetworkSpec {
     }
 }
 
-/// A spec whose guest panics at root mount and then hangs (`panic=0`) until stopped.
+/// A spec whose guest boots a busybox init that sleeps until the VM is stopped.
 fn hanging(name: &str, dir: &Path) -> VmSpec {
-    let mut spec = common::spec(common::id(name), common::kernel(), common::rootfs(dir));
-    spec.boot_args = DEFAULT_BOOT_ARGS.replace("panic=-1", "panic=0");
+    let rootfs = probe_rootfs(dir, "/bin/busybox sleep 3600\n");
+    let mut spec = common::spec(common::id(name), common::kernel(), rootfs);
+    spec.boot_args = format!("{DEFAULT_BOOT_ARGS} rootfstype=ext4 init=/init");
     spec
 }
 
@@ -83,10 +106,7 @@ async fn boots_to_exit_with_disks_network_and_console() {
 
     let prefix = vm.tag().to_string();
     vm.cleanup().await.unwrap();
-    assert_eq!(
-        common::leftovers(&prefix, &[&dir.path().join("vms")]),
-        Vec::<String>::new()
-    );
+    assert_eq!(leftovers(&prefix, dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -103,10 +123,7 @@ async fn timeout_kills_the_vm() {
     assert!(exit.console_log.exists());
     let prefix = vm.tag().to_string();
     vm.cleanup().await.unwrap();
-    assert_eq!(
-        common::leftovers(&prefix, &[&dir.path().join("vms")]),
-        Vec::<String>::new()
-    );
+    assert_eq!(leftovers(&prefix, dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -141,7 +158,7 @@ async fn reclaim_after_a_crash_leaves_nothing() {
     let vm = vmm.start(spec).await.unwrap();
     let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let tag = vm.tag().to_string();
-    // QEMU itself (exec'd by `ip netns exec` and `taskset`) runs pinned, in the VM's namespace.
+    // QEMU runs pinned (its cgroup's cpuset), in the VM's namespace, in its jail.
     let exe = || std::fs::read_link(format!("/proc/{}/exe", vm.pid())).unwrap();
     for _ in 0..500 {
         if exe().to_string_lossy().contains("qemu-system") {
@@ -158,18 +175,283 @@ async fn reclaim_after_a_crash_leaves_nothing() {
     assert!(status.contains("Cpus_allowed_list:\t0\n"), "{status}");
     let netns = std::fs::read_link(format!("/proc/{}/ns/net", vm.pid())).unwrap();
     assert_ne!(netns, std::fs::read_link("/proc/self/ns/net").unwrap());
+    let jail = jail_dir(&work_root).join(&tag);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/root", vm.pid())).unwrap(),
+        jail
+    );
     // The daemon dies: the handle and its cleanup stack are gone, the VM keeps running.
     drop(vm);
-    assert!(!common::leftovers(&tag, &[&work_root]).is_empty());
+    assert!(!leftovers(&tag, dir.path()).is_empty());
+    assert!(!builder_vmm::cgroup::find(&tag).is_empty());
 
     let report = vmm.reclaim_matching(&tag);
     assert_eq!(report.errors, Vec::<String>::new());
     assert_eq!(report.processes, 1, "{report:?}");
     assert_eq!(report.netns, 1, "{report:?}");
     assert_eq!(report.veths, 1, "{report:?}");
-    assert_eq!(report.iptables_rules, 4, "{report:?}");
+    assert!(report.iptables_rules > 0, "{report:?}");
+    // cpuset, memory and cpu: one hierarchy under v2, three under v1.
+    assert!(report.cgroups >= 1, "{report:?}");
+    assert_eq!(report.chroots, 1, "{report:?}");
     assert_eq!(report.work_dirs, 1, "{report:?}");
-    assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
+    assert!(!jail.exists());
+    assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
+}
+
+/// A field of `/proc/<pid>/status`, e.g. `Uid`.
+fn status_field(pid: i32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_string()
+}
+
+/// Whether `uid`:`gid` (no supplementary groups) may access the file open as `file` with
+/// `mode` (`libc::R_OK`, `W_OK`): `faccessat2(AT_EMPTY_PATH | AT_EACCESS)` in a child that
+/// took those ids, answered through its spawn. `Err` carries the errno.
+fn access_as(uid: u32, gid: u32, file: &std::fs::File, mode: libc::c_int) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = file.as_raw_fd();
+    let mut command = std::process::Command::new("/bin/true");
+    // SAFETY: only system calls between fork and exec, on an fd and ids prepared before.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::syscall(
+                libc::SYS_faccessat2,
+                fd,
+                c"".as_ptr(),
+                mode,
+                libc::AT_EMPTY_PATH | libc::AT_EACCESS,
+            );
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    match command.status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => panic!("/bin/true failed: {status}"),
+        Err(e) => Err(e.raw_os_error().unwrap()),
+    }
+}
+
+/// Polls `/proc/<pid>/status` until QEMU has installed its seccomp filter (`-sandbox`).
+async fn sandboxed(pid: i32) -> String {
+    for _ in 0..500 {
+        if status_field(pid, "Seccomp") == "2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    status_field(pid, "Seccomp")
+}
+
+/// QEMU runs as the VM's own uid and gid (a different pair for each VM), with seccomp,
+/// `no_new_privs` and no capabilities, chrooted into its jail in a mount namespace of its own
+/// that holds only its files, in cgroups with the VM's limits; the config drive is root's and
+/// not writable by the VM's uid, the scratch disk is the VM's alone; cleanup removes the jail,
+/// the cgroups and the process.
+#[tokio::test]
+async fn qemu_runs_unprivileged_in_its_jail_with_limits() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let work_root = dir.path().join("vms");
+    let vmm = vmm(&work_root);
+    let mut spec = hanging("jail", dir.path());
+    spec.network = Some(network(4105));
+    spec.cpus = Some("0".parse().unwrap());
+    spec.secrets = Some(Secrets {
+        webhook_secret: Some("key-jail".into()),
+        ..Default::default()
+    });
+    let mut vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
+    let tag = vm.tag().to_string();
+    let pid = vm.pid();
+    assert_eq!(sandboxed(pid).await, "2", "QEMU's -sandbox filter is on");
+
+    let ids = builder_vmm::qemu::DEFAULT_IDS;
+    let uid: u32 = status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gid = uid - ids.uid_base + ids.gid_base;
+    assert!(
+        (ids.uid_base..ids.uid_base + ids.count).contains(&uid),
+        "{uid}"
+    );
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{uid}\t{uid}\t{uid}\t{uid}")
+    );
+    assert_eq!(
+        status_field(pid, "Gid"),
+        format!("{gid}\t{gid}\t{gid}\t{gid}")
+    );
+    assert_eq!(status_field(pid, "Groups"), "");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for caps in ["CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+
+    // Its root is the jail, whose directory on the host holds only root's empty mount points;
+    // inside its own mount namespace they carry its files.
+    let jail = jail_dir(&work_root).join(&tag);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        jail
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&jail)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let expected = [
+        "config.ext4",
+        "dev",
+        "etc",
+        "lib",
+        "lib64",
+        "rootfs.ext4",
+        "scratch.ext4",
+        "usr",
+        "vmlinux",
+    ];
+    assert_eq!(names, expected);
+    for name in expected {
+        let meta = std::fs::symlink_metadata(jail.join(name)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{name} is root's");
+        assert!(
+            meta.is_symlink() || meta.len() == 0 || meta.is_dir(),
+            "{name}"
+        );
+    }
+    let seen = format!("/proc/{pid}/root");
+    let mut dev: Vec<String> = std::fs::read_dir(format!("{seen}/dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dev.sort();
+    assert_eq!(
+        dev,
+        ["null", "urandom"],
+        "TCG: no /dev/kvm, no /dev/net/tun"
+    );
+    let config_len = std::fs::metadata(vm.work_dir().join("config.ext4"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        std::fs::metadata(format!("{seen}/config.ext4"))
+            .unwrap()
+            .len(),
+        config_len
+    );
+
+    // The config drive: root's, readable by the VM's group only, writable by nobody but root;
+    // and read-only as QEMU sees it, whatever its mode.
+    let config = vm.work_dir().join("config.ext4");
+    let meta = std::fs::metadata(&config).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, gid));
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o440);
+    let file = std::fs::File::open(&config).unwrap();
+    assert_eq!(access_as(uid, gid, &file, libc::W_OK), Err(libc::EACCES));
+    assert_eq!(access_as(uid, gid, &file, libc::R_OK), Ok(()));
+    let inside = std::fs::File::open(format!("{seen}/config.ext4")).unwrap();
+    assert_eq!(access_as(uid, gid, &inside, libc::W_OK), Err(libc::EACCES));
+    // The scratch disk is the one file the VM's uid may write.
+    let scratch = std::fs::File::open(vm.work_dir().join("scratch.ext4")).unwrap();
+    let meta = scratch.metadata().unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(access_as(uid, gid, &scratch, libc::W_OK), Ok(()));
+    // Another uid (the next VM's) may not even read it.
+    assert_eq!(
+        access_as(uid + 1, gid + 1, &scratch, libc::R_OK),
+        Err(libc::EACCES)
+    );
+
+    // Its cgroups: it is in each, with the VM's CPU quota (1 vCPU), memory (256 MiB + QEMU's
+    // overhead under TCG) and CPU set.
+    let cgroups = builder_vmm::cgroup::find(&tag);
+    assert!(!cgroups.is_empty());
+    let memory = (256 + QemuConfig::memory_overhead_mib(builder_vmm::Accel::Tcg)) << 20;
+    let mut limits = vec![];
+    for dir in &cgroups {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "{dir:?}: {procs}"
+        );
+        for file in [
+            "cpu.max",
+            "memory.max",
+            "cpu.cfs_quota_us",
+            "cpu.cfs_period_us",
+            "memory.limit_in_bytes",
+            "cpuset.cpus",
+        ] {
+            if let Ok(value) = std::fs::read_to_string(dir.join(file)) {
+                limits.push(format!("{file}={}", value.trim()));
+            }
+        }
+    }
+    limits.sort();
+    let expected = match builder_vmm::cgroup::CgroupVersion::detect() {
+        builder_vmm::cgroup::CgroupVersion::V2 => vec![
+            "cpu.max=100000 100000".to_string(),
+            "cpuset.cpus=0".to_string(),
+            format!("memory.max={memory}"),
+        ],
+        builder_vmm::cgroup::CgroupVersion::V1 => vec![
+            "cpu.cfs_period_us=100000".to_string(),
+            "cpu.cfs_quota_us=100000".to_string(),
+            "cpuset.cpus=0".to_string(),
+            format!("memory.limit_in_bytes={memory}"),
+        ],
+    };
+    assert_eq!(limits, expected);
+
+    // A second VM at the same time gets ids of its own.
+    let second = vmm.start(hanging("jail-2", dir.path())).await.unwrap();
+    let _guard2 = common::ReclaimOnPanic(vmm.clone(), second.tag().to_string());
+    assert_eq!(sandboxed(second.pid()).await, "2");
+    let second_uid = status_field(second.pid(), "Uid");
+    assert_ne!(
+        second_uid.split_whitespace().next().unwrap(),
+        uid.to_string()
+    );
+    let mut second = second;
+    let second_tag = second.tag().to_string();
+    second.kill().await.unwrap();
+    second.cleanup().await.unwrap();
+    assert_eq!(leftovers(&second_tag, dir.path()), Vec::<String>::new());
+
+    vm.kill().await.unwrap();
+    vm.cleanup().await.unwrap();
+    assert!(!jail.exists());
+    assert_eq!(
+        builder_vmm::cgroup::find(&tag),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -189,7 +471,7 @@ async fn a_refused_start_undoes_what_it_made() {
     let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
     assert!(chain.contains("over the 2048-byte limit"), "{chain}");
     // The work dir, disks and network made before the check are gone again.
-    assert_eq!(common::leftovers(&tag, &[&work_root]), Vec::<String>::new());
+    assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
 }
 
 /// Two guests in a row from one VMM, each on disks of its own written by builder-ext4: each
@@ -243,10 +525,7 @@ echo \"secret=$(/bin/busybox grep -o 'key-[a-z]*' /config/secrets.json)\"
         );
         let tag = vm.tag().to_string();
         vm.cleanup().await.unwrap();
-        assert_eq!(
-            common::leftovers(&tag, &[&dir.path().join("vms")]),
-            Vec::<String>::new()
-        );
+        assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
     }
 }
 
@@ -296,8 +575,9 @@ fn host_address() -> String {
     routes[0]["prefsrc"].as_str().unwrap().to_string()
 }
 
-/// A stand-in for the Internet: a namespace behind a host veth, at `<net>.2/24` (`net` a
-/// documentation range), serving the greeting on `ports`. Removed when dropped.
+/// A stand-in for the Internet: a namespace behind a host veth, at `<net>.2/24` (`net` in
+/// 198.18.0.0/15, which VMs may reach as the public Internet), serving the greeting on `ports`.
+/// Removed when dropped.
 struct Outside {
     netns: String,
     host_link: String,
@@ -398,10 +678,7 @@ async fn probe_from_guest(
     assert_eq!(exit.cause, ExitCause::GuestShutdown, "{console}");
     let tag = vm.tag().to_string();
     vm.cleanup().await.unwrap();
-    assert_eq!(
-        common::leftovers(&tag, &[&dir.path().join("vms")]),
-        Vec::<String>::new()
-    );
+    assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
     console
 }
 
@@ -415,7 +692,7 @@ async fn a_real_guest_reaches_the_outside_and_only_the_allowed_host_port() {
         .to_string();
     greeter(18090);
     greeter(18091);
-    let outside = Outside::new("outside-a", "198.51.100", &[18092]);
+    let outside = Outside::new("outside-a", "198.19.100", &[18092]);
     let policy = EgressPolicy {
         host_port: Some(18090),
         allow: None,
@@ -440,7 +717,7 @@ async fn a_real_guest_reaches_the_outside_and_only_the_allowed_host_port() {
 
 #[tokio::test]
 async fn an_allowlist_limits_the_guest_to_its_entries() {
-    let outside = Outside::new("outside-b", "203.0.113", &[18093, 18094]);
+    let outside = Outside::new("outside-b", "198.19.113", &[18093, 18094]);
     let policy = EgressPolicy {
         host_port: None,
         allow: Some(vec![format!("{}/32:18093", outside.address)

@@ -158,7 +158,12 @@ impl FirecrackerConfig {
             .args(["--parent-cgroup", PARENT_CGROUP]);
         for limit in self
             .cgroup_version
-            .limits(plan.cpus, plan.vcpus, plan.mem_mib)
+            .limits(
+                plan.cpus,
+                plan.vcpus,
+                plan.mem_mib,
+                cgroup::FIRECRACKER_OVERHEAD_MIB,
+            )
         {
             command.arg("--cgroup").arg(limit);
         }
