@@ -37,3 +37,11 @@ test-builder-vm-modern:
 
 test-builder-vm-failing:
 	scripts/test-builder-vm.sh --expect-user-error examples/failing main
+
+# Hostile tenant: examples/hostile's RUN steps attack the VM's isolation (metadata, a private
+# LAN, the host's ports and the node's API, another VM running beside it, the config drive,
+# forged progress lines and reports, io_uring, a connection flood); the suite checks from the
+# outside that nothing got through and the node kept serving (docs/security/hostile-suite.md).
+.PHONY: test-builder-vm-hostile
+test-builder-vm-hostile:
+	scripts/test-builder-vm.sh --hostile examples/hostile main

@@ -17,6 +17,8 @@
 #          nowhere after the build: not in the rootfs, the webhook, the node's database, logs or
 #          console log.
 #   --check CMD          after the rootfs is read back from S3: run CMD ROOTFS [SECRET_VALUE].
+#   --hostile            REPO is examples/hostile: build it beside another tenant's build, attack
+#          targets of its own, and check from the outside (scripts/lib/hostile.sh).
 # Environment: VMM=firecracker|qemu (default: firecracker when installed and KVM is usable, else
 # qemu); BUILDER_VMM_ACCEL=auto|kvm|tcg (default tcg on a virtual machine, where KVM is nested);
 # NODE_AGENT_BIN (default: cargo build --release -p node-agent); KEEP_WORK=1 keeps the work dir.
@@ -40,12 +42,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo_root=$PWD
 # shellcheck source=scripts/lib/services.sh
 source scripts/lib/services.sh
+# shellcheck source=scripts/lib/hostile.sh
+source scripts/lib/hostile.sh
 
 usage() {
-	sed -n '6,24s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+	sed -n '6,26s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
-expect_user_error=false submit_extra=() serve_dir='' secret_id='' check_cmd=''
+expect_user_error=false submit_extra=() serve_dir='' secret_id='' check_cmd='' hostile=false
 while [[ ${1:-} == --* ]]; do
 	case $1 in
 	--expect-user-error) expect_user_error=true ;;
@@ -53,6 +57,7 @@ while [[ ${1:-} == --* ]]; do
 	--serve) [[ -d ${2:-} ]] || usage; serve_dir=$(realpath "$2"); shift ;;
 	--secret) [[ -n ${2:-} ]] || usage; secret_id=$2; shift ;;
 	--check) [[ -n ${2:-} ]] || usage; check_cmd=$(realpath "$2"); shift ;;
+	--hostile) hostile=true ;;
 	*) usage ;;
 	esac
 	shift
@@ -90,6 +95,10 @@ s3_port=8333
 s3_bucket=rootfs
 s3_access=bvt-access
 s3_secret=bvt-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+api_listen=127.0.0.1
+capacity_vcpus=1
+capacity_mem_mib=2048
+if $hostile; then hostile_names; fi
 
 # ---- VMM and accelerator ------------------------------------------------------------------------
 if [[ -z ${BUILDER_VMM_ACCEL:-} ]] && grep -qw hypervisor /proc/cpuinfo; then
@@ -257,6 +266,10 @@ if [[ -n $serve_dir ]]; then
 	wait_for 20 "file server" bash -c "exec 3<>/dev/tcp/$out_addr/$serve_port"
 fi
 mark "outside services up" "$t"
+if $hostile; then
+	hostile_targets_up
+	hostile_prepare_source "$repo_arg"
+fi
 
 # ---- the node agent ---------------------------------------------------------------------------
 say "node-agent serve ($VMM, work dir $work/node)"
@@ -264,11 +277,11 @@ t=$(now_ms)
 mkdir -p "$work/node"
 # The API on loopback, as by default: the VM reaches the node on a listener of its own (the host
 # end of its veth, vm_listen_port), which serves only its report, logs and source.
-spawn node-agent "$node_agent" serve --work-dir "$work/node" --listen "127.0.0.1:$api_port" \
-	--node-id "$node_id" --capacity-vcpus 1 --capacity-mem-mib 2048 --vmm "$VMM" \
+spawn node-agent "$node_agent" serve --work-dir "$work/node" --listen "$api_listen:$api_port" \
+	--node-id "$node_id" --capacity-vcpus "$capacity_vcpus" --capacity-mem-mib "$capacity_mem_mib" --vmm "$VMM" \
 	--kernel build/vms/vmlinux --rootfs build/vms/builder-rootfs.ext4 --vm-network "$vm_network" \
 	--s3-credentials-file "$work/s3-credentials.json" --notify-secret-file "$work/notify-secret" \
-	--vm-dns "$out_addr" \
+	--vm-dns "$out_addr" --notify-allow "$out_addr" \
 	--grace-period-s 5
 wait_for 30 "node-agent" curl -sf "http://127.0.0.1:$api_port/healthz"
 curl -sf "http://127.0.0.1:$api_port/readyz" >"$work/readyz.json" ||
@@ -287,6 +300,7 @@ if [[ -n $secret_id ]]; then
 	submit_extra+=(--secret "id=$secret_id,src=$work/secret-$secret_id")
 fi
 submit_extra=("${submit_extra[@]//\{served\}/$served_url}")
+if $hostile; then hostile_before_submit; fi
 "$node_agent" submit "${source_args[@]}" "${submit_extra[@]}" --server "http://127.0.0.1:$api_port" \
 	--token-file "$work/node/api-token" ${dockerfile:+--dockerfile "$dockerfile"} \
 	--s3-bucket "$s3_bucket" --s3-key "$s3_key" \
@@ -298,6 +312,7 @@ build_id=$(head -n1 "$work/submit.out")
 console_log=$work/node/logs/$build_id.log
 "$node_agent" status "$build_id" --json --server "http://127.0.0.1:$api_port" \
 	--token-file "$work/node/api-token" >"$work/build.json" || true
+if $hostile; then hostile_after_submit "$build_id"; fi
 
 # The requester's webhook: exactly one, signed (the receiver only records verified ones).
 t=$(now_ms)
@@ -361,6 +376,7 @@ else
 	if [[ -n $check_cmd ]]; then
 		"$check_cmd" "$work/rootfs.ext4" ${secret_value:+"$secret_value"} || fail "$check_cmd found the rootfs wrong"
 	fi
+	if $hostile; then hostile_check_rootfs "$work/rootfs.ext4"; fi
 	rm -f "$work/rootfs.ext4"
 fi
 
@@ -396,6 +412,7 @@ if ((${#leftovers[@]})); then
 fi
 echo "  none: no netns $node_tag*, no address in $vm_network, no tagged iptables rule, no VMM process, no VM work dir, no uploaded source"
 
+if $hostile; then hostile_verdict; fi
 mark "whole run" "$t_start"
 say "wall times"
 printf '  %s\n' "${timings[@]}"

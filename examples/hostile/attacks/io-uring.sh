@@ -1,0 +1,5 @@
+#!/bin/sh
+# io_uring: a large kernel attack surface that seccomp filters do not see into.
+. /hostile/attacks/lib.sh
+$hostile io-uring | tee -a "$results"
+exit 0
