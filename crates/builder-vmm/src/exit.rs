@@ -1,5 +1,12 @@
 //! How a VM ended, in the terms the node agent reports: the guest shut down, the guest kernel
 //! panicked, the VMM failed, the VMM crashed, we killed it, or it ran out of time.
+//!
+//! Only what the VMM process itself tells counts: its exit status, our own action, and for an
+//! exit status the VMM shares with its own failures, the VMM's log (its stderr, which the guest
+//! cannot write). Never the console: a build can print anything there, `Kernel panic - not
+//! syncing` included. A guest panic is seen through QEMU's pvpanic device ([`PanicSignal`]);
+//! Firecracker has none, so there a panicking guest's exit looks like a shutdown, and the node
+//! agent, which gets no report from it, says the VM stopped before its agent reported.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -10,10 +17,20 @@ use serde::Serialize;
 
 use crate::process::ProcessExit;
 
-/// What the console shows when the guest kernel panics.
-const PANIC_MARKER: &str = "Kernel panic - not syncing";
-/// How much of the end of the console log is searched for [`PANIC_MARKER`].
-const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
+/// How much of the end of the VMM's log is searched for its own error reports.
+const VMM_LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// How a VMM tells, from outside the guest, that the guest kernel panicked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PanicSignal {
+    /// It cannot (Firecracker: no pvpanic device; `panic=` reboots the guest, and the VMM
+    /// exits 0 as after a shutdown).
+    Unseen,
+    /// It exits with `code` (QEMU: a pvpanic device and `-action panic=exit-failure`). QEMU
+    /// exits with the same code when it fails by itself, and then says why on its stderr in
+    /// lines starting `{program}: ` (other than warnings), which tells the two apart.
+    ExitCode { code: i32, program: String },
+}
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,7 +38,8 @@ const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
 pub enum ExitCause {
     /// The guest rebooted or powered off (`reboot=k`) and the VMM exited with 0.
     GuestShutdown,
-    /// The VMM exited with 0 after the guest kernel panicked (`panic=` reboots it).
+    /// The guest kernel panicked, as the VMM tells it (QEMU's pvpanic device; Firecracker
+    /// cannot tell).
     GuestPanic,
     /// The VMM exited with a non-zero code (e.g. Firecracker's 1 on `KVM_EXIT_INTERNAL_ERROR`).
     VmmFailed { code: i32 },
@@ -68,14 +86,20 @@ pub(crate) enum Stop {
     TimedOut(Duration),
 }
 
-/// Maps the process status and our own action to an [`ExitCause`].
-pub(crate) fn classify(exit: ProcessExit, stop: Option<Stop>, console: &Path) -> ExitCause {
+/// Maps the process status and our own action to an [`ExitCause`]; `vmm_log` is the VMM's
+/// own log, which `panic` may need to tell a guest panic from the VMM's own failure.
+pub(crate) fn classify(
+    exit: ProcessExit,
+    stop: Option<Stop>,
+    panic: &PanicSignal,
+    vmm_log: &Path,
+) -> ExitCause {
     match (stop, exit) {
         (Some(Stop::TimedOut(after)), _) => ExitCause::TimedOut {
             after_s: after.as_secs(),
         },
         (Some(Stop::Killed), _) => ExitCause::Killed,
-        (None, ProcessExit::Code(0)) if console_shows_panic(console) => ExitCause::GuestPanic,
+        (None, ProcessExit::Code(code)) if panic.is_panic(code, vmm_log) => ExitCause::GuestPanic,
         (None, ProcessExit::Code(0)) => ExitCause::GuestShutdown,
         (None, ProcessExit::Code(code)) => ExitCause::VmmFailed { code },
         (None, ProcessExit::Signal(signal)) => ExitCause::VmmCrashed { signal },
@@ -83,19 +107,41 @@ pub(crate) fn classify(exit: ProcessExit, stop: Option<Stop>, console: &Path) ->
     }
 }
 
-fn console_shows_panic(console: &Path) -> bool {
-    let Ok(mut file) = File::open(console) else {
+impl PanicSignal {
+    /// Whether the VMM exiting with `code` means the guest panicked.
+    fn is_panic(&self, code: i32, vmm_log: &Path) -> bool {
+        match self {
+            PanicSignal::Unseen => false,
+            PanicSignal::ExitCode {
+                code: panic_code,
+                program,
+            } => code == *panic_code && !vmm_reported_error(vmm_log, program),
+        }
+    }
+}
+
+/// Whether the end of the VMM's log holds an error report of `program` (`{program}: ...`, not a
+/// warning). The guest cannot write this log.
+fn vmm_reported_error(vmm_log: &Path, program: &str) -> bool {
+    let Ok(mut file) = File::open(vmm_log) else {
         return false;
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     if file
-        .seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)))
+        .seek(SeekFrom::Start(len.saturating_sub(VMM_LOG_TAIL_BYTES)))
         .is_err()
     {
         return false;
     }
     let mut tail = vec![];
-    file.read_to_end(&mut tail).is_ok() && String::from_utf8_lossy(&tail).contains(PANIC_MARKER)
+    if file.read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    let prefix = format!("{program}: ");
+    String::from_utf8_lossy(&tail).lines().any(|line| {
+        line.strip_prefix(&prefix)
+            .is_some_and(|said| !said.starts_with("warning: "))
+    })
 }
 
 #[cfg(test)]
@@ -106,35 +152,87 @@ mod tests {
     fn mapping() {
         let dir = tempfile::tempdir().unwrap();
         let quiet = dir.path().join("quiet.log");
-        std::fs::write(&quiet, "reboot: Restarting system\n").unwrap();
-        let panicked = dir.path().join("panic.log");
-        std::fs::write(&panicked, "[ 1.0] Kernel panic - not syncing: VFS\n").unwrap();
+        std::fs::write(&quiet, "").unwrap();
+        let unseen = &PanicSignal::Unseen;
         let code = ProcessExit::Code;
-        assert_eq!(classify(code(0), None, &quiet), ExitCause::GuestShutdown);
-        assert_eq!(classify(code(0), None, &panicked), ExitCause::GuestPanic);
         assert_eq!(
-            classify(code(1), None, &quiet),
+            classify(code(0), None, unseen, &quiet),
+            ExitCause::GuestShutdown
+        );
+        assert_eq!(
+            classify(code(1), None, unseen, &quiet),
             ExitCause::VmmFailed { code: 1 }
         );
         assert_eq!(
-            classify(ProcessExit::Signal(11), None, &quiet),
+            classify(ProcessExit::Signal(11), None, unseen, &quiet),
             ExitCause::VmmCrashed { signal: 11 }
         );
         assert_eq!(
-            classify(ProcessExit::Signal(9), Some(Stop::Killed), &quiet),
+            classify(ProcessExit::Signal(9), Some(Stop::Killed), unseen, &quiet),
             ExitCause::Killed
         );
         assert_eq!(
             classify(
                 ProcessExit::Signal(9),
                 Some(Stop::TimedOut(Duration::from_secs(20))),
+                unseen,
                 &quiet
             ),
             ExitCause::TimedOut { after_s: 20 }
         );
         assert_eq!(
-            classify(ProcessExit::Unknown, None, &dir.path().join("missing")),
+            classify(
+                ProcessExit::Unknown,
+                None,
+                unseen,
+                &dir.path().join("missing")
+            ),
             ExitCause::VmmGone
+        );
+    }
+
+    #[test]
+    fn a_panic_is_the_vmms_exit_never_the_consoles_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = PanicSignal::ExitCode {
+            code: 1,
+            program: "qemu-system-x86_64".into(),
+        };
+        // What a build can print: the console is not looked at, whatever the VMM.
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, "[ 1.0] Kernel panic - not syncing: VFS\n").unwrap();
+        for panic in [&PanicSignal::Unseen, &qemu] {
+            assert_eq!(
+                classify(ProcessExit::Code(0), None, panic, &console),
+                ExitCause::GuestShutdown
+            );
+        }
+        // QEMU's pvpanic exit, its log quiet or with warnings only: the guest panicked.
+        let log = dir.path().join("qemu.log");
+        std::fs::write(
+            &log,
+            "qemu-system-x86_64: warning: TCG doesn't support requested feature\n",
+        )
+        .unwrap();
+        let code = ProcessExit::Code;
+        assert_eq!(classify(code(1), None, &qemu, &log), ExitCause::GuestPanic);
+        assert_eq!(
+            classify(code(1), None, &qemu, &dir.path().join("none")),
+            ExitCause::GuestPanic
+        );
+        // The same code after QEMU said it failed by itself: its own failure.
+        std::fs::write(
+            &log,
+            "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file\n",
+        )
+        .unwrap();
+        assert_eq!(
+            classify(code(1), None, &qemu, &log),
+            ExitCause::VmmFailed { code: 1 }
+        );
+        assert_eq!(
+            classify(code(2), None, &qemu, &dir.path().join("none")),
+            ExitCause::VmmFailed { code: 2 }
         );
     }
 

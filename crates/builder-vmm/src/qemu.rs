@@ -18,8 +18,9 @@
 //! (`tsc_early_khz=`), or it stalls calibrating it. More than one vCPU under TCG on a busy 2-core
 //! host was seen to livelock; use `vcpus = 1` there.
 //!
-//! ACPI is off: QEMU then lists the virtio-mmio devices on the kernel command line
-//! (`virtio_mmio.device=`), in the order given, so the disks are `vda`, `vdb`, `vdc`.
+//! ACPI is on, for the pvpanic device (a guest panic makes QEMU exit 1, see
+//! [`crate::exit`]); the virtio-mmio devices are listed there in the order given, so the disks
+//! are `vda`, `vdb`, `vdc`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 
 use crate::cgroup::{self, CgroupError, CgroupVersion, Joined, PARENT_CGROUP};
 use crate::cleanup::{remove_dir_all_if_exists, CleanupStack};
+use crate::exit::PanicSignal;
 use crate::jail::{self, IdRange, Jail, JailError};
 use crate::net::{NetworkPlan, TAP};
 use crate::process::Process;
@@ -264,6 +266,18 @@ impl QemuConfig {
         }
     }
 
+    /// How a guest panic shows: QEMU exits 1 (`-action panic=exit-failure`), and its own
+    /// failures say so on stderr under its program name.
+    pub(crate) fn panic_signal(&self) -> PanicSignal {
+        PanicSignal::ExitCode {
+            code: 1,
+            program: self.qemu_bin.file_name().map_or_else(
+                || "qemu-system-x86_64".into(),
+                |n| n.to_string_lossy().into(),
+            ),
+        }
+    }
+
     /// Kernel arguments this driver needs: the TSC frequency under TCG.
     pub(crate) fn extra_boot_args(&self) -> Vec<String> {
         match (self.accel.resolve(), host_tsc_khz()) {
@@ -290,7 +304,7 @@ impl QemuConfig {
                 "-name",
                 plan.tag,
                 "-M",
-                "microvm,acpi=off",
+                "microvm,acpi=on",
                 "-accel",
                 &accel,
                 "-cpu",
@@ -304,6 +318,10 @@ impl QemuConfig {
                 "-display",
                 "none",
                 "-no-reboot",
+                "-device",
+                "pvpanic",
+                "-action",
+                "panic=exit-failure",
                 "-sandbox",
                 "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
                 "-kernel",
@@ -560,12 +578,16 @@ mod tests {
         let argv = config.command_line(&plan, Accel::Tcg, Some(7)).join(" ");
         assert!(
             argv.starts_with(
-                "/usr/bin/qemu-system-x86_64 -name bvm-a -M microvm,acpi=off \
+                "/usr/bin/qemu-system-x86_64 -name bvm-a -M microvm,acpi=on \
                  -accel tcg,tb-size=256 -cpu max -m 512 -smp 1"
             ),
             "{argv}"
         );
         assert!(argv.contains("-no-reboot"), "{argv}");
+        assert!(
+            argv.contains("-device pvpanic -action panic=exit-failure"),
+            "a guest panic is QEMU's exit status: {argv}"
+        );
         assert!(
             argv.contains(
                 "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"

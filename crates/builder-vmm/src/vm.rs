@@ -16,7 +16,7 @@ use builder_contract::ParamError;
 
 use crate::cleanup::{remove_dir_all_if_exists, CleanupErrors, CleanupStack};
 use crate::disk::{self, DiskError};
-use crate::exit::{classify, Stop, VmExit};
+use crate::exit::{classify, PanicSignal, Stop, VmExit};
 use crate::firecracker::metrics::{MetricsFileError, MetricsTotals};
 use crate::firecracker::{FirecrackerConfig, FirecrackerError};
 use crate::host::{Host, SystemHost};
@@ -328,6 +328,10 @@ impl Vmm {
             deadline: started + spec.timeout,
             timeout: spec.timeout,
             launched,
+            panic: match &self.config.driver {
+                Driver::Firecracker(_) => PanicSignal::Unseen,
+                Driver::Qemu(qemu) => qemu.panic_signal(),
+            },
             stop: Arc::new(Mutex::new(None)),
             exit: None,
             cleanup: CleanupStack::new(),
@@ -403,6 +407,8 @@ pub struct Vm {
     deadline: Instant,
     timeout: Duration,
     launched: Launched,
+    /// How this VMM tells a guest panic.
+    panic: PanicSignal,
     stop: Arc<Mutex<Option<Stop>>>,
     exit: Option<VmExit>,
     cleanup: CleanupStack,
@@ -493,7 +499,7 @@ impl Vm {
         };
         let stop = *self.stop.lock().expect("stop lock");
         let exit = VmExit {
-            cause: classify(status, stop, &console_log),
+            cause: classify(status, stop, &self.panic, &self.launched.vmm_log),
             vmm_exit_code: match status {
                 crate::process::ProcessExit::Code(code) => Some(code),
                 _ => None,

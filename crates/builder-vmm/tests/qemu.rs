@@ -1,5 +1,7 @@
 //! The QEMU driver for real: a kernel boots under `-M microvm` with all three disks and the
-//! network, panics for want of a root filesystem and makes QEMU exit; the console is captured;
+//! network, panics for want of a root filesystem and makes QEMU exit, which tells the panic by
+//! its exit status (pvpanic), while a guest that only prints a panic is a shutdown; the console
+//! is captured;
 //! a timeout and a kill are detected; cleanup and reclaim leave nothing; guests mount the
 //! disks builder-ext4 wrote. QEMU runs confined: its own uid and gid, seccomp, `no_new_privs`,
 //! no capabilities, chrooted into its jail in a mount namespace of its own, in cgroups with
@@ -55,6 +57,78 @@ fn network(slot: u32) -> NetworkSpec {
     }
 }
 
+/// Whether the test kernel has the pvpanic driver QEMU's device needs (`CONFIG_PVPANIC_MMIO`),
+/// from the config beside it (`vmlinux.config`, or `config` in the kernel cache); why not.
+fn kernel_has_pvpanic(kernel: &Path) -> Result<(), String> {
+    let dir = kernel.parent().unwrap();
+    let config = [dir.join("vmlinux.config"), dir.join("config")]
+        .into_iter()
+        .find_map(|path| std::fs::read_to_string(&path).ok().map(|text| (path, text)));
+    let Some((path, text)) = config else {
+        return Err(format!("no kernel config beside {}", kernel.display()));
+    };
+    for option in ["CONFIG_PVPANIC=y", "CONFIG_PVPANIC_MMIO=y"] {
+        if !text.lines().any(|l| l == option) {
+            return Err(format!("{} lacks {option}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that QEMU told the guest's panic by its exit status; with a kernel that cannot tell
+/// QEMU (no pvpanic driver), says so and checks that it is not taken for a panic either.
+fn assert_panic_told_by_qemu(exit: &builder_vmm::VmExit, console: &str) {
+    match kernel_has_pvpanic(&common::kernel()) {
+        Ok(()) => {
+            assert_eq!(exit.cause, ExitCause::GuestPanic, "{console}");
+            assert_eq!(exit.vmm_exit_code, Some(1));
+        }
+        Err(why) => {
+            eprintln!(
+                "SKIPPED the guest-panic check: {why}, so the guest cannot tell QEMU it \
+                 panicked (rebuild it: scripts/build-kernel.sh)"
+            );
+            assert_eq!(exit.cause, ExitCause::GuestShutdown, "{console}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_init_that_exits_panics_the_guest_and_qemu_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = vmm(&dir.path().join("vms"));
+    let rootfs = probe_rootfs(dir.path(), "exit 3\n");
+    let mut spec = common::spec(common::id("initexit"), common::kernel(), rootfs);
+    spec.boot_args = format!("{DEFAULT_BOOT_ARGS} rootfstype=ext4 init=/init");
+    let mut vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
+    let exit = vm.wait().await.unwrap();
+    let console = std::fs::read_to_string(&exit.console_log).unwrap();
+    assert!(console.contains("Attempted to kill init!"), "{console}");
+    assert_panic_told_by_qemu(&exit, &console);
+    vm.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_guest_printing_a_panic_and_shutting_down_is_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = vmm(&dir.path().join("vms"));
+    let rootfs = probe_rootfs(
+        dir.path(),
+        "echo 'Kernel panic - not syncing: printed by a build'\n/bin/busybox reboot -f\n",
+    );
+    let mut spec = common::spec(common::id("forgedpanic"), common::kernel(), rootfs);
+    spec.boot_args = format!("{DEFAULT_BOOT_ARGS} rootfstype=ext4 init=/init");
+    let mut vm = vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
+    let exit = vm.wait().await.unwrap();
+    let console = std::fs::read_to_string(&exit.console_log).unwrap();
+    assert!(console.contains("printed by a build"), "{console}");
+    assert_eq!(exit.cause, ExitCause::GuestShutdown, "{console}");
+    assert_eq!(exit.vmm_exit_code, Some(0));
+    vm.cleanup().await.unwrap();
+}
+
 /// A spec whose guest boots a busybox init that sleeps until the VM is stopped.
 fn hanging(name: &str, dir: &Path) -> VmSpec {
     let rootfs = probe_rootfs(dir, "/bin/busybox sleep 3600\n");
@@ -93,8 +167,9 @@ async fn boots_to_exit_with_disks_network_and_console() {
     );
     let exit = vm.wait().await.unwrap();
     let console = std::fs::read_to_string(&exit.console_log).unwrap();
-    assert_eq!(exit.cause, ExitCause::GuestPanic, "{console}");
-    assert_eq!(exit.vmm_exit_code, Some(0));
+    // A real panic (no root filesystem), told by the pvpanic device, not by the console.
+    assert!(console.contains("Kernel panic - not syncing"), "{console}");
+    assert_panic_told_by_qemu(&exit, &console);
     for disk in ["[vda]", "[vdb]", "[vdc]"] {
         assert!(console.contains(disk), "{disk} missing:\n{console}");
     }
@@ -696,6 +771,7 @@ async fn a_real_guest_reaches_the_outside_and_only_the_allowed_host_port() {
     let policy = EgressPolicy {
         host_port: Some(18090),
         allow: None,
+        ..EgressPolicy::default()
     };
     let console = probe_from_guest(
         "egress",
@@ -723,6 +799,7 @@ async fn an_allowlist_limits_the_guest_to_its_entries() {
         allow: Some(vec![format!("{}/32:18093", outside.address)
             .parse()
             .unwrap()]),
+        ..EgressPolicy::default()
     };
     let console = probe_from_guest(
         "listed",
