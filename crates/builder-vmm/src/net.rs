@@ -7,13 +7,24 @@
 //! of the veth (a `/30`), `.5` is the TAP (the guest's gateway) and `.6` the guest (another
 //! `/30`). The guest learns its address from the kernel `ip=` parameter.
 //!
-//! Egress, enforced in the namespace's nftables `forward` chain (gone with the namespace) and
-//! the host's iptables `INPUT` chain (tagged with a comment): the guest may not reach the host itself (except one
-//! allowed TCP port, the webhook endpoint), any address of the pool (other VMs), or link-local
-//! `169.254.0.0/16` (cloud metadata); everything else is allowed, or only an allowlist.
-
+//! Egress: the guest reaches the public Internet and nothing else. [`BLOCKED_V4`] and
+//! [`BLOCKED_V6`] (private, shared, loopback, link-local and every metadata address, multicast,
+//! reserved), the pool (other VMs) and the host itself are dropped, except the one host port
+//! of the node agent's VM-facing listener, the VM's resolvers on port 53 and what the operator
+//! excepts ([`EgressPolicy::allow_private`]); a build may narrow the rest to an allowlist. Two
+//! layers enforce it, each alone sufficient for the private ranges:
+//! - the namespace's nftables table (`inet`: IPv4 and IPv6), gone with the namespace;
+//! - on the host, a chain of the `raw` table, named after the host veth and jumped to from
+//!   `PREROUTING` for packets from that veth, which runs before any DNAT (Docker's published
+//!   ports, Kubernetes NodePorts): it drops every packet whose original destination is an
+//!   address of the host (`addrtype LOCAL`), but the listener, and every private destination
+//!   not excepted. It only drops or returns, so sitting first it opens nothing.
+//!
+//! The host's `FORWARD` accept for the veth is appended, so Docker's `DOCKER-USER` and the
+//! operator's own rules run first and can still drop a VM's traffic. Every host rule carries
+//! the VM's tag as a comment.
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -26,16 +37,48 @@ use crate::netlink::NetOp;
 /// Prefix of every host-side veth name (`bvh-<hex of its address>`: unique on the host even
 /// when several node agents with their own address ranges share it).
 pub const HOST_VETH_PREFIX: &str = "bvh-";
+/// The host's iptables tables that hold VM rules (each tagged with its VM's tag).
+pub const HOST_TABLES: [&str; 3] = ["raw", "filter", "nat"];
 /// Name of the veth end inside the namespace.
 pub const NS_VETH: &str = "veth0";
 /// Name of the guest's TAP inside the namespace.
 pub const TAP: &str = "tap0";
 /// The guest's interface name, as given to the kernel `ip=` parameter.
 pub const GUEST_IFACE: &str = "eth0";
-/// Link-local range of cloud metadata services, always blocked.
-pub const LINK_LOCAL: &str = "169.254.0.0/16";
-/// The nftables table (family `ip`) holding the namespace's firewall.
+/// The nftables table (family `inet`) holding the namespace's firewall.
 pub const NETNS_TABLE: &str = "builder";
+
+/// IPv4 destinations no VM reaches unless the operator excepts them: "this network", RFC 1918,
+/// shared address space (100.64/10: carrier NAT, some clouds' metadata at 100.100.100.200),
+/// loopback, link-local (169.254.169.254 and every other metadata address there), IETF protocol
+/// assignments, multicast and reserved (with broadcast). 198.18.0.0/15 (benchmarking) and the
+/// documentation ranges are left reachable: tests stand in for the Internet with them.
+pub const BLOCKED_V4: [(Ipv4Addr, u8); 10] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8),
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(100, 64, 0, 0), 10),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+    (Ipv4Addr::new(169, 254, 0, 0), 16),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 0, 0, 0), 24),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(224, 0, 0, 0), 4),
+    (Ipv4Addr::new(240, 0, 0, 0), 4),
+];
+
+/// IPv6 destinations no VM reaches: unspecified, loopback, IPv4-mapped, unique local
+/// (fc00::/7, with AWS's metadata at fd00:ec2::254), link-local and multicast.
+pub const BLOCKED_V6: [(Ipv6Addr, u8); 6] = [
+    (Ipv6Addr::UNSPECIFIED, 128),
+    (Ipv6Addr::LOCALHOST, 128),
+    (Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+];
+
+/// The port of the VMs' resolvers, reachable even when they are private.
+const DNS_PORT: u16 = 53;
 
 /// Why the network could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +243,36 @@ impl FromStr for EgressRule {
     }
 }
 
+impl EgressRule {
+    /// The protocols and port the rule names: the whole network, or TCP and UDP on its port.
+    fn ports(&self) -> Vec<Option<(&'static str, u16)>> {
+        match self.port {
+            None => vec![None],
+            Some(port) => vec![Some(("tcp", port)), Some(("udp", port))],
+        }
+    }
+
+    /// The rule as nftables matches (`ip daddr CIDR [PROTO dport PORT]`).
+    fn nft_matches(&self) -> Vec<String> {
+        let dest = format!("ip daddr {}/{}", self.network, self.prefix);
+        let with = |port| match port {
+            None => dest.clone(),
+            Some((proto, port)) => format!("{dest} {proto} dport {port}"),
+        };
+        self.ports().into_iter().map(with).collect()
+    }
+
+    /// The rule as iptables matches (`-d CIDR [-p PROTO --dport PORT]`).
+    fn iptables_matches(&self) -> Vec<String> {
+        let dest = format!("-d {}/{}", self.network, self.prefix);
+        let with = |port| match port {
+            None => dest.clone(),
+            Some((proto, port)) => format!("{dest} -p {proto} --dport {port}"),
+        };
+        self.ports().into_iter().map(with).collect()
+    }
+}
+
 impl TryFrom<String> for EgressRule {
     type Error = NetError;
     fn try_from(value: String) -> Result<Self, NetError> {
@@ -228,13 +301,19 @@ impl fmt::Display for EgressRule {
 #[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
     /// The one TCP port of the host (at [`VmAddresses::host_veth`]) the guest may connect to:
-    /// the node agent's webhook endpoint.
+    /// the node agent's VM-facing listener. No other address or port of the host is reachable.
     #[serde(default)]
     pub host_port: Option<u16>,
-    /// `None`: everything not blocked is allowed. `Some`: only these destinations (plus the DNS
-    /// servers on port 53).
+    /// `None`: every destination outside the blocked ranges is allowed. `Some`: only these
+    /// (plus the DNS servers on port 53); a blocked destination stays blocked even when listed,
+    /// unless it is also in [`EgressPolicy::allow_private`].
     #[serde(default)]
     pub allow: Option<Vec<EgressRule>>,
+    /// The operator's exceptions to the blocked ranges ([`BLOCKED_V4`], the pool): e.g. a
+    /// registry mirror on the LAN, `10.1.2.0/24:5000`. They never open the host's own
+    /// addresses.
+    #[serde(default)]
+    pub allow_private: Vec<EgressRule>,
 }
 
 /// The network part of a VM's spec.
@@ -294,55 +373,99 @@ impl NetworkPlan {
         self.addresses.kernel_ip_param(&self.spec.dns)
     }
 
+    /// The destinations the guest may not reach ([`BLOCKED_V4`] and the pool), unless excepted.
+    fn blocked_v4(&self) -> Vec<(Ipv4Addr, u8)> {
+        let mut blocked = BLOCKED_V4.to_vec();
+        blocked.push((self.pool.network, self.pool.prefix));
+        blocked
+    }
+
+    /// What passes the blocked ranges before they are checked: the resolvers on port 53 (the
+    /// guest is given at most two), then the operator's exceptions.
+    fn exceptions(&self) -> Vec<EgressRule> {
+        let resolvers = self.spec.dns.iter().take(2).map(|&dns| EgressRule {
+            network: dns,
+            prefix: 32,
+            port: Some(DNS_PORT),
+        });
+        resolvers
+            .chain(self.spec.egress.allow_private.iter().cloned())
+            .collect()
+    }
+
     /// The namespace's firewall: one nftables table [`NETNS_TABLE`] loaded with one `nft -f -`
     /// (one kernel transaction; `iptables-restore` in a fresh namespace took 20-45 ms here, `nft`
-    /// about 6). `forward` drops by default and lets the guest out to what its policy allows,
-    /// `input` keeps the guest off the namespace itself, `postrouting` masquerades on the veth.
+    /// about 6), family `inet` so IPv6 is filtered too. `forward` drops by default; the guest
+    /// gets the host port, then its resolvers and the operator's exceptions go to `egress`, the
+    /// blocked ranges (and the pool) are dropped, and the rest goes to `egress`, which accepts
+    /// everything or only the build's allowlist. `input` keeps the guest off the namespace
+    /// itself, `postrouting` masquerades on the veth.
     pub fn netns_rules(&self) -> String {
-        let a = &self.addresses;
         let tap = format!("iifname \"{TAP}\"");
         let mut forward = vec!["ct state established,related accept".to_string()];
         if let Some(port) = self.spec.egress.host_port {
             forward.push(format!(
                 "{tap} ip daddr {}/32 tcp dport {port} accept",
-                a.host_veth
+                self.addresses.host_veth
             ));
         }
-        forward.push(format!("{tap} ip daddr {} drop", self.pool));
-        forward.push(format!("{tap} ip daddr {LINK_LOCAL} drop"));
-        match &self.spec.egress.allow {
-            None => forward.push(format!("{tap} accept")),
-            Some(rules) => {
-                for dns in self.spec.dns.iter().take(2) {
-                    for proto in ["udp", "tcp"] {
-                        forward.push(format!("{tap} ip daddr {dns}/32 {proto} dport 53 accept"));
-                    }
-                }
-                for rule in rules {
-                    let dest = format!("{tap} ip daddr {}/{}", rule.network, rule.prefix);
-                    match rule.port {
-                        None => forward.push(format!("{dest} accept")),
-                        Some(port) => {
-                            for proto in ["tcp", "udp"] {
-                                forward.push(format!("{dest} {proto} dport {port} accept"));
-                            }
-                        }
-                    }
-                }
-            }
+        for rule in self.exceptions() {
+            forward.extend(
+                rule.nft_matches()
+                    .into_iter()
+                    .map(|m| format!("{tap} {m} goto egress")),
+            );
         }
-        let chain = |name: &str, head: &str, rules: &[String]| {
-            let mut text = format!("  chain {name} {{\n    {head}\n");
-            for rule in rules {
-                text.push_str(&format!("    {rule}\n"));
+        forward.push(format!("{tap} ip daddr @blocked4 drop"));
+        forward.push(format!("{tap} ip6 daddr @blocked6 drop"));
+        forward.push(format!("{tap} goto egress"));
+        let egress: Vec<String> = match &self.spec.egress.allow {
+            None => vec!["accept".to_string()],
+            Some(rules) => rules
+                .iter()
+                .flat_map(EgressRule::nft_matches)
+                .map(|m| format!("{m} accept"))
+                .collect(),
+        };
+        let set = |name: &str, kind: &str, elements: Vec<String>| {
+            format!(
+                "  set {name} {{\n    type {kind}; flags interval; auto-merge;\n    \
+                 elements = {{ {} }}\n  }}\n",
+                elements.join(", ")
+            )
+        };
+        let chain = |name: &str, head: Option<&str>, rules: &[String]| {
+            let mut text = format!("  chain {name} {{\n");
+            for line in head
+                .into_iter()
+                .map(str::to_string)
+                .chain(rules.iter().cloned())
+            {
+                text.push_str(&format!("    {line}\n"));
             }
             text + "  }\n"
         };
         [
-            format!("table ip {NETNS_TABLE} {{\n"),
+            format!("table inet {NETNS_TABLE} {{\n"),
+            set(
+                "blocked4",
+                "ipv4_addr",
+                self.blocked_v4()
+                    .iter()
+                    .map(|(net, prefix)| format!("{net}/{prefix}"))
+                    .collect(),
+            ),
+            set(
+                "blocked6",
+                "ipv6_addr",
+                BLOCKED_V6
+                    .iter()
+                    .map(|(net, prefix)| format!("{net}/{prefix}"))
+                    .collect(),
+            ),
             chain(
                 "input",
-                "type filter hook input priority filter; policy accept;",
+                Some("type filter hook input priority filter; policy accept;"),
                 &[
                     format!("{tap} ct state established,related accept"),
                     format!("{tap} drop"),
@@ -350,12 +473,13 @@ impl NetworkPlan {
             ),
             chain(
                 "forward",
-                "type filter hook forward priority filter; policy drop;",
+                Some("type filter hook forward priority filter; policy drop;"),
                 &forward,
             ),
+            chain("egress", None, &egress),
             chain(
                 "postrouting",
-                "type nat hook postrouting priority srcnat; policy accept;",
+                Some("type nat hook postrouting priority srcnat; policy accept;"),
                 &[format!("oifname \"{NS_VETH}\" masquerade")],
             ),
             "}\n".to_string(),
@@ -364,23 +488,63 @@ impl NetworkPlan {
     }
 
     /// The host-side rules as an `iptables-restore --noflush` script, each rule tagged with a
-    /// comment. `add`: FORWARD and INPUT rules are inserted on top (the port ACCEPT after the
-    /// DROP, so above it), NAT appended; otherwise the same rules are deleted.
+    /// comment; `add` makes them, otherwise the same script removes them.
+    ///
+    /// - `raw`: a chain named after the host veth, jumped to first in `PREROUTING` (before
+    ///   conntrack and any DNAT) for packets from the veth: the listener port returns, every
+    ///   other packet to an address of the host drops (whatever DNAT would make of it), the
+    ///   resolvers and the operator's exceptions return, the blocked ranges and the pool drop.
+    ///   It never accepts, so being first opens nothing.
+    /// - `filter`: `FORWARD` accepts from the veth (and replies to it), appended: rules before
+    ///   it (`DOCKER-USER`, the operator's) still decide first. `INPUT` drops from the veth but
+    ///   the listener port, inserted on top (it matches only this veth).
+    /// - `nat`: the namespace's address is masqueraded leaving the host.
     pub fn host_rules(&self, add: bool) -> String {
         let (hv, tag) = (&self.host_veth, &self.tag);
         let comment = format!("-m comment --comment {tag}");
+        let host_port = self.spec.egress.host_port;
+        let listener =
+            |port: u16| format!("-d {}/32 -p tcp --dport {port}", self.addresses.host_veth);
+        let mut text = String::from("*raw\n");
+        if add {
+            text.push_str(&format!(
+                ":{hv} - [0:0]\n-I PREROUTING -i {hv} {comment} -j {hv}\n"
+            ));
+            let mut chain = vec![];
+            if let Some(port) = host_port {
+                chain.push(format!("{} {comment} -j RETURN", listener(port)));
+            }
+            chain.push(format!("-m addrtype --dst-type LOCAL {comment} -j DROP"));
+            for rule in self.exceptions() {
+                chain.extend(
+                    rule.iptables_matches()
+                        .into_iter()
+                        .map(|m| format!("{m} {comment} -j RETURN")),
+                );
+            }
+            for (net, prefix) in self.blocked_v4() {
+                chain.push(format!("-d {net}/{prefix} {comment} -j DROP"));
+            }
+            for rule in chain {
+                text.push_str(&format!("-A {hv} {rule}\n"));
+            }
+        } else {
+            text.push_str(&format!(
+                "-D PREROUTING -i {hv} {comment} -j {hv}\n-F {hv}\n-X {hv}\n"
+            ));
+        }
         let (insert, append) = if add { ("-I", "-A") } else { ("-D", "-D") };
-        let mut text = String::from("*filter\n");
-        text.push_str(&format!("{insert} FORWARD -i {hv} {comment} -j ACCEPT\n"));
+        text.push_str("COMMIT\n*filter\n");
+        text.push_str(&format!("{append} FORWARD -i {hv} {comment} -j ACCEPT\n"));
         text.push_str(&format!(
-            "{insert} FORWARD -o {hv} -m conntrack --ctstate ESTABLISHED,RELATED {comment} \
+            "{append} FORWARD -o {hv} -m conntrack --ctstate ESTABLISHED,RELATED {comment} \
              -j ACCEPT\n"
         ));
         text.push_str(&format!("{insert} INPUT -i {hv} {comment} -j DROP\n"));
-        if let Some(port) = self.spec.egress.host_port {
+        if let Some(port) = host_port {
             text.push_str(&format!(
-                "{insert} INPUT -i {hv} -d {}/32 -p tcp --dport {port} {comment} -j ACCEPT\n",
-                self.addresses.host_veth
+                "{insert} INPUT -i {hv} {} {comment} -j ACCEPT\n",
+                listener(port)
             ));
         }
         text.push_str("COMMIT\n*nat\n");
@@ -554,6 +718,7 @@ pub(crate) mod tests {
             egress: EgressPolicy {
                 host_port: Some(8080),
                 allow: None,
+                allow_private: vec![],
             },
             dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
         }
@@ -614,12 +779,24 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn netns_rules_block_host_pool_and_metadata_before_allowing() {
+    fn netns_rules_let_out_the_listener_resolvers_and_exceptions_then_block_private() {
         let mut spec = spec(1);
+        spec.dns.push(Ipv4Addr::new(10, 0, 0, 2));
+        spec.egress.allow_private = vec!["10.1.2.0/24:5000".parse().unwrap()];
         let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec.clone(), None).unwrap();
         assert_eq!(
             plan.netns_rules(),
-            "table ip builder {\n  \
+            "table inet builder {\n  \
+             set blocked4 {\n    \
+             type ipv4_addr; flags interval; auto-merge;\n    \
+             elements = { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, \
+             172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4, \
+             10.200.0.0/16 }\n  \
+             }\n  \
+             set blocked6 {\n    \
+             type ipv6_addr; flags interval; auto-merge;\n    \
+             elements = { ::/128, ::1/128, ::ffff:0.0.0.0/96, fc00::/7, fe80::/10, ff00::/8 }\n  \
+             }\n  \
              chain input {\n    \
              type filter hook input priority filter; policy accept;\n    \
              iifname \"tap0\" ct state established,related accept\n    \
@@ -629,9 +806,18 @@ pub(crate) mod tests {
              type filter hook forward priority filter; policy drop;\n    \
              ct state established,related accept\n    \
              iifname \"tap0\" ip daddr 10.200.0.9/32 tcp dport 8080 accept\n    \
-             iifname \"tap0\" ip daddr 10.200.0.0/16 drop\n    \
-             iifname \"tap0\" ip daddr 169.254.0.0/16 drop\n    \
-             iifname \"tap0\" accept\n  \
+             iifname \"tap0\" ip daddr 1.1.1.1/32 tcp dport 53 goto egress\n    \
+             iifname \"tap0\" ip daddr 1.1.1.1/32 udp dport 53 goto egress\n    \
+             iifname \"tap0\" ip daddr 10.0.0.2/32 tcp dport 53 goto egress\n    \
+             iifname \"tap0\" ip daddr 10.0.0.2/32 udp dport 53 goto egress\n    \
+             iifname \"tap0\" ip daddr 10.1.2.0/24 tcp dport 5000 goto egress\n    \
+             iifname \"tap0\" ip daddr 10.1.2.0/24 udp dport 5000 goto egress\n    \
+             iifname \"tap0\" ip daddr @blocked4 drop\n    \
+             iifname \"tap0\" ip6 daddr @blocked6 drop\n    \
+             iifname \"tap0\" goto egress\n  \
+             }\n  \
+             chain egress {\n    \
+             accept\n  \
              }\n  \
              chain postrouting {\n    \
              type nat hook postrouting priority srcnat; policy accept;\n    \
@@ -640,14 +826,83 @@ pub(crate) mod tests {
              }\n"
         );
 
-        spec.egress.allow = Some(vec!["192.0.2.0/24:443".parse().unwrap()]);
+        // An allowlist narrows what passes; a private entry in it is still blocked, as the
+        // blocked ranges come first.
+        spec.egress.allow = Some(vec![
+            "192.0.2.0/24:443".parse().unwrap(),
+            "10.9.0.0/16".parse().unwrap(),
+        ]);
         let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec, None).unwrap();
         let rules = plan.netns_rules();
-        assert!(!rules.contains("iifname \"tap0\" accept"), "{rules}");
-        assert!(rules.contains("iifname \"tap0\" ip daddr 1.1.1.1/32 udp dport 53 accept\n"));
         assert!(
-            rules.contains("iifname \"tap0\" ip daddr 192.0.2.0/24 tcp dport 443 accept\n"),
+            rules.contains(
+                "  chain egress {\n    \
+                 ip daddr 192.0.2.0/24 tcp dport 443 accept\n    \
+                 ip daddr 192.0.2.0/24 udp dport 443 accept\n    \
+                 ip daddr 10.9.0.0/16 accept\n  }\n"
+            ),
             "{rules}"
+        );
+        let blocked = rules.find("ip daddr @blocked4 drop").unwrap();
+        assert!(rules.find("goto egress\n  }").unwrap() > blocked, "{rules}");
+    }
+
+    #[test]
+    fn host_rules_drop_in_raw_before_dnat_and_append_the_forward_accept() {
+        let mut spec = spec(1);
+        spec.egress.allow_private = vec!["10.1.2.3".parse().unwrap()];
+        let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec, None).unwrap();
+        let c = "-m comment --comment bvm-a";
+        let blocked: String = plan
+            .blocked_v4()
+            .iter()
+            .map(|(net, prefix)| format!("-A bvh-0ac80009 -d {net}/{prefix} {c} -j DROP\n"))
+            .collect();
+        assert_eq!(
+            plan.host_rules(true),
+            format!(
+                "*raw\n\
+                 :bvh-0ac80009 - [0:0]\n\
+                 -I PREROUTING -i bvh-0ac80009 {c} -j bvh-0ac80009\n\
+                 -A bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 {c} -j RETURN\n\
+                 -A bvh-0ac80009 -m addrtype --dst-type LOCAL {c} -j DROP\n\
+                 -A bvh-0ac80009 -d 1.1.1.1/32 -p tcp --dport 53 {c} -j RETURN\n\
+                 -A bvh-0ac80009 -d 1.1.1.1/32 -p udp --dport 53 {c} -j RETURN\n\
+                 -A bvh-0ac80009 -d 10.1.2.3/32 {c} -j RETURN\n\
+                 {blocked}\
+                 COMMIT\n\
+                 *filter\n\
+                 -A FORWARD -i bvh-0ac80009 {c} -j ACCEPT\n\
+                 -A FORWARD -o bvh-0ac80009 -m conntrack --ctstate ESTABLISHED,RELATED {c} \
+                 -j ACCEPT\n\
+                 -I INPUT -i bvh-0ac80009 {c} -j DROP\n\
+                 -I INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 {c} -j ACCEPT\n\
+                 COMMIT\n\
+                 *nat\n\
+                 -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-0ac80009 {c} -j MASQUERADE\n\
+                 COMMIT\n"
+            )
+        );
+        assert!(blocked.contains("-d 10.200.0.0/16 "), "the pool: {blocked}");
+        assert_eq!(
+            plan.host_rules(false),
+            format!(
+                "*raw\n\
+                 -D PREROUTING -i bvh-0ac80009 {c} -j bvh-0ac80009\n\
+                 -F bvh-0ac80009\n\
+                 -X bvh-0ac80009\n\
+                 COMMIT\n\
+                 *filter\n\
+                 -D FORWARD -i bvh-0ac80009 {c} -j ACCEPT\n\
+                 -D FORWARD -o bvh-0ac80009 -m conntrack --ctstate ESTABLISHED,RELATED {c} \
+                 -j ACCEPT\n\
+                 -D INPUT -i bvh-0ac80009 {c} -j DROP\n\
+                 -D INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 {c} -j ACCEPT\n\
+                 COMMIT\n\
+                 *nat\n\
+                 -D POSTROUTING -s 10.200.0.10/32 ! -o bvh-0ac80009 {c} -j MASQUERADE\n\
+                 COMMIT\n"
+            )
         );
     }
 
@@ -676,17 +931,10 @@ pub(crate) mod tests {
                 "[netns bvm-a] sysctl net.ipv4.ip_forward=1",
                 &format!("[netns bvm-a] nft -f - <stdin>\n{}", plan.netns_rules()),
                 "sysctl net.ipv4.ip_forward=1",
-                "iptables-restore -w --noflush <stdin>\n*filter\n\
-                 -I FORWARD -i bvh-0ac80009 -m comment --comment bvm-a -j ACCEPT\n\
-                 -I FORWARD -o bvh-0ac80009 -m conntrack --ctstate ESTABLISHED,RELATED -m comment \
-                 --comment bvm-a -j ACCEPT\n\
-                 -I INPUT -i bvh-0ac80009 -m comment --comment bvm-a -j DROP\n\
-                 -I INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 -m comment \
-                 --comment bvm-a -j ACCEPT\n\
-                 COMMIT\n*nat\n\
-                 -A POSTROUTING -s 10.200.0.10/32 ! -o bvh-0ac80009 -m comment --comment bvm-a \
-                 -j MASQUERADE\n\
-                 COMMIT\n",
+                &format!(
+                    "iptables-restore -w --noflush <stdin>\n{}",
+                    plan.host_rules(true)
+                ),
             ]
         );
         assert_eq!(calls.len(), 15);
@@ -703,8 +951,6 @@ pub(crate) mod tests {
                 plan.host_rules(false)
             )
         );
-        assert!(undone[0].contains("-D INPUT -i bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080"));
-        assert!(undone[0].contains("-D POSTROUTING -s 10.200.0.10/32"));
         assert_eq!(undone[1], "ip link delete bvh-0ac80009");
         assert_eq!(undone[2], "ip netns delete bvm-a");
     }

@@ -1,10 +1,12 @@
 //! Finding and removing what VMs of a crashed daemon left behind, by naming convention alone:
 //! VMM processes whose command line carries a `bvm-` tag, netns `bvm-*`, host veths `bvh-*`
-//! whose alias is a tag, host iptables rules commented with a tag, cgroups
+//! whose alias is a tag, host iptables rules commented with a tag in every table the VMs use
+//! (and the `raw` chains named after host veths that hold such rules), cgroups
 //! `<mount>/firecracker/bvm-*`, jailer chroots and work dirs `bvm-*`. The node agent runs it at
 //! start, before it starts any VM. Veths go before namespaces: deleting a namespace removes
 //! its veth pair only later, asynchronously.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup;
 use crate::cleanup::remove_dir_all_if_exists;
 use crate::host::{Host, HostCommand};
-use crate::net::HOST_VETH_PREFIX;
+use crate::net::{HOST_TABLES, HOST_VETH_PREFIX};
 use crate::process::Process;
 
 /// What to look for.
@@ -33,6 +35,8 @@ pub struct ReclaimReport {
     pub netns: usize,
     pub veths: usize,
     pub iptables_rules: usize,
+    /// Chains of our own (the `raw` chain of each VM), removed with their rules.
+    pub iptables_chains: usize,
     pub cgroups: usize,
     pub chroots: usize,
     pub work_dirs: usize,
@@ -46,6 +50,7 @@ impl ReclaimReport {
             + self.netns
             + self.veths
             + self.iptables_rules
+            + self.iptables_chains
             + self.cgroups
             + self.chroots
             + self.work_dirs
@@ -105,12 +110,15 @@ pub fn reclaim(host: &dyn Host, scope: &ReclaimScope<'_>) -> ReclaimReport {
         }
     }
 
+    // Rules in the built-in chains one by one (the jumps to our chains among them), then our
+    // chains whole.
     let marker = format!("--comment {prefix}");
-    for table in ["filter", "nat"] {
+    for table in HOST_TABLES {
         let rules = run(
             &mut report,
             HostCommand::new("iptables", ["-w", "-t", table, "-S"]),
         );
+        let mut chains = BTreeSet::new();
         for rule in rules.unwrap_or_default().lines() {
             let Some(spec) = rule.strip_prefix("-A ") else {
                 continue;
@@ -118,11 +126,31 @@ pub fn reclaim(host: &dyn Host, scope: &ReclaimScope<'_>) -> ReclaimReport {
             if !rule.contains(&marker) {
                 continue;
             }
+            let chain = spec.split_whitespace().next().unwrap_or_default();
+            if chain.starts_with(HOST_VETH_PREFIX) {
+                chains.insert(chain.to_string());
+                continue;
+            }
             let args = ["-w", "-t", table, "-D"]
                 .into_iter()
                 .chain(spec.split_whitespace());
             if run(&mut report, HostCommand::new("iptables", args)).is_some() {
                 report.iptables_rules += 1;
+            }
+        }
+        for chain in chains {
+            let flushed = run(
+                &mut report,
+                HostCommand::new("iptables", ["-w", "-t", table, "-F", &chain]),
+            );
+            if flushed.is_some()
+                && run(
+                    &mut report,
+                    HostCommand::new("iptables", ["-w", "-t", table, "-X", &chain]),
+                )
+                .is_some()
+            {
+                report.iptables_chains += 1;
             }
         }
     }

@@ -1,27 +1,44 @@
 //! The per-VM network for real: namespace, veth, TAP, NAT and egress rules appear on the host,
 //! the namespace reaches the host over the veth, and teardown or reclaim leaves nothing.
+//!
+//! The egress matrix runs in a namespace standing in for the host (its own tables, routes and
+//! addresses, so a Docker-style DNAT, a `DOCKER-USER` chain and a fake metadata route touch
+//! nothing of the real host or of other tests) with a guest namespace behind the VM's `tap0`
+//! (a veth under that name, which the namespace's rules match as they match the TAP), an
+//! "Internet" namespace in 198.18.0.0/15 and a "LAN" namespace in 10/8 that also holds a fake
+//! metadata service at 169.254.169.254. Every connection goes only to these namespaces.
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use builder_vmm::cleanup::CleanupStack;
-use builder_vmm::net::{NetworkPlan, NETNS_TABLE, TAP};
+use builder_vmm::net::{NetworkPlan, HOST_TABLES, NETNS_TABLE, TAP};
 use builder_vmm::{reclaim, AddressPool, EgressPolicy, Host, NetworkSpec, SystemHost};
 
-fn plan(name: &str, slot: u32, tap_owner: Option<u32>) -> NetworkPlan {
+/// The node agent's listener port in these tests.
+const LISTENER: u16 = 18080;
+
+fn plan(name: &str, slot: u32, tap_owner: Option<u32>, egress: EgressPolicy) -> NetworkPlan {
     let spec = NetworkSpec {
         slot,
-        egress: EgressPolicy {
-            host_port: Some(18080),
-            allow: None,
-        },
+        egress,
         dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
     };
     let tag = format!("bvm-{}", common::id(name));
     NetworkPlan::new(&tag, AddressPool::default(), spec, tap_owner).unwrap()
+}
+
+fn listener_only() -> EgressPolicy {
+    EgressPolicy {
+        host_port: Some(LISTENER),
+        ..Default::default()
+    }
 }
 
 /// Accepts one connection on all addresses and greets it.
@@ -38,6 +55,13 @@ fn run(args: &[&str]) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
+}
+
+/// Runs `args` and fails the test when it fails.
+fn must(args: &[&str]) -> String {
+    let (ok, text) = run(args);
+    assert!(ok, "{args:?}: {text}");
+    text
 }
 
 /// `ip [-n NETNS] ARGS...`.
@@ -63,10 +87,161 @@ fn addresses(netns: Option<&str>, link: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs `work` on a thread that has entered the named namespace `netns` (threads it starts,
+/// and the commands they run, are in it too).
+fn in_netns<T: Send>(netns: &str, work: impl FnOnce() -> T + Send) -> T {
+    let file = std::fs::File::open(format!("/var/run/netns/{netns}")).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a namespace fd we hold open; it changes only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {netns}");
+                work()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// Named namespaces made for a test, deleted when dropped (their links with them).
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn add(&mut self, name: &str) -> String {
+        let netns = format!("bvm-{}", common::id(name));
+        must(&["ip", "netns", "add", &netns]);
+        must(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        self.0.push(netns.clone());
+        netns
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for netns in self.0.iter().rev() {
+            let _ = run(&["ip", "netns", "delete", netns]);
+        }
+    }
+}
+
+/// Greets every connection on `0.0.0.0:port` in namespace `netns` until dropped.
+struct Greeter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Greeter {
+    fn start(netns: &str, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = in_netns(netns, || std::net::TcpListener::bind(("0.0.0.0", port)))
+            .unwrap_or_else(|e| panic!("bind {port} in {netns}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = std::io::Write::write_all(&mut conn, b"hello\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Greeter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Greeter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One connection attempt: from namespace `from` to `to`, greeted or not.
+#[derive(Debug, Clone)]
+struct Probe {
+    name: &'static str,
+    from: String,
+    to: SocketAddr,
+    reachable: bool,
+}
+
+fn probe(name: &'static str, from: &str, to: &str, reachable: bool) -> Probe {
+    Probe {
+        name,
+        from: from.to_string(),
+        to: to.parse().unwrap(),
+        reachable,
+    }
+}
+
+/// Whether a connection from `from` to `to` is greeted within two seconds.
+fn greeted(from: &str, to: SocketAddr) -> bool {
+    in_netns(from, || {
+        let Ok(mut conn) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+            return false;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut reply = String::new();
+        let _ = std::io::Read::read_to_string(&mut conn, &mut reply);
+        reply == "hello\n"
+    })
+}
+
+/// Runs the probes at once; fails naming every one whose outcome was not the expected one.
+fn check(probes: &[Probe]) {
+    let outcomes: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|p| scope.spawn(|| greeted(&p.from, p.to)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wrong: Vec<String> = probes
+        .iter()
+        .zip(outcomes)
+        .filter(|(p, reached)| p.reachable != *reached)
+        .map(|(p, reached)| {
+            let verb = if reached { "reached" } else { "did not reach" };
+            format!("{}: {} {verb} {}", p.name, p.from, p.to)
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// A veth from the current namespace (`link`, with `host_cidrs`) to `eth0` of `netns` (with
+/// `cidrs`, default route via `gateway`).
+fn wire(link: &str, host_cidrs: &[&str], netns: &str, cidrs: &[&str], gateway: &str) {
+    must(&[
+        "ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns,
+    ]);
+    for cidr in host_cidrs {
+        must(&["ip", "addr", "add", cidr, "dev", link]);
+    }
+    must(&["ip", "link", "set", link, "up"]);
+    for cidr in cidrs {
+        must(&["ip", "-n", netns, "addr", "add", cidr, "dev", "eth0"]);
+    }
+    must(&["ip", "-n", netns, "link", "set", "eth0", "up"]);
+    must(&["ip", "-n", netns, "route", "add", "default", "via", gateway]);
+}
+
+/// `iptables ARGS...` in the current namespace.
+fn iptables(args: &[&str]) -> String {
+    must(&[&["iptables", "-w"][..], args].concat())
+}
+
 #[test]
 fn setup_works_and_teardown_leaves_nothing() {
     let host: Arc<dyn Host> = Arc::new(SystemHost);
-    let plan = plan("net", 4001, Some(12345));
+    let plan = plan("net", 4001, Some(12345), listener_only());
     let ns = plan.tag.clone();
     let mut stack = CleanupStack::new();
     let applied = plan.apply(&host, &mut stack);
@@ -101,8 +276,8 @@ fn setup_works_and_teardown_leaves_nothing() {
     // From the namespace, the host answers only on the allowed port: ICMP and another port
     // with a listener are dropped.
     let host_ip = plan.addresses.host_veth.to_string();
-    let allowed = serve_once(18080);
-    let other = serve_once(18081);
+    let allowed = serve_once(LISTENER);
+    let other = serve_once(LISTENER + 1);
     let (ok, reply) = run(&[
         "ip", "netns", "exec", &ns, "busybox", "nc", "-w", "3", &host_ip, "18080",
     ]);
@@ -129,31 +304,29 @@ fn setup_works_and_teardown_leaves_nothing() {
         &ns,
         "nft",
         "list",
-        "chain",
-        "ip",
+        "table",
+        "inet",
         NETNS_TABLE,
-        "forward",
     ]);
     assert!(ok, "{rules}");
     assert!(rules.contains("policy drop;"), "{rules}");
-    assert!(
-        rules.contains("iifname \"tap0\" ip daddr 169.254.0.0/16 drop"),
-        "{rules}"
-    );
-    assert!(
-        rules.contains("iifname \"tap0\" ip daddr 10.200.0.0/16 drop"),
-        "{rules}"
-    );
-    let (_, forward) = run(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns,
-        "sysctl",
-        "-n",
-        "net.ipv4.ip_forward",
-    ]);
-    assert_eq!(forward.trim(), "1");
+    for range in [
+        "169.254.0.0/16",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "fc00::/7",
+        "fe80::/10",
+    ] {
+        assert!(rules.contains(range), "{range} is blocked:\n{rules}");
+    }
+    assert!(!rules.contains("198.18."), "{rules}");
+    let sysctl = |key: &str| {
+        let (_, value) = run(&["ip", "netns", "exec", &ns, "sysctl", "-n", key]);
+        value.trim().to_string()
+    };
+    assert_eq!(sysctl("net.ipv4.ip_forward"), "1");
+    // IPv6 is never forwarded (a fresh namespace's default, relied on).
+    assert_eq!(sysctl("net.ipv6.conf.all.forwarding"), "0");
     let (_, nat) = run(&["iptables", "-t", "nat", "-S", "POSTROUTING"]);
     assert!(
         nat.contains(&format!("--comment {ns} -j MASQUERADE")),
@@ -168,15 +341,33 @@ fn setup_works_and_teardown_leaves_nothing() {
         accept < drop,
         "the allowed port comes before the drop:\n{input}"
     );
+    // The jump to the raw chain in PREROUTING; the FORWARD accept after every rule that is not
+    // a VM's (other tests' VMs may come and go meanwhile).
+    let (_, raw) = run(&["iptables", "-t", "raw", "-S", "PREROUTING"]);
+    let jump = format!(
+        "-i {hv} -m comment --comment {ns} -j {hv}",
+        hv = plan.host_veth
+    );
+    assert!(raw.contains(&jump), "{raw}");
+    let (_, forward) = run(&["iptables", "-S", "FORWARD"]);
+    let ours = forward.find(&format!("-A FORWARD -i {} ", plan.host_veth));
+    let last_foreign = forward
+        .lines()
+        .filter(|l| l.starts_with("-A ") && !l.contains("--comment bvm-"))
+        .filter_map(|l| forward.find(l))
+        .max();
+    assert!(ours.is_some() && ours > last_foreign, "{forward}");
 
     guard.finish().unwrap();
     assert_eq!(common::leftovers(&ns, &[]), Vec::<String>::new());
+    let (_, raw) = run(&["iptables", "-t", "raw", "-S"]);
+    assert!(!raw.contains(&plan.host_veth), "{raw}");
 }
 
 #[test]
 fn reclaim_removes_a_crashed_network() {
     let host: Arc<dyn Host> = Arc::new(SystemHost);
-    let plan = plan("crash", 4002, None);
+    let plan = plan("crash", 4002, None, listener_only());
     let mut stack = CleanupStack::new();
     plan.apply(&host, &mut stack).unwrap();
     // The daemon "crashes": its cleanup stack is lost.
@@ -194,6 +385,324 @@ fn reclaim_removes_a_crashed_network() {
     );
     assert_eq!(report.errors, Vec::<String>::new());
     assert_eq!(report.netns, 1);
-    assert_eq!(report.iptables_rules, 5, "{report:?}");
+    // FORWARD ×2, INPUT ×2, POSTROUTING, the jump in raw PREROUTING; and the raw chain.
+    assert_eq!(report.iptables_rules, 6, "{report:?}");
+    assert_eq!(report.iptables_chains, 1, "{report:?}");
     assert_eq!(common::leftovers(&plan.tag, &[]), Vec::<String>::new());
+    for table in HOST_TABLES {
+        let (_, rules) = run(&["iptables", "-t", table, "-S"]);
+        assert!(!rules.contains(&plan.host_veth), "{table}: {rules}");
+    }
+}
+
+/// From a guest behind the VM's `tap0`: the public Internet and the listener are reachable;
+/// the host's other addresses and ports, a Docker-style DNAT of a host port, a private LAN
+/// host, a fake metadata service and a destination the operator drops in `DOCKER-USER` are
+/// not; the resolver and an operator's exception are. Each of the two layers (the namespace's
+/// nftables, the host's raw chain) blocks the private ranges on its own.
+#[test]
+fn the_guest_reaches_the_internet_and_nothing_private() {
+    let mut spaces = Namespaces(vec![]);
+    let host = spaces.add("host");
+    let inet = spaces.add("inet");
+    let lan = spaces.add("lan");
+    let guest = spaces.add("guest");
+    let egress = EgressPolicy {
+        host_port: Some(LISTENER),
+        allow: None,
+        allow_private: vec!["10.252.1.0/24:18087".parse().unwrap()],
+    };
+    let mut plan = plan("matrix", 4003, None, egress);
+    plan.spec.dns = vec![Ipv4Addr::new(10, 252, 0, 2)];
+    let vm = plan.tag.clone();
+    let a = plan.addresses;
+    let hv = plan.host_veth.clone();
+
+    in_netns(&host, || {
+        // The "host": a link to the Internet (198.18.0.1), one to the LAN (10.252.0.1 and
+        // .1.1, and the route to the fake metadata address there), another address of its own
+        // (on `lo`: this kernel has no dummy links), FORWARD dropping by default as Docker
+        // makes it, with the operator's forwarding between its links and a DOCKER-USER chain
+        // that drops one Internet host.
+        wire(
+            "inet0",
+            &["198.18.0.1/24"],
+            &inet,
+            &["198.18.0.2/24", "198.18.0.3/24"],
+            "198.18.0.1",
+        );
+        wire(
+            "lan0",
+            &["10.252.0.1/24", "10.252.1.1/24"],
+            &lan,
+            &["10.252.0.2/24", "10.252.1.2/24", "169.254.169.254/32"],
+            "10.252.0.1",
+        );
+        must(&[
+            "ip",
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "via",
+            "10.252.0.2",
+        ]);
+        must(&["ip", "addr", "add", "198.18.9.1/32", "dev", "lo"]);
+        iptables(&["-P", "FORWARD", "DROP"]);
+        iptables(&["-N", "DOCKER-USER"]);
+        iptables(&["-A", "DOCKER-USER", "-d", "198.18.0.3/32", "-j", "DROP"]);
+        iptables(&["-A", "FORWARD", "-j", "DOCKER-USER"]);
+        for (from, to) in [("inet0", "lan0"), ("lan0", "inet0")] {
+            iptables(&["-A", "FORWARD", "-i", from, "-o", to, "-j", "ACCEPT"]);
+        }
+        // A Docker-style published port: the host's port 18085 goes to the LAN host.
+        iptables(&[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "18085",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.252.0.2:18086",
+        ]);
+
+        let system: Arc<dyn Host> = Arc::new(SystemHost);
+        let mut stack = CleanupStack::new();
+        let applied = plan.apply(&system, &mut stack);
+        let guard = common::Guard(stack);
+        applied.unwrap();
+        // DOCKER-USER still runs before the VM's accept.
+        let forward = iptables(&["-S", "FORWARD"]);
+        let docker_user = forward.find("-j DOCKER-USER").unwrap();
+        let accept = forward.find(&format!("-A FORWARD -i {hv} ")).unwrap();
+        assert!(docker_user < accept, "{forward}");
+
+        // The guest: a veth named tap0 in the VM's namespace instead of the TAP.
+        must(&["ip", "-n", &vm, "link", "delete", TAP]);
+        must(&[
+            "ip", "-n", &vm, "link", "add", TAP, "type", "veth", "peer", "name", "eth0", "netns",
+            &guest,
+        ]);
+        let gateway = format!("{}/30", a.gateway);
+        must(&["ip", "-n", &vm, "addr", "add", &gateway, "dev", TAP]);
+        must(&["ip", "-n", &vm, "link", "set", TAP, "up"]);
+        let guest_cidr = format!("{}/30", a.guest);
+        must(&[
+            "ip",
+            "-n",
+            &guest,
+            "addr",
+            "add",
+            &guest_cidr,
+            "dev",
+            "eth0",
+        ]);
+        must(&["ip", "-n", &guest, "link", "set", "eth0", "up"]);
+        let via = a.gateway.to_string();
+        must(&["ip", "-n", &guest, "route", "add", "default", "via", &via]);
+
+        let _servers = [
+            Greeter::start(&host, LISTENER),
+            Greeter::start(&host, LISTENER + 1),
+            Greeter::start(&inet, 18082),
+            Greeter::start(&lan, 53),
+            Greeter::start(&lan, 80),
+            Greeter::start(&lan, 18086),
+            Greeter::start(&lan, 18087),
+        ];
+        let listener = format!("{}:{LISTENER}", a.host_veth);
+        let other_port = format!("{}:{}", a.host_veth, LISTENER + 1);
+        let published = format!("{}:18085", a.host_veth);
+        // Positive controls: every target answers others.
+        check(&[
+            probe("metadata from the host", &host, "169.254.169.254:80", true),
+            probe("LAN from the host", &host, "10.252.0.2:18087", true),
+            probe(
+                "dropped host from the host",
+                &host,
+                "198.18.0.3:18082",
+                true,
+            ),
+            probe(
+                "published port from the Internet",
+                &inet,
+                "198.18.0.1:18085",
+                true,
+            ),
+        ]);
+        let guest_probes = |g: &str| {
+            vec![
+                probe("listener", g, &listener, true),
+                probe("Internet", g, "198.18.0.2:18082", true),
+                probe("resolver", g, "10.252.0.2:53", true),
+                probe("excepted LAN service", g, "10.252.1.2:18087", true),
+                probe("excepted network, other port", g, "10.252.1.2:18086", false),
+                probe("host, other port", g, &other_port, false),
+                probe("host's Internet address", g, "198.18.0.1:18080", false),
+                probe("host's other address", g, "198.18.9.1:18080", false),
+                probe("published port, veth address", g, &published, false),
+                probe(
+                    "published port, Internet address",
+                    g,
+                    "198.18.0.1:18085",
+                    false,
+                ),
+                probe("LAN", g, "10.252.0.2:18087", false),
+                probe("metadata", g, "169.254.169.254:80", false),
+                probe("DOCKER-USER drop", g, "198.18.0.3:18082", false),
+            ]
+        };
+        check(&guest_probes(&guest));
+        // The host layer alone: the VM's namespace's own connections pass no nftables rule.
+        check(&[
+            probe("listener from the namespace", &vm, &listener, true),
+            probe("Internet from the namespace", &vm, "198.18.0.2:18082", true),
+            probe("LAN from the namespace", &vm, "10.252.0.2:18087", false),
+            probe(
+                "metadata from the namespace",
+                &vm,
+                "169.254.169.254:80",
+                false,
+            ),
+            probe(
+                "other address from the namespace",
+                &vm,
+                "198.18.9.1:18080",
+                false,
+            ),
+            probe("published from the namespace", &vm, &published, false),
+        ]);
+        // The namespace layer alone: without the raw chain the namespace itself reaches the
+        // LAN, the guest still does not.
+        let jump = format!("PREROUTING -i {hv} -m comment --comment {vm} -j {hv}");
+        iptables(
+            &[
+                &["-t", "raw", "-D"][..],
+                &jump.split(' ').collect::<Vec<_>>(),
+            ]
+            .concat(),
+        );
+        check(&[
+            probe(
+                "LAN from the namespace, no raw chain",
+                &vm,
+                "10.252.0.2:18087",
+                true,
+            ),
+            probe(
+                "LAN from the guest, no raw chain",
+                &guest,
+                "10.252.0.2:18087",
+                false,
+            ),
+            probe(
+                "metadata, no raw chain",
+                &guest,
+                "169.254.169.254:80",
+                false,
+            ),
+            probe("Internet, no raw chain", &guest, "198.18.0.2:18082", true),
+        ]);
+        iptables(
+            &[
+                &["-t", "raw", "-I"][..],
+                &jump.split(' ').collect::<Vec<_>>(),
+            ]
+            .concat(),
+        );
+
+        guard.finish().unwrap();
+        assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
+        let raw = iptables(&["-t", "raw", "-S"]);
+        assert!(!raw.contains(&hv), "{raw}");
+    });
+}
+
+/// A build's allowlist narrows the public Internet; listing a private network does not open
+/// it, the operator's exception does.
+#[test]
+fn an_allowlist_cannot_open_what_the_operator_blocks() {
+    let mut spaces = Namespaces(vec![]);
+    let host = spaces.add("host2");
+    let inet = spaces.add("inet2");
+    let lan = spaces.add("lan2");
+    let guest = spaces.add("guest2");
+    let egress = EgressPolicy {
+        host_port: None,
+        allow: Some(vec![
+            "198.18.0.2/32:18082".parse().unwrap(),
+            "10.252.0.0/16".parse().unwrap(),
+        ]),
+        allow_private: vec!["10.252.1.2".parse().unwrap()],
+    };
+    let plan = plan("allow", 4004, None, egress);
+    let vm = plan.tag.clone();
+    let a = plan.addresses;
+    in_netns(&host, || {
+        wire(
+            "inet0",
+            &["198.18.0.1/24"],
+            &inet,
+            &["198.18.0.2/24"],
+            "198.18.0.1",
+        );
+        wire(
+            "lan0",
+            &["10.252.0.1/24", "10.252.1.1/24"],
+            &lan,
+            &["10.252.0.2/24", "10.252.1.2/24"],
+            "10.252.0.1",
+        );
+        let system: Arc<dyn Host> = Arc::new(SystemHost);
+        let mut stack = CleanupStack::new();
+        let applied = plan.apply(&system, &mut stack);
+        let guard = common::Guard(stack);
+        applied.unwrap();
+        must(&["ip", "-n", &vm, "link", "delete", TAP]);
+        must(&[
+            "ip", "-n", &vm, "link", "add", TAP, "type", "veth", "peer", "name", "eth0", "netns",
+            &guest,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &vm,
+            "addr",
+            "add",
+            &format!("{}/30", a.gateway),
+            "dev",
+            TAP,
+        ]);
+        must(&["ip", "-n", &vm, "link", "set", TAP, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &guest,
+            "addr",
+            "add",
+            &format!("{}/30", a.guest),
+            "dev",
+            "eth0",
+        ]);
+        must(&["ip", "-n", &guest, "link", "set", "eth0", "up"]);
+        let via = a.gateway.to_string();
+        must(&["ip", "-n", &guest, "route", "add", "default", "via", &via]);
+        let _servers = [
+            Greeter::start(&inet, 18082),
+            Greeter::start(&inet, 18083),
+            Greeter::start(&lan, 18087),
+        ];
+        check(&[
+            probe("listed", &guest, "198.18.0.2:18082", true),
+            probe("not listed", &guest, "198.18.0.2:18083", false),
+            probe("listed but private", &guest, "10.252.0.2:18087", false),
+            probe("listed and excepted", &guest, "10.252.1.2:18087", true),
+        ]);
+        guard.finish().unwrap();
+        assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
+    });
 }

@@ -118,7 +118,7 @@ pub fn leftovers(prefix: &str, dirs: &[&Path]) -> Vec<String> {
             found.push(format!("link {line}"));
         }
     }
-    for table in ["filter", "nat"] {
+    for table in builder_vmm::net::HOST_TABLES {
         for line in sh("iptables", &["-w", "-t", table, "-S"]).lines() {
             if line.contains(prefix) {
                 found.push(format!("iptables {line}"));
