@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::params::BuildArgs;
 
-/// Credentials and endpoint of the S3-compatible store the rootfs is uploaded to.
+/// Credentials and endpoint of the S3-compatible store the rootfs is uploaded to: the node
+/// agent's own (`s3_credentials_file`), and a host run's (`builder-agent run --secrets`,
+/// `builder-agent upload`). A builder VM never gets them: its node grants it each request of
+/// its one upload ([`crate::upload`]).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Credentials {

@@ -785,16 +785,26 @@ pub fn content_md5(body: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
 }
 
+/// The hex MD5 of a Content-MD5 (what S3 gives a single-part object as its ETag); `None` when
+/// it is not base64 of 16 bytes.
+pub fn md5_hex(content_md5: &str) -> Option<String> {
+    md5_bytes(content_md5).map(hex::encode)
+}
+
+fn md5_bytes(content_md5: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(content_md5)
+        .ok()
+        .filter(|b| b.len() == 16)
+}
+
 /// The ETag S3 gives a multipart object: the hex MD5 of the parts' MD5s, `-` their count.
 /// `None` when a Content-MD5 is not base64 of 16 bytes.
 pub fn multipart_etag<'a>(content_md5s: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let mut all = Md5::new();
     let mut count = 0;
     for md5 in content_md5s {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(md5)
-            .ok()
-            .filter(|b| b.len() == 16)?;
+        let bytes = md5_bytes(md5)?;
         all.update(&bytes);
         count += 1;
     }
@@ -831,5 +841,9 @@ mod tests {
             format!("{}-2", hex::encode(Md5::digest(&all)))
         );
         assert_eq!(multipart_etag(["bm90IDE2IGJ5dGVz"]), None);
+        assert_eq!(
+            md5_hex("1B2M2Y8AsgTpgAmY7PhCfg==").as_deref(),
+            Some("d41d8cd98f00b204e9800998ecf8427e")
+        );
     }
 }

@@ -13,8 +13,8 @@ mod grant;
 mod sigv4;
 
 pub use client::{
-    content_md5, multipart_etag, Expected, ObjectAttributes, ObjectHead, OpenUpload, S3Client,
-    S3Error, MAX_PRESIGN_EXPIRY, REQUEST_RETRY,
+    content_md5, md5_hex, multipart_etag, Expected, ObjectAttributes, ObjectHead, OpenUpload,
+    S3Client, S3Error, MAX_PRESIGN_EXPIRY, REQUEST_RETRY,
 };
 pub use engine::{
     digest, Authorizer, DirectUpload, Uploader, DEFAULT_PARTS_IN_FLIGHT, DEFAULT_PART_SIZE,

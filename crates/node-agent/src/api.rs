@@ -20,6 +20,10 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use builder_contract::logs::{log_path, report_path, MAX_GUEST_LOG_BYTES};
 use builder_contract::signature::{self, SignatureError, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use builder_contract::upload::{
+    upload_path, PartRequest, SignedRequest, UploadComplete, UploadStart, UploadStarted,
+    UploadStep, UploadVerified,
+};
 use builder_contract::{BuildInputs, BuildReport, LogSource};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -30,12 +34,15 @@ use crate::metrics::Snapshot;
 use crate::model::{BuildRequest, BuildState, RequestError};
 use crate::node::{Node, Signal};
 use crate::sources::{SourceError, Sources, Uploaded};
+use crate::uploads::UploadError;
 use crate::vm::Check;
 
 const MAX_LIST_LIMIT: u32 = 500;
 const LOG_POLL: Duration = Duration::from_millis(250);
 /// The disk space the work dir needs for a VM's scratch disk and logs.
 const MIN_FREE_DISK_BYTES: u64 = 1 << 30;
+/// The largest upload completion: an ETag and number for each of S3's 10 000 parts.
+const MAX_UPLOAD_COMPLETE_BODY: u64 = builder_contract::upload::MAX_PARTS * 128 + 1024;
 /// The largest guest log post: the most the guest sends, and room for scrubbing's growth.
 const MAX_GUEST_LOG_BODY: u64 = MAX_GUEST_LOG_BYTES + (64 << 10);
 
@@ -91,6 +98,8 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error("the build's credentials cannot be kept")]
     Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Upload(#[from] UploadError),
 }
 
 impl ApiError {
@@ -114,6 +123,12 @@ impl ApiError {
             | ApiError::Source(_)
             | ApiError::Credentials(_)
             | ApiError::KeepLog { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Upload(e) => match e {
+                UploadError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                _ if e.is_refusal() => StatusCode::CONFLICT,
+                UploadError::Store { .. } => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -121,6 +136,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(e) => e.field(),
             ApiError::LogSource { .. } => Some("source"),
+            ApiError::Upload(e) => e.field(),
             _ => None,
         }
     }
@@ -167,6 +183,12 @@ fn vm_routes() -> Router<Arc<Node>> {
             post(guest_log).layer(DefaultBodyLimit::max(MAX_GUEST_LOG_BODY as usize)),
         )
         .route("/v1/sources/{token}/repo.git/{*path}", get(source_file))
+        .route(&upload_path("{id}", UploadStep::Start), post(upload_start))
+        .route(&upload_path("{id}", UploadStep::Part), post(upload_part))
+        .route(
+            &upload_path("{id}", UploadStep::Complete),
+            post(upload_complete).layer(DefaultBodyLimit::max(MAX_UPLOAD_COMPLETE_BODY as usize)),
+        )
 }
 
 /// The VM-facing listener's routes: [`vm_routes`] and nothing else (no operator API, no
@@ -803,6 +825,55 @@ async fn complete(
         });
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The guest's upload, step 1 ([`crate::uploads`]): the node creates the multipart upload of
+/// the build's own location and presigns its config's PUT.
+async fn upload_start(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<UploadStarted>> {
+    let bytes = body_bytes(&node, body)?;
+    authenticate_guest(&node, &id, &headers, &bytes).await?;
+    let start: UploadStart = parse_json(&bytes)?;
+    let row = load(&node, &id).await?;
+    Ok(Json(node.upload_grants.start(&row, start).await?))
+}
+
+/// The guest's upload, step 2: a presigned UploadPart of one part of the declared digest.
+async fn upload_part(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<SignedRequest>> {
+    let bytes = body_bytes(&node, body)?;
+    authenticate_guest(&node, &id, &headers, &bytes).await?;
+    let request: PartRequest = parse_json(&bytes)?;
+    Ok(Json(node.upload_grants.part(&id, request)?))
+}
+
+/// The guest's upload, step 3: the node completes the upload with its own key and checks it.
+async fn upload_complete(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<UploadVerified>> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: MAX_UPLOAD_COMPLETE_BODY,
+            }
+        } else {
+            ApiError::Body(rejection)
+        }
+    })?;
+    authenticate_guest(&node, &id, &headers, &bytes).await?;
+    let request: UploadComplete = parse_json(&bytes)?;
+    Ok(Json(node.upload_grants.complete(&id, request).await?))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

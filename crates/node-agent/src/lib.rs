@@ -17,6 +17,7 @@ pub mod model;
 pub mod node;
 pub mod notify;
 pub mod sources;
+pub mod uploads;
 pub mod vm;
 pub mod vmm;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use builder_contract::{
     BuildArgs, BuildFailure, BuildParams, BuildReport, BuildStatus, ErrorClass, LogSource, Phase,
-    S3Credentials, Secrets,
+    Secrets,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, Notify};
@@ -81,7 +81,8 @@ pub struct Node {
     pub credentials: CredentialStore,
     pub api_token: String,
     notify_secret: String,
-    s3: Option<S3Credentials>,
+    /// The node's S3 key and the uploads it grants builds ([`crate::uploads`]).
+    pub upload_grants: crate::uploads::Uploads,
     launcher: Arc<dyn Launcher>,
     host_cpus: Vec<u32>,
     usage: Mutex<Usage>,
@@ -115,6 +116,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     S3Credentials(#[from] builder_contract::SecretsError),
+    #[error(transparent)]
+    Uploads(#[from] crate::uploads::UploadError),
     #[error("the S3 credentials file {path} has no `s3` section")]
     NoS3 { path: std::path::PathBuf },
     #[error("cannot create the directory {path}")]
@@ -170,7 +173,7 @@ impl Node {
             db,
             api_token,
             notify_secret,
-            s3,
+            upload_grants: crate::uploads::Uploads::new(s3)?,
             launcher,
             wake: Notify::new(),
             idle: Notify::new(),
@@ -283,6 +286,10 @@ impl Node {
             .node_builds(node_id, &[BuildState::Running, BuildState::Uploading])
             .await?
         {
+            // Its upload, if it started one, was open when the previous run stopped.
+            let node = self.clone();
+            let open = row.clone();
+            tokio::spawn(async move { node.upload_grants.recover(&open).await });
             self.finish(
                 &row,
                 &BuildState::ACTIVE,
@@ -307,7 +314,7 @@ impl Node {
 
     /// Whether builds can upload their rootfs: the node has S3 credentials to give them.
     pub fn uploads(&self) -> bool {
-        self.s3.is_some()
+        self.upload_grants.enabled()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -521,8 +528,8 @@ impl Node {
         (outcome, code)
     }
 
-    /// The VM's parameters and secrets: the node's S3 credentials and the build's key, the
-    /// build's credentials from its file, and its build args when they do not fit the kernel
+    /// The VM's parameters and secrets: the build's key (no S3 key: the node grants the VM its
+    /// upload, [`crate::uploads`]), the build's credentials from its file, and its build args when they do not fit the kernel
     /// command line.
     fn launch_inputs(&self, row: &BuildRow, key: String) -> Result<(BuildParams, Secrets), String> {
         let mut params = row
@@ -530,7 +537,6 @@ impl Node {
             .to_params(&row.id, &self.config.vm_base_url(), self.limits())
             .map_err(|e| format!("the stored request is no longer valid: {e}"))?;
         let mut secrets = Secrets {
-            s3: self.s3.clone(),
             webhook_secret: Some(key),
             ..Secrets::default()
         };
@@ -709,7 +715,8 @@ impl Node {
             }
         };
         let (to, mut report, detail) = match outcome {
-            Outcome::Report(r) => {
+            Outcome::Report(mut r) => {
+                self.upload_grants.check_report(row, &mut r);
                 let to = match r.status {
                     BuildStatus::Succeeded => BuildState::Succeeded,
                     BuildStatus::Failed => BuildState::Failed,
@@ -780,11 +787,15 @@ impl Node {
         if row.notify_url.is_some() {
             update = update.set("webhook_state", "pending");
         }
+        let open_upload = self.upload_grants.take(&row.id);
         let Some(t) = self
             .db
             .transition(&row.id, from, to, &self.config.node_id, &detail, update)
             .await?
         else {
+            let node = self.clone();
+            let row = row.clone();
+            tokio::spawn(async move { node.upload_grants.end(&row, open_upload, None).await });
             return Ok(false);
         };
         if let Err(e) = has_credentials
@@ -797,10 +808,17 @@ impl Node {
                 "cannot remove the credentials file of an ended build; the sweep retries"
             );
         }
-        if t.row.notify_url.is_some() {
-            let node = self.clone();
-            tokio::spawn(async move { node.deliver(t.row).await });
-        }
+        // The upload's end (abort, cleanup, `<s3_key>.status.json`) before the webhook, so a
+        // requester told of the end finds the status beside the rootfs.
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.upload_grants
+                .end(&t.row, open_upload, Some(&report))
+                .await;
+            if t.row.notify_url.is_some() {
+                node.deliver(t.row).await;
+            }
+        });
         Ok(true)
     }
 

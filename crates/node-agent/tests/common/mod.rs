@@ -165,6 +165,9 @@ pub struct Options {
     /// Whether the node has S3 credentials (`s3_credentials_file`); the script VMs never
     /// upload, so they name an endpoint nothing listens on.
     pub s3_credentials: bool,
+    /// The `s3` section of `s3_credentials_file` when it is a real store's (JSON); `None` names
+    /// an endpoint nothing listens on.
+    pub s3_section: Option<String>,
     /// `max_log_bytes` (the default's when `None`).
     pub max_log_bytes: Option<u64>,
     /// `retention_days` (the default's when `None`).
@@ -179,6 +182,7 @@ impl Default for Options {
             node_id: "test-node".into(),
             grace_period_s: 5,
             s3_credentials: true,
+            s3_section: None,
             max_log_bytes: None,
             retention_days: None,
         }
@@ -191,10 +195,10 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
     let s3_credentials_file = o.s3_credentials.then(|| {
         std::fs::create_dir_all(work_dir).unwrap();
         let path = work_dir.join("s3.json");
-        std::fs::write(
-            &path,
-            r#"{"s3": {"endpoint": "http://127.0.0.1:9", "access_key_id": "test-access", "secret_access_key": "test-secret"}}"#,
-        )
+        let section = o.s3_section.clone().unwrap_or_else(|| {
+            r#"{"endpoint": "http://127.0.0.1:9", "access_key_id": "test-access", "secret_access_key": "test-secret"}"#.to_string()
+        });
+        std::fs::write(&path, format!(r#"{{"s3": {section}}}"#))
         .unwrap();
         path
     });
