@@ -808,17 +808,19 @@ impl Node {
                 "cannot remove the credentials file of an ended build; the sweep retries"
             );
         }
-        // The upload's end (abort, cleanup, `<s3_key>.status.json`) before the webhook, so a
-        // requester told of the end finds the status beside the rootfs.
+        // The upload's end (abort, cleanup, `<s3_key>.status.json`) beside the webhook, not
+        // before it: a store that is down must not hold the requester's webhook up.
         let node = self.clone();
+        let ended = t.row.clone();
         tokio::spawn(async move {
             node.upload_grants
-                .end(&t.row, open_upload, Some(&report))
+                .end(&ended, open_upload, Some(&report))
                 .await;
-            if t.row.notify_url.is_some() {
-                node.deliver(t.row).await;
-            }
         });
+        if t.row.notify_url.is_some() {
+            let node = self.clone();
+            tokio::spawn(async move { node.deliver(t.row).await });
+        }
         Ok(true)
     }
 
