@@ -78,7 +78,7 @@ base=http://127.0.0.1:$port
 # host-side veth names derive from addresses, so daemons on one host must not share a range.
 "$bin" serve --work-dir "$work/state" --listen "127.0.0.1:$port" --capacity-vcpus 2 \
     --capacity-mem-mib 4096 --kernel "$kernel" --rootfs "$work/not-a-filesystem.img" \
-    --vm-network 10.217.0.0/16 --poll-interval-ms 1000 \
+    --vm-network 10.217.0.0/16 --poll-interval-ms 1000 --vmm qemu \
     --s3-credentials-file "$work/s3-credentials.json" >"$work/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 100); do

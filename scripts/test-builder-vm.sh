@@ -398,10 +398,13 @@ while read -r link addr; do
 done < <(ip -o -4 addr show | awk '{print $2, $4}')
 if iptables-save | grep -q -- "$node_tag"; then leftovers+=("iptables rules tagged $node_tag"); fi
 if iptables-save -t nat | grep -q -- "$node_tag"; then leftovers+=("nat rules tagged $node_tag"); fi
+# A VMM's command line names its VM's tag (QEMU's -name, the jailer's --id), never the work dir:
+# QEMU sees only the paths of its jail.
 for pid in $(pgrep -f "qemu-system|firecracker" || true); do
-	grep -q -- "$work/" "/proc/$pid/cmdline" 2>/dev/null && leftovers+=("process $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline"))")
+	grep -q -- "$node_tag" "/proc/$pid/cmdline" 2>/dev/null && leftovers+=("process $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline"))")
 done
-for dir in "$work/node/vms" "$work/node/jail" "$work/node/sources"; do
+for cgroup in $(find /sys/fs/cgroup -maxdepth 4 -type d -name "$node_tag*" 2>/dev/null); do leftovers+=("cgroup $cgroup"); done
+for dir in "$work/node/vms" "$work/node/jail/qemu" "$work/node/jail/firecracker" "$work/node/sources"; do
 	left=$(find "$dir" -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null || true)
 	[[ -z $left ]] || leftovers+=("files in $dir: $left")
 done

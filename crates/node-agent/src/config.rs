@@ -64,6 +64,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmKind {
+    /// Firecracker where KVM is usable and its binaries are found, else QEMU under TCG
+    /// ([`crate::vmm::choose_vmm`]).
+    Auto,
     Qemu,
     Firecracker,
 }
@@ -90,6 +93,8 @@ struct Layered {
     vm_dns: Option<Vec<Ipv4Addr>>,
     jailer_uid: u32,
     jailer_gid: u32,
+    qemu_uid_base: u32,
+    qemu_gid_base: u32,
     grace_period_s: u64,
     default_timeout_s: u64,
     max_body_bytes: u64,
@@ -186,6 +191,15 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_JAILER_GID")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jailer_gid: Option<u32>,
+    /// First uid of the range QEMU runs as, one uid per running VM (as many as VM network
+    /// slots); no other user of the host may own one.
+    #[arg(long, env = "NODE_AGENT_QEMU_UID_BASE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_uid_base: Option<u32>,
+    /// First gid of the range QEMU runs as, one per running VM.
+    #[arg(long, env = "NODE_AGENT_QEMU_GID_BASE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_gid_base: Option<u32>,
     /// Seconds SIGTERM waits for running builds before cancelling them.
     #[arg(long, env = "NODE_AGENT_GRACE_PERIOD_S")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -249,6 +263,9 @@ pub struct Config {
     pub vm_dns: Vec<Ipv4Addr>,
     pub jailer_uid: u32,
     pub jailer_gid: u32,
+    /// QEMU runs as `qemu_uid_base + n`:`qemu_gid_base + n`, a different `n` per running VM.
+    pub qemu_uid_base: u32,
+    pub qemu_gid_base: u32,
     pub grace_period_s: u64,
     pub default_timeout_s: u64,
     pub max_body_bytes: u64,
@@ -351,6 +368,8 @@ impl Config {
             },
             jailer_uid: l.jailer_uid,
             jailer_gid: l.jailer_gid,
+            qemu_uid_base: l.qemu_uid_base,
+            qemu_gid_base: l.qemu_gid_base,
             grace_period_s: l.grace_period_s,
             default_timeout_s: l.default_timeout_s,
             max_body_bytes: l.max_body_bytes,

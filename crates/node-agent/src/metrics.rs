@@ -81,6 +81,8 @@ struct Inner {
 pub struct Metrics {
     inner: Mutex<Inner>,
     reclaimed: u64,
+    /// `node_agent_vmm_info`'s labels: the VMM and its acceleration.
+    vmm: Option<(&'static str, &'static str)>,
 }
 
 /// What the scrape reads from elsewhere.
@@ -241,7 +243,15 @@ impl Metrics {
                 pruned: crate::node::Pruned::default(),
             }),
             reclaimed,
+            vmm: None,
         }
+    }
+
+    /// Exports `node_agent_vmm_info{vmm, accel} 1` for the VMM builds run with (`vmm` `qemu`
+    /// or `firecracker`, `accel` `kvm` or `tcg`, the latter emulated).
+    pub fn with_vmm(mut self, vmm: Option<(&'static str, &'static str)>) -> Self {
+        self.vmm = vmm;
+        self
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -305,6 +315,13 @@ impl Metrics {
              # HELP node_agent_reclaimed_total Leftovers of a previous run removed at start.\n# TYPE node_agent_reclaimed_total counter\nnode_agent_reclaimed_total {}\n",
             inner.running, s.capacity_vcpus, s.capacity_mem_mib, s.used_vcpus, s.used_mem_mib, self.reclaimed
         );
+        if let Some((vmm, accel)) = self.vmm {
+            let _ = write!(
+                out,
+                "# HELP node_agent_vmm_info The VMM builder VMs run with and its acceleration (tcg: emulated).\n\
+                 # TYPE node_agent_vmm_info gauge\nnode_agent_vmm_info{{vmm=\"{vmm}\",accel=\"{accel}\"}} 1\n"
+            );
+        }
         out.push_str("# HELP node_agent_vmm_exits_total VMM process exits by exit code.\n# TYPE node_agent_vmm_exits_total counter\n");
         for (code, n) in &inner.vmm_exits {
             let _ = writeln!(out, "node_agent_vmm_exits_total{{code=\"{code}\"}} {n}");
@@ -357,6 +374,23 @@ mod tests {
 
     fn series<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn the_vmm_info_gauge_names_the_vmm_and_its_acceleration() {
+        let text = Metrics::new(0)
+            .with_vmm(Some(("qemu", "tcg")))
+            .render(&snapshot(Vec::new()));
+        assert_eq!(
+            series(&text, "node_agent_vmm_info"),
+            ["node_agent_vmm_info{vmm=\"qemu\",accel=\"tcg\"} 1"]
+        );
+        assert!(
+            text.contains("# TYPE node_agent_vmm_info gauge\n"),
+            "{text}"
+        );
+        let none = Metrics::new(0).render(&snapshot(Vec::new()));
+        assert!(series(&none, "node_agent_vmm_info").is_empty(), "{none}");
     }
 
     #[test]

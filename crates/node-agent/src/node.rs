@@ -162,7 +162,7 @@ impl Node {
         let db = Db::open(&config.database_url).await?;
         let reclaimed = launcher.reclaim().await?;
         let node = Arc::new(Node {
-            metrics: Metrics::new(reclaimed),
+            metrics: Metrics::new(reclaimed).with_vmm(launcher.vmm_info()),
             credentials: CredentialStore::new(config.credentials_dir())?,
             host_cpus: host_cpu_list(),
             usage: Mutex::new(Usage {

@@ -242,6 +242,12 @@ pub trait Launcher: Send + Sync {
     fn reclaim(&self) -> BoxFuture<'_, Result<u64, VmError>>;
     /// Whether a VM could be launched now (binaries, kernel, image, KVM or TCG).
     fn readiness(&self) -> Vec<Check>;
+    /// The VMM and its acceleration, as the `vmm` and `accel` labels of
+    /// `node_agent_vmm_info`: (`qemu` or `firecracker`, `kvm` or `tcg`); `None` for a launcher
+    /// without a VMM.
+    fn vmm_info(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
     /// The VMM's own counters for each running VM, by build id: Firecracker's metrics files
     /// (none under QEMU, which writes no such file). Reads files: call off the async runtime.
     fn vmm_metrics(&self) -> Vec<(String, MetricsTotals)>;

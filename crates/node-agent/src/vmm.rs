@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use builder_vmm::firecracker::metrics::MetricsTotals;
+use builder_vmm::qemu::{KvmProbe, ACCEL_ENV};
 use builder_vmm::{
-    AddressPool, CpuSet, Driver, EgressPolicy, EgressRule, FirecrackerConfig, NetworkSpec,
-    QemuConfig, Vm, VmSpec, Vmm, VmmConfig, DEFAULT_BOOT_ARGS, TAG_PREFIX,
+    Accel, AddressPool, CpuSet, Driver, EgressPolicy, EgressRule, FirecrackerConfig, IdRange,
+    NetworkSpec, QemuConfig, Vm, VmSpec, Vmm, VmmConfig, DEFAULT_BOOT_ARGS, TAG_PREFIX,
 };
 use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
@@ -83,23 +84,140 @@ pub struct VmmLauncher {
     pool: AddressPool,
     slots: Arc<Mutex<BTreeSet<u32>>>,
     dns: Vec<Ipv4Addr>,
-    kind: VmmKind,
+    choice: VmmChoice,
     boot_args: String,
 }
 
-/// Builds the launcher the config asks for.
-pub fn launcher(config: &Config) -> Result<Arc<dyn Launcher>, SetupError> {
-    let driver = match config.vmm {
-        VmmKind::Qemu => Driver::Qemu(QemuConfig::from_env().map_err(SetupError::Locate)?),
-        VmmKind::Firecracker => Driver::Firecracker(
-            FirecrackerConfig::from_env(
-                config.work_dir.join("jail"),
-                config.jailer_uid,
-                config.jailer_gid,
-            )
-            .map_err(SetupError::Locate)?,
-        ),
+/// The VMM this node runs its builder VMs with: `vmm` resolved ([`choose_vmm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmChoice {
+    /// [`VmmKind::Qemu`] or [`VmmKind::Firecracker`], never `Auto`.
+    pub vmm: VmmKind,
+    /// [`Accel::Kvm`] or [`Accel::Tcg`] (emulated), never `Auto`.
+    pub accel: Accel,
+    /// Why `vmm = "auto"` chose it; `None` when the config named the VMM.
+    pub auto_because: Option<String>,
+}
+
+impl VmmChoice {
+    /// The `vmm` and `accel` labels: `qemu`/`firecracker`, `kvm`/`tcg`.
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        let vmm = match self.vmm {
+            VmmKind::Firecracker => "firecracker",
+            _ => "qemu",
+        };
+        (vmm, self.accel.name())
+    }
+
+    /// `firecracker, kvm`, `qemu, kvm` or `qemu, tcg (emulated)`, and why when auto chose it.
+    pub fn describe(&self) -> String {
+        let (vmm, accel) = self.labels();
+        let emulated = if self.accel == Accel::Tcg {
+            " (emulated)"
+        } else {
+            ""
+        };
+        match &self.auto_because {
+            Some(why) => format!("{vmm}, {accel}{emulated}; vmm = auto: {why}"),
+            None => format!("{vmm}, {accel}{emulated}"),
+        }
+    }
+}
+
+/// Resolves `vmm` from what the host offers, without touching it: under `auto`, Firecracker
+/// (with KVM) when `/dev/kvm` is usable and Firecracker and its jailer were found
+/// (`firecracker` is `Err(why not)` otherwise), else QEMU under TCG (KVM only when
+/// [`ACCEL_ENV`] says `kvm`); [`ACCEL_ENV`]`=tcg` makes `auto` QEMU under TCG whatever KVM does.
+/// A named VMM is kept: Firecracker always with KVM, QEMU with the accelerator asked for
+/// (`auto`: KVM when usable).
+pub fn choose_vmm(
+    requested: VmmKind,
+    accel: Accel,
+    kvm: &KvmProbe,
+    firecracker: &Result<(), String>,
+) -> VmmChoice {
+    let named = |vmm, accel| VmmChoice {
+        vmm,
+        accel,
+        auto_because: None,
     };
+    let qemu_accel = |fallback| match accel {
+        Accel::Auto => fallback,
+        forced => forced,
+    };
+    match requested {
+        VmmKind::Firecracker => named(VmmKind::Firecracker, Accel::Kvm),
+        VmmKind::Qemu => named(
+            VmmKind::Qemu,
+            qemu_accel(if kvm.is_usable() {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }),
+        ),
+        VmmKind::Auto => {
+            let (vmm, accel, why) = match (accel, kvm, firecracker) {
+                (Accel::Tcg, _, _) => (VmmKind::Qemu, Accel::Tcg, format!("{ACCEL_ENV}=tcg")),
+                (_, KvmProbe::Unusable(why), _) => {
+                    (VmmKind::Qemu, qemu_accel(Accel::Tcg), why.clone())
+                }
+                (_, KvmProbe::Usable, Err(why)) => (
+                    VmmKind::Qemu,
+                    qemu_accel(Accel::Tcg),
+                    format!("KVM is usable but {why}"),
+                ),
+                (_, KvmProbe::Usable, Ok(())) => (
+                    VmmKind::Firecracker,
+                    Accel::Kvm,
+                    "KVM is usable and Firecracker is installed".to_string(),
+                ),
+            };
+            VmmChoice {
+                vmm,
+                accel,
+                auto_because: Some(why),
+            }
+        }
+    }
+}
+
+/// Builds the launcher the config asks for (`vmm`, [`ACCEL_ENV`]; [`choose_vmm`]).
+pub fn launcher(config: &Config) -> Result<Arc<dyn Launcher>, SetupError> {
+    let accel = Accel::from_env().map_err(|e| {
+        SetupError::Locate(builder_vmm::LocateError::Config {
+            reason: e.to_string(),
+        })
+    })?;
+    let firecracker = FirecrackerConfig::from_env(
+        config.work_dir.join("jail"),
+        config.jailer_uid,
+        config.jailer_gid,
+    );
+    let found = firecracker.as_ref().map(drop).map_err(ToString::to_string);
+    let choice = choose_vmm(config.vmm, accel, &KvmProbe::run(), &found);
+    launcher_with(config, choice, firecracker)
+}
+
+/// The launcher of `choice`, with Firecracker's configuration when it was found.
+fn launcher_with(
+    config: &Config,
+    choice: VmmChoice,
+    firecracker: Result<FirecrackerConfig, builder_vmm::LocateError>,
+) -> Result<Arc<dyn Launcher>, SetupError> {
+    let driver = match choice.vmm {
+        VmmKind::Firecracker => Driver::Firecracker(firecracker.map_err(SetupError::Locate)?),
+        _ => Driver::Qemu(QemuConfig {
+            accel: choice.accel,
+            chroot_base: config.work_dir.join("jail"),
+            ids: IdRange {
+                uid_base: config.qemu_uid_base,
+                gid_base: config.qemu_gid_base,
+                count: config.vm_network.slots(),
+            },
+            ..QemuConfig::from_env().map_err(SetupError::Locate)?
+        }),
+    };
+    tracing::info!(vmm = %choice.describe(), "VMM chosen");
     let pool = config.vm_network;
     let digest = Sha256::digest(config.node_id.as_bytes());
     Ok(Arc::new(VmmLauncher {
@@ -114,7 +232,7 @@ pub fn launcher(config: &Config) -> Result<Arc<dyn Launcher>, SetupError> {
         pool,
         slots: Arc::default(),
         dns: config.vm_dns.clone(),
-        kind: config.vmm,
+        choice,
         boot_args: boot_args(config)?,
     }))
 }
@@ -292,26 +410,21 @@ impl Launcher for VmmLauncher {
         };
         let mut checks = vec![file("kernel", &self.kernel), file("rootfs", &self.rootfs)];
         match &self.vmm.config().driver {
-            Driver::Qemu(q) => {
-                checks.push(file("qemu", &q.qemu_bin));
-                let accel = q.accel.resolve();
-                checks.push(Check::new("accel", true, format!("{accel:?}")));
-            }
+            Driver::Qemu(q) => checks.push(file("qemu", &q.qemu_bin)),
             Driver::Firecracker(f) => {
                 checks.push(file("firecracker", &f.firecracker_bin));
                 checks.push(file("jailer", &f.jailer_bin));
-                let kvm = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/kvm");
-                checks.push(Check::new(
-                    "kvm",
-                    kvm.is_ok(),
-                    kvm.map_or_else(|e| format!("/dev/kvm: {e}"), |_| "/dev/kvm opens".into()),
-                ));
             }
         }
-        checks.push(Check::new("vmm", true, format!("{:?}", self.kind)));
+        if self.choice.accel == Accel::Kvm {
+            let kvm = KvmProbe::run();
+            let detail = match &kvm {
+                KvmProbe::Usable => "/dev/kvm is usable".to_string(),
+                KvmProbe::Unusable(why) => why.clone(),
+            };
+            checks.push(Check::new("kvm", kvm.is_usable(), detail));
+        }
+        checks.push(Check::new("vmm", true, self.choice.describe()));
         // Every VM network is set up with these (namespace firewall, host NAT rules).
         for tool in ["nft", "iptables-restore"] {
             let found = builder_vmm::vm::find_on_path(tool);
@@ -325,6 +438,10 @@ impl Launcher for VmmLauncher {
             ));
         }
         checks
+    }
+
+    fn vmm_info(&self) -> Option<(&'static str, &'static str)> {
+        Some(self.choice.labels())
     }
 
     fn vmm_metrics(&self) -> Vec<(String, MetricsTotals)> {
@@ -446,5 +563,100 @@ impl RunningVm for BuilderVm {
                 source: Box::new(e),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_firecracker_where_kvm_works_and_it_is_installed_else_qemu_under_tcg() {
+        let usable = KvmProbe::Usable;
+        let no_kvm = KvmProbe::Unusable("/dev/kvm: No such file or directory (os error 2)".into());
+        let found = Ok(());
+        let missing = Err("`firecracker` is not on PATH".to_string());
+        let choose = |requested, accel, kvm: &KvmProbe, fc: &Result<(), String>| {
+            let c = choose_vmm(requested, accel, kvm, fc);
+            ((c.vmm, c.accel), c.describe())
+        };
+        use Accel::{Auto, Kvm, Tcg};
+        use VmmKind::{Firecracker, Qemu};
+        assert_eq!(
+            choose(VmmKind::Auto, Auto, &usable, &found),
+            (
+                (Firecracker, Kvm),
+                "firecracker, kvm; vmm = auto: KVM is usable and Firecracker is installed".into()
+            )
+        );
+        assert_eq!(
+            choose(VmmKind::Auto, Auto, &no_kvm, &found),
+            (
+                (Qemu, Tcg),
+                "qemu, tcg (emulated); vmm = auto: /dev/kvm: No such file or directory (os error 2)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            choose(VmmKind::Auto, Auto, &usable, &missing),
+            (
+                (Qemu, Tcg),
+                "qemu, tcg (emulated); vmm = auto: KVM is usable but `firecracker` is not on PATH"
+                    .into()
+            )
+        );
+        // BUILDER_VMM_ACCEL=tcg (a nested KVM that only seems to work): QEMU under TCG.
+        assert_eq!(
+            choose(VmmKind::Auto, Tcg, &usable, &found),
+            (
+                (Qemu, Tcg),
+                "qemu, tcg (emulated); vmm = auto: BUILDER_VMM_ACCEL=tcg".into()
+            )
+        );
+        // BUILDER_VMM_ACCEL=kvm without Firecracker: QEMU, with KVM as asked.
+        assert_eq!(choose(VmmKind::Auto, Kvm, &usable, &missing).0, (Qemu, Kvm));
+        // A named VMM is kept.
+        assert_eq!(
+            choose(Qemu, Auto, &usable, &found),
+            ((Qemu, Kvm), "qemu, kvm".into())
+        );
+        assert_eq!(choose(Qemu, Auto, &no_kvm, &found).0, (Qemu, Tcg));
+        assert_eq!(choose(Qemu, Tcg, &usable, &found).0, (Qemu, Tcg));
+        assert_eq!(
+            choose(Firecracker, Auto, &no_kvm, &missing),
+            ((Firecracker, Kvm), "firecracker, kvm".into())
+        );
+    }
+
+    #[test]
+    fn readiness_and_the_info_gauge_name_the_vmm_and_whether_it_is_emulated() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&crate::config::ServeArgs {
+            work_dir: Some(dir.path().to_path_buf()),
+            vm_dns: Some(vec![Ipv4Addr::new(192, 0, 2, 53)]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.vmm, VmmKind::Auto, "the default");
+        let missing = Err(builder_vmm::LocateError::NotFound {
+            name: "firecracker",
+            env: "FIRECRACKER_BIN",
+        });
+        let choice = choose_vmm(
+            config.vmm,
+            Accel::Auto,
+            &KvmProbe::Unusable("/dev/kvm: gone".into()),
+            &Err("no firecracker".into()),
+        );
+        let launcher = launcher_with(&config, choice, missing).unwrap();
+        let checks = launcher.readiness();
+        let vmm = checks.iter().find(|c| c.name == "vmm").unwrap();
+        assert!(vmm.ok);
+        assert_eq!(
+            vmm.detail,
+            "qemu, tcg (emulated); vmm = auto: /dev/kvm: gone"
+        );
+        assert!(checks.iter().all(|c| c.name != "kvm"), "TCG needs no KVM");
+        assert_eq!(launcher.vmm_info(), Some(("qemu", "tcg")));
     }
 }
