@@ -1,6 +1,7 @@
-//! The HTTP API (`/v1`, JSON, bearer-token auth), the guest's report and log endpoints
-//! (HMAC-signed with the build's own key, replays refused), source uploads and the read-only
-//! git repositories they become ([`crate::sources`]), each build's logs by source, health,
+//! The HTTP API (`/v1`, JSON, bearer-token auth), the guest's report, progress and log
+//! endpoints (HMAC-signed with the build's own key, replays refused; progress is the only source
+//! of a running build's phase), source uploads and the read-only git repositories they become
+//! ([`crate::sources`]), each build's logs by source, health,
 //! readiness and metrics. [`router`] is the operator's listener (everything); [`vm_router`]
 //! the VM-facing one (the guest's posts and uploaded sources only). Every failure is an
 //! [`ApiError`], and [`ApiError::status`] is the one place that maps errors to status codes.
@@ -19,12 +20,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use builder_contract::logs::{log_path, report_path, MAX_GUEST_LOG_BYTES};
+use builder_contract::progress::progress_path;
 use builder_contract::signature::{self, SignatureError, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use builder_contract::upload::{
     upload_path, PartRequest, SignedRequest, UploadComplete, UploadStart, UploadStarted,
     UploadStep, UploadVerified,
 };
-use builder_contract::{BuildInputs, BuildReport, LogSource};
+use builder_contract::{BuildInputs, BuildReport, LogSource, Phase, ProgressEvent};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -43,6 +45,8 @@ const LOG_POLL: Duration = Duration::from_millis(250);
 const MIN_FREE_DISK_BYTES: u64 = 1 << 30;
 /// The largest upload completion: an ETag and number for each of S3's 10 000 parts.
 const MAX_UPLOAD_COMPLETE_BODY: u64 = builder_contract::upload::MAX_PARTS * 128 + 1024;
+/// How long a progress post waits for the build's supervisor to apply it.
+const PROGRESS_ANSWER: Duration = Duration::from_secs(5);
 /// The largest guest log post: the most the guest sends, and room for scrubbing's growth.
 const MAX_GUEST_LOG_BODY: u64 = MAX_GUEST_LOG_BYTES + (64 << 10);
 
@@ -88,6 +92,17 @@ pub enum ApiError {
     },
     #[error("this report for build {id} was already received (replay)")]
     Replay { id: String },
+    #[error("the progress event for build {id} is about build {about}")]
+    ProgressOtherBuild { id: String, about: String },
+    #[error(
+        "the progress event for build {id} is ignored: phase {phase} does not follow {}",
+        last.map_or("the start", Phase::as_str)
+    )]
+    ProgressNotForward {
+        id: String,
+        phase: Phase,
+        last: Option<Phase>,
+    },
     #[error("the node agent is draining and admits no new builds")]
     Draining,
     #[error("no source has this URL (it ended with its builds, or never existed)")]
@@ -112,12 +127,15 @@ impl ApiError {
             | ApiError::Invalid(_)
             | ApiError::Query(_)
             | ApiError::LogSource { .. }
-            | ApiError::BadReport { .. } => StatusCode::BAD_REQUEST,
+            | ApiError::BadReport { .. }
+            | ApiError::ProgressOtherBuild { .. } => StatusCode::BAD_REQUEST,
             ApiError::Source(SourceError::BadBundle { .. }) => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } | ApiError::NoSource | ApiError::NoLog { .. } => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::Finished { .. } | ApiError::Replay { .. } => StatusCode::CONFLICT,
+            ApiError::Finished { .. }
+            | ApiError::Replay { .. }
+            | ApiError::ProgressNotForward { .. } => StatusCode::CONFLICT,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Db(_)
             | ApiError::Source(_)
@@ -178,6 +196,7 @@ type ApiResult<T> = Result<T, ApiError>;
 fn vm_routes() -> Router<Arc<Node>> {
     Router::new()
         .route(&report_path("{id}"), post(complete))
+        .route(&progress_path("{id}"), post(progress))
         .route(
             &log_path("{id}", "{source}"),
             post(guest_log).layer(DefaultBodyLimit::max(MAX_GUEST_LOG_BODY as usize)),
@@ -818,13 +837,62 @@ async fn complete(
         });
     }
     if !node.signal(&id, Signal::Report(Box::new(report))).await {
-        let row = load(&node, &id).await?;
-        return Err(ApiError::Finished {
-            id,
-            state: row.state,
-        });
+        return Err(finished(&node, id).await);
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The guest's signed progress: it started a phase. The build's supervisor records it when it
+/// moves the build forward (the upload phase: `running -> uploading`) and refuses it otherwise;
+/// a build that is not running here any more refuses it like a report.
+async fn progress(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let bytes = body_bytes(&node, body)?;
+    authenticate_guest(&node, &id, &headers, &bytes).await?;
+    let event: ProgressEvent = parse_json(&bytes)?;
+    if event.build_id != id {
+        return Err(ApiError::ProgressOtherBuild {
+            id,
+            about: event.build_id,
+        });
+    }
+    let (applied, answer) = tokio::sync::oneshot::channel();
+    let signal = Signal::Progress {
+        phase: event.phase,
+        applied,
+    };
+    // No answer (in time): the supervisor is ending the build.
+    let answer = match node.signal(&id, signal).await {
+        true => tokio::time::timeout(PROGRESS_ANSWER, answer)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        false => None,
+    };
+    match answer {
+        Some(Ok(())) => Ok(StatusCode::NO_CONTENT),
+        Some(Err(last)) => Err(ApiError::ProgressNotForward {
+            id,
+            phase: event.phase,
+            last,
+        }),
+        None => Err(finished(&node, id).await),
+    }
+}
+
+/// The refusal of a post about build `id`, which no supervisor here runs any more.
+async fn finished(node: &Node, id: String) -> ApiError {
+    match load(node, &id).await {
+        Ok(row) => ApiError::Finished {
+            id,
+            state: row.state,
+        },
+        Err(e) => e,
+    }
 }
 
 /// The guest's upload, step 1 ([`crate::uploads`]): the node creates the multipart upload of

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use builder_contract::progress::advances;
 use builder_contract::{
     BuildArgs, BuildFailure, BuildParams, BuildReport, BuildStatus, ErrorClass, LogSource, Phase,
     Secrets,
@@ -46,6 +47,12 @@ const PRUNE_BATCH: u32 = 500;
 pub enum Signal {
     Report(Box<BuildReport>),
     Cancel(String),
+    /// The guest's signed progress: it started `phase`. `applied` is answered with the phase
+    /// last recorded before it, as an error, when `phase` does not follow it.
+    Progress {
+        phase: Phase,
+        applied: tokio::sync::oneshot::Sender<Result<(), Option<Phase>>>,
+    },
 }
 
 /// How a build ended, before it is written down.
@@ -506,9 +513,7 @@ impl Node {
                 "cannot record the VM start"
             );
         }
-        let (outcome, exit) = self
-            .watch(row, vm.as_mut(), &mut signals, &console_log)
-            .await;
+        let (outcome, exit) = self.watch(row, vm.as_mut(), &mut signals).await;
         let exit = match exit {
             Some(exit) => Some(exit),
             None => {
@@ -569,19 +574,19 @@ impl Node {
         Ok((params, secrets))
     }
 
-    /// Waits for the first of: report, VM exit, timeout, cancel. Returns the VM's exit if it
-    /// exited.
+    /// Waits for the first of: report, VM exit, timeout, cancel, and records the guest's signed
+    /// progress meanwhile ([`PhaseRecord`]). Returns the VM's exit if it exited. The console is
+    /// not read here: it is a log, and a build can print anything into it.
     async fn watch(
         &self,
         row: &BuildRow,
         vm: &mut dyn RunningVm,
         signals: &mut mpsc::Receiver<Signal>,
-        console_log: &Path,
     ) -> (Outcome, Option<VmExit>) {
         let deadline = tokio::time::sleep(Duration::from_secs(row.timeout_s));
         tokio::pin!(deadline);
         let mut tick = tokio::time::interval(SUPERVISE_TICK);
-        let mut console = ConsoleWatch::default();
+        let mut phases = PhaseRecord::of(row);
         loop {
             tokio::select! {
                 exit = vm.wait() => {
@@ -589,20 +594,33 @@ impl Node {
                         Ok(exit) => exit,
                         Err(e) => VmExit { code: None, description: crate::error_chain(&e) },
                     };
-                    console.scan(self, row, console_log).await;
-                    if let Ok(Some(Signal::Report(r))) = tokio::time::timeout(REPORT_AFTER_EXIT, signals.recv()).await {
-                        return (Outcome::Report(r), Some(exit));
+                    // The report may trail the exit a little; progress before it still counts.
+                    let late = tokio::time::sleep(REPORT_AFTER_EXIT);
+                    tokio::pin!(late);
+                    loop {
+                        tokio::select! {
+                            signal = signals.recv() => match signal {
+                                Some(Signal::Report(r)) => return (Outcome::Report(r), Some(exit)),
+                                Some(Signal::Progress { phase, applied }) => {
+                                    let _ = applied.send(phases.record(self, row, phase).await);
+                                }
+                                Some(Signal::Cancel(_)) | None => break,
+                            },
+                            _ = &mut late => break,
+                        }
                     }
                     return (Outcome::VmExited(exit.clone()), Some(exit));
                 }
                 signal = signals.recv() => match signal {
                     Some(Signal::Report(r)) => return (Outcome::Report(r), None),
                     Some(Signal::Cancel(reason)) => return (Outcome::Cancelled(reason), None),
+                    Some(Signal::Progress { phase, applied }) => {
+                        let _ = applied.send(phases.record(self, row, phase).await);
+                    }
                     None => return (Outcome::Internal("the supervisor lost its signal channel".into()), None),
                 },
                 _ = &mut deadline => return (Outcome::TimedOut(row.timeout_s), None),
                 _ = tick.tick() => {
-                    console.scan(self, row, console_log).await;
                     if let Ok(Some(current)) = self.db.get(&row.id).await {
                         if current.cancel_requested {
                             return (Outcome::Cancelled("cancelled by request".into()), None);
@@ -925,47 +943,41 @@ impl Node {
     }
 }
 
-/// Follows a console log for the guest agent's `==> PHASE` lines.
-#[derive(Default)]
-struct ConsoleWatch {
-    offset: u64,
-    partial: String,
-    phase: Option<Phase>,
+/// The phase a running build has reached, as its guest's signed progress events tell it: the
+/// one source of a build's phase and of `running -> uploading`. Phases only move forward
+/// ([`advances`]); an event that does not is logged and changes nothing.
+struct PhaseRecord {
+    last: Option<Phase>,
 }
 
-impl ConsoleWatch {
-    async fn scan(&mut self, node: &Node, row: &BuildRow, path: &Path) {
-        let Ok(mut file) = tokio::fs::File::open(path).await else {
-            return;
-        };
-        if file
-            .seek(std::io::SeekFrom::Start(self.offset))
-            .await
-            .is_err()
-        {
-            return;
+impl PhaseRecord {
+    /// What `row` has recorded so far.
+    fn of(row: &BuildRow) -> Self {
+        PhaseRecord {
+            last: row.phase.as_deref().and_then(|p| {
+                serde_json::from_value::<Phase>(serde_json::Value::String(p.into())).ok()
+            }),
         }
-        let mut buf = Vec::new();
-        let Ok(n) = file.read_to_end(&mut buf).await else {
-            return;
-        };
-        self.offset += n as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let mut latest = None;
-        while let Some(end) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=end).collect();
-            if let Some(name) = line.split("==> ").nth(1) {
-                if let Ok(p) =
-                    serde_json::from_value::<Phase>(serde_json::Value::String(name.trim().into()))
-                {
-                    latest = Some(p);
-                }
-            }
+    }
+
+    /// Records that the guest started `phase`; the phase recorded before, as the error, when
+    /// `phase` does not follow it.
+    async fn record(
+        &mut self,
+        node: &Node,
+        row: &BuildRow,
+        phase: Phase,
+    ) -> Result<(), Option<Phase>> {
+        if !advances(self.last, phase) {
+            tracing::warn!(
+                build_id = row.id,
+                phase = %phase,
+                last = self.last.map(Phase::as_str),
+                "ignored a progress event that does not move the build forward"
+            );
+            return Err(self.last);
         }
-        let Some(phase) = latest.filter(|p| Some(*p) != self.phase) else {
-            return;
-        };
-        self.phase = Some(phase);
+        self.last = Some(phase);
         let update = Update::default().set("phase", phase.as_str());
         let result = if phase == Phase::Upload {
             node.db
@@ -989,6 +1001,7 @@ impl ConsoleWatch {
                 "cannot record the phase"
             );
         }
+        Ok(())
     }
 }
 

@@ -377,6 +377,19 @@ impl Guest {
         self.post_signed(&url, &self.key, text.as_bytes()).await
     }
 
+    /// Posts that the guest started `phase`, as builder-agent does; the status.
+    pub async fn post_progress(&self, phase: builder_contract::Phase) -> u16 {
+        let url = builder_contract::progress::progress_url(&self.notify_url, &self.build_id)
+            .expect("progress goes beside the node's report route");
+        let event = builder_contract::ProgressEvent {
+            build_id: self.build_id.clone(),
+            phase,
+            at_unix_ms: node_agent::now_ms() as u64,
+        };
+        let body = serde_json::to_vec(&event).unwrap();
+        self.post_signed(&url, &self.key, &body).await
+    }
+
     /// Posts the report; the status.
     pub async fn post_report(&self, report: &builder_contract::BuildReport) -> u16 {
         let body = serde_json::to_vec(report).unwrap();
