@@ -2,9 +2,9 @@
 //! VMM processes whose command line carries a `bvm-` tag, netns `bvm-*`, host veths `bvh-*`
 //! whose alias is a tag, host iptables rules commented with a tag in every table the VMs use
 //! (and the `raw` chains named after host veths that hold such rules), cgroups
-//! `<mount>/firecracker/bvm-*`, jailer chroots and work dirs `bvm-*`. The node agent runs it at
-//! start, before it starts any VM. Veths go before namespaces: deleting a namespace removes
-//! its veth pair only later, asynchronously.
+//! `<mount>/builder-vm/bvm-*`, the VMMs' jails (the jailer's chroots, QEMU's jails) and work
+//! dirs `bvm-*`. The node agent runs it at start, before it starts any VM. Veths go before
+//! namespaces: deleting a namespace removes its veth pair only later, asynchronously.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -24,7 +24,8 @@ pub struct ReclaimScope<'a> {
     /// Tag prefix; [`crate::spec::TAG_PREFIX`] for everything this layer makes.
     pub prefix: &'a str,
     pub work_root: &'a Path,
-    /// `<chroot_base>/firecracker` when Firecracker is the driver.
+    /// Where the driver's jails are: `<chroot_base>/firecracker` (the jailer's chroots) or
+    /// `<chroot_base>/qemu`; `None` to leave jails alone.
     pub jail_dir: Option<&'a Path>,
 }
 
