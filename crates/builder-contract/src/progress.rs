@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::logs::{beside_report_route, report_path};
+use crate::logs::beside_report_route;
 use crate::report::Phase;
 
 /// The body of one progress post: build `build_id` started `phase` at `at_unix_ms`.
@@ -29,8 +29,8 @@ pub fn progress_path(build_id: &str) -> String {
 }
 
 /// Where the guest posts its progress: beside the report, when `notify_url` is the node agent's
-/// report route of this build ([`report_path`]); else nowhere (a webhook of the requester's own
-/// gets the report only).
+/// report route of this build ([`crate::logs::report_path`]); else nowhere (a webhook of the
+/// requester's own gets the report only).
 pub fn progress_url(notify_url: &Url, build_id: &str) -> Option<Url> {
     beside_report_route(notify_url, build_id, &progress_path(build_id))
 }
@@ -44,6 +44,7 @@ pub fn advances(last: Option<Phase>, next: Phase) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::report_path;
 
     #[test]
     fn progress_goes_beside_the_node_agents_report_route_only() {
