@@ -428,10 +428,16 @@ async fn source_file(
     Extension(sources): Extension<Arc<Sources>>,
     Path((token, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let file = sources.file(&token, &path).ok_or(ApiError::NoSource)?;
-    let bytes = tokio::fs::read(&file)
+    let path_on_disk = sources.file(&token, &path).ok_or(ApiError::NoSource)?;
+    // Streamed from disk (a pack can be as large as `max_source_bytes`), never read whole.
+    let file = tokio::fs::File::open(&path_on_disk)
         .await
         .map_err(|_| ApiError::NoSource)?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|_| ApiError::NoSource)?
+        .len();
     let content_type = if path.starts_with("objects/") && path != "objects/info/packs" {
         "application/x-git-loose-object"
     } else {
@@ -439,10 +445,11 @@ async fn source_file(
     };
     Ok((
         [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
         ],
-        bytes,
+        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
     )
         .into_response())
 }

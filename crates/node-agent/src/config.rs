@@ -52,6 +52,12 @@ pub enum ConfigError {
          of its own (or set `callback_url` to serve builder VMs on the API's address)"
     )]
     SamePort { port: u16 },
+    #[error("`vm_egress_allow_private` entry {value:?} is not a destination")]
+    VmEgressAllowPrivate {
+        value: String,
+        #[source]
+        source: builder_vmm::net::NetError,
+    },
     #[error("`{key}` must be at least {min}, got {value}")]
     TooSmall {
         key: &'static str,
@@ -102,6 +108,10 @@ struct Layered {
     webhook_attempts: u32,
     poll_interval_ms: u64,
     vm_listen_port: u16,
+    vm_egress_allow_private: Vec<String>,
+    vm_max_connections: u64,
+    vm_header_timeout_s: u64,
+    vm_idle_timeout_s: u64,
     max_log_bytes: u64,
     retention_days: u64,
 }
@@ -229,6 +239,24 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_VM_LISTEN_PORT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_listen_port: Option<u16>,
+    /// Private destinations builder VMs may reach despite the default deny, comma-separated
+    /// `CIDR` or `CIDR:PORT` (e.g. a registry mirror on the LAN, `10.1.2.0/24:5000`).
+    #[arg(long, env = "NODE_AGENT_VM_EGRESS_ALLOW_PRIVATE", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_egress_allow_private: Option<Vec<String>>,
+    /// Connections one VM's listener serves at once; more are closed at once.
+    #[arg(long, env = "NODE_AGENT_VM_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_max_connections: Option<u64>,
+    /// Seconds a VM's connection has to send a request's headers (also the wait for the next
+    /// request on a kept-alive connection).
+    #[arg(long, env = "NODE_AGENT_VM_HEADER_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_header_timeout_s: Option<u64>,
+    /// Seconds a VM's connection may go without reading or writing a byte.
+    #[arg(long, env = "NODE_AGENT_VM_IDLE_TIMEOUT_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_idle_timeout_s: Option<u64>,
     /// The most bytes kept of each log of a build (console, vmm, build, dockerd): the tail.
     #[arg(long, env = "NODE_AGENT_MAX_LOG_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -273,6 +301,12 @@ pub struct Config {
     pub webhook_attempts: u32,
     pub poll_interval_ms: u64,
     pub vm_listen_port: u16,
+    /// The operator's exceptions to the VMs' private-range deny.
+    pub vm_egress_allow_private: Vec<builder_vmm::EgressRule>,
+    /// The limits of each VM-facing listener.
+    pub vm_max_connections: usize,
+    pub vm_header_timeout_s: u64,
+    pub vm_idle_timeout_s: u64,
     pub max_log_bytes: u64,
     /// 0: builds are kept forever.
     pub retention_days: u64,
@@ -326,6 +360,9 @@ impl Config {
             ("default_timeout_s", 1, l.default_timeout_s),
             ("vm_listen_port", 1, u64::from(l.vm_listen_port)),
             ("max_log_bytes", 4096, l.max_log_bytes),
+            ("vm_max_connections", 1, l.vm_max_connections),
+            ("vm_header_timeout_s", 1, l.vm_header_timeout_s),
+            ("vm_idle_timeout_s", 1, l.vm_idle_timeout_s),
         ] {
             if value < min {
                 return Err(ConfigError::TooSmall { key, min, value });
@@ -377,6 +414,18 @@ impl Config {
             webhook_attempts: l.webhook_attempts,
             poll_interval_ms: l.poll_interval_ms,
             vm_listen_port: l.vm_listen_port,
+            vm_egress_allow_private: l
+                .vm_egress_allow_private
+                .into_iter()
+                .map(|value| {
+                    value
+                        .parse()
+                        .map_err(|source| ConfigError::VmEgressAllowPrivate { value, source })
+                })
+                .collect::<Result<_, _>>()?,
+            vm_max_connections: usize::try_from(l.vm_max_connections).unwrap_or(usize::MAX),
+            vm_header_timeout_s: l.vm_header_timeout_s,
+            vm_idle_timeout_s: l.vm_idle_timeout_s,
             max_log_bytes: l.max_log_bytes,
             retention_days: l.retention_days,
             work_dir: l.work_dir,
@@ -567,6 +616,15 @@ mod tests {
         assert_eq!(c.vm_base_url().as_str(), "http://127.0.0.1:7071/");
         assert_eq!(c.retention_days, 14);
         assert_eq!(c.max_log_bytes, 8 << 20);
+        assert_eq!(c.vm_max_connections, 64);
+        assert_eq!(c.vm_egress_allow_private, []);
+
+        std::fs::write(&file, "vm_egress_allow_private = [\"10.1.2.0/24:5000\"]\n").unwrap();
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.vm_egress_allow_private[0].to_string(), "10.1.2.0/24:5000");
+        std::fs::write(&file, "vm_egress_allow_private = [\"10.1.2.0/24:x\"]\n").unwrap();
+        let err = Config::load(&args).unwrap_err().to_string();
+        assert!(err.contains("`vm_egress_allow_private` entry \"10.1.2.0/24:x\""), "{err}");
 
         std::fs::write(&file, "capacity_cpus = 3\n").unwrap();
         let err = Config::load(&args).unwrap_err();

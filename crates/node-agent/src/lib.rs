@@ -66,10 +66,10 @@ pub async fn serve_on(
     );
     sweep_sources(&sources, &node).await;
     if node.config.per_vm_listener() {
-        node.set_vm_routes(Some(vm::VmRoutes::new(api::vm_router(
-            node.clone(),
-            sources.clone(),
-        ))));
+        node.set_vm_routes(Some(vm::VmRoutes::new(
+            api::vm_router(node.clone(), sources.clone()),
+            vm::VmListenerLimits::of(&node.config),
+        )));
     }
     let scheduler = tokio::spawn(node.clone().run());
     let pruner = tokio::spawn(node.clone().prune_forever());

@@ -5,7 +5,8 @@
 //!
 //! The VM-facing routes ([`VmRoutes`]: the guest's report and logs, uploaded sources) are
 //! served to each VM on an address of its own while it runs ([`VmListener`]), bound by the
-//! launcher, which alone knows where the VM reaches the host.
+//! launcher, which alone knows where the VM reaches the host, within per-listener connection
+//! and time limits ([`VmListenerLimits`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -92,24 +93,59 @@ pub struct LaunchSpec {
     pub timeout: Duration,
 }
 
+/// The limits of each VM-facing listener, so that one VM flooding its own listener cannot
+/// starve another VM's or the operator API: at most `max_connections` served at once (one more
+/// is closed as soon as it is accepted), `header_timeout` to send a request's headers (and
+/// between requests of a kept-alive connection), `idle_timeout` without a byte read or
+/// written. Request bodies are limited by the routes ([`crate::api::vm_router`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmListenerLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl VmListenerLimits {
+    /// `vm_max_connections`, `vm_header_timeout_s`, `vm_idle_timeout_s`.
+    pub fn of(config: &crate::config::Config) -> Self {
+        VmListenerLimits {
+            max_connections: config.vm_max_connections,
+            header_timeout: Duration::from_secs(config.vm_header_timeout_s),
+            idle_timeout: Duration::from_secs(config.vm_idle_timeout_s),
+        }
+    }
+}
+
+/// The kernel's queue of connections not yet accepted, per VM listener.
+const VM_LISTEN_BACKLOG: u32 = 64;
+/// The most a VM connection buffers of a request's head (hyper's own minimum is 8 KiB).
+const VM_MAX_BUF_BYTES: usize = 64 << 10;
+/// How long the accept loop waits after an accept error (out of descriptors, say).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// The routes a builder VM uses (see [`crate::api::vm_router`]), to be served to one VM.
 #[derive(Clone)]
-pub struct VmRoutes(axum::Router);
+pub struct VmRoutes {
+    router: axum::Router,
+    limits: VmListenerLimits,
+}
 
 impl std::fmt::Debug for VmRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VmRoutes")
+        f.debug_struct("VmRoutes")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
 impl VmRoutes {
-    pub fn new(router: axum::Router) -> Self {
-        VmRoutes(router)
+    pub fn new(router: axum::Router, limits: VmListenerLimits) -> Self {
+        VmRoutes { router, limits }
     }
 
-    /// Serves the routes on `addr` until the answer is dropped. The address need not exist
-    /// yet (`IP_FREEBIND`): a launcher binds before the VM's network is made, so the listener
-    /// is there before the VM can call.
+    /// Serves the routes on `addr` until the answer is dropped, within [`VmListenerLimits`].
+    /// The address need not exist yet (`IP_FREEBIND`): a launcher binds before the VM's
+    /// network is made, so the listener is there before the VM can call.
     pub fn serve(&self, addr: SocketAddr) -> std::io::Result<VmListener> {
         use std::os::fd::AsRawFd;
         let socket = match addr {
@@ -133,19 +169,152 @@ impl VmRoutes {
             return Err(std::io::Error::last_os_error());
         }
         socket.bind(addr)?;
-        let listener = socket.listen(64)?;
+        let listener = socket.listen(VM_LISTEN_BACKLOG)?;
         let addr = listener.local_addr()?;
-        let router = self.0.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::warn!(%addr, error = %e, "the VM-facing listener failed");
-            }
-        });
+        let task = tokio::spawn(accept_loop(listener, self.router.clone(), self.limits));
         Ok(VmListener { addr, task })
     }
 }
 
-/// The VM-facing routes served to one VM; dropping it stops listening.
+/// Accepts the VM's connections for as long as the task runs; each is served on a task of the
+/// loop's own [`tokio::task::JoinSet`], so aborting the loop ends them too.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: VmListenerLimits,
+) {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut refused: u64 = 0;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "the VM-facing listener cannot accept a connection");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Over the cap: reset at once, so the flood costs the VM, not this node.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    max_connections = limits.max_connections,
+                    "a VM opens more connections than its listener serves; closed"
+                );
+            }
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let router = router.clone();
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(VM_MAX_BUF_BYTES)
+                .serve_connection(io, service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "a VM connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// A connection that fails with [`std::io::ErrorKind::TimedOut`] once neither a read nor a
+/// write has made progress for its timeout: a VM that stops reading its answer or sending its
+/// body does not keep a connection forever.
+struct IdleTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// The outcome of polling the inner stream: progress moves the deadline, waiting checks it.
+    fn after<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match polled {
+            Poll::Ready(result) => {
+                let next = tokio::time::Instant::now() + self.timeout;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no byte read or written in {:?}", self.timeout),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.after(cx, polled)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after(cx, polled)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.after(cx, polled)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.after(cx, polled)
+    }
+}
+
+/// The VM-facing routes served to one VM; dropping it stops listening and ends its connections.
 #[derive(Debug)]
 pub struct VmListener {
     addr: SocketAddr,

@@ -84,6 +84,8 @@ pub struct VmmLauncher {
     pool: AddressPool,
     slots: Arc<Mutex<BTreeSet<u32>>>,
     dns: Vec<Ipv4Addr>,
+    /// `vm_egress_allow_private`: what every VM may reach although private.
+    allow_private: Vec<EgressRule>,
     choice: VmmChoice,
     boot_args: String,
 }
@@ -232,6 +234,7 @@ fn launcher_with(
         pool,
         slots: Arc::default(),
         dns: config.vm_dns.clone(),
+        allow_private: config.vm_egress_allow_private.clone(),
         choice,
         boot_args: boot_args(config)?,
     }))
@@ -324,6 +327,7 @@ impl VmmLauncher {
                 egress: EgressPolicy {
                     host_port,
                     allow: (!allow.is_empty()).then_some(allow),
+                    allow_private: self.allow_private.clone(),
                 },
                 dns: self.dns.clone(),
             }),
