@@ -2,10 +2,11 @@
 //!
 //! One interface ([`Vmm::start`] → [`Vm`] → [`Vm::wait`] / [`Vm::kill`] → [`Vm::cleanup`]) and
 //! two drivers with the same kernel, disks and guest: Firecracker through its jailer
-//! ([`firecracker`]) and QEMU `-M microvm` ([`qemu`]). Each VM gets a work dir, a sparse
-//! scratch disk and a read-only config drive ([`disk`]), its own network namespace with NAT and
-//! egress rules ([`net`]), CPU/memory limits, and a LIFO [`cleanup`] stack that undoes all of
-//! it. [`reclaim`] removes what a crashed daemon left, by the `bvm-` naming convention.
+//! ([`firecracker`]) and QEMU `-M microvm` ([`qemu`]) in a jail as strict ([`jail`]). Each VM
+//! gets a work dir, a sparse scratch disk and a read-only config drive ([`disk`]), its own
+//! network namespace with NAT and egress rules ([`net`]), cgroup CPU/memory limits
+//! ([`cgroup`]), and a LIFO [`cleanup`] stack that undoes all of it. [`reclaim`] removes what a
+//! crashed daemon left, by the `bvm-` naming convention.
 //!
 //! Guest disks: `vda` the shared rootfs (read-only), `vdb` the scratch disk, `vdc` the config
 //! drive holding `secrets.json`.
