@@ -412,7 +412,23 @@ impl Launcher for VmmLauncher {
             Ok(_) => Check::new(name, false, format!("{} is not a file", path.display())),
             Err(e) => Check::new(name, false, format!("{}: {e}", path.display())),
         };
-        let mut checks = vec![file("kernel", &self.kernel), file("rootfs", &self.rootfs)];
+        // QEMU opens the kernel and the rootfs as the VM's own uid.
+        let qemu = matches!(self.vmm.config().driver, Driver::Qemu(_));
+        let image = |name: &str, path: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() && qemu && m.permissions().mode() & 0o004 == 0 => Check::new(
+                    name,
+                    false,
+                    format!(
+                        "{} is not readable by other users, and QEMU opens it as the VM's uid",
+                        path.display()
+                    ),
+                ),
+                _ => file(name, path),
+            }
+        };
+        let mut checks = vec![image("kernel", &self.kernel), image("rootfs", &self.rootfs)];
         match &self.vmm.config().driver {
             Driver::Qemu(q) => checks.push(file("qemu", &q.qemu_bin)),
             Driver::Firecracker(f) => {
@@ -634,6 +650,7 @@ mod tests {
 
     #[test]
     fn readiness_and_the_info_gauge_name_the_vmm_and_whether_it_is_emulated() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load(&crate::config::ServeArgs {
             work_dir: Some(dir.path().to_path_buf()),
@@ -652,8 +669,28 @@ mod tests {
             &KvmProbe::Unusable("/dev/kvm: gone".into()),
             &Err("no firecracker".into()),
         );
+        for (name, mode) in [("vmlinux", 0o644), ("rootfs.ext4", 0o600)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"image").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let config = Config {
+            kernel: dir.path().join("vmlinux"),
+            rootfs: dir.path().join("rootfs.ext4"),
+            ..config
+        };
         let launcher = launcher_with(&config, choice, missing).unwrap();
         let checks = launcher.readiness();
+        let check = |name: &str| checks.iter().find(|c| c.name == name).unwrap();
+        assert!(check("kernel").ok, "{:?}", check("kernel"));
+        assert!(!check("rootfs").ok);
+        assert!(
+            check("rootfs").detail.ends_with(
+                "rootfs.ext4 is not readable by other users, and QEMU opens it as the VM's uid"
+            ),
+            "{:?}",
+            check("rootfs")
+        );
         let vmm = checks.iter().find(|c| c.name == "vmm").unwrap();
         assert!(vmm.ok);
         assert_eq!(
