@@ -12,7 +12,7 @@
 #          Dockerfile) and the VM still shut itself down.
 #   --submit-arg ARG     pass ARG to `node-agent submit` (repeatable); `{served}` in it becomes
 #          the URL of --serve's directory.
-#   --serve DIR          serve DIR over HTTP from the outside namespace (http://10.251.0.2:8091/).
+#   --serve DIR          serve DIR over HTTP from the outside namespace (http://198.18.251.2:8091/).
 #   --secret ID          make a random build secret ID, submit it, and check that its value is
 #          nowhere after the build: not in the rootfs, the webhook, the node's database, logs or
 #          console log.
@@ -25,7 +25,8 @@
 #
 # Topology. The guest may not reach the host (builder-vmm's egress rules), so the services the
 # VM talks to live in a network namespace of this script, `bvt-out`, a stand-in for the
-# Internet: veth `bvt-host` 10.251.0.1/30 ↔ `eth0` 10.251.0.2/30 in the namespace, which holds
+# Internet in 198.18.0.0/15 (VMs reach only public addresses; a private one would be dropped):
+# veth `bvt-host` 198.18.251.1/30 ↔ `eth0` 198.18.251.2/30 in the namespace, which holds
 # SeaweedFS (S3) and the requester's webhook receiver. The guest reaches them through its own
 # namespace's NAT and the host's forwarding, like any outside host. A local directory's source
 # comes from the node agent itself, at the host end of the VM's veth on the API port (the one
@@ -82,8 +83,8 @@ mark() { # mark NAME START_MS: records how long the step NAME took
 # ---- names and addresses ------------------------------------------------------------------------
 ns=bvt-out
 host_link=bvt-host
-host_addr=10.251.0.1
-out_addr=10.251.0.2
+host_addr=198.18.251.1
+out_addr=198.18.251.2
 vm_network=10.219.0.0/16
 vm_network_re='^10\.219\.'
 node_id=test-builder-vm

@@ -599,7 +599,12 @@ async fn the_audit_log_records_the_submission_every_state_change_and_the_commit(
         commit_sha: Some(commit.into()),
         image_digest: None,
         inputs: None,
-        rootfs: None,
+        // A succeeded report stands only with an upload the node verified.
+        rootfs: Some(
+            common::Guest::of(&launcher.spec(&id).unwrap())
+                .upload_rootfs(b"rootfs")
+                .await,
+        ),
         error: None,
         phases: vec![],
         started_at_unix_ms: 1,

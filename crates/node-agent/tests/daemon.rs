@@ -275,7 +275,11 @@ async fn state_machine(database_url: Option<String>) {
     )
     .await;
     let api = d.client();
-    let id = api.submit(json!({"notify_url": hook.url})).await;
+    // A key of its own: the SQLite and PostgreSQL runs upload at once.
+    let s3_key = format!("state-machine/{}.ext4", node_agent::random_hex(8));
+    let id = api
+        .submit(json!({"notify_url": hook.url, "s3_key": s3_key}))
+        .await;
     api.wait_state(&id, "running", SECS(10)).await;
     let spec = launcher.spec(&id).unwrap();
     // The console's phase lines move nothing; the guest's signed progress does.
@@ -296,7 +300,13 @@ async fn state_machine(database_url: Option<String>) {
         .ends_with(&format!("/v1/internal/builds/{id}/complete")));
     assert_eq!(spec.cpus.len(), 1);
 
-    let body = serde_json::to_vec(&report(&id, BuildStatus::Succeeded)).unwrap();
+    // A succeeded report stands only with an upload the node verified.
+    let rootfs = common::Guest::of(&spec).upload_rootfs(&[7; 1234]).await;
+    let succeeded = BuildReport {
+        rootfs: Some(rootfs.clone()),
+        ..report(&id, BuildStatus::Succeeded)
+    };
+    let body = serde_json::to_vec(&succeeded).unwrap();
     let now = (node_agent::now_ms() / 1000) as u64;
     // Wrong key, stale timestamp, another build's report: refused.
     assert_eq!(
@@ -320,7 +330,7 @@ async fn state_machine(database_url: Option<String>) {
 
     let b = api.wait_terminal(&id, SECS(10)).await;
     assert_eq!(b["state"], "succeeded", "{b}");
-    assert_eq!(b["rootfs"]["location"], "s3://b/k");
+    assert_eq!(b["rootfs"]["location"], format!("s3://rootfs/{s3_key}"));
     assert_eq!(b["rootfs"]["size_bytes"], 1234);
     assert_eq!(b["commit_sha"], "0123456789abcdef0123456789abcdef01234567");
     assert_eq!(b["timings"]["phases"][0]["phase"], "build");
@@ -354,7 +364,7 @@ async fn state_machine(database_url: Option<String>) {
     )
     .unwrap();
     let got: BuildReport = serde_json::from_slice(hit).unwrap();
-    assert_eq!(got, report(&id, BuildStatus::Succeeded));
+    assert_eq!(got, succeeded);
     assert_eq!(api.build(&id).await["webhook"]["state"], "delivered");
     // The console log is kept and served.
     let log = reqwest::Client::new()

@@ -165,8 +165,9 @@ pub struct Options {
     /// Whether the node has S3 credentials (`s3_credentials_file`); the script VMs never
     /// upload, so they name an endpoint nothing listens on.
     pub s3_credentials: bool,
-    /// The `s3` section of `s3_credentials_file` when it is a real store's (JSON); `None` names
-    /// an endpoint nothing listens on.
+    /// The `s3` section of `s3_credentials_file` (JSON); `None`: the test store's
+    /// ([`test_store`]) when the test services' environment names one (its bucket `rootfs`,
+    /// the builds' default, made if missing), else an endpoint nothing listens on.
     pub s3_section: Option<String>,
     /// `max_log_bytes` (the default's when `None`).
     pub max_log_bytes: Option<u64>,
@@ -189,13 +190,54 @@ impl Default for Options {
     }
 }
 
+/// The S3 store of the test services (`scripts/services.sh env`), when its environment is set.
+pub fn test_store() -> Option<builder_contract::S3Credentials> {
+    let var = |name| std::env::var(name).ok();
+    Some(builder_contract::S3Credentials {
+        endpoint: var("BUILDER_TEST_S3_ENDPOINT")?,
+        region: var("BUILDER_TEST_S3_REGION")?,
+        access_key_id: var("BUILDER_TEST_S3_ACCESS_KEY")?,
+        secret_access_key: var("BUILDER_TEST_S3_SECRET_KEY")?,
+        session_token: None,
+    })
+}
+
+/// Makes `bucket` in `store` when it is missing (curl signs the request).
+fn make_bucket(store: &builder_contract::S3Credentials, bucket: &str) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+        .args([
+            "--aws-sigv4",
+            &format!("aws:amz:{}:s3", store.region),
+            "--user",
+        ])
+        .arg(format!(
+            "{}:{}",
+            store.access_key_id, store.secret_access_key
+        ))
+        .arg(format!("{}/{bucket}", store.endpoint))
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        code == "200" || code == "409",
+        "cannot make the bucket {bucket}: HTTP {code} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> Daemon {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s3_credentials_file = o.s3_credentials.then(|| {
         std::fs::create_dir_all(work_dir).unwrap();
         let path = work_dir.join("s3.json");
-        let section = o.s3_section.clone().unwrap_or_else(|| {
+        let section = o.s3_section.clone().or_else(|| {
+            let store = test_store()?;
+            make_bucket(&store, "rootfs");
+            Some(serde_json::to_string(&store).unwrap())
+        });
+        let section = section.unwrap_or_else(|| {
             r#"{"endpoint": "http://127.0.0.1:9", "access_key_id": "test-access", "secret_access_key": "test-secret"}"#.to_string()
         });
         std::fs::write(&path, format!(r#"{{"s3": {section}}}"#))
@@ -388,6 +430,45 @@ impl Guest {
         };
         let body = serde_json::to_vec(&event).unwrap();
         self.post_signed(&url, &self.key, &body).await
+    }
+
+    /// Uploads `bytes` as this build's rootfs the way builder-agent does in a VM (no S3 key:
+    /// each request granted by the node) to the daemon's store; the report's artifact for it.
+    pub async fn upload_rootfs(&self, bytes: &[u8]) -> builder_contract::RootfsArtifact {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rootfs.ext4");
+        std::fs::write(&path, bytes).unwrap();
+        let sha256 = hex::encode(sha2::Sha256::digest(bytes));
+        let object = builder_s3::GrantedObject {
+            sha256: sha256.clone(),
+            image_digest: format!("sha256:{}", "ab".repeat(32)),
+            commit_sha: "0123456789abcdef0123456789abcdef01234567".into(),
+        };
+        let grant = builder_s3::NodeGrant::new(
+            &self.notify_url,
+            &self.build_id,
+            self.key.as_bytes(),
+            object,
+        )
+        .expect("the guest reports to its node");
+        builder_s3::Uploader::default()
+            .upload(
+                &grant,
+                &path,
+                Some(b"{}".to_vec().into()),
+                5 << 20,
+                |_, _| {},
+            )
+            .await
+            .expect("the granted upload lands");
+        let verified = grant.verified().expect("the node verified the upload");
+        builder_contract::RootfsArtifact {
+            config_location: format!("{}.json", verified.location),
+            location: verified.location,
+            size_bytes: verified.size,
+            sha256,
+        }
     }
 
     /// Posts the report; the status.
