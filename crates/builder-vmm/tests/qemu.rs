@@ -529,6 +529,61 @@ async fn qemu_runs_unprivileged_in_its_jail_with_limits() {
     assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
 }
 
+/// Under KVM the jail holds a `/dev/kvm` of its own, owned by the VM's uid, which QEMU opens:
+/// no other device, and no access to the host's (root's, mode 0600 here). Where KVM is nested
+/// the guest may die later; the test only needs QEMU to have started.
+#[tokio::test]
+async fn under_kvm_qemu_opens_the_kvm_node_of_its_jail() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if let builder_vmm::qemu::KvmProbe::Unusable(why) = builder_vmm::qemu::KvmProbe::run() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let work_root = dir.path().join("vms");
+    let vmm = Vmm::new(VmmConfig {
+        work_root: work_root.clone(),
+        pool: AddressPool::default(),
+        driver: Driver::Qemu(QemuConfig {
+            chroot_base: jail_base(&work_root),
+            accel: builder_vmm::Accel::Kvm,
+            ..QemuConfig::from_env().unwrap()
+        }),
+    });
+    let mut vm = vmm.start(hanging("kvm", dir.path())).await.unwrap();
+    let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
+    let pid = vm.pid();
+    assert_eq!(sandboxed(pid).await, "2");
+    let uid: u32 = status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let kvm = std::fs::metadata(format!("/proc/{pid}/root/dev/kvm")).unwrap();
+    assert!(kvm.file_type().is_char_device());
+    assert_eq!(
+        (kvm.rdev(), kvm.uid(), kvm.mode() & 0o7777),
+        (libc::makedev(10, 232), uid, 0o600)
+    );
+    // Its open files, as the host names them: the jail's `/dev/kvm` (and KVM's VM and vCPU).
+    let fds: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    let jail = jail_dir(&work_root).join(vm.tag());
+    assert!(fds.contains(&jail.join("dev/kvm")), "{fds:?}");
+    assert!(
+        fds.iter()
+            .any(|f| f.to_string_lossy() == "anon_inode:kvm-vm"),
+        "{fds:?}"
+    );
+    let tag = vm.tag().to_string();
+    vm.kill().await.unwrap();
+    vm.cleanup().await.unwrap();
+    assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn a_refused_start_undoes_what_it_made() {
     let dir = tempfile::tempdir().unwrap();
