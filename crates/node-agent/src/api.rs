@@ -36,6 +36,7 @@ use crate::metrics::Snapshot;
 use crate::model::{BuildRequest, BuildState, RequestError};
 use crate::node::{Node, Signal};
 use crate::sources::{SourceError, Sources, Uploaded};
+use crate::tokens::{Caller, ScopeError};
 use crate::uploads::UploadError;
 use crate::vm::Check;
 
@@ -54,6 +55,12 @@ const MAX_GUEST_LOG_BODY: u64 = MAX_GUEST_LOG_BYTES + (64 << 10);
 pub enum ApiError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error("`notify_url` is refused")]
+    NotifyTarget(#[from] crate::notify::RestrictedTarget),
+    #[error("the token {token} is not an admin token, and only those may do this")]
+    AdminOnly { token: String },
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("the request body is not valid JSON for this endpoint: {0}")]
@@ -121,6 +128,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized | ApiError::Signature { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Scope(_) | ApiError::NotifyTarget(_) | ApiError::AdminOnly { .. } => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BadJson(_)
             | ApiError::Body(_)
@@ -153,6 +163,8 @@ impl ApiError {
     fn field(&self) -> Option<&'static str> {
         match self {
             ApiError::Invalid(e) => e.field(),
+            ApiError::Scope(e) => Some(e.field),
+            ApiError::NotifyTarget(_) => Some("notify_url"),
             ApiError::LogSource { .. } => Some("source"),
             ApiError::Upload(e) => e.field(),
             _ => None,
@@ -246,33 +258,29 @@ pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
         .with_state(node)
 }
 
-async fn auth(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
-    if !bearer_is_api_token(&node, request.headers()) {
+/// Lets a request with a known bearer token through, its [`Caller`] in the request's
+/// extensions for the handlers to authorize with.
+async fn auth(State(node): State<Arc<Node>>, mut request: Request, next: Next) -> Response {
+    let Some(caller) = bearer_caller(&node, request.headers()) else {
         return ApiError::Unauthorized.into_response();
-    }
+    };
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 
-/// Whether the request's `Authorization: Bearer` header carries the API token.
-pub(crate) fn bearer_is_api_token(node: &Node, headers: &HeaderMap) -> bool {
+/// The caller whose token the request's `Authorization: Bearer` header carries.
+pub(crate) fn bearer_caller(node: &Node, headers: &HeaderMap) -> Option<Caller> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    is_api_token(node, given)
+        .and_then(|v| v.strip_prefix("Bearer "))?;
+    token_caller(node, given)
 }
 
-/// Whether `given` is the API token, in a time that does not depend on where they differ.
-pub(crate) fn is_api_token(node: &Node, given: &str) -> bool {
-    let token = node.api_token.as_bytes();
-    given.len() == token.len()
-        && given
-            .as_bytes()
-            .iter()
-            .zip(token)
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+/// The caller `given` is the token of: the admin's `api_token_file` token or one of the tokens
+/// file, compared by their SHA-256 in constant time ([`crate::tokens::Tokens::authenticate`]).
+pub(crate) fn token_caller(node: &Node, given: &str) -> Option<Caller> {
+    node.tokens.authenticate(given)
 }
 
 fn body_bytes(node: &Node, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
@@ -331,6 +339,7 @@ pub struct Submitted {
 async fn submit(
     State(node): State<Arc<Node>>,
     Extension(sources): Extension<Arc<Sources>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
     let bytes = body_bytes(&node, body)?;
@@ -341,6 +350,15 @@ async fn submit(
     let id = crate::new_build_id();
     let params = request.to_params(&id, &node.config.vm_base_url(), node.limits())?;
     request.check_output(node.uploads())?;
+    // Valid, then within the token's scope (403 naming the field), then to an address the
+    // node may call.
+    let requester = caller.requester_of(&request)?;
+    caller.check_scope(&request)?;
+    // (`to_params` has refused a notify_url that is not a URL.)
+    if let Some(Ok(url)) = request.notify_url.as_deref().map(url::Url::parse) {
+        node.config.notify_allow.check_url(&url)?;
+    }
+    request.requester = Some(requester.clone());
     // What is stored and shown is what the build gets: left-out resources become this node's.
     request.resolve_resources(node.limits());
     let credentials = request.take_credentials();
@@ -356,10 +374,7 @@ async fn submit(
         id: id.clone(),
         credentials: credentials.names(),
         pinned_node,
-        requester: request
-            .requester
-            .clone()
-            .unwrap_or_else(|| "api".to_string()),
+        requester,
         revision: params.revision.to_string(),
         timeout_s: request.timeout_s.unwrap_or(node.config.default_timeout_s),
         created_at_ms: crate::now_ms(),
@@ -591,8 +606,22 @@ async fn load(node: &Node, id: &str) -> ApiResult<BuildRow> {
         .ok_or_else(|| ApiError::NotFound { id: id.to_string() })
 }
 
-async fn show(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult<Json<BuildView>> {
-    let row = load(&node, &id).await?;
+/// Build `id` if `caller` may see it: an admin any, a requester its own; another requester's
+/// build is not found, so its id tells nothing.
+async fn load_for(node: &Node, caller: &Caller, id: &str) -> ApiResult<BuildRow> {
+    let row = load(node, id).await?;
+    if !caller.sees(&row.requester) {
+        return Err(ApiError::NotFound { id: id.to_string() });
+    }
+    Ok(row)
+}
+
+async fn show(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BuildView>> {
+    let row = load_for(&node, &caller, &id).await?;
     let events = node.db.events(&id).await?;
     Ok(Json(BuildView::new(row, Some(events))))
 }
@@ -618,6 +647,7 @@ pub struct BuildList {
 
 async fn list(
     State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<BuildList>> {
     let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
@@ -635,9 +665,20 @@ async fn list(
             "`limit` must be 1 to {MAX_LIST_LIMIT}"
         )));
     }
+    let mut requester = query.requester.filter(|r| !r.is_empty());
+    if !caller.admin {
+        // A requester lists its own builds only; asking for another's finds none.
+        if requester.as_ref().is_some_and(|r| *r != caller.name) {
+            return Ok(Json(BuildList {
+                builds: vec![],
+                next_cursor: None,
+            }));
+        }
+        requester = Some(caller.name.clone());
+    }
     let filter = BuildFilter {
         state,
-        requester: query.requester.filter(|r| !r.is_empty()),
+        requester,
         repo_contains: query.repo.filter(|r| !r.is_empty()),
     };
     let rows = node
@@ -653,8 +694,10 @@ async fn list(
 
 async fn cancel(
     State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    load_for(&node, &caller, &id).await?;
     match node.cancel(&id).await? {
         None => Err(ApiError::NotFound { id }),
         Some(state) if state.is_terminal() && state != BuildState::Cancelled => {
@@ -675,6 +718,7 @@ struct LogQuery {
 /// runs here, else what is kept.
 async fn logs(
     State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
@@ -686,7 +730,7 @@ async fn logs(
             valid: LogSource::names(),
         })?,
     };
-    let row = load(&node, &id).await?;
+    let row = load_for(&node, &caller, &id).await?;
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if source != LogSource::Console {
         return match tokio::fs::read(node.config.log_file(&id, source)).await {

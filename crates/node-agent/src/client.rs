@@ -1,5 +1,6 @@
 //! The CLI's side of the API: `submit` (uploading a local directory first), `status`, `list`,
-//! `cancel`, `logs`, talking to a node agent over HTTP with the bearer token. `submit --wait` prints a line per state and phase
+//! `cancel`, `logs`, talking to a node agent over HTTP or HTTPS (trusting `--ca-file` besides
+//! the public roots) with the bearer token. `submit --wait` prints a line per state and phase
 //! (indicatif) and streams the build's console log.
 
 use std::path::PathBuf;
@@ -33,6 +34,10 @@ pub struct Connection {
         global = true
     )]
     pub token_file: PathBuf,
+    /// PEM certificate(s) of the CA that signed the node agent's HTTPS certificate (a
+    /// self-signed certificate is its own CA), trusted besides the public roots.
+    #[arg(long, env = "NODE_AGENT_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
 }
 
 pub struct Client {
@@ -57,8 +62,22 @@ impl Client {
         let token = std::fs::read_to_string(&c.token_file).with_context(|| {
             format!("cannot read the API token file {}", c.token_file.display())
         })?;
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = &c.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!("the CA file {} is not PEM certificates", path.display())
+            })?;
+            if certs.is_empty() {
+                bail!("the CA file {} holds no PEM certificate", path.display());
+            }
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
         Ok(Client {
-            http: reqwest::Client::new(),
+            http: http.build().context("cannot set up the HTTP client")?,
             base: c.server.clone(),
             token: token.trim().to_string(),
         })
@@ -71,11 +90,21 @@ impl Client {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let response = request
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the node agent at {}", self.base))?;
+        let response = match request.bearer_auth(&self.token).send().await {
+            Ok(response) => response,
+            Err(e) if self.base.scheme() == "https" && is_certificate_error(&e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the node agent at {} presented a TLS certificate this client does not \
+                     trust: give the CA that signed it (or the self-signed certificate) with \
+                     --ca-file or NODE_AGENT_CA_FILE",
+                    self.base
+                )))
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot reach the node agent at {}", self.base)))
+            }
+        };
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -233,6 +262,17 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether a failed request failed on the server's certificate (rustls' verdict somewhere in
+/// its cause chain).
+fn is_certificate_error(error: &reqwest::Error) -> bool {
+    crate::find_cause::<rustls::Error>(error).is_some_and(|e| {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+        )
+    })
 }
 
 /// A line above the progress bar, or on stdout when there is no terminal to draw it on.

@@ -52,6 +52,13 @@ pub enum ConfigError {
          of its own (or set `callback_url` to serve builder VMs on the API's address)"
     )]
     SamePort { port: u16 },
+    #[error("`notify_allow` entry {value:?} is not valid: {reason}")]
+    NotifyAllow { value: String, reason: String },
+    #[error("`{given}` is set but `{missing}` is not: TLS needs both a certificate and its key")]
+    TlsPair {
+        given: &'static str,
+        missing: &'static str,
+    },
     #[error("`vm_egress_allow_private` entry {value:?} is not a destination")]
     VmEgressAllowPrivate {
         value: String,
@@ -85,7 +92,11 @@ struct Layered {
     work_dir: PathBuf,
     database_url: Option<String>,
     api_token_file: Option<PathBuf>,
+    api_tokens_file: Option<PathBuf>,
     notify_secret_file: Option<PathBuf>,
+    notify_allow: Vec<String>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
     node_id: Option<String>,
     capacity_vcpus: Option<u32>,
     capacity_mem_mib: Option<u64>,
@@ -139,10 +150,27 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_API_TOKEN_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_token_file: Option<PathBuf>,
+    /// The scoped API tokens (`node-agent token add`; default `<work_dir>/api-tokens.toml`).
+    #[arg(long, env = "NODE_AGENT_API_TOKENS_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_tokens_file: Option<PathBuf>,
     /// File holding the key that signs webhooks to requesters (created when missing).
     #[arg(long, env = "NODE_AGENT_NOTIFY_SECRET_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notify_secret_file: Option<PathBuf>,
+    /// Webhook targets allowed although private, loopback, link-local and the like:
+    /// comma-separated CIDRs and host names.
+    #[arg(long, env = "NODE_AGENT_NOTIFY_ALLOW", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_allow: Option<Vec<String>>,
+    /// PEM certificate chain of the API's HTTPS listener (with `tls_key_file`).
+    #[arg(long, env = "NODE_AGENT_TLS_CERT_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[arg(long, env = "NODE_AGENT_TLS_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
     /// This host's name in the shared queue (default: the host name).
     #[arg(long, env = "NODE_AGENT_NODE_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -274,7 +302,13 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub database_url: String,
     pub api_token_file: PathBuf,
+    /// The scoped tokens ([`crate::tokens`]).
+    pub api_tokens_file: PathBuf,
     pub notify_secret_file: PathBuf,
+    /// Restricted webhook targets the operator allows ([`crate::notify::NotifyAllow`]).
+    pub notify_allow: crate::notify::NotifyAllow,
+    /// The API's certificate and key: HTTPS when set.
+    pub tls: Option<TlsFiles>,
     pub node_id: String,
     pub capacity_vcpus: u32,
     pub capacity_mem_mib: u64,
@@ -318,30 +352,77 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// The layers merged: the defaults, the config file, then the environment and flags.
+fn merged(args: &ServeArgs) -> Result<toml::Table, ConfigError> {
+    let mut table: toml::Table = DEFAULTS.parse().expect("the built-in defaults are TOML");
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
+            path: path.clone(),
+            source,
+        })?;
+        merge(&mut table, file);
+    }
+    merge(
+        &mut table,
+        toml::Table::try_from(args).expect("flags serialize to a TOML table"),
+    );
+    Ok(table)
+}
+
+/// The PEM files of the API's HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The default tokens file under `work_dir`.
+const API_TOKENS_FILE: &str = "api-tokens.toml";
+
 impl Config {
     /// Merges the layers and fills in the computed defaults.
     pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = DEFAULTS.parse().expect("the built-in defaults are TOML");
-        if let Some(path) = &args.config {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let file: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
-                path: path.clone(),
-                source,
-            })?;
-            merge(&mut table, file);
-        }
-        merge(
-            &mut table,
-            toml::Table::try_from(args).expect("flags serialize to a TOML table"),
-        );
-        let layered: Layered = table.try_into().map_err(ConfigError::Invalid)?;
+        let layered: Layered = merged(args)?.try_into().map_err(ConfigError::Invalid)?;
         Self::resolve(layered)
     }
 
+    /// The tokens file `serve` with these flags would use, without resolving anything else
+    /// (`node-agent token` needs no VM settings).
+    pub fn api_tokens_file_of(args: &ServeArgs) -> Result<PathBuf, ConfigError> {
+        #[derive(Deserialize)]
+        struct Paths {
+            work_dir: PathBuf,
+            api_tokens_file: Option<PathBuf>,
+        }
+        let paths: Paths = merged(args)?.try_into().map_err(ConfigError::Invalid)?;
+        Ok(paths
+            .api_tokens_file
+            .unwrap_or_else(|| paths.work_dir.join(API_TOKENS_FILE)))
+    }
+
     fn resolve(l: Layered) -> Result<Self, ConfigError> {
+        let tls = match (l.tls_cert_file, l.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::TlsPair {
+                    given: "tls_cert_file",
+                    missing: "tls_key_file",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::TlsPair {
+                    given: "tls_key_file",
+                    missing: "tls_cert_file",
+                })
+            }
+        };
+        let notify_allow = crate::notify::NotifyAllow::parse(&l.notify_allow)
+            .map_err(|(value, reason)| ConfigError::NotifyAllow { value, reason })?;
         let capacity_vcpus = match l.capacity_vcpus {
             Some(n) => n,
             None => host_cpus().saturating_sub(RESERVED_VCPUS).max(1),
@@ -386,6 +467,11 @@ impl Config {
             api_token_file: l
                 .api_token_file
                 .unwrap_or_else(|| under_work_dir("api-token")),
+            api_tokens_file: l
+                .api_tokens_file
+                .unwrap_or_else(|| under_work_dir(API_TOKENS_FILE)),
+            notify_allow,
+            tls,
             notify_secret_file: l
                 .notify_secret_file
                 .unwrap_or_else(|| under_work_dir("notify-secret")),

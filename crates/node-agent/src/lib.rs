@@ -17,6 +17,8 @@ pub mod model;
 pub mod node;
 pub mod notify;
 pub mod sources;
+pub mod tls;
+pub mod tokens;
 pub mod uploads;
 pub mod vm;
 pub mod vmm;
@@ -52,14 +54,39 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Runs the API and the scheduler on `listener` until `shutdown` resolves, then drains (stops
-/// admitting, lets running builds finish within the grace period, cancels the rest) while the
-/// API keeps answering, so late reports still arrive.
+/// The first error of type `T` in `error`'s cause chain, looking inside `io::Error`s too (whose
+/// `source` skips the error they wrap).
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        next = wrapped.or_else(|| e.source());
+    }
+    None
+}
+
+/// Runs the API and the scheduler on `listener` (HTTPS when the node has `tls_cert_file` and
+/// `tls_key_file`, see [`tls`]) until `shutdown` resolves, then drains (stops admitting, lets
+/// running builds finish within the grace period, cancels the rest) while the API keeps
+/// answering, so late reports still arrive.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     node: std::sync::Arc<node::Node>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Before anything starts: a node with unusable TLS files does not serve at all.
+    let tls = match &node.config.tls {
+        Some(files) => Some(tls::server_config(files).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let sources = std::sync::Arc::new(
         sources::Sources::new(node.config.sources_dir(), node.config.vm_base_url())
             .map_err(std::io::Error::other)?,
@@ -88,9 +115,18 @@ pub async fn serve_on(
             tracing::info!("drained");
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drained)
-        .await?;
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(drained)
+                .await?
+        }
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config)?, app)
+                .with_graceful_shutdown(drained)
+                .await?
+        }
+    }
     scheduler.abort();
     pruner.abort();
     sweeper.abort();
@@ -118,15 +154,22 @@ pub async fn serve(node: std::sync::Arc<node::Node>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let scheme = if node.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     match &node.config.callback_url {
         None => tracing::info!(
             %listen,
+            scheme,
             vm_listen_port = node.config.vm_listen_port,
             node_id = node.config.node_id,
             "node agent listening; builder VMs are served on the host end of their veth"
         ),
         Some(callback_url) => tracing::info!(
             %listen,
+            scheme,
             %callback_url,
             node_id = node.config.node_id,
             "node agent listening; builder VMs reach it at the callback URL"

@@ -11,6 +11,7 @@ use node_agent::flags::InputFlags;
 use node_agent::local_source::bundle_dir;
 use node_agent::model::BuildRequest;
 use node_agent::node::Node;
+use node_agent::tokens::{BucketScope, HostScope, TokenName, TokensFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +72,55 @@ enum Command {
         #[arg(long, default_value = "console", value_parser = parse_log_source)]
         source: LogSource,
     },
+    /// Manage the scoped API tokens of this host's node agent (its tokens file; the running
+    /// daemon picks changes up without a restart).
+    Token {
+        #[command(flatten)]
+        file: TokenFileArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+/// Where the tokens file is: as `serve` with the same config would find it.
+#[derive(Debug, clap::Args)]
+struct TokenFileArgs {
+    /// The daemon's TOML config file.
+    #[arg(long, env = "NODE_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// The daemon's state directory (the file defaults to `<work_dir>/api-tokens.toml`).
+    #[arg(long, env = "NODE_AGENT_WORK_DIR", global = true)]
+    work_dir: Option<PathBuf>,
+    /// The tokens file itself.
+    #[arg(long, env = "NODE_AGENT_API_TOKENS_FILE", global = true)]
+    api_tokens_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token: prints the token and its requester's webhook key, once.
+    Add {
+        /// The token's name: the requester of the builds it submits.
+        name: String,
+        /// A bucket its builds may upload to, optionally with the key prefix they must use
+        /// (`rootfs/team-a/`); `*` for any (repeatable).
+        #[arg(long = "bucket", value_name = "BUCKET[/PREFIX]")]
+        buckets: Vec<String>,
+        /// A host its `notify_url`s may name, optionally with the port; `*` for any
+        /// (repeatable).
+        #[arg(long = "notify-host", value_name = "HOST[:PORT]")]
+        notify_hosts: Vec<String>,
+        /// May see and cancel every build, use the dashboard and submit for other requesters.
+        #[arg(long)]
+        admin: bool,
+        /// Issue a new token and webhook key for an existing name (the old ones stop working).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the tokens: names, rights and scopes (never a secret).
+    List,
+    /// Remove a token: it stops working at once.
+    Remove { name: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +160,9 @@ struct SubmitArgs {
     disk_gib: u32,
     #[arg(long)]
     timeout_s: Option<u64>,
+    /// The build's requester (admin tokens only; default the token's own name).
+    #[arg(long)]
+    requester: Option<String>,
     /// Follow the build to its end, streaming its log.
     #[arg(long)]
     wait: bool,
@@ -156,6 +209,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 timeout_s,
                 wait,
                 snapshot,
+                requester,
             } = *args;
             let client = Client::new(&conn)?;
             // Read the flags' files before a directory is uploaded for nothing.
@@ -179,7 +233,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 disk_gib,
                 timeout_s,
                 egress_allow: vec![],
-                requester: std::env::var("USER").ok(),
+                // The token's own name (an admin token may name another with --requester).
+                requester,
             };
             inputs.apply(&mut request)?;
             // The node refuses it too (it keeps no output); refused here before an upload.
@@ -278,6 +333,7 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("{} {}", s.id, s.state);
             Ok(0)
         }
+        Command::Token { file, command } => token(file, command).map(|()| 0),
         Command::Logs {
             conn,
             id,
@@ -290,6 +346,70 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `node-agent token ...` on the tokens file `serve` would use.
+fn token(file: TokenFileArgs, command: TokenCommand) -> Result<()> {
+    let args = ServeArgs {
+        config: file.config,
+        work_dir: file.work_dir,
+        api_tokens_file: file.api_tokens_file,
+        ..Default::default()
+    };
+    let path = Config::api_tokens_file_of(&args).context("cannot load the configuration")?;
+    match command {
+        TokenCommand::Add {
+            name,
+            buckets,
+            notify_hosts,
+            admin,
+            replace,
+        } => {
+            let name = TokenName::try_from(name)?;
+            let buckets = buckets
+                .into_iter()
+                .map(BucketScope::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            let notify_hosts = notify_hosts
+                .into_iter()
+                .map(HostScope::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            let issued =
+                TokensFile::add(&path, name.clone(), admin, buckets, notify_hosts, replace)?;
+            println!("token: {}", issued.token);
+            println!("webhook_key: {}", issued.webhook_key);
+            eprintln!(
+                "Give the token to {name}: {} keeps only its SHA-256, so it cannot be shown \
+                 again. The webhook key verifies the webhooks of {name}'s builds (install it at \
+                 the receiver); it stays in {} for the node to sign with.",
+                path.display(),
+                path.display()
+            );
+        }
+        TokenCommand::List => {
+            for e in TokensFile::list(&path)? {
+                let join = |items: Vec<String>| {
+                    if items.is_empty() {
+                        "-".to_string()
+                    } else {
+                        items.join(",")
+                    }
+                };
+                println!(
+                    "{}\t{}\tbuckets={}\tnotify_hosts={}",
+                    e.name,
+                    if e.admin { "admin" } else { "-" },
+                    join(e.buckets.into_iter().map(String::from).collect()),
+                    join(e.notify_hosts.into_iter().map(String::from).collect()),
+                );
+            }
+        }
+        TokenCommand::Remove { name } => {
+            TokensFile::remove(&path, &name)?;
+            eprintln!("removed the token {name} from {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

@@ -87,6 +87,8 @@ pub struct Node {
     /// The credential values of builds accepted here, until they end.
     pub credentials: CredentialStore,
     pub api_token: String,
+    /// Every API token: the admin's (`api_token`) and the scoped ones ([`crate::tokens`]).
+    pub tokens: crate::tokens::Tokens,
     notify_secret: String,
     /// The node's S3 key and the uploads it grants builds ([`crate::uploads`]).
     pub upload_grants: crate::uploads::Uploads,
@@ -96,7 +98,7 @@ pub struct Node {
     wake: Notify,
     idle: Notify,
     draining: AtomicBool,
-    http: reqwest::Client,
+    webhooks: crate::notify::Webhooks,
     /// The VM-facing routes each VM gets on a listener of its own while it runs; set while the
     /// node serves ([`crate::serve_on`]) and no `callback_url` overrides them.
     vm_routes: Mutex<Option<VmRoutes>>,
@@ -176,6 +178,8 @@ impl Node {
                 slots: vec![false; config.capacity_vcpus as usize],
                 ..Default::default()
             }),
+            tokens: crate::tokens::Tokens::new(config.api_tokens_file.clone(), &api_token),
+            webhooks: crate::notify::Webhooks::new(config.notify_allow.clone()),
             config,
             db,
             api_token,
@@ -186,7 +190,6 @@ impl Node {
             idle: Notify::new(),
             draining: AtomicBool::new(false),
             vm_routes: Mutex::new(None),
-            http: crate::notify::webhook_client(),
         });
         tracing::info!(
             reclaimed,
@@ -861,11 +864,14 @@ impl Node {
     }
 
     async fn deliver(self: Arc<Self>, row: BuildRow) {
+        // The requester's own key; the admin's builds (no token of their own) the node's.
+        let key = self.tokens.webhook_key(&row.requester);
+        let key = key.as_deref().unwrap_or(&self.notify_secret);
         crate::notify::deliver(
-            &self.http,
+            &self.webhooks,
             &self.db,
             &row,
-            self.notify_secret.as_bytes(),
+            key.as_bytes(),
             self.config.webhook_attempts,
         )
         .await;

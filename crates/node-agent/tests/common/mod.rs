@@ -173,6 +173,10 @@ pub struct Options {
     pub max_log_bytes: Option<u64>,
     /// `retention_days` (the default's when `None`).
     pub retention_days: Option<u64>,
+    /// `notify_allow`: by default loopback, where the tests' webhook receivers listen.
+    pub notify_allow: Vec<String>,
+    /// `tls_cert_file` and `tls_key_file`: the API serves HTTPS (`base` is `https://`).
+    pub tls: Option<node_agent::config::TlsFiles>,
 }
 
 impl Default for Options {
@@ -186,6 +190,8 @@ impl Default for Options {
             s3_section: None,
             max_log_bytes: None,
             retention_days: None,
+            notify_allow: vec!["127.0.0.0/8".into()],
+            tls: None,
         }
     }
 }
@@ -261,6 +267,9 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
         webhook_attempts: Some(3),
         max_log_bytes: o.max_log_bytes,
         retention_days: o.retention_days,
+        notify_allow: Some(o.notify_allow),
+        tls_cert_file: o.tls.as_ref().map(|t| t.cert.clone()),
+        tls_key_file: o.tls.as_ref().map(|t| t.key.clone()),
         ..Default::default()
     };
     let config = Config::load(&args).unwrap();
@@ -270,8 +279,9 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
     let task = tokio::spawn(node_agent::serve_on(listener, node.clone(), async move {
         let _ = rx.await;
     }));
+    let scheme = if o.tls.is_some() { "https" } else { "http" };
     Daemon {
-        base: format!("http://{addr}"),
+        base: format!("{scheme}://{addr}"),
         token,
         node,
         work_dir: work_dir.to_path_buf(),
