@@ -389,8 +389,8 @@ impl Uploads {
                 return Err(store(e));
             }
             // What landed is not what was granted: it must not look like a build's output.
-            for key in [location.key.as_str(), config_key.as_str()] {
-                let _ = client.delete(&location.bucket, key).await;
+            for key in [&location.key, &config_key] {
+                delete_own(client, &location.bucket, key, build_id).await;
             }
             return Err(UploadError::Unverified {
                 build_id: build_id.to_string(),
@@ -454,8 +454,8 @@ impl Uploads {
         self.open.lock().expect("uploads lock").remove(build_id)
     }
 
-    /// The end of a build: aborts an upload that did not complete, deletes what the upload made
-    /// when the build did not succeed, and writes `report` (the final one, when the build's
+    /// The end of a build: aborts an upload that did not complete, deletes the objects this
+    /// build's upload made (its build id in their metadata) when the build did not succeed, and writes `report` (the final one, when the build's
     /// end was recorded) as `<s3_key>.status.json`. Failures are logged.
     pub async fn end(
         &self,
@@ -482,19 +482,10 @@ impl Uploads {
                 }
             }
             if !succeeded {
-                let mut keys = vec![location.config_key()];
-                if upload.verified.is_some() {
-                    keys.push(location.key.clone());
-                }
-                for key in keys {
-                    if let Err(e) = client.delete(&location.bucket, &key).await {
-                        tracing::warn!(
-                            build_id = row.id,
-                            key,
-                            error = crate::error_chain(&e),
-                            "cannot delete what the failed build uploaded"
-                        );
-                    }
+                // Only what this build wrote: an object carrying its build id (an earlier
+                // build's rootfs at the same key stays).
+                for key in [location.config_key(), location.key.clone()] {
+                    delete_own(client, &location.bucket, &key, &row.id).await;
                 }
             }
         }
@@ -547,6 +538,27 @@ impl Uploads {
                 ),
             }
         }
+    }
+}
+
+/// Deletes `bucket/key` if build `build_id` wrote it (its id in the object's metadata), so an
+/// earlier build's object at the same key stays. Failures are logged.
+async fn delete_own(client: &S3Client, bucket: &str, key: &str, build_id: &str) {
+    let ours = client.head(bucket, key).await.is_ok_and(|head| {
+        head.metadata
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("build-id") && v == build_id)
+    });
+    if !ours {
+        return;
+    }
+    if let Err(e) = client.delete(bucket, key).await {
+        tracing::warn!(
+            build_id,
+            key,
+            error = crate::error_chain(&e),
+            "cannot delete what the build uploaded"
+        );
     }
 }
 

@@ -4,7 +4,8 @@
 //! with builder-agent's own engine; it cannot get a URL for another key (it never names one,
 //! and a granted URL moved to another key is refused); a report that does not match the
 //! verified upload fails the build naming the field; a build that fails leaves no multipart
-//! upload open and a `<s3_key>.status.json` the node wrote.
+//! upload open, none of its own objects (an earlier build's at the same key stays) and a
+//! `<s3_key>.status.json` the node wrote.
 
 mod common;
 
@@ -309,6 +310,20 @@ async fn a_failed_build_leaves_no_open_upload_and_a_status_the_node_wrote() {
     let api = d.client();
     let bucket = env("BUILDER_TEST_S3_BUCKET");
     let key = format!("grant-failed/{}.ext4", node_agent::random_hex(8));
+    // An earlier build's rootfs at the same key: the failed build must not take it away.
+    let s3 = S3Client::new(credentials()).unwrap();
+    let earlier = [("build-id".to_string(), "earlier".to_string())];
+    s3.put_object(
+        &bucket,
+        &key,
+        b"earlier rootfs".to_vec().into(),
+        builder_s3::ObjectAttributes {
+            content_type: "application/octet-stream",
+            metadata: &earlier,
+        },
+    )
+    .await
+    .unwrap();
     let id = api
         .submit(json!({"s3_bucket": bucket, "s3_key": key}))
         .await;
@@ -353,7 +368,6 @@ async fn a_failed_build_leaves_no_open_upload_and_a_status_the_node_wrote() {
             .status(),
         200
     );
-    let s3 = S3Client::new(credentials()).unwrap();
     let open = s3.list_multipart_uploads(&bucket, &key).await.unwrap();
     assert_eq!(open.len(), 1, "the listing sees the open upload: {open:?}");
 
@@ -384,8 +398,14 @@ async fn a_failed_build_leaves_no_open_upload_and_a_status_the_node_wrote() {
         },
     )
     .await;
-    // No rootfs, and the config it sent is gone too.
-    assert!(s3.head(&bucket, &key).await.is_err());
+    // The config it sent is gone; the earlier build's rootfs stays.
     assert!(s3.head(&bucket, &format!("{key}.json")).await.is_err());
+    let head = s3.head(&bucket, &key).await.unwrap();
+    assert!(
+        head.metadata
+            .iter()
+            .any(|(n, v)| n == "build-id" && v == "earlier"),
+        "{head:?}"
+    );
     d.stop().await;
 }
