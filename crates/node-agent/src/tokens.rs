@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -226,12 +226,24 @@ pub struct TokenEntry {
     pub notify_hosts: Vec<HostScope>,
 }
 
-/// The tokens file: `[[token]]` tables of [`TokenEntry`].
+/// The webhook key of a removed token, kept so the webhooks of its builds still pending are
+/// signed with their requester's key (not the node's) until a new token takes the name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredKey {
+    pub name: TokenName,
+    pub webhook_key: String,
+}
+
+/// The tokens file: `[[token]]` tables of [`TokenEntry`], and `[[retired]]` webhook keys of
+/// removed tokens.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensFile {
     #[serde(default, rename = "token")]
     pub tokens: Vec<TokenEntry>,
+    #[serde(default, rename = "retired", skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<RetiredKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -416,11 +428,12 @@ impl TokenEntry {
 #[derive(Debug, Default)]
 struct Loaded {
     entries: Vec<(TokenEntry, [u8; 32])>,
+    retired: Vec<RetiredKey>,
 }
 
-/// What identifies a version of the file: inode change time (a write, a rename over it or a
-/// chmod changes it), inode and size.
-type Stamp = Option<(i64, i64, u64, u64)>;
+/// What identifies a version of the file: its contents' SHA-256 and its mode (timestamps and
+/// inode numbers can repeat within a clock tick; the file is small and read on every check).
+type Stamp = Option<([u8; 32], u32)>;
 
 struct Cache {
     stamp: Stamp,
@@ -453,9 +466,10 @@ impl Tokens {
     /// The file's tokens as of now: re-read when its stamp changed; none while it is missing,
     /// invalid or readable by others (the error is logged once per version of the file).
     fn loaded(&self) -> Arc<Loaded> {
-        let stamp = std::fs::metadata(&self.path)
-            .ok()
-            .map(|m| (m.ctime(), m.ctime_nsec(), m.ino(), m.size()));
+        let stamp = std::fs::read(&self.path).ok().map(|bytes| {
+            let mode = std::fs::metadata(&self.path).map_or(0, |m| m.permissions().mode());
+            (Sha256::digest(&bytes).into(), mode)
+        });
         let mut cache = self.cache.lock().expect("tokens cache lock");
         if let Some(c) = cache.as_ref().filter(|c| c.stamp == stamp) {
             return c.loaded.clone();
@@ -463,6 +477,7 @@ impl Tokens {
         let loaded = match stamp.map(|_| TokensFile::load(&self.path)) {
             None => Loaded::default(),
             Some(Ok(file)) => Loaded {
+                retired: file.retired,
                 entries: file
                     .tokens
                     .into_iter()
@@ -517,14 +532,24 @@ impl Tokens {
             .map(|(e, hash)| e.caller(*hash))
     }
 
-    /// The key that signs webhooks of `requester`'s builds: its token's own, or `None` for a
-    /// requester without a token (the admin's builds: the node's notify secret).
+    /// The key that signs webhooks of `requester`'s builds: its token's own (or, once the
+    /// token is removed, the key it had), or `None` for a requester that never had a token
+    /// (the admin's builds: the node's notify secret).
     pub fn webhook_key(&self, requester: &str) -> Option<String> {
-        self.loaded()
+        let loaded = self.loaded();
+        let current = loaded
             .entries
             .iter()
             .find(|(e, _)| e.name.as_str() == requester)
-            .map(|(e, _)| e.webhook_key.clone())
+            .map(|(e, _)| &e.webhook_key);
+        let retired = || {
+            loaded
+                .retired
+                .iter()
+                .find(|r| r.name.as_str() == requester)
+                .map(|r| &r.webhook_key)
+        };
+        current.or_else(retired).cloned()
     }
 }
 
@@ -641,6 +666,8 @@ impl TokensFile {
                 }
                 file.tokens.remove(i);
             }
+            // The new key supersedes a removed token's.
+            file.retired.retain(|r| r.name != name);
             let issued = Issued {
                 token: format!("{TOKEN_PREFIX}{}", crate::random_hex(32)),
                 webhook_key: crate::random_hex(32),
@@ -657,17 +684,21 @@ impl TokensFile {
         })
     }
 
-    /// `token remove`.
+    /// `token remove`: the token stops working; its webhook key is kept as retired.
     pub fn remove(path: &Path, name: &str) -> Result<(), TokenError> {
         TokensFile::edit(path, |file| {
-            let before = file.tokens.len();
-            file.tokens.retain(|e| e.name.as_str() != name);
-            if file.tokens.len() == before {
+            let Some(i) = file.tokens.iter().position(|e| e.name.as_str() == name) else {
                 return Err(TokenError::Unknown {
                     path: path.to_path_buf(),
                     name: name.to_string(),
                 });
-            }
+            };
+            let removed = file.tokens.remove(i);
+            file.retired.retain(|r| r.name != removed.name);
+            file.retired.push(RetiredKey {
+                name: removed.name,
+                webhook_key: removed.webhook_key,
+            });
             Ok(())
         })
     }
@@ -804,7 +835,11 @@ mod tests {
         );
         assert_eq!(tokens.authenticate(&issued.token).unwrap().name, "alice");
         assert!(tokens.authenticate("nat_wrong").is_none());
-        assert_eq!(tokens.webhook_key("alice"), Some(issued.webhook_key));
+        assert_eq!(
+            tokens.webhook_key("alice"),
+            Some(issued.webhook_key.clone())
+        );
+        assert_eq!(tokens.webhook_key("never-had-one"), None);
         assert!(matches!(
             TokensFile::add(&path, name, false, vec![], vec![], false),
             Err(TokenError::Exists { .. })
@@ -816,6 +851,24 @@ mod tests {
         assert!(tokens.authenticate(&issued.token).is_some());
         TokensFile::remove(&path, "alice").unwrap();
         assert!(tokens.authenticate(&issued.token).is_none());
+        // Its builds' pending webhooks are still signed with its key, until the name is
+        // issued again.
+        assert_eq!(
+            tokens.webhook_key("alice"),
+            Some(issued.webhook_key.clone())
+        );
+        let again = TokensFile::add(
+            &path,
+            TokenName::try_from("alice".to_string()).unwrap(),
+            false,
+            vec![],
+            vec![],
+            false,
+        )
+        .unwrap();
+        assert_eq!(tokens.webhook_key("alice"), Some(again.webhook_key));
+        assert!(TokensFile::load(&path).unwrap().retired.is_empty());
+        TokensFile::remove(&path, "alice").unwrap();
         assert!(matches!(
             TokensFile::remove(&path, "alice"),
             Err(TokenError::Unknown { .. })
