@@ -719,6 +719,36 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_both_files_and_notify_allow_entries_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ServeArgs {
+            work_dir: Some(dir.path().to_path_buf()),
+            vm_dns: Some(vec![Ipv4Addr::new(192, 0, 2, 53)]),
+            ..Default::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.tls, None);
+        assert_eq!(c.api_tokens_file, dir.path().join("api-tokens.toml"));
+        assert_eq!(
+            Config::api_tokens_file_of(&args).unwrap(),
+            c.api_tokens_file,
+            "`node-agent token` finds the file serve uses"
+        );
+        let half = ServeArgs {
+            tls_cert_file: Some(dir.path().join("cert.pem")),
+            ..args.clone()
+        };
+        let err = Config::load(&half).unwrap_err().to_string();
+        assert!(err.contains("`tls_key_file`"), "{err}");
+        let bad = ServeArgs {
+            notify_allow: Some(vec!["10.0.0.0/40".into()]),
+            ..args
+        };
+        let err = Config::load(&bad).unwrap_err().to_string();
+        assert!(err.contains("`notify_allow` entry \"10.0.0.0/40\""), "{err}");
+    }
+
+    #[test]
     fn vm_dns_defaults_to_reachable_host_servers_then_systemd_upstreams_else_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("resolv.conf");
