@@ -492,7 +492,8 @@ impl NetworkPlan {
     ///
     /// - `raw`: a chain named after the host veth, jumped to first in `PREROUTING` (before
     ///   conntrack and any DNAT) for packets from the veth: the listener port returns, every
-    ///   other packet to an address of the host drops (whatever DNAT would make of it), the
+    ///   other packet to an address of the host (or a broadcast address of its networks)
+    ///   drops, whatever DNAT would make of it; the
     ///   resolvers and the operator's exceptions return, the blocked ranges and the pool drop.
     ///   It never accepts, so being first opens nothing.
     /// - `filter`: `FORWARD` accepts from the veth (and replies to it), appended: rules before
@@ -514,7 +515,9 @@ impl NetworkPlan {
             if let Some(port) = host_port {
                 chain.push(format!("{} {comment} -j RETURN", listener(port)));
             }
-            chain.push(format!("-m addrtype --dst-type LOCAL {comment} -j DROP"));
+            chain.push(format!(
+                "-m addrtype --dst-type LOCAL,BROADCAST {comment} -j DROP"
+            ));
             for rule in self.exceptions() {
                 chain.extend(
                     rule.iptables_matches()
@@ -865,7 +868,7 @@ pub(crate) mod tests {
                  :bvh-0ac80009 - [0:0]\n\
                  -I PREROUTING -i bvh-0ac80009 {c} -j bvh-0ac80009\n\
                  -A bvh-0ac80009 -d 10.200.0.9/32 -p tcp --dport 8080 {c} -j RETURN\n\
-                 -A bvh-0ac80009 -m addrtype --dst-type LOCAL {c} -j DROP\n\
+                 -A bvh-0ac80009 -m addrtype --dst-type LOCAL,BROADCAST {c} -j DROP\n\
                  -A bvh-0ac80009 -d 1.1.1.1/32 -p tcp --dport 53 {c} -j RETURN\n\
                  -A bvh-0ac80009 -d 1.1.1.1/32 -p udp --dport 53 {c} -j RETURN\n\
                  -A bvh-0ac80009 -d 10.1.2.3/32 {c} -j RETURN\n\
