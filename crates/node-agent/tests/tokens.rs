@@ -277,6 +277,63 @@ async fn scoped_tokens_refuse_outside_their_scope_and_see_only_their_builds() {
     let node_secret = std::fs::read_to_string(dir.path().join("notify-secret")).unwrap();
     assert!(check(node_secret.trim()).is_err());
 
+    // The dashboard takes admin tokens only: an `--admin` token of the file logs in (and sees
+    // every build), a scoped one is refused.
+    let (ops_token, _) = token_add(
+        dir.path(),
+        "ops",
+        &["--admin", "--bucket", "*", "--notify-host", "*"],
+    )
+    .await;
+    let (_, v) = api_as(&d, &ops_token).get("/v1/builds").await;
+    assert_eq!(ids(v).len(), 3);
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |token: String| {
+        let no_redirects = no_redirects.clone();
+        let url = format!("{}/ui/login", d.base);
+        async move {
+            let form: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("token", &token)
+                .append_pair("next", "/")
+                .finish();
+            no_redirects
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = login(bob_token.clone()).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.unwrap().contains("not an admin token"));
+    let r = login(ops_token.clone()).await;
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.starts_with("node_agent_session=ops."), "{cookie}");
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = no_redirects
+        .get(format!("{}/", d.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+
+    // --replace: a new token and key for the name, the old token stops working at once.
+    let (bob_token2, bob_key2) =
+        token_add(dir.path(), "bob", &["--bucket", "rootfs/bob/", "--replace"]).await;
+    assert_ne!(bob_key2, bob_key);
+    let (status, _) = bob.get("/v1/builds").await;
+    assert_eq!(status, 401);
+    let (status, _) = api_as(&d, &bob_token2).get("/v1/builds").await;
+    assert_eq!(status, 200);
+
     // Removed: the token stops working at once (no restart).
     let (code, _, stderr) = cli(&[
         "token",
@@ -299,8 +356,25 @@ async fn scoped_tokens_refuse_outside_their_scope_and_see_only_their_builds() {
     .await;
     assert_eq!(code, 2);
     assert!(stderr.contains("no token named alice"), "{stderr}");
-    let (status, _) = bob.get("/v1/builds").await;
+    let (status, _) = api_as(&d, &bob_token2).get("/v1/builds").await;
     assert_eq!(status, 200);
+    // An admin's session ends with its token.
+    let (code, _, stderr) = cli(&[
+        "token",
+        "remove",
+        "ops",
+        "--work-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let page = no_redirects
+        .get(format!("{}/", d.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 401);
     d.stop().await;
 }
 
