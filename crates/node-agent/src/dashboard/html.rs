@@ -63,7 +63,8 @@ pub(super) fn login_page(next: &str, problem: Option<&str>) -> String {
          <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"current-password\" \
          required autofocus><input type=\"hidden\" name=\"next\" value=\"{next}\">\
          <button>Log in</button></form>\
-         <p class=\"hint\">The token is the node's <code>api_token_file</code>. A one-time link: \
+         <p class=\"hint\">An admin token: the node's <code>api_token_file</code>, or one made \
+         with <code>node-agent token add --admin</code>. A one-time link: \
          <code>POST /ui/login-links</code> with the bearer token.</p></main></body></html>",
         problem = problem
             .map(|p| format!("<p class=\"problem\">{}</p>", Esc(p)))
