@@ -148,7 +148,7 @@ struct Bind {
 
 /// A device node made in the jail's private `/dev`.
 #[derive(Debug)]
-struct Node {
+struct DeviceNode {
     path: CString,
     mode: libc::mode_t,
     dev: libc::dev_t,
@@ -163,7 +163,7 @@ pub struct Jail {
     root_c: CString,
     dev_c: CString,
     binds: Vec<Bind>,
-    nodes: Vec<Node>,
+    nodes: Vec<DeviceNode>,
     uid: u32,
     gid: u32,
     netns: Option<OwnedFd>,
@@ -226,7 +226,7 @@ impl Jail {
             inherit: vec![],
         };
         for (name, mode, major, minor) in [("null", 0o666, 1, 3), ("urandom", 0o444, 1, 9)] {
-            jail.nodes.push(Node {
+            jail.nodes.push(DeviceNode {
                 path: cstring(&dev.join(name))?,
                 mode: libc::S_IFCHR | mode,
                 dev: libc::makedev(major, minor),
@@ -325,7 +325,7 @@ impl Jail {
 
     /// A `/dev/kvm` in the jail, owned by the VM's uid (KVM only).
     pub fn add_kvm(&mut self) -> Result<(), JailError> {
-        self.nodes.push(Node {
+        self.nodes.push(DeviceNode {
             path: cstring(&self.root.join("dev/kvm"))?,
             mode: libc::S_IFCHR | 0o600,
             dev: libc::makedev(10, 232),
