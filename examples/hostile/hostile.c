@@ -15,8 +15,9 @@
  *   hostile flood NAME ADDR:PORT COUNT CONTROL_ADDR:PORT MAX_HOLD_S
  *       opens COUNT TCP connections to ADDR:PORT (in as many processes as the open-file limit
  *       needs), tells the control server `GET /flood-started?opened=N`, holds them until
- *       `GET /release/flood` answers 200 (or MAX_HOLD_S), then counts how many the peer kept
- *       open. REACHED when the peer kept more than half of COUNT open for the whole hold.
+ *       `GET /release/flood` answers 200 (or MAX_HOLD_S), opening again every 5 s those the
+ *       peer closed, then counts how many the peer kept open. REACHED when the peer kept more
+ *       than half of COUNT open at the end of the hold.
  *   hostile wait-release CONTROL_ADDR:PORT NAME MAX_S
  *       polls `GET /release/NAME` until it answers 200 (the slow build's sleep).
  *   hostile io-uring
@@ -322,8 +323,20 @@ static int cmd_http(int argc, char **argv) {
 
 /* ---- flood ----------------------------------------------------------------------------------- */
 
+/* Whether fd is a connected socket the peer has not closed. */
+static int still_open(int fd) {
+	struct sockaddr_in peer;
+	socklen_t len = sizeof peer;
+	if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0)
+		return 0;
+	char b;
+	ssize_t r = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+	return (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) || r > 0;
+}
+
 /* Opens up to count connections; writes "opened failed first_error" to out_fd, then holds them
- * until stop_fd is readable, then writes how many are still open. Runs in a child process. */
+ * until stop_fd is readable, reopening every few seconds those the peer closed; then writes
+ * "still_open reopened". Runs in a child process. */
 static void flood_child(const struct sockaddr_in *sa, int count, int out_fd, int stop_fd) {
 	int *fds = calloc((size_t)count, sizeof *fds);
 	int opened = 0, failed = 0, first_err = 0;
@@ -344,20 +357,32 @@ static void flood_child(const struct sockaddr_in *sa, int count, int out_fd, int
 		fds[opened++] = fd;
 	}
 	dprintf(out_fd, "%d %d %d\n", opened, failed, first_err);
-	char c;
-	if (read(stop_fd, &c, 1) < 0) {
-		/* nothing: the parent is gone, count anyway */
+	long reopened = 0;
+	for (;;) {
+		struct pollfd p = {.fd = stop_fd, .events = POLLIN};
+		if (poll(&p, 1, 5000) != 0)
+			break;
+		for (int i = 0; i < opened; i++) {
+			if (still_open(fds[i]))
+				continue;
+			/* A connect still in progress is left alone; a closed one is opened again. */
+			int err = 0;
+			socklen_t len = sizeof err;
+			getsockopt(fds[i], SOL_SOCKET, SO_ERROR, &err, &len);
+			struct pollfd w = {.fd = fds[i], .events = POLLOUT};
+			if (!err && poll(&w, 1, 0) == 0)
+				continue;
+			close(fds[i]);
+			int fd = start_connect(sa);
+			fds[i] = fd >= 0 ? fd : socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			reopened++;
+		}
 	}
+	sleep(2);
 	int open_now = 0;
-	for (int i = 0; i < opened; i++) {
-		char b;
-		ssize_t r = recv(fds[i], &b, 1, MSG_PEEK | MSG_DONTWAIT);
-		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-			open_now++;
-		else if (r > 0)
-			open_now++; /* the peer sent something but kept it open */
-	}
-	dprintf(out_fd, "%d\n", open_now);
+	for (int i = 0; i < opened; i++)
+		open_now += still_open(fds[i]);
+	dprintf(out_fd, "%d %ld\n", open_now, reopened);
 	_exit(0);
 }
 
@@ -437,12 +462,11 @@ static int cmd_flood(int argc, char **argv) {
 	}
 	close(stop[1]);
 	int open_now = 0;
+	long reopened = 0;
 	for (int c = 0; c < children; c++) {
-		char buf[64] = {0};
 		ssize_t r;
 		size_t n = 0;
-		/* Skip the first line already read through the dup'd stream: read until EOF and take the
-		 * last number. */
+		/* The first line was read through the dup'd stream; the last one is "open reopened". */
 		char all[256] = {0};
 		while ((r = read(outs[c], all + n, sizeof all - 1 - n)) > 0)
 			n += (size_t)r;
@@ -450,15 +474,19 @@ static int cmd_flood(int argc, char **argv) {
 		char *last = NULL, *save = NULL;
 		for (char *tok = strtok_r(all, "\n", &save); tok; tok = strtok_r(NULL, "\n", &save))
 			last = tok;
-		(void)buf;
-		if (last && !strchr(last, ' '))
-			open_now += atoi(last);
+		int o = 0;
+		long ro = 0;
+		if (last && sscanf(last, "%d %ld", &o, &ro) == 2) {
+			open_now += o;
+			reopened += ro;
+		}
 		waitpid(pids[c], NULL, 0);
 	}
-	printf("%s %s opened=%d/%d failed=%d%s%s open_s=%.1f held_s=%.0f%s still_open=%d\n", name,
-	       open_now > count / 2 ? "REACHED" : "blocked", opened, count, failed,
+	printf("%s %s opened=%d/%d failed=%d%s%s open_s=%.1f held_s=%.0f%s reopened=%ld "
+	       "still_open=%d\n",
+	       name, open_now > count / 2 ? "REACHED" : "blocked", opened, count, failed,
 	       first_err ? " first_error=" : "", first_err ? errno_word(first_err) : "", open_s,
-	       held_s, released ? " released" : " not-released", open_now);
+	       held_s, released ? " released" : " not-released", reopened, open_now);
 	fflush(stdout);
 	return 0;
 }

@@ -62,14 +62,16 @@ hostile_ip_add() {
 }
 
 hostile_names() {
-	# Its own namespace, link, outside /30 (the next one), VM network and node: a hostile run
-	# can go beside a plain `make test-builder-vm`.
+	# Its own namespace, link, outside /30, VM network and node: a hostile run can go beside a
+	# plain `make test-builder-vm`. The outside stands for the public Internet: a /30 at the end
+	# of 198.18.0.0/15 (benchmarking, not private), which VMs may reach by default.
 	ns=bvt-hout
 	host_link=bvt-hhost
-	host_addr=$(hostile_ip_add "$host_addr" 4)
-	out_addr=$(hostile_ip_add "$out_addr" 4)
+	host_addr=198.19.255.1
+	out_addr=198.19.255.2
 	vm_network=10.218.0.0/16
 	vm_network_re='^10\.218\.'
+	vm_network_prefix=SRC=10.218.
 	node_id=test-builder-vm-hostile
 	node_tag=bvm-$(printf '%s' "$node_id" | sha256sum | cut -c1-8)-
 	api_port=17072
@@ -135,10 +137,12 @@ hostile_targets_up() {
 	spawn hostile-meta ip netns exec "$hostile_meta_ns" python3 scripts/lib/hostile-target.py \
 		--log "$hostile_dir/metadata.jsonl" "${meta_listeners[@]}"
 	# The host's own listeners: loopback only, a dummy link's address only, every address.
-	ip link add "$hostile_dummy_link" type dummy
+	# (A veth pair whose both ends stay on the host: the dummy driver may not be there.)
+	ip link add "$hostile_dummy_link" type veth peer name "${hostile_dummy_link}p"
 	undo+=("ip link delete $hostile_dummy_link 2>/dev/null")
 	ip addr add "$hostile_dummy_addr/32" dev "$hostile_dummy_link"
 	ip link set "$hostile_dummy_link" up
+	ip link set "${hostile_dummy_link}p" up
 	spawn hostile-host python3 scripts/lib/hostile-target.py --log "$hostile_dir/host.jsonl" \
 		"host-loopback=127.0.0.1:$hostile_lo_port" "host-dummy=$hostile_dummy_addr:$hostile_dummy_port" \
 		"host-any=0.0.0.0:$hostile_any_port"
@@ -169,11 +173,13 @@ hostile_targets_up() {
 		    type filter hook input priority 100; policy accept;
 		    ip saddr $vm_network ct state new meta l4proto { tcp, udp } add @seen_in { ip saddr . ip daddr . meta l4proto . th dport }
 		    ip saddr $vm_network ct state new meta l4proto icmp add @seen_icmp { ip saddr . ip daddr }
+		    ip saddr $vm_network ct state new tcp dport != $hostile_vm_listen_port log prefix "bvt-hostile in: "
 		  }
 		  chain forward {
 		    type filter hook forward priority 100; policy accept;
 		    ip saddr $vm_network ct state new meta l4proto { tcp, udp } add @seen_fwd { ip saddr . ip daddr . meta l4proto . th dport }
 		    ip saddr $vm_network ct state new meta l4proto icmp add @seen_icmp { ip saddr . ip daddr }
+		    ip saddr $vm_network ip daddr != $out_addr ct state new log prefix "bvt-hostile fwd: "
 		  }
 		}
 	EOF
@@ -197,6 +203,7 @@ hostile_prepare_source() {
 	t=$(now_ms)
 	rm -rf "$hostile_dir/src"
 	cp -r "$src" "$hostile_dir/src"
+	rm -f "$hostile_dir/src/.gitignore" # it keeps the compiled tool out of git, not out of the context
 	[[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] && command -v gcc >/dev/null || bt_apt_install gcc libc6-dev
 	gcc -static -O2 -Wall -o "$hostile_dir/src/hostile" "$src/hostile.c" ||
 		fail "cannot compile $src/hostile.c (gcc -static: libc6-dev)"
@@ -226,8 +233,8 @@ hostile_submit() { # hostile_submit NAME DIR [ARGS...]: submits without waiting,
 	"$node_agent" submit "$dir" --snapshot --server "http://127.0.0.1:$api_port" \
 		--token-file "$work/node/api-token" --s3-bucket "$s3_bucket" \
 		--s3-key "test-builder-vm-hostile/$(date +%s)-$$-$name.ext4" \
-		--vcpus 1 --mem-mib 2048 --disk-gib 4 --timeout-s 1500 "$@" >"$hostile_dir/$name.submit" 2>&1 ||
-		fail "node-agent submit $dir failed: $(cat "$hostile_dir/$name.submit")"
+		--vcpus 1 --mem-mib 2048 --disk-gib 4 --timeout-s 1500 "$@" >"$hostile_dir/$name.submit" 2>"$hostile_dir/$name.submit.err" ||
+		fail "node-agent submit $dir failed: $(cat "$hostile_dir/$name.submit.err")"
 	head -n1 "$hostile_dir/$name.submit"
 }
 
@@ -237,6 +244,7 @@ hostile_before_submit() {
 	t=$(now_ms)
 	hostile_slow_id=$(hostile_submit slow "$hostile_dir/src/slow" \
 		--build-arg "CONTROL=$out_addr:$hostile_control_port")
+	[[ $hostile_slow_id =~ ^[A-Za-z0-9_-]+$ ]] || fail "submitting the slow build failed: $(cat "$hostile_dir/slow.submit.err")"
 	echo "slow build: $hostile_slow_id"
 	local deadline=$((SECONDS + 300))
 	until cmdline=$(hostile_vm_cmdline "$hostile_slow_id"); do
@@ -290,8 +298,16 @@ hostile_watch() {
 	while [[ ! -e $hostile_dir/watch.stop ]]; do
 		while read -r f; do
 			copy=$hostile_dir/config-drives/$(printf '%s' "${f#"$work"/node/}" | tr '/' '_')
-			[[ -e $copy ]] || { cp --sparse=always "$f" "$copy" 2>/dev/null && echo "config drive: $f"; }
+			# (An empty file is a mount point in a VMM's jail: the drive itself is beside it.)
+			[[ -e $copy || ! -s $f ]] || { cp --sparse=always "$f" "$copy" 2>/dev/null && echo "config drive: $f"; }
 		done < <(find "$work/node" -name 'config*.ext4' 2>/dev/null)
+		# The VMMs' command lines (the kernel's included) and who they run as.
+		for f in $(pgrep -f 'qemu-system|firecracker' || true); do
+			grep -qF -e "$work/" -e "$node_tag" "/proc/$f/cmdline" 2>/dev/null || continue
+			[[ -e $hostile_dir/vmm-$f.cmdline ]] && continue
+			tr '\0' ' ' <"/proc/$f/cmdline" >"$hostile_dir/vmm-$f.cmdline" 2>/dev/null
+			echo "VMM pid $f runs as uid $(stat -c %u "/proc/$f")"
+		done
 		if ! $started && grep -q 'GET /flood-started' "$work/hostile-control.log" 2>/dev/null; then
 			started=true
 			now_ms >"$hostile_dir/flood-started.ms"
@@ -301,7 +317,7 @@ hostile_watch() {
 				--token-file "$work/node/api-token" --s3-bucket "$s3_bucket" \
 				--s3-key "test-builder-vm-hostile/$(date +%s)-$$-normal.ext4" \
 				--vcpus 1 --mem-mib 2048 --disk-gib 4 --timeout-s 900 --wait \
-				>"$hostile_dir/normal.out" 2>&1 &
+				>"$hostile_dir/normal.out" 2>"$hostile_dir/normal.err" &
 			normal_pid=$!
 		fi
 		if [[ -n $normal_pid ]]; then
@@ -329,6 +345,12 @@ hostile_seen() {
 	nft -j list set ip "$hostile_nft_table" "$1" 2>/dev/null |
 		jq -r '.nftables[] | select(.set) | .set.elem // [] | .[] |
 			(.elem // {val: .}) as $e | [($e.val.concat // [])[], ($e.counter.packets // "-")] | map(tostring) | join(" ")'
+}
+
+# The kernel's log lines of the counting table's leak rules (when, which interfaces), this run's.
+hostile_kernel_log() {
+	dmesg -T 2>/dev/null | grep 'bvt-hostile \(in\|fwd\): ' | grep -F "$vm_network_prefix" | tail -n 20 |
+		sed 's/^/    kernel: /' || true
 }
 
 hostile_target_hits() { # hostile_target_hits LOG: the requests other than the suite's probes
@@ -373,7 +395,7 @@ hostile_after_submit() {
 hostile_check_targets() {
 	local log name hits n leaks own_ok
 	for log in lan metadata host; do
-		hits=$(hostile_target_hits "$hostile_dir/$log.jsonl")
+		hits=$(hostile_target_hits "$hostile_dir/$log.jsonl" || true)
 		n=$(grep -c . <<<"$hits" || true)
 		if ((n == 0)); then
 			hostile_pass "b/$log" "0 requests reached the $log target(s) ($(jq -r .listener "$hostile_dir/$log.jsonl" 2>/dev/null | sort -u | tr '\n' ' '))"
@@ -407,6 +429,7 @@ hostile_check_targets() {
 		hostile_pass "b/host-sockets" "only VMs' own listeners were reached on the host ($own_ok VM→own-listener flows)"
 	else
 		hostile_fail "b/host-sockets" "reached the host: ${leaks[*]}"
+		hostile_kernel_log
 	fi
 	# Forwarded by the host: only to the outside namespace (S3, control server, DNS).
 	leaks=()
@@ -419,6 +442,7 @@ hostile_check_targets() {
 		hostile_pass "b/forwarded" "the host forwarded VM traffic only to the outside namespace $out_addr"
 	else
 		hostile_fail "b/forwarded" "forwarded elsewhere: ${leaks[*]}"
+		hostile_kernel_log
 	fi
 }
 
@@ -456,10 +480,14 @@ hostile_check_config_drives() {
 			bad+=("$(basename "$drive") has a secret_access_key")
 		fi
 	done
+	for drive in "$hostile_dir"/vmm-*.cmdline; do
+		[[ -f $drive ]] || continue
+		! grep -qF -- "$s3_secret" "$drive" || bad+=("the VMM command line $(basename "$drive") holds the node's S3 secret key")
+	done
 	if ((n == 0)); then
 		hostile_fail "d/config-drive" "no config drive was seen under $work/node while the builds ran"
 	elif ((${#bad[@]} == 0)); then
-		hostile_pass "d/config-drive" "none of the $n config drives holds an S3 secret key (not its bytes, no secret_access_key)"
+		hostile_pass "d/config-drive" "none of the $n config drives holds an S3 secret key (not its bytes, no secret_access_key), nor any VMM command line"
 	else
 		hostile_fail "d/config-drive" "${bad[*]}"
 	fi
@@ -469,9 +497,9 @@ hostile_check_config_drives() {
 # before the hostile build's last RUN ended (the flood release), no panic.
 hostile_check_state() {
 	local id=$1 build=$hostile_dir/hostile-build.json normal=$hostile_dir/normal-build.json seq ref released early panic
-	seq=$(jq -r '[.events[].to_state] | join(" ")' "$build" 2>/dev/null)
-	ref=$(jq -r '[.events[].to_state] | join(" ")' "$normal" 2>/dev/null)
-	echo "  hostile build events: $(jq -r '[.events[] | "\(.to_state) (\(.detail // "" | .[0:60]))"] | join(" → ")' "$build" 2>/dev/null)"
+	seq=$(jq -r '[.events[].to_state] | join(" ")' "$build" 2>/dev/null || true)
+	ref=$(jq -r '[.events[].to_state] | join(" ")' "$normal" 2>/dev/null || true)
+	echo "  hostile build events: $(jq -r '[.events[] | "\(.to_state) (\(.detail // "" | .[0:60]))"] | join(" → ")' "$build" 2>/dev/null || true)"
 	if [[ -n $seq && $seq == "$ref" ]]; then
 		hostile_pass "e/states" "the hostile build went through exactly the normal build's states: $seq"
 	else
@@ -481,14 +509,14 @@ hostile_check_state() {
 	if ((released == 0)); then
 		hostile_fail "e/no-early-upload" "the flood was never released, so when the build left its RUN steps is unknown"
 	else
-		early=$(jq -r --argjson r "$released" '[.events[] | select(.to_state == "uploading" and .at_ms < $r)] | length' "$build")
+		early=$(jq -r --argjson r "$released" '[.events[] | select(.to_state == "uploading" and .at_ms < $r)] | length' "$build" || true)
 		if [[ $early == 0 ]]; then
 			hostile_pass "e/no-early-upload" "no 'uploading' before the build's RUN steps ended (its forged '==> upload' lines came minutes earlier)"
 		else
 			hostile_fail "e/no-early-upload" "the build was 'uploading' $(jq -r --argjson r "$released" '[.events[] | select(.to_state == "uploading") | ($r - .at_ms) / 1000 | floor] | map(tostring) | join(", ")' "$build") s before its RUN steps ended: the forged progress lines moved it"
 		fi
 	fi
-	panic=$(jq -r '[.events[].detail // "", .error.message // ""] | map(select(test("panic"; "i"))) | join("; ")' "$build")
+	panic=$(jq -r '[.events[].detail // "", .error.message // ""] | map(select(test("panic"; "i"))) | join("; ")' "$build" 2>/dev/null || true)
 	if [[ -z $panic && $(jq -r .state "$build") == succeeded && $(jq -r '.vmm_exit_code // 0' "$build") == 0 ]] &&
 		! grep "$id" "$work/node-agent.log" 2>/dev/null | grep -qi 'panick'; then
 		hostile_pass "e/no-panic" "succeeded, VMM exit 0, no event or node log line calls the forged panic a panic"
@@ -514,7 +542,7 @@ hostile_check_flood() {
 	if [[ $(cat "$hostile_dir/normal.exit" 2>/dev/null) == 0 && $(jq -r .state "$hostile_dir/normal-build.json" 2>/dev/null) == succeeded ]]; then
 		hostile_pass "f/normal-build" "a normal build submitted during the flood succeeded ($hostile_normal_id, $(jq -r '(.timings.duration_ms // 0) / 1000' "$hostile_dir/normal-build.json") s)"
 	else
-		hostile_fail "f/normal-build" "the normal build during the flood: exit $(cat "$hostile_dir/normal.exit" 2>/dev/null || echo none), $(tail -n 3 "$hostile_dir/normal.out" 2>/dev/null | tr '\n' ' ')"
+		hostile_fail "f/normal-build" "the normal build during the flood: exit $(cat "$hostile_dir/normal.exit" 2>/dev/null || echo none), $(tail -n 3 "$hostile_dir/normal.out" "$hostile_dir/normal.err" 2>/dev/null | tr '\n' ' ')"
 	fi
 	n=$(wc -l <"$hostile_dir/healthz.txt" 2>/dev/null || echo 0)
 	max=$(awk '{print $3}' "$hostile_dir/healthz.txt" 2>/dev/null | sort -g | tail -n1)

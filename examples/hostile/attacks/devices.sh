@@ -23,6 +23,7 @@ while read -r major minor blocks name; do
 	node=/tmp/dev/$name
 	if ! err=$(mknod "$node" b "$major" "$minor" 2>&1); then
 		record "dev-read-$name blocked mknod $major:$minor: $err"
+		record "dev-mount-$name blocked no node to mount (mknod refused)"
 		continue
 	fi
 	if n=$(dd if="$node" bs=4096 count=1 2>/tmp/dd.err | wc -c) && [ "$n" -gt 0 ]; then
