@@ -156,15 +156,12 @@ impl FirecrackerConfig {
             .arg(&self.chroot_base)
             .args(["--cgroup-version", self.cgroup_version.as_arg()])
             .args(["--parent-cgroup", PARENT_CGROUP]);
-        for limit in self
-            .cgroup_version
-            .limits(
-                plan.cpus,
-                plan.vcpus,
-                plan.mem_mib,
-                cgroup::FIRECRACKER_OVERHEAD_MIB,
-            )
-        {
+        for limit in self.cgroup_version.limits(
+            plan.cpus,
+            plan.vcpus,
+            plan.mem_mib,
+            cgroup::FIRECRACKER_OVERHEAD_MIB,
+        ) {
             command.arg("--cgroup").arg(limit);
         }
         if let Some(net) = plan.net {
