@@ -448,11 +448,7 @@ async fn source_file(
     let file = tokio::fs::File::open(&path_on_disk)
         .await
         .map_err(|_| ApiError::NoSource)?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|_| ApiError::NoSource)?
-        .len();
+    let len = file.metadata().await.map_err(|_| ApiError::NoSource)?.len();
     let content_type = if path.starts_with("objects/") && path != "objects/info/packs" {
         "application/x-git-loose-object"
     } else {

@@ -269,7 +269,11 @@ pub struct ServeArgs {
     pub vm_listen_port: Option<u16>,
     /// Private destinations builder VMs may reach despite the default deny, comma-separated
     /// `CIDR` or `CIDR:PORT` (e.g. a registry mirror on the LAN, `10.1.2.0/24:5000`).
-    #[arg(long, env = "NODE_AGENT_VM_EGRESS_ALLOW_PRIVATE", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "NODE_AGENT_VM_EGRESS_ALLOW_PRIVATE",
+        value_delimiter = ','
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_egress_allow_private: Option<Vec<String>>,
     /// Connections one VM's listener serves at once; more are closed at once.
@@ -710,7 +714,10 @@ mod tests {
         assert_eq!(c.vm_egress_allow_private[0].to_string(), "10.1.2.0/24:5000");
         std::fs::write(&file, "vm_egress_allow_private = [\"10.1.2.0/24:x\"]\n").unwrap();
         let err = Config::load(&args).unwrap_err().to_string();
-        assert!(err.contains("`vm_egress_allow_private` entry \"10.1.2.0/24:x\""), "{err}");
+        assert!(
+            err.contains("`vm_egress_allow_private` entry \"10.1.2.0/24:x\""),
+            "{err}"
+        );
 
         std::fs::write(&file, "capacity_cpus = 3\n").unwrap();
         let err = Config::load(&args).unwrap_err();
@@ -745,7 +752,10 @@ mod tests {
             ..args
         };
         let err = Config::load(&bad).unwrap_err().to_string();
-        assert!(err.contains("`notify_allow` entry \"10.0.0.0/40\""), "{err}");
+        assert!(
+            err.contains("`notify_allow` entry \"10.0.0.0/40\""),
+            "{err}"
+        );
     }
 
     #[test]
