@@ -416,7 +416,6 @@ if ((${#leftovers[@]})); then
 fi
 echo "  none: no netns $node_tag*, no address in $vm_network, no tagged iptables rule, no VMM process, no VM work dir, no uploaded source"
 
-if $hostile; then hostile_verdict; fi
 mark "whole run" "$t_start"
 say "wall times"
 printf '  %s\n' "${timings[@]}"
@@ -425,4 +424,5 @@ if [[ ${KEEP_WORK:-} == 1 ]]; then
 else
 	echo "console log: $console_log (removed with the work dir; KEEP_WORK=1 keeps it)"
 fi
+if $hostile; then hostile_verdict; fi
 echo "test-builder-vm: OK"

@@ -308,6 +308,10 @@ hostile_watch() {
 			tr '\0' ' ' <"/proc/$f/cmdline" >"$hostile_dir/vmm-$f.cmdline" 2>/dev/null
 			echo "VMM pid $f runs as uid $(stat -c %u "/proc/$f")"
 		done
+		if [[ ! -e $hostile_dir/forged.ms ]] && grep -q 'GET /forged-progress' "$work/hostile-control.log" 2>/dev/null; then
+			now_ms >"$hostile_dir/forged.ms"
+			echo "the build printed its forged progress lines"
+		fi
 		if ! $started && grep -q 'GET /flood-started' "$work/hostile-control.log" 2>/dev/null; then
 			started=true
 			now_ms >"$hostile_dir/flood-started.ms"
@@ -496,7 +500,7 @@ hostile_check_config_drives() {
 # (e) The recorded states are the true ones: the same sequence as the normal build's, no upload
 # before the hostile build's last RUN ended (the flood release), no panic.
 hostile_check_state() {
-	local id=$1 build=$hostile_dir/hostile-build.json normal=$hostile_dir/normal-build.json seq ref released early panic
+	local id=$1 build=$hostile_dir/hostile-build.json normal=$hostile_dir/normal-build.json seq ref released early panic forged uploading
 	seq=$(jq -r '[.events[].to_state] | join(" ")' "$build" 2>/dev/null || true)
 	ref=$(jq -r '[.events[].to_state] | join(" ")' "$normal" 2>/dev/null || true)
 	echo "  hostile build events: $(jq -r '[.events[] | "\(.to_state) (\(.detail // "" | .[0:60]))"] | join(" → ")' "$build" 2>/dev/null || true)"
@@ -506,12 +510,16 @@ hostile_check_state() {
 		hostile_fail "e/states" "hostile: '$seq', normal build: '${ref:-none}'"
 	fi
 	released=$(cat "$hostile_dir/flood-released.ms" 2>/dev/null || echo 0)
+	forged=$(cat "$hostile_dir/forged.ms" 2>/dev/null || echo 0)
+	uploading=$(jq -r '[.events[] | select(.to_state == "uploading") | .at_ms] | first // 0' "$build" 2>/dev/null || echo 0)
 	if ((released == 0)); then
 		hostile_fail "e/no-early-upload" "the flood was never released, so when the build left its RUN steps is unknown"
+	elif ((forged == 0)); then
+		hostile_fail "e/no-early-upload" "the build never announced its forged progress lines (see its build log)"
 	else
 		early=$(jq -r --argjson r "$released" '[.events[] | select(.to_state == "uploading" and .at_ms < $r)] | length' "$build" || true)
 		if [[ $early == 0 ]]; then
-			hostile_pass "e/no-early-upload" "no 'uploading' before the build's RUN steps ended (its forged '==> upload' lines came minutes earlier)"
+			hostile_pass "e/no-early-upload" "the forged '==> upload' lines were printed $(((released - forged) / 1000)) s before the RUN steps ended (the flood's release); 'uploading' came $(((uploading - released) / 1000)) s after it"
 		else
 			hostile_fail "e/no-early-upload" "the build was 'uploading' $(jq -r --argjson r "$released" '[.events[] | select(.to_state == "uploading") | ($r - .at_ms) / 1000 | floor] | map(tostring) | join(", ")' "$build") s before its RUN steps ended: the forged progress lines moved it"
 		fi
