@@ -573,7 +573,7 @@ hostile_check_rootfs() {
 		hostile_fail "a/results" "the rootfs has no /hostile/results.txt"
 		return
 	fi
-	required=(metadata-169.254.169.254 metadata-100.100.100.200 metadata-169.254.170.2 "lan-$hostile_lan_addr:80"
+	required=(metadata-169.254.169.254 metadata-100.100.100.200 metadata-169.254.170.2 metadata-fd00:ec2::254 "lan-$hostile_lan_addr:80"
 		"host-$hostile_dummy_addr:$hostile_dummy_port" "host-$hostile_dummy_addr:$api_port"
 		"host-$hostile_dummy_addr:$hostile_dnat_port" other-vm-ping other-vm-listener
 		"other-vm-$hostile_other_guest:22" listener-metrics listener-v1 dev-nodes dev-cat-vdc
@@ -592,6 +592,19 @@ hostile_check_rootfs() {
 		hostile_fail "a/attempts" "missing from the results (the attempt did not run): ${missing[*]}"
 	else
 		hostile_pass "a/attempts" "every required attempt ran (${#required[@]} names)"
+	fi
+	# (g) io_uring: refused to the build, and by which layer.
+	local uring kernel
+	uring=$(grep '^io-uring ' <<<"$results" || true)
+	if grep -qx '# CONFIG_IO_URING is not set' build/vms/vmlinux.config 2>/dev/null; then
+		kernel="the guest kernel has no io_uring (CONFIG_IO_URING unset)"
+	else
+		kernel="the guest kernel HAS io_uring (only the container's seccomp stands in the way)"
+	fi
+	if [[ $uring == "io-uring blocked "* ]]; then
+		hostile_pass "g/io-uring" "${uring#io-uring blocked }; $kernel"
+	else
+		hostile_fail "g/io-uring" "${uring:-no io-uring result}; $kernel"
 	fi
 	local line
 	for line in io-uring flood; do

@@ -30,6 +30,14 @@ fi
 # shellcheck disable=SC2086
 $hostile probe "${PROBE_TIMEOUT_S:-6}" $targets | tee -a "$results"
 
+# IPv6: AWS's metadata address (the guest has no IPv6 address or route; nothing outside counts
+# this one, the attempt's own result is all there is).
+if out=$(wget -q -T 4 -O - "http://[fd00:ec2::254]/latest/meta-data/" 2>&1); then
+	record "metadata-fd00:ec2::254 REACHED answered: $(echo "$out" | head -c 80)"
+else
+	record "metadata-fd00:ec2::254 blocked $(echo "$out" | head -c 80 | tr '\n' ' ')"
+fi
+
 if [ -n "$OTHER_GUEST" ]; then
 	if ping -c 3 -W 2 "$OTHER_GUEST" >/tmp/ping.txt 2>&1; then
 		record "other-vm-ping REACHED $OTHER_GUEST answered: $(grep -m1 'bytes from' /tmp/ping.txt)"
