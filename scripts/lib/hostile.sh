@@ -290,6 +290,26 @@ hostile_stop_watch() {
 	hostile_watch_pid=
 }
 
+# hostile_vmm_status PID: one line on a VMM process of this node: its VM's name, uid, gid,
+# seccomp mode, no_new_privs, and which of its VM's files and directories under the node's work
+# dir (the config drive, the jail) that uid could write (`-` when none).
+hostile_vmm_status() {
+	local pid=$1 name uid gid seccomp nnp path writable=() checked=0
+	name=$(tr '\0' '\n' <"/proc/$pid/cmdline" | grep -A1 -x -- '-name' | tail -n1)
+	uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+	gid=$(awk '/^Gid:/ {print $2}' "/proc/$pid/status")
+	seccomp=$(awk '/^Seccomp:/ {print $2}' "/proc/$pid/status")
+	nnp=$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$pid/status")
+	[[ -n $name ]] || return 0
+	while read -r path; do
+		# The scratch disk is the VM's to write; everything else of it is not.
+		[[ $path == */scratch*.ext4 ]] && continue
+		checked=$((checked + 1))
+		setpriv --reuid="$uid" --regid="$gid" --clear-groups test -w "$path" && writable+=("${path#"$work"/node/}")
+	done < <(find "$work/node" -path "*$name*" \( -type d -o -name 'config*.ext4' \) 2>/dev/null)
+	echo "$pid $name uid=$uid gid=$gid seccomp=$seccomp no_new_privs=$nnp writable=${writable[*]:--} (of $checked)"
+}
+
 # The watcher (a background subshell while the hostile build runs): keeps a copy of every config
 # drive the node writes; when the flood has started, submits a normal build and samples
 # /healthz until it ends, then releases the flood.
@@ -307,6 +327,7 @@ hostile_watch() {
 			[[ -e $hostile_dir/vmm-$f.cmdline ]] && continue
 			tr '\0' ' ' <"/proc/$f/cmdline" >"$hostile_dir/vmm-$f.cmdline" 2>/dev/null
 			echo "VMM pid $f runs as uid $(stat -c %u "/proc/$f")"
+			hostile_vmm_status "$f" >>"$hostile_dir/vmm-status.txt" 2>/dev/null || true
 		done
 		if [[ ! -e $hostile_dir/forged.ms ]] && grep -q 'GET /forged-progress' "$work/hostile-control.log" 2>/dev/null; then
 			now_ms >"$hostile_dir/forged.ms"
@@ -393,6 +414,7 @@ hostile_after_submit() {
 	hostile_check_config_drives
 	hostile_check_state "$hostile_id"
 	hostile_check_flood "$hostile_id"
+	hostile_check_vmm
 }
 
 # (b) The targets saw nothing from the VM.
@@ -497,6 +519,23 @@ hostile_check_config_drives() {
 	fi
 }
 
+# (h) The VMMs: not root, under seccomp, and their config drive and jail not writable by them.
+hostile_check_vmm() {
+	local lines bad
+	lines=$(cat "$hostile_dir/vmm-status.txt" 2>/dev/null || true)
+	sed 's/^/  VMM /' <<<"$lines"
+	if [[ -z $lines ]]; then
+		hostile_fail "h/vmm" "no VMM process of this node was seen"
+		return
+	fi
+	bad=$(grep -v ' uid=[1-9][0-9]* gid=[0-9]* seccomp=2 no_new_privs=1 writable=- (of [1-9][0-9]*)$' <<<"$lines" || true)
+	if [[ -z $bad ]]; then
+		hostile_pass "h/vmm" "all $(grep -c . <<<"$lines") VMMs ran as non-root uids, with a seccomp filter and no_new_privs, and none could write its config drive or jail"
+	else
+		hostile_fail "h/vmm" "$(tr '\n' ';' <<<"$bad")"
+	fi
+}
+
 # (e) The recorded states are the true ones: the same sequence as the normal build's, no upload
 # before the hostile build's last RUN ended (the flood release), no panic.
 hostile_check_state() {
@@ -530,6 +569,19 @@ hostile_check_state() {
 		hostile_pass "e/no-panic" "succeeded, VMM exit 0, no event or node log line calls the forged panic a panic"
 	else
 		hostile_fail "e/no-panic" "state $(jq -r .state "$build"), VMM exit $(jq -r '.vmm_exit_code // "-"' "$build"), panic in: ${panic:-the node log}"
+	fi
+	# The console: the build's output is in it, but marked as the build's; only the agent's own
+	# line says `==> upload`, no raw escape reaches it, no line looks like the kernel's panic.
+	local console=$work/node/logs/$id.log agent forged
+	agent=$(grep -acE '^\[ *[0-9.]+s\] ==> upload'$'\r''?$' "$console" || true)
+	forged=$(grep -acE '\| .*==> upload' "$console" || true)
+	if [[ ! -s $console ]]; then
+		hostile_fail "e/console" "no console log at $console"
+	elif [[ $agent == 1 && $forged -ge 1 ]] && ! grep -aq $'\x1b' "$console" &&
+		! grep -aqE '^\[ *[0-9]+\.[0-9]+\] Kernel panic' "$console"; then
+		hostile_pass "e/console" "the console has one agent '==> upload' line; the build's $forged forged ones are marked as its output, its escape sequence is escaped, its panic line is not the kernel's"
+	else
+		hostile_fail "e/console" "agent-shaped '==> upload' lines: $agent (1 expected), the build's marked ones: $forged, raw ESC: $(grep -ac $'\x1b' "$console" || true), kernel-shaped panic lines: $(grep -acE '^\[ *[0-9]+\.[0-9]+\] Kernel panic' "$console" || true)"
 	fi
 	if [[ $(jq -r '.rootfs.location // ""' "$build") == "s3://$s3_bucket/$s3_key" ]]; then
 		hostile_pass "e/report" "the recorded rootfs is the real one (the forged report's s3://forged-bucket was not taken)"
