@@ -284,11 +284,15 @@ pub(crate) fn token_caller(node: &Node, given: &str) -> Option<Caller> {
 }
 
 fn body_bytes(node: &Node, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body_within(body, node.config.max_body_bytes)
+}
+
+/// A request's body, or why it could not be read: over the route's `limit` (413 naming it) or
+/// broken.
+fn body_within(body: Result<Bytes, BytesRejection>, limit: u64) -> ApiResult<Bytes> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                limit: node.config.max_body_bytes,
-            }
+            ApiError::TooLarge { limit }
         } else {
             ApiError::Body(rejection)
         }
@@ -419,15 +423,7 @@ async fn upload_source(
     Extension(sources): Extension<Arc<Sources>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Uploaded>)> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                limit: node.config.max_source_bytes,
-            }
-        } else {
-            ApiError::Body(rejection)
-        }
-    })?;
+    let bytes = body_within(body, node.config.max_source_bytes)?;
     if node.is_draining() {
         return Err(ApiError::Draining);
     }
@@ -832,6 +828,17 @@ async fn authenticate_guest(
     Ok(())
 }
 
+/// The JSON body of a post of build `id`'s guest, once [`authenticate_guest`] accepted it.
+async fn guest_json<T: serde::de::DeserializeOwned>(
+    node: &Node,
+    id: &str,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> ApiResult<T> {
+    authenticate_guest(node, id, headers, bytes).await?;
+    parse_json(bytes)
+}
+
 /// One of the guest's own logs ([`LogSource::GUEST`]), signed like its report; kept scrubbed
 /// and within `max_log_bytes`.
 async fn guest_log(
@@ -846,15 +853,7 @@ async fn guest_log(
             given: source,
             valid: LogSource::GUEST.map(LogSource::as_str).join(", "),
         })?;
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                limit: MAX_GUEST_LOG_BODY,
-            }
-        } else {
-            ApiError::Body(rejection)
-        }
-    })?;
+    let bytes = body_within(body, MAX_GUEST_LOG_BODY)?;
     authenticate_guest(&node, &id, &headers, &bytes).await?;
     let row = load(&node, &id).await?;
     node.keep_guest_log(&row, source, &bytes)
@@ -875,8 +874,7 @@ async fn complete(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let bytes = body_bytes(&node, body)?;
-    authenticate_guest(&node, &id, &headers, &bytes).await?;
-    let report: BuildReport = parse_json(&bytes)?;
+    let report: BuildReport = guest_json(&node, &id, &headers, &bytes).await?;
     if report.build_id != id {
         return Err(ApiError::BadReport {
             reason: format!("it is about build {}", report.build_id),
@@ -899,8 +897,7 @@ async fn progress(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let bytes = body_bytes(&node, body)?;
-    authenticate_guest(&node, &id, &headers, &bytes).await?;
-    let event: ProgressEvent = parse_json(&bytes)?;
+    let event: ProgressEvent = guest_json(&node, &id, &headers, &bytes).await?;
     if event.build_id != id {
         return Err(ApiError::ProgressOtherBuild {
             id,
@@ -951,8 +948,7 @@ async fn upload_start(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<UploadStarted>> {
     let bytes = body_bytes(&node, body)?;
-    authenticate_guest(&node, &id, &headers, &bytes).await?;
-    let start: UploadStart = parse_json(&bytes)?;
+    let start: UploadStart = guest_json(&node, &id, &headers, &bytes).await?;
     let row = load(&node, &id).await?;
     Ok(Json(node.upload_grants.start(&row, start).await?))
 }
@@ -965,8 +961,7 @@ async fn upload_part(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<SignedRequest>> {
     let bytes = body_bytes(&node, body)?;
-    authenticate_guest(&node, &id, &headers, &bytes).await?;
-    let request: PartRequest = parse_json(&bytes)?;
+    let request: PartRequest = guest_json(&node, &id, &headers, &bytes).await?;
     Ok(Json(node.upload_grants.part(&id, request)?))
 }
 
@@ -977,17 +972,8 @@ async fn upload_complete(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<UploadVerified>> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                limit: MAX_UPLOAD_COMPLETE_BODY,
-            }
-        } else {
-            ApiError::Body(rejection)
-        }
-    })?;
-    authenticate_guest(&node, &id, &headers, &bytes).await?;
-    let request: UploadComplete = parse_json(&bytes)?;
+    let bytes = body_within(body, MAX_UPLOAD_COMPLETE_BODY)?;
+    let request: UploadComplete = guest_json(&node, &id, &headers, &bytes).await?;
     Ok(Json(node.upload_grants.complete(&id, request).await?))
 }
 
