@@ -333,12 +333,7 @@ async fn state_machine(database_url: Option<String>) {
     assert_eq!(b["rootfs"]["size_bytes"], 1234);
     assert_eq!(b["commit_sha"], "0123456789abcdef0123456789abcdef01234567");
     assert_eq!(b["timings"]["phases"][0]["phase"], "build");
-    let states: Vec<&str> = b["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["to_state"].as_str().unwrap())
-        .collect();
+    let states = common::states(&b);
     assert_eq!(
         states,
         ["queued", "starting", "running", "uploading", "succeeded"]
@@ -596,12 +591,7 @@ async fn restart_fails_running_builds_requeues_starting_ones_and_counts_reclaime
     assert_eq!(b["error"]["class"], "internal");
     assert_eq!(b["error"]["message"], "node agent restarted");
     let w = api.wait_terminal(waiting, SECS(10)).await;
-    let states: Vec<&str> = w["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["to_state"].as_str().unwrap())
-        .collect();
+    let states = common::states(&w);
     assert_eq!(
         &states[..4],
         ["queued", "starting", "queued", "starting"],

@@ -6,33 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use builder_contract::{BuildReport, BuildStatus, LogSource};
+use builder_contract::LogSource;
 use common::{Guest, Options, ScriptLauncher};
 use serde_json::json;
 
 const SECRET: &str = "npm-t0ken-value";
 const CAP: u64 = 4096;
-
-fn report(id: &str) -> BuildReport {
-    BuildReport {
-        build_id: id.to_string(),
-        status: BuildStatus::Failed,
-        repo_url: "https://git.example/app.git".into(),
-        revision: "main".into(),
-        commit_sha: None,
-        image_digest: None,
-        inputs: None,
-        rootfs: None,
-        error: Some(builder_contract::BuildFailure {
-            class: builder_contract::ErrorClass::User,
-            phase: builder_contract::Phase::Build,
-            message: "RUN exited with 1".into(),
-        }),
-        phases: vec![],
-        started_at_unix_ms: 1,
-        duration_ms: 2,
-    }
-}
 
 /// `GET /v1/builds/{id}/logs` with `query`: status and body.
 async fn get_log(d: &common::Daemon, id: &str, query: &str) -> (u16, String) {
@@ -117,7 +96,17 @@ async fn a_loopback_node_gets_the_vms_report_and_logs_on_its_vm_facing_listener_
     let mut console_url = url.clone();
     console_url.set_path(&builder_contract::logs::log_path(&id, "console"));
     assert_eq!(guest.post_signed(&console_url, &guest.key, b"x").await, 400);
-    assert_eq!(guest.post_report(&report(&id)).await, 204);
+    assert_eq!(
+        guest
+            .post_report(&common::failed_report(
+                &id,
+                builder_contract::ErrorClass::User,
+                builder_contract::Phase::Build,
+                "RUN exited with 1"
+            ))
+            .await,
+        204
+    );
     let b = api.wait_terminal(&id, Duration::from_secs(15)).await;
     assert_eq!(b["state"], "failed", "{b}");
     assert_eq!(b["error"]["message"], "RUN exited with 1");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use builder_contract::progress::{progress_path, progress_url};
 use builder_contract::signature::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use builder_contract::{BuildReport, BuildStatus, Phase, ProgressEvent};
+use builder_contract::{Phase, ProgressEvent};
 use common::{Guest, Options, ScriptLauncher};
 use serde_json::json;
 
@@ -38,27 +38,6 @@ async fn post_at(url: &url::Url, key: &str, timestamp: u64, body: &[u8]) -> (u16
         .await
         .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
-}
-
-fn report(id: &str) -> BuildReport {
-    BuildReport {
-        build_id: id.to_string(),
-        status: BuildStatus::Failed,
-        repo_url: "https://git.example/app.git".into(),
-        revision: "main".into(),
-        commit_sha: None,
-        image_digest: None,
-        inputs: None,
-        rootfs: None,
-        error: Some(builder_contract::BuildFailure {
-            class: builder_contract::ErrorClass::Internal,
-            phase: Phase::Upload,
-            message: "S3 refused the upload".into(),
-        }),
-        phases: vec![],
-        started_at_unix_ms: 1,
-        duration_ms: 2,
-    }
 }
 
 #[tokio::test]
@@ -133,7 +112,17 @@ async fn only_the_guests_signed_progress_moves_a_build() {
 
     // The report ends the build; progress for it is refused like a second report (on the
     // operator's listener, which serves the VM routes too: the VM's own went with the VM).
-    assert_eq!(guest.post_report(&report(&id)).await, 204);
+    assert_eq!(
+        guest
+            .post_report(&common::failed_report(
+                &id,
+                builder_contract::ErrorClass::Internal,
+                builder_contract::Phase::Upload,
+                "S3 refused the upload"
+            ))
+            .await,
+        204
+    );
     let b = api.wait_terminal(&id, Duration::from_secs(15)).await;
     let url = url::Url::parse(&format!("{}{}", d.base, progress_path(&id))).unwrap();
     assert_eq!(b["state"], "failed", "{b}");
@@ -147,12 +136,7 @@ async fn only_the_guests_signed_progress_moves_a_build() {
     .await;
     assert_eq!(status, 409, "{answer}");
     assert!(answer.contains("is already failed"), "{answer}");
-    let states: Vec<&str> = b["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["to_state"].as_str().unwrap())
-        .collect();
+    let states = common::states(&b);
     assert_eq!(
         states,
         ["queued", "starting", "running", "uploading", "failed"],
@@ -175,11 +159,6 @@ async fn a_vm_that_only_prints_progress_ends_without_a_phase_or_a_panic() {
     assert_eq!(b["error"]["phase"], "params", "{b}");
     let message = b["error"]["message"].as_str().unwrap();
     assert!(message.contains("without reporting"), "{message}");
-    let states: Vec<&str> = b["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["to_state"].as_str().unwrap())
-        .collect();
+    let states = common::states(&b);
     assert_eq!(states, ["queued", "starting", "running", "failed"], "{b}");
 }

@@ -628,3 +628,40 @@ pub async fn postgres() -> Postgres {
         cluster: Some((dir, bin)),
     }
 }
+
+/// A failed build's report as a guest sends it: the failure's class, phase and message.
+pub fn failed_report(
+    id: &str,
+    class: builder_contract::ErrorClass,
+    phase: builder_contract::Phase,
+    message: &str,
+) -> builder_contract::BuildReport {
+    builder_contract::BuildReport {
+        build_id: id.to_string(),
+        status: builder_contract::BuildStatus::Failed,
+        repo_url: "https://git.example/app.git".into(),
+        revision: "main".into(),
+        commit_sha: None,
+        image_digest: None,
+        inputs: None,
+        rootfs: None,
+        error: Some(builder_contract::BuildFailure {
+            class,
+            phase,
+            message: message.into(),
+        }),
+        phases: vec![],
+        started_at_unix_ms: 1,
+        duration_ms: 2,
+    }
+}
+
+/// The states a build went through, in order, from its events (`GET /v1/builds/{id}`).
+pub fn states(build: &serde_json::Value) -> Vec<String> {
+    build["events"]
+        .as_array()
+        .expect("the build's events")
+        .iter()
+        .map(|e| e["to_state"].as_str().expect("a state").to_string())
+        .collect()
+}
