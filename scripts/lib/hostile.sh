@@ -158,8 +158,9 @@ hostile_targets_up() {
 	undo+=("iptables -D ${fwd[*]}")
 	# The control server in the outside namespace (the public Internet): the flood and the slow
 	# build poll /release/NAME, the flood announces /flood-started.
-	spawn hostile-control ip netns exec "$ns" python3 -m http.server --bind "$out_addr" \
-		--directory "$hostile_dir/control" "$hostile_control_port"
+	spawn hostile-control ip netns exec "$ns" python3 scripts/lib/hostile-target.py \
+		--log "$hostile_dir/control.jsonl" --release-dir "$hostile_dir/control/release" \
+		"control=$out_addr:$hostile_control_port"
 	# What reached the host's sockets (input, after the filter chains) and what the host
 	# forwarded (forward, after them), from the VM network: new connections by source,
 	# destination, protocol and port. Counting only; priority 100 runs after every filter
@@ -329,15 +330,15 @@ hostile_watch() {
 			echo "VMM pid $f runs as uid $(stat -c %u "/proc/$f")"
 			hostile_vmm_status "$f" >>"$hostile_dir/vmm-status.txt" 2>/dev/null || true
 		done
-		if [[ ! -e $hostile_dir/forged.ms ]] && grep -q 'GET /forged-progress' "$work/hostile-control.log" 2>/dev/null; then
+		if [[ ! -e $hostile_dir/forged.ms ]] && grep -q '"path": "/forged-progress' "$hostile_dir/control.jsonl" 2>/dev/null; then
 			now_ms >"$hostile_dir/forged.ms"
 			echo "the build printed its forged progress lines"
 		fi
-		if ! $started && grep -q 'GET /flood-started' "$work/hostile-control.log" 2>/dev/null; then
+		if ! $started && grep -q '"path": "/flood-started' "$hostile_dir/control.jsonl" 2>/dev/null; then
 			started=true
 			now_ms >"$hostile_dir/flood-started.ms"
 			ss -Htn state established "( sport = :$hostile_vm_listen_port )" | wc -l >"$hostile_dir/flood-established.start"
-			echo "flood started: $(grep -m1 'GET /flood-started' "$work/hostile-control.log")"
+			echo "flood started: $(grep -m1 '"path": "/flood-started' "$hostile_dir/control.jsonl" | jq -r .path)"
 			"$node_agent" submit examples/hello --server "http://127.0.0.1:$api_port" \
 				--token-file "$work/node/api-token" --s3-bucket "$s3_bucket" \
 				--s3-key "test-builder-vm-hostile/$(date +%s)-$$-normal.ext4" \
