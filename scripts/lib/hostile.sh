@@ -247,9 +247,18 @@ hostile_before_submit() {
 		--build-arg "CONTROL=$out_addr:$hostile_control_port")
 	[[ $hostile_slow_id =~ ^[A-Za-z0-9_-]+$ ]] || fail "submitting the slow build failed: $(cat "$hostile_dir/slow.submit.err")"
 	echo "slow build: $hostile_slow_id"
-	local deadline=$((SECONDS + 300))
+	local deadline=$((SECONDS + 300)) running_since=''
 	until cmdline=$(hostile_vm_cmdline "$hostile_slow_id"); do
 		((SECONDS < deadline)) || fail "the slow build's VM did not start within 300 s (state $(hostile_state "$hostile_slow_id"))"
+		# A VMM without the kernel command line in its argv (Firecracker: it is set over the
+		# API): the slow VM is the only one, so its address is the one host veth of the network.
+		if [[ $(hostile_state "$hostile_slow_id") == running ]]; then
+			running_since=${running_since:-$SECONDS}
+			if ((SECONDS - running_since > 10)); then
+				a=$(ip -o -4 addr show | awk '{print $4}' | cut -d/ -f1 | grep -E "$vm_network_re" | head -n1)
+				[[ -n $a ]] && cmdline="ip=$(hostile_ip_add "$a" 5)::" && break
+			fi
+		fi
 		sleep 1
 	done
 	other_guest=$(grep -o '\bip=[0-9.]*' <<<"$cmdline" | head -n1 | cut -d= -f2)
