@@ -567,10 +567,23 @@ async fn under_kvm_qemu_opens_the_kvm_node_of_its_jail() {
         (libc::makedev(10, 232), uid, 0o600)
     );
     // Its open files, as the host names them: the jail's `/dev/kvm` (and KVM's VM and vCPU).
-    let fds: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
-        .collect();
+    // QEMU sandboxes itself before it sets up its accelerator: wait for the VM to be created.
+    let open_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut fds = open_files();
+    while !fds
+        .iter()
+        .any(|f| f.to_string_lossy() == "anon_inode:kvm-vm")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fds = open_files();
+    }
     let jail = jail_dir(&work_root).join(vm.tag());
     assert!(fds.contains(&jail.join("dev/kvm")), "{fds:?}");
     assert!(
