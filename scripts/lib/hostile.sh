@@ -205,7 +205,9 @@ hostile_prepare_source() {
 	rm -rf "$hostile_dir/src"
 	cp -r "$src" "$hostile_dir/src"
 	rm -f "$hostile_dir/src/.gitignore" # it keeps the compiled tool out of git, not out of the context
-	[[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] && command -v gcc >/dev/null || bt_apt_install gcc libc6-dev
+	if [[ ! -e /usr/lib/x86_64-linux-gnu/libc.a ]] || ! command -v gcc >/dev/null; then
+		bt_apt_install gcc libc6-dev
+	fi
 	gcc -static -O2 -Wall -o "$hostile_dir/src/hostile" "$src/hostile.c" ||
 		fail "cannot compile $src/hostile.c (gcc -static: libc6-dev)"
 	source_args=("$hostile_dir/src")

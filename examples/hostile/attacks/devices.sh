@@ -2,6 +2,7 @@
 # The config drive (secrets.json), the scratch disk and the root image: block devices of the VM
 # that a RUN step must not read, by name or by a device node it makes itself; and secrets on
 # the kernel command line.
+# shellcheck source=examples/hostile/attacks/lib.sh
 . /hostile/attacks/lib.sh
 echo "partitions:"; cat /proc/partitions
 nodes=$(ls /dev/vd* 2>/dev/null | tr '\n' ' ')
@@ -17,7 +18,7 @@ done
 # Device nodes made with mknod from /proc/partitions' numbers, read and mounted.
 mkdir -p /tmp/dev /tmp/mnt
 found=0
-while read -r major minor blocks name; do
+while read -r major minor _blocks name; do
 	case $name in vd*) ;; *) continue ;; esac
 	found=1
 	node=/tmp/dev/$name

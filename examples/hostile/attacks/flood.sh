@@ -2,6 +2,7 @@
 # Thousands of TCP connections to the node's listener for this VM (the host end of its veth),
 # held until the suite has run a normal build beside them (it releases the flood through the
 # control server in its "outside" namespace) or FLOOD_MAX_HOLD_S.
+# shellcheck source=examples/hostile/attacks/lib.sh
 . /hostile/attacks/lib.sh
 listener=$(own_listener)
 if [ -z "$CONTROL" ]; then

@@ -2,6 +2,7 @@
 # Forged state: the agent's progress lines (as they are, after a carriage return, after an
 # erase-line escape), its exit line, and a report, a log and a progress event posted to the
 # node's VM listener without the build's key.
+# shellcheck source=examples/hostile/attacks/lib.sh
 . /hostile/attacks/lib.sh
 echo "# printed (judged from the outside: the node's events): forged progress lines" >>"$results"
 for phase in clone checkout build export convert upload notify; do

@@ -1,6 +1,8 @@
 # Shared by the attack steps (busybox sh). Every step appends `NAME blocked|REACHED detail`
 # lines to /hostile/results.txt and exits 0.
+# shellcheck disable=SC2034 # used by the steps that source this
 results=/hostile/results.txt
+# shellcheck disable=SC2034
 hostile=/hostile/bin/hostile
 record() { echo "$*" | tee -a "$results"; }
 

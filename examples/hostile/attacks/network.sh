@@ -2,6 +2,7 @@
 # What a build can reach. A TCP connection that is established is REACHED, whatever answers;
 # a timeout, a refusal or an unreachable route is blocked. The suite counts from the outside
 # what arrived at each target.
+# shellcheck source=examples/hostile/attacks/lib.sh
 . /hostile/attacks/lib.sh
 listener=$(own_listener)
 own_host=${listener%:*}
