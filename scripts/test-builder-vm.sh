@@ -99,6 +99,7 @@ s3_secret=bvt-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
 api_listen=127.0.0.1
 capacity_vcpus=1
 capacity_mem_mib=2048
+weed_ports=() # SeaweedFS ports other than the defaults below (it names its /tmp sockets by port)
 if $hostile; then hostile_names; fi
 
 # ---- VMM and accelerator ------------------------------------------------------------------------
@@ -241,7 +242,7 @@ spawn weed ip netns exec "$ns" "$(bt_weed_bin)" server -dir="$work/s3-data" -ip=
 	-master.telemetry=false -master.electionTimeout=1s -volume.port=8080 -volume.port.grpc=18080 \
 	-volume.max=0 -volume.preStopSeconds=0 -filer -filer.port=8888 -filer.port.grpc=18888 \
 	-s3 -s3.port=$s3_port -s3.port.grpc=18333 -s3.port.iceberg=0 -s3.port.lance=0 \
-	-s3.config="$work/s3.json"
+	-s3.config="$work/s3.json" "${weed_ports[@]}"
 s3_endpoint=http://$out_addr:$s3_port
 s3() { curl -sS --max-time 30 --aws-sigv4 "aws:amz:us-east-1:s3" --user "$s3_access:$s3_secret" "$@"; }
 s3_bucket_made() { [[ $(s3 -o /dev/null -w '%{http_code}' -X PUT "$s3_endpoint/$s3_bucket") =~ ^(200|409)$ ]]; }

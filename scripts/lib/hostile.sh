@@ -75,6 +75,12 @@ hostile_names() {
 	node_id=test-builder-vm-hostile
 	node_tag=bvm-$(printf '%s' "$node_id" | sha256sum | cut -c1-8)-
 	api_port=17072
+	# SeaweedFS names its Unix sockets in /tmp by port (/tmp/seaweedfs-master-grpc-19333.sock),
+	# and its clients prefer them: two runs on the same ports in different namespaces talk to
+	# each other's servers. Ports of its own (the last of a repeated flag wins).
+	s3_port=8433
+	weed_ports=(-master.port=9433 -master.port.grpc=19433 -volume.port=8180 -volume.port.grpc=18180
+		-filer.port=8988 -filer.port.grpc=18988 -s3.port.grpc=18433)
 	# The operator API and /metrics on every host address: the configuration that exposes the
 	# most to a VM that gets past its firewall.
 	api_listen=0.0.0.0
@@ -326,7 +332,8 @@ hostile_vmm_status() {
 # drive the node writes; when the flood has started, submits a normal build and samples
 # /healthz until it ends, then releases the flood.
 hostile_watch() {
-	local f copy normal_pid='' started=false sample
+	set +e # a failed step here is recorded, never the end of the watcher
+	local f copy normal_pid='' started=false sample rc
 	while [[ ! -e $hostile_dir/watch.stop ]]; do
 		while read -r f; do
 			copy=$hostile_dir/config-drives/$(printf '%s' "${f#"$work"/node/}" | tr '/' '_')
@@ -364,7 +371,8 @@ hostile_watch() {
 			ss -Htn state established "( sport = :$hostile_vm_listen_port )" | wc -l >>"$hostile_dir/flood-established.samples"
 			if ! kill -0 "$normal_pid" 2>/dev/null; then
 				wait "$normal_pid"
-				echo $? >"$hostile_dir/normal.exit"
+				rc=$?
+				echo "$rc" >"$hostile_dir/normal.exit"
 				normal_pid=''
 				now_ms >"$hostile_dir/flood-released.ms"
 				touch "$hostile_dir/control/release/flood"
