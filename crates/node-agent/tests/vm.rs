@@ -28,8 +28,34 @@ fn project_file(env: &str, rel: &str) -> PathBuf {
     path
 }
 
+/// The daemon's process, killed when the test lets go of it (also when it panics), so a failed
+/// test leaves no daemon behind holding its VM network.
+struct DaemonProcess(Child);
+
+impl std::ops::Deref for DaemonProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DaemonProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 struct Daemon {
-    child: Child,
+    child: DaemonProcess,
     base: String,
     token: String,
     work: PathBuf,
@@ -106,7 +132,7 @@ impl Daemon {
         }
         let token = std::fs::read_to_string(work.join("api-token")).unwrap();
         Daemon {
-            child,
+            child: DaemonProcess(child),
             base,
             token,
             work: work.to_path_buf(),
