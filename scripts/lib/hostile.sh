@@ -411,6 +411,7 @@ hostile_after_submit() {
 	local deadline=$((SECONDS + 900))
 	while [[ ! -e $hostile_dir/normal.exit && -e $hostile_dir/flood-started.ms ]]; do
 		((SECONDS < deadline)) || break
+		kill -0 "$hostile_watch_pid" 2>/dev/null || break
 		sleep 2
 	done
 	touch "$hostile_dir/control/release/slow" "$hostile_dir/control/release/flood"
