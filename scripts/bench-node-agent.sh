@@ -74,7 +74,7 @@ cat >"$work/s3-credentials.json" <<'JSON'
 JSON
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
-# A VM network of its own (make test-builder-vm uses 10.219/16, node-agent's VM tests 10.218/16):
+# A VM network of its own (make test-builder-vm uses 10.219/16, its hostile mode 10.216/16, node-agent's VM tests 10.218/16):
 # host-side veth names derive from addresses, so daemons on one host must not share a range.
 "$bin" serve --work-dir "$work/state" --listen "127.0.0.1:$port" --capacity-vcpus 2 \
     --capacity-mem-mib 4096 --kernel "$kernel" --rootfs "$work/not-a-filesystem.img" \

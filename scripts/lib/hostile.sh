@@ -69,9 +69,9 @@ hostile_names() {
 	host_link=bvt-hhost
 	host_addr=198.19.255.1
 	out_addr=198.19.255.2
-	vm_network=10.218.0.0/16
+	vm_network=10.216.0.0/16
 	vm_network_re='^10\.218\.'
-	vm_network_prefix=SRC=10.218.
+	vm_network_prefix=SRC=10.216.
 	node_id=test-builder-vm-hostile
 	node_tag=bvm-$(printf '%s' "$node_id" | sha256sum | cut -c1-8)-
 	api_port=17072
