@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import hmac
 import http.server
+import socketserver
 import json
 import os
 import sys
@@ -47,6 +48,14 @@ def make_handler(secret: bytes, out: str):
     return Handler
 
 
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        # Not HTTPServer.server_bind: its socket.getfqdn() asks DNS for the address's name,
+        # which in a test namespace without a resolver waits 10 s before the receiver listens.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -57,7 +66,7 @@ def main():
     with open(args.secret_file, "rb") as f:
         secret = f.read().strip()
     os.makedirs(args.out, exist_ok=True)
-    server = http.server.ThreadingHTTPServer((args.bind, args.port), make_handler(secret, args.out))
+    server = Server((args.bind, args.port), make_handler(secret, args.out))
     server.serve_forever()
 
 
