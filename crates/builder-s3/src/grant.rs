@@ -82,6 +82,11 @@ impl NodeGrant {
             let body = serde_json::to_vec(&body(nonce())).expect("a grant request serializes");
             let url = url.clone();
             async move {
+                let transport = |source| S3Error::GrantTransport {
+                    step: name,
+                    url: url.to_string(),
+                    source,
+                };
                 let timestamp = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
@@ -95,11 +100,7 @@ impl NodeGrant {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|source| S3Error::GrantTransport {
-                        step: name,
-                        url: url.to_string(),
-                        source,
-                    })?;
+                    .map_err(transport)?;
                 let status = response.status();
                 if !status.is_success() {
                     let retry_after = response
@@ -116,14 +117,7 @@ impl NodeGrant {
                         retry_after,
                     });
                 }
-                let bytes = response
-                    .bytes()
-                    .await
-                    .map_err(|source| S3Error::GrantTransport {
-                        step: name,
-                        url: url.to_string(),
-                        source,
-                    })?;
+                let bytes = response.bytes().await.map_err(transport)?;
                 serde_json::from_slice(&bytes).map_err(|e| S3Error::GrantAnswer {
                     step: name,
                     reason: e.to_string(),
