@@ -50,6 +50,18 @@ async fn token_add(work_dir: &Path, name: &str, args: &[&str]) -> (String, Strin
     (field("token: "), field("webhook_key: "))
 }
 
+/// `node-agent token remove NAME`: its exit code, stdout and stderr.
+async fn token_remove(work_dir: &Path, name: &str) -> (i32, String, String) {
+    cli(&[
+        "token",
+        "remove",
+        name,
+        "--work-dir",
+        work_dir.to_str().unwrap(),
+    ])
+    .await
+}
+
 fn api_as(d: &common::Daemon, token: &str) -> Api {
     Api {
         http: reqwest::Client::new(),
@@ -335,38 +347,17 @@ async fn scoped_tokens_refuse_outside_their_scope_and_see_only_their_builds() {
     assert_eq!(status, 200);
 
     // Removed: the token stops working at once (no restart).
-    let (code, _, stderr) = cli(&[
-        "token",
-        "remove",
-        "alice",
-        "--work-dir",
-        dir.path().to_str().unwrap(),
-    ])
-    .await;
+    let (code, _, stderr) = token_remove(dir.path(), "alice").await;
     assert_eq!(code, 0, "{stderr}");
     let (status, _) = alice.get("/v1/builds").await;
     assert_eq!(status, 401);
-    let (code, _, stderr) = cli(&[
-        "token",
-        "remove",
-        "alice",
-        "--work-dir",
-        dir.path().to_str().unwrap(),
-    ])
-    .await;
+    let (code, _, stderr) = token_remove(dir.path(), "alice").await;
     assert_eq!(code, 2);
     assert!(stderr.contains("no token named alice"), "{stderr}");
     let (status, _) = api_as(&d, &bob_token2).get("/v1/builds").await;
     assert_eq!(status, 200);
     // An admin's session ends with its token.
-    let (code, _, stderr) = cli(&[
-        "token",
-        "remove",
-        "ops",
-        "--work-dir",
-        dir.path().to_str().unwrap(),
-    ])
-    .await;
+    let (code, _, stderr) = token_remove(dir.path(), "ops").await;
     assert_eq!(code, 0, "{stderr}");
     let page = no_redirects
         .get(format!("{}/", d.base))
