@@ -339,28 +339,41 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-fn tap_add(name: &str, owner: Option<u32>) -> io::Result<()> {
+/// `/dev/net/tun` attached to the TAP `name` (made when missing), as `IFF_TAP | IFF_NO_PI`,
+/// plus `IFF_VNET_HDR` for a VMM that passes virtio-net headers through it (QEMU). The one
+/// place both the TAP's creation and QEMU's open of it go through.
+pub(crate) fn tap_open(name: &str, vnet_hdr: bool) -> io::Result<File> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
-    let mut request = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "interface name too long",
         ));
     }
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    let mut request = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: flags as libc::c_short,
+        _pad: [0; 22],
+    };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes one ifreq we own.
+    check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) })?;
+    Ok(tun)
+}
+
+fn tap_add(name: &str, owner: Option<u32>) -> io::Result<()> {
+    let tun = tap_open(name, false)?;
     let fd = tun.as_raw_fd();
-    // SAFETY: TUNSETIFF reads and writes one ifreq we own; the others take an integer.
+    // SAFETY: TUNSETOWNER and TUNSETPERSIST take an integer.
     unsafe {
-        check(libc::ioctl(fd, libc::TUNSETIFF, &mut request))?;
         if let Some(uid) = owner {
             check(libc::ioctl(fd, libc::TUNSETOWNER, uid as libc::c_ulong))?;
         }

@@ -66,11 +66,6 @@ const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 /// `_IO(KVMIO, 0x01)`.
 const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
 const KVM_API_VERSION: libc::c_int = 12;
-/// `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 /// Why QEMU could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -483,14 +478,6 @@ fn open_netns(net: &NetworkPlan) -> Result<OwnedFd, QemuError> {
         .map_err(|source| QemuError::Netns { path, source })
 }
 
-/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 /// Opens the VM's TAP from inside its namespace (on a thread of its own that enters it), for
 /// QEMU to inherit.
 fn open_tap(net: &NetworkPlan, netns: &OwnedFd) -> Result<OwnedFd, QemuError> {
@@ -506,21 +493,7 @@ fn open_tap(net: &NetworkPlan, netns: &OwnedFd) -> Result<OwnedFd, QemuError> {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                let tun = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open("/dev/net/tun")?;
-                let mut request = IfReq {
-                    name: [0; libc::IFNAMSIZ],
-                    flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-                    _pad: [0; 22],
-                };
-                request.name[..TAP.len()].copy_from_slice(TAP.as_bytes());
-                // SAFETY: TUNSETIFF reads an ifreq, which `request` is laid out as.
-                if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &request) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                let tun = crate::netlink::tap_open(TAP, true)?;
                 Ok(OwnedFd::from(tun))
             })
             .join()
