@@ -553,6 +553,7 @@ async fn build(
                 config_location: format!("s3://{}/{}", location.bucket, location.config_key()),
                 size_bytes: converted.size_bytes,
                 sha256: converted.sha256.clone(),
+                reused: false,
             }
         }
         None => RootfsArtifact {
@@ -560,6 +561,7 @@ async fn build(
             config_location: config_path.display().to_string(),
             size_bytes: converted.size_bytes,
             sha256: converted.sha256.clone(),
+            reused: false,
         },
     };
     progress.rootfs = Some(artifact);

@@ -63,6 +63,7 @@ async fn a_converted_image_boots_and_runs_its_entrypoint() {
         rootfs,
         scratch_mib: 16,
         secrets: None,
+        cache_disk: None,
         vcpus: 1,
         mem_mib: 256,
         boot_args: format!(

@@ -15,7 +15,7 @@ pub mod upload;
 
 pub use image::ImageConfig;
 pub use logs::LogSource;
-pub use params::{BuildArgs, BuildParams, ParamError, RepoPath, Revision, S3Location};
+pub use params::{BuildArgs, BuildParams, ParamError, RepoPath, Revision, RootfsReuse, S3Location};
 pub use progress::ProgressEvent;
 pub use report::{
     BuildFailure, BuildInputs, BuildReport, BuildStatus, ErrorClass, Phase, PhaseTiming,

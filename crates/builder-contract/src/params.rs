@@ -561,6 +561,25 @@ pub struct BuildParams {
     pub s3: Option<S3Location>,
     /// Absent: no webhook is sent.
     pub notify_url: Option<Url>,
+    /// The rootfs already at the destination, from the cache key's last successful build: when
+    /// this build's image has the same digest, it is not converted and uploaded again.
+    #[serde(default)]
+    pub reuse: Option<RootfsReuse>,
+    /// Registries (`host:port`) the node mirrors: the VM's connections to them reach the node's
+    /// pull-through mirror over plain HTTP, so its dockerd treats them as insecure registries.
+    #[serde(default)]
+    pub mirrored_registries: Vec<String>,
+}
+
+/// The existing rootfs a build may reuse (`reuse_rootfs` on the command line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsReuse {
+    /// `sha256:<hex>` of the image the existing rootfs was converted from.
+    pub image_digest: String,
+    /// SHA-256 (hex) and size of the existing rootfs object.
+    pub sha256: String,
+    pub size_bytes: u64,
 }
 
 fn default_platform() -> String {
@@ -648,6 +667,8 @@ impl BuildParams {
             build_args,
             s3,
             notify_url,
+            reuse: None,
+            mirrored_registries: Vec::new(),
         };
         Ok(params)
     }

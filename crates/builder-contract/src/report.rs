@@ -107,6 +107,10 @@ pub struct RootfsArtifact {
     pub config_location: String,
     pub size_bytes: u64,
     pub sha256: String,
+    /// The object was already there from an earlier build of the same image and was not
+    /// converted or uploaded again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 /// What was asked to be built, echoed in the report: the Dockerfile, stage, platform and build

@@ -314,6 +314,11 @@ pub struct EgressPolicy {
     /// addresses.
     #[serde(default)]
     pub allow_private: Vec<EgressRule>,
+    /// TCP connections the guest opens to these addresses go to the host's listener
+    /// ([`EgressPolicy::host_port`] at [`VmAddresses::host_veth`]) instead (DNAT in the VM's
+    /// namespace): the registries the node mirrors.
+    #[serde(default)]
+    pub redirect_to_host: Vec<std::net::SocketAddrV4>,
 }
 
 /// The network part of a VM's spec.
@@ -722,6 +727,7 @@ pub(crate) mod tests {
                 host_port: Some(8080),
                 allow: None,
                 allow_private: vec![],
+                redirect_to_host: Vec::new(),
             },
             dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
         }

@@ -107,6 +107,9 @@ pub struct VmSpec {
     pub scratch_mib: u64,
     /// Written as `secrets.json` onto the read-only config drive (`vdc`), never the cmdline.
     pub secrets: Option<Secrets>,
+    /// A build cache disk (a fork the caller owns: used in place, never copied), attached
+    /// read-write as `vdd`, after the config drive.
+    pub cache_disk: Option<PathBuf>,
     pub vcpus: u8,
     pub mem_mib: u32,
     /// Kernel arguments before the network, driver and build parameters; usually
@@ -194,6 +197,7 @@ mod tests {
             rootfs: "/nonexistent/rootfs".into(),
             scratch_mib: 64,
             secrets: None,
+            cache_disk: None,
             vcpus: 1,
             mem_mib: 256,
             boot_args: DEFAULT_BOOT_ARGS.into(),

@@ -411,6 +411,7 @@ fn the_guest_reaches_the_internet_and_nothing_private() {
         host_port: Some(LISTENER),
         allow: None,
         allow_private: vec!["10.252.1.0/24:18087".parse().unwrap()],
+        redirect_to_host: Vec::new(),
     };
     let mut plan = plan("matrix", 4003, None, egress);
     plan.spec.dns = vec![Ipv4Addr::new(10, 252, 0, 2)];
@@ -638,6 +639,7 @@ fn an_allowlist_cannot_open_what_the_operator_blocks() {
             "10.252.0.0/16".parse().unwrap(),
         ]),
         allow_private: vec!["10.252.1.2".parse().unwrap()],
+        redirect_to_host: Vec::new(),
     };
     let plan = plan("allow", 4004, None, egress);
     let vm = plan.tag.clone();

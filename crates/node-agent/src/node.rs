@@ -476,6 +476,8 @@ impl Node {
             disk_gib: row.request.disk_gib,
             cpus: cpus.clone(),
             egress_allow: row.request.egress_allow.clone(),
+            cache_disk: None,
+            registry_redirects: Vec::new(),
             console_log: console_log.clone(),
             vmm_log: self.config.log_file(&row.id, LogSource::Vmm),
             vm_routes,

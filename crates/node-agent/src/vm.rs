@@ -80,6 +80,12 @@ pub struct LaunchSpec {
     /// Host CPUs the VM is pinned to (one per vCPU, from the node's allocator).
     pub cpus: Vec<u32>,
     pub egress_allow: Vec<String>,
+    /// The build's fork of its cache key's disk ([`builder_cache::CacheFork`]), attached
+    /// read-write; `None`: the build runs without a cache.
+    pub cache_disk: Option<PathBuf>,
+    /// The upstream registries the node mirrors ([`crate::mirror`]): the VM's connections to
+    /// them are redirected to its VM-facing listener.
+    pub registry_redirects: Vec<std::net::SocketAddrV4>,
     /// Where the serial console is written; it outlives the VM's work dir.
     pub console_log: PathBuf,
     /// Where the VMM's own logs are kept once the VM is gone (the launcher writes it at

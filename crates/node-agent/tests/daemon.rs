@@ -222,6 +222,7 @@ fn report(id: &str, status: BuildStatus) -> BuildReport {
             config_location: "s3://b/k.json".into(),
             size_bytes: 1234,
             sha256: "ff".repeat(32),
+            reused: false,
         }),
         error: None,
         phases: vec![PhaseTiming {

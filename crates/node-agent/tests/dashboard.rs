@@ -165,6 +165,7 @@ fn report(id: &str, started_at_unix_ms: u64) -> BuildReport {
             config_location: "s3://rootfs/app.rootfs.json".into(),
             size_bytes: 1234,
             sha256: "ff".repeat(32),
+            reused: false,
         }),
         error: None,
         phases: vec![

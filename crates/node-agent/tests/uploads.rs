@@ -200,6 +200,7 @@ async fn a_guest_without_a_key_uploads_through_grants_for_its_own_key_only() {
         config_location: format!("s3://{bucket}/{key}.json"),
         size_bytes: bytes.len() as u64,
         sha256: sha256.clone(),
+        reused: false,
     };
     assert_eq!(
         guest
@@ -278,6 +279,7 @@ async fn a_guest_without_a_key_uploads_through_grants_for_its_own_key_only() {
         config_location: format!("s3://{bucket}/{key2}.json"),
         size_bytes: bytes2.len() as u64,
         sha256: "f".repeat(64),
+        reused: false,
     };
     assert_eq!(
         guest2

@@ -90,6 +90,7 @@ pub fn spec(id: String, kernel: PathBuf, rootfs: PathBuf) -> VmSpec {
         rootfs,
         scratch_mib: 32,
         secrets: None,
+        cache_disk: None,
         vcpus: 1,
         mem_mib: 256,
         boot_args: DEFAULT_BOOT_ARGS.to_string(),

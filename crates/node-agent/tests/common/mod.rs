@@ -478,6 +478,7 @@ impl Guest {
             location: verified.location,
             size_bytes: verified.size,
             sha256,
+            reused: false,
         }
     }
 
