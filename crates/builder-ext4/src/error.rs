@@ -1,6 +1,6 @@
 //! Why a file system could not be written: the output failed, a file's content could not be
-//! read, the tree holds something ext4 cannot store (each naming the path), or the tree does
-//! not fit the size asked for.
+//! read, the tree holds something ext4 cannot store (each naming the path), the tree does
+//! not fit the size asked for, or a new disk got no random ids.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,13 @@ pub enum Ext4Error {
     /// The file system (planned, or of the fixed size asked for) is too small for the tree.
     #[error("the ext4 file system of {blocks} blocks is too small for its content")]
     TooSmall { blocks: u64 },
+    /// No random UUID and hash seed could be had for a new disk.
+    #[error("cannot pick a random UUID for {path}")]
+    Random {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A value does not fit the on-disk field that stores it.
     #[error("the {field} ({value}) does not fit its on-disk field")]
     FieldOverflow { field: &'static str, value: u64 },

@@ -13,16 +13,20 @@
 //! in, same bytes out.
 //!
 //! `input` defines the tree; `layout` plans every block before anything is written; `output`
-//! writes and hashes; `format`, `htree` and `xattr` own the on-disk encodings.
+//! writes and hashes; `format`, `htree` and `xattr` own the on-disk encodings. `fresh` makes
+//! new disks for a VM (random ids, an empty disk of a fixed size); `superblock` reads back
+//! whether an existing file system was cleanly unmounted.
 
 #![deny(clippy::cast_possible_truncation)]
 
 mod error;
 mod format;
+pub mod fresh;
 mod htree;
 mod input;
 mod layout;
 mod output;
+pub mod superblock;
 mod xattr;
 
 use std::path::Path;

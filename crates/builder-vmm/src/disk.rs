@@ -8,10 +8,9 @@
 //! UUID and directory hash seed of its own.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use builder_contract::Secrets;
-use builder_ext4::{Create, InMemory, Kind, Meta, Node, Options, Size, Tree, ROOT};
+use builder_ext4::{fresh, Kind, Meta, Node, Size, Tree, ROOT};
 
 /// File name of the secrets on the config drive.
 pub const SECRETS_FILE: &str = "secrets.json";
@@ -29,12 +28,6 @@ pub enum DiskError {
         #[source]
         source: builder_ext4::Ext4Error,
     },
-    #[error("cannot pick a random UUID for {path}")]
-    Random {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot encode the secrets for {path}")]
     Encode {
         path: PathBuf,
@@ -46,11 +39,12 @@ pub enum DiskError {
 /// Creates the scratch disk at `path` (not there yet): a sparse file of `size_mib` MiB holding
 /// an empty ext4 with a journal, labelled [`SCRATCH_LABEL`].
 pub fn create_scratch_disk(path: &Path, size_mib: u64) -> Result<(), DiskError> {
-    let tree = Tree::new(root_meta());
-    let size = Size::Fixed {
-        bytes: size_mib << 20,
-    };
-    write(path, &tree, size, SCRATCH_LABEL, true)
+    fresh::write_empty_disk(path, size_mib << 20, SCRATCH_LABEL)
+        .map(drop)
+        .map_err(|source| DiskError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Creates the config drive at `path` (not there yet): an ext4 image whose root holds only
@@ -60,7 +54,7 @@ pub fn create_config_drive(path: &Path, secrets: &Secrets) -> Result<(), DiskErr
         path: path.to_path_buf(),
         source,
     })?;
-    let mut tree = Tree::new(root_meta());
+    let mut tree = Tree::new(fresh::root_meta_now());
     tree.add(
         ROOT,
         SECRETS_FILE.as_bytes(),
@@ -68,7 +62,7 @@ pub fn create_config_drive(path: &Path, secrets: &Secrets) -> Result<(), DiskErr
             kind: Kind::File(json),
             meta: Meta {
                 mode: 0o600,
-                ..root_meta()
+                ..fresh::root_meta_now()
             },
         },
     );
@@ -76,55 +70,12 @@ pub fn create_config_drive(path: &Path, secrets: &Secrets) -> Result<(), DiskErr
         free_space_percent: 0,
         min_free_bytes: 0,
     };
-    write(path, &tree, size, CONFIG_LABEL, false)
-}
-
-/// A root-owned 0755 directory made now.
-fn root_meta() -> Meta {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    Meta {
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: now,
-        xattrs: Vec::new(),
-    }
-}
-
-fn write(
-    path: &Path,
-    tree: &Tree<Vec<u8>>,
-    size: Size,
-    label: &str,
-    journal: bool,
-) -> Result<(), DiskError> {
-    let mut ids = [0u8; 32];
-    getrandom::getrandom(&mut ids).map_err(|e| DiskError::Random {
-        path: path.to_path_buf(),
-        source: e.raw_os_error().map_or_else(
-            || std::io::Error::other(e.to_string()),
-            std::io::Error::from_raw_os_error,
-        ),
-    })?;
-    let (uuid, hash_seed) = ids.split_at(16);
-    let options = Options {
-        size,
-        label: label.to_owned(),
-        uuid: uuid.try_into().expect("16 bytes"),
-        hash_seed: hash_seed.try_into().expect("16 bytes"),
-        time: tree.nodes[ROOT].meta.mtime,
-        journal,
-        sha256: false,
-        sync: false,
-        create: Create::NewPrivate,
-    };
-    builder_ext4::write(tree, &InMemory, &options, path).map_err(|source| DiskError::Write {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(())
+    fresh::write_new(path, &tree, size, CONFIG_LABEL, false)
+        .map(drop)
+        .map_err(|source| DiskError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
