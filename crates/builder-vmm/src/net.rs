@@ -20,6 +20,12 @@
 //!   address of the host (`addrtype LOCAL`), but the listener, and every private destination
 //!   not excepted. It only drops or returns, so sitting first it opens nothing.
 //!
+//! Registry redirects ([`EgressPolicy::redirect_to_host`]): the namespace's table DNATs the
+//! guest's TCP connections to each listed `ip:port` to the listener (`host_veth:host_port`) in
+//! `prerouting`, before `forward` filters, so `forward` and the host's raw chain only ever see
+//! the listener as the destination: the original one, public or private, is never reached nor
+//! checked. Another port of the same address, or UDP, is filtered as any destination is.
+//!
 //! The host's `FORWARD` accept for the veth is appended, so Docker's `DOCKER-USER` and the
 //! operator's own rules run first and can still drop a VM's traffic. Every host rule carries
 //! the VM's tag as a comment.
@@ -93,6 +99,13 @@ pub enum NetError {
     SlotOutOfRange { slot: u32, slots: u32 },
     #[error("`{value}` is not an egress rule; expected CIDR or CIDR:PORT, e.g. 10.0.0.0/8:443")]
     InvalidRule { value: String },
+    #[error(
+        "the egress policy redirects {redirects:?} to the host's listener but names no \
+         host_port for it"
+    )]
+    RedirectWithoutListener {
+        redirects: Vec<std::net::SocketAddrV4>,
+    },
     #[error("setting up the VM network failed at `{step}`")]
     Step {
         step: String,
@@ -358,6 +371,11 @@ impl NetworkPlan {
         tap_owner: Option<u32>,
     ) -> Result<Self, NetError> {
         let addresses = pool.addresses(spec.slot)?;
+        if spec.egress.host_port.is_none() && !spec.egress.redirect_to_host.is_empty() {
+            return Err(NetError::RedirectWithoutListener {
+                redirects: spec.egress.redirect_to_host.clone(),
+            });
+        }
         Ok(NetworkPlan {
             tag: tag.to_string(),
             host_veth: format!("{HOST_VETH_PREFIX}{:08x}", u32::from(addresses.host_veth)),
@@ -404,7 +422,8 @@ impl NetworkPlan {
     /// gets the host port, then its resolvers and the operator's exceptions go to `egress`, the
     /// blocked ranges (and the pool) are dropped, and the rest goes to `egress`, which accepts
     /// everything or only the build's allowlist. `input` keeps the guest off the namespace
-    /// itself, `postrouting` masquerades on the veth.
+    /// itself, `postrouting` masquerades on the veth. With registry redirects, `prerouting`
+    /// first DNATs the guest's TCP connections to them to the listener.
     pub fn netns_rules(&self) -> String {
         let tap = format!("iifname \"{TAP}\"");
         let mut forward = vec!["ct state established,related accept".to_string()];
@@ -450,6 +469,27 @@ impl NetworkPlan {
             }
             text + "  }\n"
         };
+        let redirects = match self.spec.egress.host_port {
+            Some(port) if !self.spec.egress.redirect_to_host.is_empty() => chain(
+                "prerouting",
+                Some("type nat hook prerouting priority dstnat; policy accept;"),
+                &self
+                    .spec
+                    .egress
+                    .redirect_to_host
+                    .iter()
+                    .map(|to| {
+                        format!(
+                            "{tap} ip daddr {} tcp dport {} dnat ip to {}:{port}",
+                            to.ip(),
+                            to.port(),
+                            self.addresses.host_veth
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            _ => String::new(),
+        };
         [
             format!("table inet {NETNS_TABLE} {{\n"),
             set(
@@ -482,6 +522,7 @@ impl NetworkPlan {
                 &forward,
             ),
             chain("egress", None, &egress),
+            redirects,
             chain(
                 "postrouting",
                 Some("type nat hook postrouting priority srcnat; policy accept;"),
@@ -854,6 +895,36 @@ pub(crate) mod tests {
         );
         let blocked = rules.find("ip daddr @blocked4 drop").unwrap();
         assert!(rules.find("goto egress\n  }").unwrap() > blocked, "{rules}");
+    }
+
+    #[test]
+    fn redirects_dnat_the_guests_tcp_to_the_listener_and_need_one() {
+        let mut spec = spec(1);
+        spec.egress.redirect_to_host = vec![
+            "198.18.0.2:5000".parse().unwrap(),
+            "10.1.2.3:443".parse().unwrap(),
+        ];
+        let plan = NetworkPlan::new("bvm-a", AddressPool::default(), spec.clone(), None).unwrap();
+        let rules = plan.netns_rules();
+        let prerouting = "  chain prerouting {\n    \
+             type nat hook prerouting priority dstnat; policy accept;\n    \
+             iifname \"tap0\" ip daddr 198.18.0.2 tcp dport 5000 dnat ip to 10.200.0.9:8080\n    \
+             iifname \"tap0\" ip daddr 10.1.2.3 tcp dport 443 dnat ip to 10.200.0.9:8080\n  \
+             }\n";
+        assert!(rules.contains(prerouting), "{rules}");
+        // Nothing else changes: the filter sees the listener after the DNAT.
+        let plain = NetworkPlan::new("bvm-a", AddressPool::default(), self::spec(1), None)
+            .unwrap()
+            .netns_rules();
+        assert_eq!(rules.replace(prerouting, ""), plain);
+
+        spec.egress.host_port = None;
+        let err = NetworkPlan::new("bvm-a", AddressPool::default(), spec, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the egress policy redirects [198.18.0.2:5000, 10.1.2.3:443] to the host's \
+             listener but names no host_port for it"
+        );
     }
 
     #[test]

@@ -14,12 +14,12 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use builder_vmm::cleanup::CleanupStack;
 use builder_vmm::net::{NetworkPlan, HOST_TABLES, NETNS_TABLE, TAP};
-use builder_vmm::{reclaim, AddressPool, EgressPolicy, Host, NetworkSpec, SystemHost};
+use builder_vmm::{reclaim, AddressPool, EgressPolicy, Host, NetworkSpec, SystemHost, VmAddresses};
 
 /// The node agent's listener port in these tests.
 const LISTENER: u16 = 18080;
@@ -125,9 +125,11 @@ impl Drop for Namespaces {
     }
 }
 
-/// Greets every connection on `0.0.0.0:port` in namespace `netns` until dropped.
+/// Greets every connection on `0.0.0.0:port` in namespace `netns` until dropped, noting
+/// where each came from.
 struct Greeter {
     stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -138,10 +140,13 @@ impl Greeter {
             .unwrap_or_else(|e| panic!("bind {port} in {netns}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let stopped = stop.clone();
+        let peers = Arc::new(Mutex::new(vec![]));
+        let seen = peers.clone();
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut conn, _)) => {
+                    Ok((mut conn, peer)) => {
+                        seen.lock().unwrap().push(peer);
                         let _ = std::io::Write::write_all(&mut conn, b"hello\n");
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -150,8 +155,14 @@ impl Greeter {
         });
         Greeter {
             stop,
+            peers,
             thread: Some(thread),
         }
+    }
+
+    /// The addresses connections came from so far.
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
     }
 }
 
@@ -231,6 +242,23 @@ fn wire(link: &str, host_cidrs: &[&str], netns: &str, cidrs: &[&str], gateway: &
     }
     must(&["ip", "-n", netns, "link", "set", "eth0", "up"]);
     must(&["ip", "-n", netns, "route", "add", "default", "via", gateway]);
+}
+
+/// Replaces the VM's TAP with a veth named `tap0` whose other end is `eth0` of the namespace
+/// `guest`, addressed as the guest would be, with its default route via the gateway.
+fn plug_guest(vm: &str, guest: &str, a: &VmAddresses) {
+    must(&["ip", "-n", vm, "link", "delete", TAP]);
+    must(&[
+        "ip", "-n", vm, "link", "add", TAP, "type", "veth", "peer", "name", "eth0", "netns", guest,
+    ]);
+    let gateway = format!("{}/30", a.gateway);
+    must(&["ip", "-n", vm, "addr", "add", &gateway, "dev", TAP]);
+    must(&["ip", "-n", vm, "link", "set", TAP, "up"]);
+    let guest_cidr = format!("{}/30", a.guest);
+    must(&["ip", "-n", guest, "addr", "add", &guest_cidr, "dev", "eth0"]);
+    must(&["ip", "-n", guest, "link", "set", "eth0", "up"]);
+    let via = a.gateway.to_string();
+    must(&["ip", "-n", guest, "route", "add", "default", "via", &via]);
 }
 
 /// `iptables ARGS...` in the current namespace.
@@ -483,28 +511,7 @@ fn the_guest_reaches_the_internet_and_nothing_private() {
         assert!(docker_user < accept, "{forward}");
 
         // The guest: a veth named tap0 in the VM's namespace instead of the TAP.
-        must(&["ip", "-n", &vm, "link", "delete", TAP]);
-        must(&[
-            "ip", "-n", &vm, "link", "add", TAP, "type", "veth", "peer", "name", "eth0", "netns",
-            &guest,
-        ]);
-        let gateway = format!("{}/30", a.gateway);
-        must(&["ip", "-n", &vm, "addr", "add", &gateway, "dev", TAP]);
-        must(&["ip", "-n", &vm, "link", "set", TAP, "up"]);
-        let guest_cidr = format!("{}/30", a.guest);
-        must(&[
-            "ip",
-            "-n",
-            &guest,
-            "addr",
-            "add",
-            &guest_cidr,
-            "dev",
-            "eth0",
-        ]);
-        must(&["ip", "-n", &guest, "link", "set", "eth0", "up"]);
-        let via = a.gateway.to_string();
-        must(&["ip", "-n", &guest, "route", "add", "default", "via", &via]);
+        plug_guest(&vm, &guest, &a);
 
         let _servers = [
             Greeter::start(&host, LISTENER),
@@ -664,35 +671,7 @@ fn an_allowlist_cannot_open_what_the_operator_blocks() {
         let applied = plan.apply(&system, &mut stack);
         let guard = common::Guard(stack);
         applied.unwrap();
-        must(&["ip", "-n", &vm, "link", "delete", TAP]);
-        must(&[
-            "ip", "-n", &vm, "link", "add", TAP, "type", "veth", "peer", "name", "eth0", "netns",
-            &guest,
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            &vm,
-            "addr",
-            "add",
-            &format!("{}/30", a.gateway),
-            "dev",
-            TAP,
-        ]);
-        must(&["ip", "-n", &vm, "link", "set", TAP, "up"]);
-        must(&[
-            "ip",
-            "-n",
-            &guest,
-            "addr",
-            "add",
-            &format!("{}/30", a.guest),
-            "dev",
-            "eth0",
-        ]);
-        must(&["ip", "-n", &guest, "link", "set", "eth0", "up"]);
-        let via = a.gateway.to_string();
-        must(&["ip", "-n", &guest, "route", "add", "default", "via", &via]);
+        plug_guest(&vm, &guest, &a);
         let _servers = [
             Greeter::start(&inet, 18082),
             Greeter::start(&inet, 18083),
@@ -704,6 +683,74 @@ fn an_allowlist_cannot_open_what_the_operator_blocks() {
             probe("listed but private", &guest, "10.252.0.2:18087", false),
             probe("listed and excepted", &guest, "10.252.1.2:18087", true),
         ]);
+        guard.finish().unwrap();
+        assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
+    });
+}
+
+/// Registry redirects: the guest's TCP connections to a listed public and a listed private
+/// `ip:port` reach the listener on the host veth (which sees the VM's address, as for every
+/// connection of this VM), never the original destination; another port of the same public
+/// address goes out as usual, and one of the private address stays blocked.
+#[test]
+fn redirected_registries_reach_the_listener_and_nothing_else_changes() {
+    let mut spaces = Namespaces(vec![]);
+    let host = spaces.add("host3");
+    let inet = spaces.add("inet3");
+    let lan = spaces.add("lan3");
+    let guest = spaces.add("guest3");
+    let egress = EgressPolicy {
+        host_port: Some(LISTENER),
+        redirect_to_host: vec![
+            "198.18.0.2:18090".parse().unwrap(),
+            "10.252.0.2:5000".parse().unwrap(),
+        ],
+        ..Default::default()
+    };
+    let plan = plan("redirect", 4005, None, egress);
+    let vm = plan.tag.clone();
+    let a = plan.addresses;
+    in_netns(&host, || {
+        wire(
+            "inet0",
+            &["198.18.0.1/24"],
+            &inet,
+            &["198.18.0.2/24"],
+            "198.18.0.1",
+        );
+        wire(
+            "lan0",
+            &["10.252.0.1/24"],
+            &lan,
+            &["10.252.0.2/24"],
+            "10.252.0.1",
+        );
+        let system: Arc<dyn Host> = Arc::new(SystemHost);
+        let mut stack = CleanupStack::new();
+        let applied = plan.apply(&system, &mut stack);
+        let guard = common::Guard(stack);
+        applied.unwrap();
+        plug_guest(&vm, &guest, &a);
+        let listener = Greeter::start(&host, LISTENER);
+        let originals = [Greeter::start(&inet, 18090), Greeter::start(&lan, 5000)];
+        let _others = [Greeter::start(&inet, 18082), Greeter::start(&lan, 18087)];
+        check(&[
+            probe("redirected public", &guest, "198.18.0.2:18090", true),
+            probe("redirected private", &guest, "10.252.0.2:5000", true),
+            probe("public, other port", &guest, "198.18.0.2:18082", true),
+            probe("private, other port", &guest, "10.252.0.2:18087", false),
+        ]);
+        let vm_address = std::net::IpAddr::from(a.ns_veth);
+        let peers = listener.peers();
+        assert_eq!(peers.len(), 2, "{peers:?}");
+        assert!(peers.iter().all(|p| p.ip() == vm_address), "{peers:?}");
+        for original in &originals {
+            assert_eq!(
+                original.peers(),
+                [],
+                "the original destination is never reached"
+            );
+        }
         guard.finish().unwrap();
         assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
     });
