@@ -28,7 +28,7 @@ pub const DEFAULT_DOCKERFILE: &str = "Dockerfile";
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 
 /// The command-line keys, in the order [`BuildParams::to_cmdline`] writes them.
-pub const PARAM_KEYS: [&str; 10] = [
+pub const PARAM_KEYS: [&str; 12] = [
     "build_id",
     "repo_url",
     "commit_sha",
@@ -38,6 +38,8 @@ pub const PARAM_KEYS: [&str; 10] = [
     "s3_bucket",
     "s3_key",
     "notify_url",
+    "reuse_rootfs",
+    "mirrored_registries",
     "build_args",
 ];
 
@@ -45,6 +47,8 @@ pub const PARAM_KEYS: [&str; 10] = [
 pub const MAX_BUILD_ARGS: usize = 100;
 /// A build arg's value is at most this many bytes.
 pub const MAX_BUILD_ARG_VALUE_BYTES: usize = 16 * 1024;
+/// At most this many `mirrored_registries`.
+pub const MAX_MIRRORED_REGISTRIES: usize = 8;
 
 /// Bytes left as they are when a value is encoded: RFC 3986 unreserved plus `/` and `:`, which
 /// keeps URLs and paths readable on the console.
@@ -582,6 +586,118 @@ pub struct RootfsReuse {
     pub size_bytes: u64,
 }
 
+impl RootfsReuse {
+    /// Parses a `reuse_rootfs` value: `<image_digest>,<sha256>,<size_bytes>`.
+    pub fn parse(value: &str) -> Result<Self, ParamError> {
+        const KEY: &str = "reuse_rootfs";
+        let fields: Vec<&str> = value.split(',').collect();
+        let [image_digest, sha256, size_bytes] = fields[..] else {
+            return Err(invalid(
+                KEY,
+                format!(
+                    "`{value}` is not `<image_digest>,<sha256>,<size_bytes>` ({} fields)",
+                    fields.len()
+                ),
+            ));
+        };
+        if !image_digest
+            .strip_prefix("sha256:")
+            .is_some_and(is_lower_sha256_hex)
+        {
+            return Err(invalid(
+                KEY,
+                format!("the image digest `{image_digest}` is not `sha256:` and 64 lower-case hex digits"),
+            ));
+        }
+        if !is_lower_sha256_hex(sha256) {
+            return Err(invalid(
+                KEY,
+                format!("the rootfs SHA-256 `{sha256}` is not 64 lower-case hex digits"),
+            ));
+        }
+        let size_bytes = size_bytes.parse::<u64>().map_err(|e| {
+            invalid(
+                KEY,
+                format!("the rootfs size `{size_bytes}` is not a byte count: {e}"),
+            )
+        })?;
+        Ok(RootfsReuse {
+            image_digest: image_digest.to_string(),
+            sha256: sha256.to_string(),
+            size_bytes,
+        })
+    }
+
+    /// The `reuse_rootfs` value, as [`RootfsReuse::parse`] reads it.
+    pub fn to_cmdline_value(&self) -> String {
+        format!("{},{},{}", self.image_digest, self.sha256, self.size_bytes)
+    }
+}
+
+fn is_lower_sha256_hex(hex: &str) -> bool {
+    hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Parses a `mirrored_registries` value: comma-separated `host:port`, the host an IPv4 literal
+/// or a DNS name, the port 1-65535, at most [`MAX_MIRRORED_REGISTRIES`], none twice.
+pub fn parse_mirrored_registries(value: &str) -> Result<Vec<String>, ParamError> {
+    const KEY: &str = "mirrored_registries";
+    let registries: Vec<String> = value.split(',').map(str::to_string).collect();
+    if registries.len() > MAX_MIRRORED_REGISTRIES {
+        return Err(invalid(
+            KEY,
+            format!(
+                "{} registries; at most {MAX_MIRRORED_REGISTRIES} are accepted",
+                registries.len()
+            ),
+        ));
+    }
+    for (index, registry) in registries.iter().enumerate() {
+        check_registry_address(registry).map_err(|reason| invalid(KEY, reason))?;
+        if registries[..index].contains(registry) {
+            return Err(invalid(
+                KEY,
+                format!("`{registry}` is given more than once"),
+            ));
+        }
+    }
+    Ok(registries)
+}
+
+/// A registry address: `host:port` with an IPv4 literal or DNS name and a port 1-65535.
+fn check_registry_address(registry: &str) -> Result<(), String> {
+    let Some((host, port)) = registry.rsplit_once(':') else {
+        return Err(format!("`{registry}` is not `host:port`"));
+    };
+    let port_ok = port.bytes().all(|b| b.is_ascii_digit())
+        && !port.starts_with('0')
+        && port.parse::<u16>().is_ok();
+    if !port_ok {
+        return Err(format!("`{registry}` has no port from 1 to 65535"));
+    }
+    let is_ipv4 = host.parse::<std::net::Ipv4Addr>().is_ok();
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let is_dns_name = host.len() <= 253
+        && host.split('.').all(label_ok)
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if !is_ipv4 && !is_dns_name {
+        return Err(format!(
+            "the host of `{registry}` is neither an IPv4 address nor a DNS name"
+        ));
+    }
+    Ok(())
+}
+
 fn default_platform() -> String {
     DEFAULT_PLATFORM.to_string()
 }
@@ -657,6 +773,15 @@ impl BuildParams {
             .map(|a| BuildArgs::parse_form(&a))
             .transpose()?
             .unwrap_or_default();
+        let reuse = raw
+            .take("reuse_rootfs")
+            .map(|r| RootfsReuse::parse(&r))
+            .transpose()?;
+        let mirrored_registries = raw
+            .take("mirrored_registries")
+            .map(|r| parse_mirrored_registries(&r))
+            .transpose()?
+            .unwrap_or_default();
         let params = BuildParams {
             build_id,
             repo_url: parse_repo_url(&repo_url)?,
@@ -667,8 +792,8 @@ impl BuildParams {
             build_args,
             s3,
             notify_url,
-            reuse: None,
-            mirrored_registries: Vec::new(),
+            reuse,
+            mirrored_registries,
         };
         Ok(params)
     }
@@ -676,6 +801,8 @@ impl BuildParams {
     /// The parameters as command-line words, percent-encoded, in [`PARAM_KEYS`] order.
     pub fn to_cmdline(&self) -> String {
         let build_args = self.build_args.to_form();
+        let reuse = self.reuse.as_ref().map(RootfsReuse::to_cmdline_value);
+        let mirrored_registries = self.mirrored_registries.join(",");
         let mut pairs: Vec<(&str, &str)> = vec![
             ("build_id", &self.build_id),
             ("repo_url", self.repo_url.as_str()),
@@ -694,6 +821,12 @@ impl BuildParams {
         }
         if let Some(url) = &self.notify_url {
             pairs.push(("notify_url", url.as_str()));
+        }
+        if let Some(reuse) = &reuse {
+            pairs.push(("reuse_rootfs", reuse));
+        }
+        if !self.mirrored_registries.is_empty() {
+            pairs.push(("mirrored_registries", &mirrored_registries));
         }
         if !self.build_args.is_empty() {
             pairs.push(("build_args", &build_args));
@@ -988,6 +1121,146 @@ mod tests {
         );
         let small = parse("repo_url=https://h/r commit_sha=main build_args=A%3D1").unwrap();
         assert_eq!(small.split_kernel_cmdline("").unwrap().1, None);
+    }
+
+    #[test]
+    fn reuse_and_mirrored_registries_round_trip() {
+        let mut p = parse("repo_url=https://h/r commit_sha=main").unwrap();
+        assert_eq!(p.reuse, None);
+        assert!(p.mirrored_registries.is_empty());
+        p.reuse = Some(RootfsReuse {
+            image_digest: format!("sha256:{}", "a1".repeat(32)),
+            sha256: "0f".repeat(32),
+            size_bytes: 734_003_200,
+        });
+        p.mirrored_registries = vec![
+            "registry-1.docker.io:443".into(),
+            "10.0.0.7:5000".into(),
+            "ghcr.io:443".into(),
+        ];
+        let line = p.to_cmdline();
+        assert!(
+            line.contains(&format!(
+                "reuse_rootfs=sha256:{}%2C{}%2C734003200",
+                "a1".repeat(32),
+                "0f".repeat(32)
+            )),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "mirrored_registries=registry-1.docker.io:443%2C10.0.0.7:5000%2Cghcr.io:443"
+            ),
+            "{line}"
+        );
+        assert_eq!(parse(&line).unwrap(), p);
+        // Both together stay well inside the kernel's limit beside a long S3 key.
+        p.s3 = Some(S3Location::new("builds", &"k".repeat(600)).unwrap());
+        let cmdline = p.kernel_cmdline("console=ttyS0 reboot=k panic=1").unwrap();
+        assert!(
+            cmdline.len() < MAX_KERNEL_CMDLINE_BYTES,
+            "{}",
+            cmdline.len()
+        );
+        assert_eq!(BuildParams::from_cmdline(&cmdline, "x").unwrap(), p);
+    }
+
+    #[test]
+    fn bad_reuse_and_mirrored_registries_name_their_key() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let sha = "b".repeat(64);
+        let nine = (1..=9)
+            .map(|i| format!("r{i}.example:5000"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (value, key, needle) in [
+            (
+                format!("reuse_rootfs={digest},{sha}"),
+                "reuse_rootfs",
+                "2 fields",
+            ),
+            (
+                format!("reuse_rootfs={digest},{sha},1,2"),
+                "reuse_rootfs",
+                "4 fields",
+            ),
+            (
+                format!("reuse_rootfs=sha512:{},{sha},1", "a".repeat(64)),
+                "reuse_rootfs",
+                "image digest",
+            ),
+            (
+                format!("reuse_rootfs=sha256:{},{sha},1", "A".repeat(64)),
+                "reuse_rootfs",
+                "lower-case hex",
+            ),
+            (
+                format!("reuse_rootfs={digest},{},1", "b".repeat(63)),
+                "reuse_rootfs",
+                "rootfs SHA-256",
+            ),
+            (
+                format!("reuse_rootfs={digest},{sha},-1"),
+                "reuse_rootfs",
+                "not a byte count",
+            ),
+            (
+                "mirrored_registries=docker.io".into(),
+                "mirrored_registries",
+                "not `host:port`",
+            ),
+            (
+                "mirrored_registries=docker.io:0".into(),
+                "mirrored_registries",
+                "1 to 65535",
+            ),
+            (
+                "mirrored_registries=docker.io:65536".into(),
+                "mirrored_registries",
+                "1 to 65535",
+            ),
+            (
+                "mirrored_registries=docker.io:+443".into(),
+                "mirrored_registries",
+                "1 to 65535",
+            ),
+            (
+                "mirrored_registries=[::1]:5000".into(),
+                "mirrored_registries",
+                "neither an IPv4",
+            ),
+            (
+                "mirrored_registries=10.0.0.300:5000".into(),
+                "mirrored_registries",
+                "neither an IPv4",
+            ),
+            (
+                "mirrored_registries=-bad.example:5000".into(),
+                "mirrored_registries",
+                "neither an IPv4",
+            ),
+            (
+                "mirrored_registries=".into(),
+                "mirrored_registries",
+                "not `host:port`",
+            ),
+            (
+                "mirrored_registries=a.io:1,b.io:2,a.io:1".into(),
+                "mirrored_registries",
+                "more than once",
+            ),
+            (
+                format!("mirrored_registries={nine}"),
+                "mirrored_registries",
+                "at most 8",
+            ),
+        ] {
+            let err = parse(&format!("repo_url=https://h/r commit_sha=main {value}")).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{value}: {err}");
+            let text = err.to_string();
+            assert!(text.contains(key), "{value}: {text}");
+            assert!(text.contains(needle), "{value}: `{text}` lacks `{needle}`");
+        }
     }
 
     #[test]
