@@ -125,7 +125,8 @@ bt_ensure_kernel_deps() {
 
 # Installs whatever the services and the tests need that is missing; cheap when nothing is.
 # Tools the workspace's tests call: e2fsprogs (the rootfs), procps/iptables/nftables (VM networks),
-# qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount;
+# qemu-system-x86 (VM boots), postgresql (node-agent's queue), libcap2-bin (setcap), mount,
+# xfsprogs (the build cache's reflink pool);
 # the private services: docker-registry, apache2-utils (htpasswd). Docker itself comes from
 # bt_ensure_docker.
 bt_ensure_deps() {
@@ -134,6 +135,7 @@ bt_ensure_deps() {
 		debugfs=e2fsprogs python3=python3 setsid=util-linux flock=util-linux runuser=util-linux \
 		mount=mount tar=tar pgrep=procps sysctl=procps iptables=iptables nft=nftables \
 		setcap=libcap2-bin qemu-system-x86_64=qemu-system-x86 htpasswd=apache2-utils \
+		mkfs.xfs=xfsprogs \
 		chromium=chromium)
 	[[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 	compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
