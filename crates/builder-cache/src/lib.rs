@@ -1,4 +1,4 @@
-//! The node's build caches (INTERFACE SKELETON: bodies to be written).
+//! The node's build caches.
 //!
 //! A cache key ([`CacheKey`]: a namespace, normally the requester, and a name, normally the
 //! repository URL) owns one committed ext4 disk holding a builder VM's Docker data root and
@@ -6,17 +6,61 @@
 //! ([`CachePool::fork`]); when the build succeeds the fork replaces the committed disk
 //! atomically ([`CachePool::commit`]), otherwise it is thrown away ([`CachePool::discard`]).
 //! The pool's total is held under a limit by evicting whole keys, least recently used first.
+//!
+//! `key` owns keys and ids, `pool` the directory layout, locking, commit and eviction, `meta`
+//! a key's `meta.json`, `fork` the copying of disks (reflink or sparse copy), `reflink_pool`
+//! the XFS image mounted on the pool's directory when its own file system cannot reflink.
+//! Every call blocks (run it off an async runtime's threads); the pool is `Send + Sync`.
 
-use std::path::PathBuf;
+mod fork;
+mod key;
+mod meta;
+mod pool;
+mod reflink_pool;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
+
+pub use key::{CacheId, CacheKey};
+pub use pool::{CachePool, CACHE_DISK_LABEL};
 
 /// Why a cache operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("the cache key name `{name}` is not valid: use 1 to {max} printable characters")]
     KeyName { name: String, max: usize },
+    #[error("the cache key namespace is empty")]
+    KeyNamespaceEmpty,
+    #[error("`{value}` is not a cache id: use 32 lower-case hex digits")]
+    CacheIdSyntax { value: String },
+    #[error("the fork id `{fork_id}` is not valid: use 1 to 64 of a-z, 0-9 and -")]
+    ForkId { fork_id: String },
+    #[error("{path} is not a fork of this cache pool")]
+    ForeignFork { path: PathBuf },
+    #[error("the cache disk {path} was not cleanly unmounted, so it was not committed")]
+    NotClean { path: PathBuf },
+    #[error("cannot tell whether the cache disk {path} was cleanly unmounted")]
+    Superblock {
+        path: PathBuf,
+        #[source]
+        source: builder_ext4::superblock::SuperblockError,
+    },
+    #[error("cannot make a new cache disk {path}")]
+    NewDisk {
+        path: PathBuf,
+        #[source]
+        source: builder_ext4::Ext4Error,
+    },
+    #[error("the cache metadata {path} is not valid")]
+    Meta {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the cache metadata {path} is missing beside its committed disk")]
+    MetaMissing { path: PathBuf },
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
@@ -24,56 +68,6 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// The id of a cache key on disk and in the API: 32 lower-case hex digits of
-/// SHA-256(namespace, name).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct CacheId(String);
-
-impl CacheId {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for CacheId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for CacheId {
-    type Err = CacheError;
-    fn from_str(_value: &str) -> Result<Self, CacheError> {
-        todo!()
-    }
-}
-
-/// A cache key: builds share a cache only when both parts are equal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheKey {
-    id: CacheId,
-    namespace: String,
-    name: String,
-}
-
-impl CacheKey {
-    pub const MAX_NAME_LEN: usize = 256;
-
-    pub fn new(_namespace: &str, _name: &str) -> Result<Self, CacheError> {
-        todo!()
-    }
-    pub fn id(&self) -> &CacheId {
-        &self.id
-    }
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 /// How a fork is made.
@@ -100,6 +94,46 @@ pub struct PoolConfig {
     pub reflink_image_bytes: Option<u64>,
 }
 
+/// Something [`CachePool::open`] did or could not do that the caller should log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolNote {
+    /// The reflink image is mounted on the pool's directory (`made`: created now).
+    ReflinkImageMounted { image: PathBuf, made: bool },
+    /// No reflink image could be used: forks are sparse copies.
+    ReflinkImageUnavailable { image: PathBuf, reason: String },
+    /// What a previous run left behind was removed.
+    LeftoversRemoved { forks: u64, half_made_keys: u64 },
+}
+
+impl std::fmt::Display for PoolNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolNote::ReflinkImageMounted { image, made: true } => write!(
+                f,
+                "made the XFS reflink image {} and mounted it on the cache pool",
+                image.display()
+            ),
+            PoolNote::ReflinkImageMounted { image, made: false } => write!(
+                f,
+                "mounted the existing XFS reflink image {} on the cache pool",
+                image.display()
+            ),
+            PoolNote::ReflinkImageUnavailable { image, reason } => write!(
+                f,
+                "cannot use the XFS reflink image {}, so cache forks are sparse copies: {reason}",
+                image.display()
+            ),
+            PoolNote::LeftoversRemoved {
+                forks,
+                half_made_keys,
+            } => write!(
+                f,
+                "removed {forks} forks and {half_made_keys} half-made keys a previous run left"
+            ),
+        }
+    }
+}
+
 /// One key's committed cache, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CacheEntry {
@@ -121,6 +155,7 @@ pub struct CacheFork {
     pub path: PathBuf,
     /// Made from a committed disk (false: a new empty disk).
     pub hit: bool,
+    /// The pool's method, which made the fork on a hit (a miss writes a new disk).
     pub method: ForkMethod,
     pub took: Duration,
 }
@@ -149,44 +184,12 @@ pub struct CacheStats {
     pub keys: u64,
 }
 
-/// The node's pool of cache disks.
-#[derive(Debug)]
-pub struct CachePool {
-    config: PoolConfig,
-}
-
-impl CachePool {
-    /// Opens (creating, and mounting a reflink image when configured) the pool, and removes the
-    /// forks a previous run left behind.
-    pub fn open(config: PoolConfig) -> Result<CachePool, CacheError> {
-        let _ = &config.dir;
-        todo!()
-    }
-    pub fn fork_method(&self) -> ForkMethod {
-        todo!()
-    }
-    /// A writable fork of `key`'s committed disk for one build (`fork_id` unique among live
-    /// forks, e.g. the build id); a miss makes a new empty disk.
-    pub fn fork(&self, _key: &CacheKey, _fork_id: &str) -> Result<CacheFork, CacheError> {
-        todo!()
-    }
-    /// Makes the fork its key's committed disk, atomically, if its ext4 was cleanly unmounted;
-    /// then evicts down to the limit.
-    pub fn commit(&self, _fork: CacheFork) -> Result<Committed, CacheError> {
-        todo!()
-    }
-    /// Throws the fork away; the committed disk stays as it was.
-    pub fn discard(&self, _fork: CacheFork) -> Result<(), CacheError> {
-        todo!()
-    }
-    pub fn list(&self) -> Result<Vec<CacheEntry>, CacheError> {
-        todo!()
-    }
-    /// Removes a key's committed disk; `None` when it has none.
-    pub fn remove(&self, _id: &CacheId) -> Result<Option<CacheEntry>, CacheError> {
-        todo!()
-    }
-    pub fn stats(&self) -> CacheStats {
-        todo!()
+/// Maps an I/O error on `path` while doing `action`.
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
+    let path = path.to_owned();
+    move |source| CacheError::Io {
+        action,
+        path,
+        source,
     }
 }
