@@ -10,6 +10,13 @@
 //! hands over its logs, through its veth to the node's VM-facing listener (the daemon listens
 //! on loopback only, the default), once with build args too long for the kernel command line
 //! and build credentials, which it takes from its config drive.
+//!
+//! Warm builds (issue 10) build for real and upload: examples/rebuild, `FROM` the test base
+//! image (the builder image must have it preloaded, `PRELOAD_IMAGES`, as
+//! `scripts/test-builder-vm.sh` builds it), and a Dockerfile `FROM` an upstream registry. S3 and
+//! that upstream live in an outside namespace (`scripts/lib/outside.sh`, 198.18.253.0/30 and
+//! 198.18.254.0/30); the upstream is a copy of the test services' registry
+//! (`scripts/services.sh start`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -83,10 +90,25 @@ impl Daemon {
             r#"{"s3": {"endpoint": "http://127.0.0.1:9", "access_key_id": "test-access", "secret_access_key": "test-secret"}}"#,
         )
         .unwrap();
+        Daemon::start_with(work, node_id, rootfs, port, capacity, &s3_credentials, &[])
+    }
+
+    /// [`Daemon::start`] uploading with `s3_credentials`, and `extra` arguments to `serve`.
+    fn start_with(
+        work: &Path,
+        node_id: &str,
+        rootfs: &Path,
+        port: u16,
+        capacity: u32,
+        s3_credentials: &Path,
+        extra: &[&str],
+    ) -> Daemon {
+        std::fs::create_dir_all(work).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
             .arg("serve")
+            .args(extra)
             .arg("--s3-credentials-file")
-            .arg(&s3_credentials)
+            .arg(s3_credentials)
             .arg("--work-dir")
             .arg(work)
             .arg("--listen")
@@ -611,4 +633,386 @@ fn a_real_guest_takes_oversized_build_args_and_credentials_from_its_config_drive
             "{what} holds a credential value"
         );
     }
+}
+
+/// The outside namespace of `scripts/lib/outside.sh`: SeaweedFS S3 the VMs upload to, and with
+/// `registry` an upstream registry with htpasswd auth; taken down when dropped.
+struct Outside {
+    dir: PathBuf,
+    env: std::collections::HashMap<String, String>,
+}
+
+impl Outside {
+    fn up(dir: &Path, name: &str, octet: u8, registry: bool) -> Outside {
+        let script = project_file("NODE_AGENT_TEST_OUTSIDE", "scripts/lib/outside.sh");
+        let mut cmd = Command::new(&script);
+        cmd.arg("up").arg(dir).arg(name).arg(octet.to_string());
+        if registry {
+            cmd.arg("--registry");
+        }
+        // Taken down from here on, also when `up` fails half-way.
+        let mut outside = Outside {
+            dir: dir.to_path_buf(),
+            env: Default::default(),
+        };
+        assert!(
+            cmd.status().unwrap().success(),
+            "{} up failed",
+            script.display()
+        );
+        outside.env = std::fs::read_to_string(dir.join("outside.env"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        outside
+    }
+
+    fn get(&self, name: &str) -> &str {
+        &self.env[name]
+    }
+
+    /// The upstream registry's GET and HEAD requests so far (its access log).
+    fn upstream_requests(&self) -> usize {
+        std::fs::read_to_string(self.get("UPSTREAM_LOG"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
+            .count()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = Command::new(project_file(
+            "NODE_AGENT_TEST_OUTSIDE",
+            "scripts/lib/outside.sh",
+        ))
+        .arg("down")
+        .arg(&self.dir)
+        .status();
+    }
+}
+
+/// The builder image with the test base image preloaded, as warm builds need it (their
+/// Dockerfiles start `FROM` it, and VMs reach no registry but the node's mirror).
+fn builder_rootfs_with_base_image() -> PathBuf {
+    let rootfs = builder_rootfs();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(rootfs.with_file_name("builder-vm.json")).unwrap())
+            .unwrap();
+    assert!(
+        manifest["preloaded_images"]
+            .as_array()
+            .is_some_and(|images| !images.is_empty()),
+        "{} has no preloaded base image: run scripts/build-builder-vm.sh with \
+         PRELOAD_IMAGES=builder-vm/busybox:latest (scripts/test-builder-vm.sh does)",
+        rootfs.display()
+    );
+    rootfs
+}
+
+/// `git` in `dir`, as a test author.
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=test", "-c", "user.email=test@localhost"])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?} in {}", dir.display());
+}
+
+/// A git work tree at `dir` holding `files` (path, contents), committed.
+fn app_repo(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    commit_files(dir, files, "app");
+    dir.to_path_buf()
+}
+
+/// Writes `files` into the work tree `dir` and commits everything in it.
+fn commit_files(dir: &Path, files: &[(&str, &str)], message: &str) {
+    for (path, contents) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", message]);
+}
+
+/// A copy of examples/rebuild at `dir`, a git work tree with it committed.
+fn rebuild_example(dir: &Path) -> PathBuf {
+    let example = project_file("NODE_AGENT_TEST_REBUILD_EXAMPLE", "examples/rebuild");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&example)
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -r {}", example.display());
+    app_repo(dir, &[])
+}
+
+impl Daemon {
+    /// `node-agent submit DIR` (its committed state, cache key `dir:<DIR>`) with `token_file`'s
+    /// token, uploading to the outside's S3: the build's id.
+    fn submit_dir(&self, dir: &Path, token_file: &Path, s3_key: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .arg("submit")
+            .arg(dir)
+            .args(["--server", &self.base, "--token-file"])
+            .arg(token_file)
+            .args(["--s3-bucket", "rootfs", "--s3-key", s3_key])
+            .args(["--vcpus", "1", "--mem-mib", "2048", "--disk-gib", "4"])
+            .args(["--timeout-s", "900"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "submit {}: {stdout}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout.lines().next().unwrap().trim().to_string()
+    }
+
+    /// A scoped token `name` (its own tenant) that may upload to the bucket `rootfs`, in a file.
+    fn add_token(&self, name: &str) -> PathBuf {
+        let out = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .args(["token", "add", name, "--bucket", "rootfs", "--work-dir"])
+            .arg(&self.work)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "token add {name}: {stdout}");
+        let token = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("token: "))
+            .unwrap_or_else(|| panic!("no token in {stdout}"));
+        let path = self.work.join(format!("token-{name}"));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
+    fn admin_token_file(&self) -> PathBuf {
+        self.work.join("api-token")
+    }
+
+    /// Waits for build `id`'s end and asserts it succeeded.
+    fn wait_succeeded(&self, id: &str) -> Value {
+        let b = self.wait_terminal(id, Duration::from_secs(900));
+        assert_eq!(b["state"], "succeeded", "{b}");
+        b
+    }
+
+    /// The committed cache of the key whose name is `name`, as `GET /v1/caches` lists it.
+    fn cache_entry(&self, name: &str) -> Option<Value> {
+        let (status, v) = self.api("GET", "/v1/caches", None);
+        assert_eq!(status, 200, "{v}");
+        let entries = v.get("caches").unwrap_or(&v).as_array().cloned();
+        entries
+            .unwrap_or_else(|| panic!("GET /v1/caches: {v}"))
+            .into_iter()
+            .find(|e| e["name"] == name)
+    }
+}
+
+/// The `build` phase of a build view, in milliseconds.
+fn build_phase_ms(b: &Value) -> u64 {
+    b["timings"]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "build")
+        .unwrap_or_else(|| panic!("no build phase: {b}"))["duration_ms"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Whether BuildKit's plain progress in `log` shows the example's slow `RUN` step as `CACHED`.
+fn slow_step_cached(log: &str) -> bool {
+    let step = log
+        .lines()
+        .find(|l| l.contains("RUN digest=seed"))
+        .unwrap_or_else(|| panic!("no slow step in the build log: {log}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    log.lines()
+        .any(|l| l.trim_end() == format!("{step} CACHED"))
+}
+
+/// Warm builds of examples/rebuild through one node: a key's second build reuses the slow
+/// step's layer (BuildKit `CACHED`, a much shorter build phase, cache=hit); an unchanged
+/// rebuild reuses the uploaded rootfs; another tenant's build of the same directory misses; a
+/// failed build leaves the committed cache as it was; two concurrent builds of the key both
+/// succeed and the next one still hits.
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn warm_builds_reuse_a_keys_cache_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = Outside::up(&dir.path().join("outside"), "bvw-out", 253, false);
+    let d = Daemon::start_with(
+        &dir.path().join("node"),
+        &format!("warm-{}", std::process::id()),
+        &builder_rootfs_with_base_image(),
+        free_port(),
+        2,
+        &dir.path().join("outside/s3-credentials.json"),
+        &["--vm-dns", outside.get("OUTSIDE_ADDR")],
+    );
+    let app = rebuild_example(&dir.path().join("app"));
+    let key_name = format!("dir:{}", app.display());
+    let admin = d.admin_token_file();
+
+    // Cold: a new key, every step runs.
+    let cold = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
+    assert_eq!(cold["cache"], "miss", "{cold}");
+    let (_, log) = d.log(cold["id"].as_str().unwrap(), "build");
+    assert!(!slow_step_cached(&log), "{log}");
+
+    // A one-line change: the slow step comes from the key's cache disk.
+    commit_files(&app, &[("app/version.sh", "APP_VERSION=2\n")], "version 2");
+    let warm = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
+    assert_eq!(warm["cache"], "hit", "{warm}");
+    let (_, log) = d.log(warm["id"].as_str().unwrap(), "build");
+    assert!(slow_step_cached(&log), "{log}");
+    assert!(
+        build_phase_ms(&warm) * 4 < build_phase_ms(&cold),
+        "warm build phase {} ms, cold {} ms",
+        build_phase_ms(&warm),
+        build_phase_ms(&cold)
+    );
+
+    // Unchanged: the same image, so the rootfs already uploaded is reused.
+    let noop = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
+    assert_eq!(noop["rootfs"]["reused"], true, "{noop}");
+    assert_eq!(noop["rootfs"]["sha256"], warm["rootfs"]["sha256"], "{noop}");
+    assert_eq!(noop["rootfs"]["location"], warm["rootfs"]["location"]);
+
+    // Another tenant, the same directory: its own key, empty.
+    let other = d.add_token("tenant-b");
+    let b = d.wait_succeeded(&d.submit_dir(&app, &other, "warm/b.ext4"));
+    assert_eq!(b["cache"], "miss", "{b}");
+    let (_, log) = d.log(b["id"].as_str().unwrap(), "build");
+    assert!(!slow_step_cached(&log), "{log}");
+
+    // A build that fails after the cached step: the committed disk stays as it was.
+    let before = d.cache_entry(&key_name).expect("the key's committed cache");
+    let dockerfile = std::fs::read_to_string(app.join("Dockerfile")).unwrap();
+    commit_files(
+        &app,
+        &[("Dockerfile", &format!("{dockerfile}RUN exit 3\n"))],
+        "a failing step",
+    );
+    let failed = d.submit_dir(&app, &admin, "warm/a.ext4");
+    let failed = d.wait_terminal(&failed, Duration::from_secs(900));
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["error"]["class"], "user", "{failed}");
+    let after = d.cache_entry(&key_name).expect("the key's committed cache");
+    assert_eq!(
+        (&after["commits"], &after["bytes"]),
+        (&before["commits"], &before["bytes"]),
+        "before {before}, after {after}"
+    );
+
+    // Two builds of the key at once: both fork, both succeed; the last commit wins.
+    commit_files(
+        &app,
+        &[
+            ("Dockerfile", &dockerfile),
+            ("app/version.sh", "APP_VERSION=3\n"),
+        ],
+        "version 3",
+    );
+    let first = d.submit_dir(&app, &admin, "warm/a.ext4");
+    let second = d.submit_dir(&app, &admin, "warm/a2.ext4");
+    for id in [first, second] {
+        let b = d.wait_succeeded(&id);
+        assert_eq!(b["cache"], "hit", "{b}");
+    }
+    let committed = d.cache_entry(&key_name).expect("the key's committed cache");
+    assert!(
+        committed["commits"].as_u64() > before["commits"].as_u64(),
+        "before {before}, after the concurrent builds {committed}"
+    );
+    commit_files(&app, &[("app/version.sh", "APP_VERSION=4\n")], "version 4");
+    let next = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
+    assert_eq!(next["cache"], "hit", "{next}");
+    let (_, log) = d.log(next["id"].as_str().unwrap(), "build");
+    assert!(slow_step_cached(&log), "{log}");
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    d.sigterm();
+}
+
+/// The node's pull-through mirror: a `FROM` the upstream registry (htpasswd auth, in the
+/// outside namespace) builds with no registry credentials in the request, and the second
+/// tenant's build of it pulls from the mirror without reaching the upstream.
+#[test]
+#[ignore = "boots real VMs; root; slow suite"]
+fn the_registry_mirror_serves_the_second_pull_without_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = Outside::up(&dir.path().join("outside"), "bvm-mir", 254, true);
+    let upstream = outside.get("UPSTREAM_REGISTRY").to_string();
+    let password_file = outside.get("UPSTREAM_PASSWORD_FILE").to_string();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[mirror]]\nupstream = \"{upstream}\"\nremote_url = \"http://{upstream}\"\n\
+             username = \"{}\"\npassword_file = \"{password_file}\"\n",
+            outside.get("UPSTREAM_USER"),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(
+        &dir.path().join("node"),
+        &format!("mirror-{}", std::process::id()),
+        &builder_rootfs(),
+        free_port(),
+        2,
+        &dir.path().join("outside/s3-credentials.json"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--vm-dns",
+            outside.get("OUTSIDE_ADDR"),
+        ],
+    );
+    let app = app_repo(
+        &dir.path().join("app"),
+        &[(
+            "Dockerfile",
+            &format!("FROM {upstream}/private/busybox:latest\nRUN echo mirrored > /mirrored.txt\n"),
+        )],
+    );
+    let a = d.wait_succeeded(&d.submit_dir(&app, &d.admin_token_file(), "mirror/a.ext4"));
+    let after_first = outside.upstream_requests();
+    assert!(after_first > 0, "the first pull went to the upstream");
+    let other = d.add_token("tenant-b");
+    d.wait_succeeded(&d.submit_dir(&app, &other, "mirror/b.ext4"));
+    assert_eq!(
+        outside.upstream_requests(),
+        after_first,
+        "the second pull reached the upstream (its log: {})",
+        outside.get("UPSTREAM_LOG")
+    );
+    // The VM never saw the upstream's credentials.
+    let password = std::fs::read_to_string(&password_file).unwrap();
+    let id = a["id"].as_str().unwrap();
+    for source in ["console", "build", "dockerd"] {
+        let (_, text) = d.log(id, source);
+        assert!(
+            !text.contains(&password),
+            "the {source} log has the password"
+        );
+    }
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+    d.sigterm();
 }
