@@ -1,5 +1,8 @@
 //! One build, end to end: parameters → clone → checkout → docker build → convert (from the
 //! daemon's layer directories, or docker save) → upload → webhook, each phase timed, the first failure classed and reported.
+//! When the node offers the rootfs already at the destination (`reuse_rootfs`) and the image
+//! built has that rootfs's image digest, convert and upload are skipped and the report names
+//! the existing object (`reused`).
 //!
 //! Whatever happens, the build ends with exactly one report: written to the log, printed on
 //! stdout, and POSTed to `notify_url` when one was given and can be read, even when the other
@@ -463,10 +466,9 @@ async fn build(
                 summary.files, summary.ignored
             ));
             let _ = std::fs::remove_dir_all(&source);
-            let labels = BTreeMap::from([
-                ("builder-vm.build-id".to_string(), params.build_id.clone()),
-                ("builder-vm.commit".to_string(), commit.clone()),
-            ]);
+            // No build id among the labels: an unchanged rebuild must give the same image id
+            // for its rootfs to be reused (BuildKit does, cache hits and all).
+            let labels = BTreeMap::from([("builder-vm.commit".to_string(), commit.clone())]);
             let buildx = Buildx::new(
                 &options.docker_cli,
                 &options.docker_host,
@@ -494,6 +496,10 @@ async fn build(
         .await?;
     log.line(&format!("image {image_id}"));
     progress.image_id = Some(image_id.clone());
+    if let Some(artifact) = reused_rootfs(log, params, &image_id) {
+        progress.rootfs = Some(artifact);
+        return Ok(());
+    }
     let docker = docker_slot.as_ref().expect("the build phase connected");
 
     let (rootfs_path, config_path) = match &params.s3 {
@@ -548,13 +554,7 @@ async fn build(
                     ),
                 )
                 .await?;
-            RootfsArtifact {
-                location: location.to_string(),
-                config_location: format!("s3://{}/{}", location.bucket, location.config_key()),
-                size_bytes: converted.size_bytes,
-                sha256: converted.sha256.clone(),
-                reused: false,
-            }
+            s3_artifact(location, converted.size_bytes, &converted.sha256, false)
         }
         None => RootfsArtifact {
             location: rootfs_path.display().to_string(),
@@ -566,6 +566,41 @@ async fn build(
     };
     progress.rootfs = Some(artifact);
     Ok(())
+}
+
+/// The rootfs offered for reuse, when this build goes to S3 and its image is the one that
+/// rootfs was made from.
+fn reused_rootfs(log: &BuildLog, params: &BuildParams, image_id: &str) -> Option<RootfsArtifact> {
+    let (Some(reuse), Some(location)) = (&params.reuse, &params.s3) else {
+        return None;
+    };
+    if reuse.image_digest != image_id {
+        log.line(&format!(
+            "image {image_id} differs from {}'s ({}): converting and uploading",
+            location, reuse.image_digest
+        ));
+        return None;
+    }
+    log.line(&format!(
+        "image {image_id} is the one already at {location}: not converted or uploaded again"
+    ));
+    Some(s3_artifact(location, reuse.size_bytes, &reuse.sha256, true))
+}
+
+/// The report's rootfs at `location`, its image config beside it.
+fn s3_artifact(
+    location: &S3Location,
+    size_bytes: u64,
+    sha256: &str,
+    reused: bool,
+) -> RootfsArtifact {
+    RootfsArtifact {
+        location: location.to_string(),
+        config_location: format!("s3://{}/{}", location.bucket, location.config_key()),
+        size_bytes,
+        sha256: sha256.to_string(),
+        reused,
+    }
 }
 
 /// The grant of the node agent the build reports to, when it reports to one (and can sign).

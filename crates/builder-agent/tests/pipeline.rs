@@ -520,3 +520,125 @@ fn a_full_disk_is_reported_as_a_user_error() {
     let _ = std::process::Command::new("umount").arg(small).status();
     assert_failed(&result, ErrorClass::User, Phase::Convert, "no space left");
 }
+
+/// The `etag` and `last-modified` headers of an object.
+fn object_version(bucket: &str, key: &str) -> (String, String) {
+    let (status, headers, _) = s3_get(bucket, key);
+    assert_eq!(status, 200, "{headers}");
+    let header = |name: &str| {
+        headers
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {headers}"))
+            .trim()
+            .to_string()
+    };
+    (header("etag:"), header("last-modified:"))
+}
+
+#[test]
+fn an_unchanged_rebuild_reuses_the_rootfs_at_its_destination() {
+    let repo = TestRepo::new("reuse");
+    repo.write(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN echo {} > /stamp\nCOPY app.txt /app.txt\n",
+            base(),
+            unique("reuse")
+        ),
+    )
+    .write("app.txt", "unchanged\n");
+    let commit = repo.commit("first");
+    let bucket = env("BUILDER_TEST_S3_BUCKET");
+    let key = format!("rootfs/{}.ext4", unique("reuse"));
+    let build = |reuse: Option<String>| {
+        let hook = Receiver::start();
+        let id = unique("reuse");
+        let extra = match reuse {
+            Some(value) => format!("s3_bucket={bucket} s3_key={key} reuse_rootfs={value}"),
+            None => format!("s3_bucket={bucket} s3_key={key}"),
+        };
+        let run = Scratch::new().run_notifying(
+            &params(&repo, &commit, &id, &extra),
+            &hook.url,
+            None,
+            &[],
+        );
+        assert_eq!(run.code, 0, "{}", run.log);
+        (id, run, hook.only_report())
+    };
+
+    let (first_id, _, first) = build(None);
+    let first_rootfs = first.rootfs.clone().unwrap();
+    assert!(!first_rootfs.reused);
+    let digest = first.image_digest.clone().unwrap();
+    let uploaded = object_version(&bucket, &key);
+
+    // Same commit, same context, a new build id, on the daemon that built it (warm BuildKit
+    // cache; the first build's image itself was removed): Docker 26.1's BuildKit gives the same
+    // image id, so the rootfs already uploaded is reported and left alone.
+    let offer = format!(
+        "{digest},{},{}",
+        first_rootfs.sha256, first_rootfs.size_bytes
+    );
+    let (_, run, second) = build(Some(offer.replace(',', "%2C")));
+    assert_eq!(second.image_digest.as_deref(), Some(digest.as_str()));
+    let reused = second.rootfs.clone().unwrap();
+    assert!(reused.reused, "{}", run.log);
+    assert_eq!(
+        (
+            &reused.location,
+            &reused.config_location,
+            &reused.sha256,
+            reused.size_bytes
+        ),
+        (
+            &first_rootfs.location,
+            &first_rootfs.config_location,
+            &first_rootfs.sha256,
+            first_rootfs.size_bytes
+        )
+    );
+    assert!(
+        run.log.contains(&format!(
+            "image {digest} is the one already at s3://{bucket}/{key}: not converted or uploaded again"
+        )),
+        "{}",
+        run.log
+    );
+    let phases: Vec<Phase> = second.phases.iter().map(|p| p.phase).collect();
+    assert!(
+        !phases.contains(&Phase::Convert) && !phases.contains(&Phase::Upload),
+        "{phases:?}"
+    );
+    assert_eq!(object_version(&bucket, &key), uploaded);
+    let (_, headers, _) = s3_get(&bucket, &key);
+    assert!(
+        headers.contains(&format!("x-amz-meta-build-id: {first_id}")),
+        "{headers}"
+    );
+
+    // An offer made from another image is not taken: converted and uploaded as usual.
+    let stale = format!("sha256:{}", "0".repeat(64));
+    let offer = format!(
+        "{stale},{},{}",
+        first_rootfs.sha256, first_rootfs.size_bytes
+    );
+    let (third_id, run, third) = build(Some(offer.replace(',', "%2C")));
+    assert_eq!(third.image_digest.as_deref(), Some(digest.as_str()));
+    let rootfs = third.rootfs.clone().unwrap();
+    assert!(!rootfs.reused);
+    assert!(run.log.contains("converting and uploading"), "{}", run.log);
+    let phases: Vec<Phase> = third.phases.iter().map(|p| p.phase).collect();
+    assert!(
+        phases.contains(&Phase::Convert) && phases.contains(&Phase::Upload),
+        "{phases:?}"
+    );
+    let (status, headers, body) = s3_get(&bucket, &key);
+    assert_eq!(status, 200);
+    assert_eq!(sha256_hex(&body), rootfs.sha256);
+    assert!(
+        headers.contains(&format!("x-amz-meta-build-id: {third_id}")),
+        "{headers}"
+    );
+}
