@@ -99,6 +99,62 @@ pub(crate) fn remove_dir_all_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes a jail directory tree, first unmounting every mount at or below it (the binds of
+/// files used in place, see [`crate::firecracker`]), deepest first, so removing it never
+/// fails on a mount point nor reaches into a bound file system.
+pub(crate) fn remove_jail_dir(path: &Path) -> io::Result<()> {
+    for mount in mounts_under(path)?.iter().rev() {
+        let target = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a mount point"))?;
+        // SAFETY: umount2 with a C string we own and no flags.
+        if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot unmount {}: {e}", mount.display()),
+            ));
+        }
+    }
+    remove_dir_all_if_exists(path)
+}
+
+/// The mount points at or below `dir` in this process's mount namespace, in mount order.
+fn mounts_under(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    let table = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_point)
+        .filter(|mount| mount.starts_with(dir))
+        .collect())
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and backslash as
+/// octal escapes (`\040`).
+fn unescape_mount_point(field: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match octal {
+            Some(byte) if bytes[i] == b'\\' => {
+                out.push(byte);
+                i += 4;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out).into()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -126,5 +182,14 @@ mod tests {
         assert_eq!(errors.to_string(), "1 cleanup step(s) failed: netns (busy)");
         assert!(stack.is_empty());
         assert!(stack.run().is_ok(), "a second run has nothing left to do");
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(
+            unescape_mount_point("/a\\040b/c\\134d"),
+            Path::new("/a b/c\\d")
+        );
+        assert_eq!(unescape_mount_point("/plain"), Path::new("/plain"));
     }
 }

@@ -9,7 +9,8 @@
 //! crashed daemon left, by the `bvm-` naming convention.
 //!
 //! Guest disks: `vda` the shared rootfs (read-only), `vdb` the scratch disk, `vdc` the config
-//! drive holding `secrets.json`.
+//! drive holding `secrets.json`, `vdd` the caller's build cache disk when there is one (used in
+//! place, left to the caller after cleanup).
 
 pub mod cgroup;
 pub mod cleanup;

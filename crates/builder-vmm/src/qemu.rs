@@ -9,7 +9,9 @@
 //! The TAP is opened here, in the VM's namespace, and handed over as an fd
 //! (`-netdev tap,fd=N`): QEMU never needs `/dev/net/tun` nor `CAP_NET_ADMIN`. The serial
 //! console is QEMU's stdout, a file of the work dir opened here, so nothing in the jail but
-//! the scratch disk is writable by the VM's uid; `-no-reboot` makes a guest reboot
+//! the scratch disk and the cache disk is writable by the VM's uid (each handed to it, mode
+//! 0600, and bound in place: the cache disk is the caller's file, never copied, and its bind
+//! lives only in QEMU's mount namespace, gone with QEMU); `-no-reboot` makes a guest reboot
 //! (`reboot=k`) end the process. CPU pinning is the cgroup's `cpuset.cpus`.
 //!
 //! Acceleration is KVM or TCG, chosen by [`Accel`]; `auto` uses KVM when `/dev/kvm` answers
@@ -20,7 +22,7 @@
 //!
 //! ACPI is on, for the pvpanic device (a guest panic makes QEMU exit 1, see
 //! [`crate::exit`]); the virtio-mmio devices are listed there in the order given, so the disks
-//! are `vda`, `vdb`, `vdc`.
+//! are `vda`, `vdb`, `vdc`, `vdd`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -529,6 +531,7 @@ mod tests {
             path: path.into(),
             read_only,
             shared: false,
+            in_place: id == "cache",
         };
         let plan = LaunchPlan {
             tag: "bvm-a",
@@ -537,6 +540,8 @@ mod tests {
             drives: vec![
                 drive("rootfs", "/r/root,fs.ext4", true),
                 drive("scratch", "/w/bvm-a/scratch.ext4", false),
+                drive("config", "/w/bvm-a/config.ext4", true),
+                drive("cache", "/pool/forks/f1.ext4", false),
             ],
             cmdline: "console=ttyS0".into(),
             vcpus: 1,
@@ -578,9 +583,21 @@ mod tests {
         let scratch = argv
             .find("-drive id=scratch,file=/scratch.ext4,format=raw,if=none -device")
             .unwrap();
-        assert!(rootfs < scratch, "vda is the rootfs, vdb the scratch disk");
+        let config_drive = argv
+            .find("-drive id=config,file=/config.ext4,format=raw,if=none,readonly=on -device")
+            .unwrap();
+        let cache = argv
+            .find(
+                "-drive id=cache,file=/cache.ext4,format=raw,if=none \
+                 -device virtio-blk-device,drive=cache",
+            )
+            .unwrap();
         assert!(
-            !argv.contains("/w/bvm-a") && !argv.contains("/r/root"),
+            rootfs < scratch && scratch < config_drive && config_drive < cache,
+            "vda is the rootfs, vdb the scratch disk, vdc the config drive, vdd the cache: {argv}"
+        );
+        assert!(
+            !argv.contains("/w/bvm-a") && !argv.contains("/r/root") && !argv.contains("/pool"),
             "{argv}"
         );
         assert!(argv.ends_with(

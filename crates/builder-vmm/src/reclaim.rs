@@ -3,7 +3,7 @@
 //! whose alias is a tag, host iptables rules commented with a tag in every table the VMs use
 //! (and the `raw` chains named after host veths that hold such rules), cgroups
 //! `<mount>/builder-vm/bvm-*`, the VMMs' jails (the jailer's chroots, QEMU's jails) and work
-//! dirs `bvm-*`. The node agent runs it at start, before it starts any VM. Veths go before
+//! dirs `bvm-*` (a jail's binds, such as a cache disk's, are unmounted first). The node agent runs it at start, before it starts any VM. Veths go before
 //! namespaces: deleting a namespace removes its veth pair only later, asynchronously.
 
 use std::collections::BTreeSet;
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup;
-use crate::cleanup::remove_dir_all_if_exists;
+use crate::cleanup::{remove_dir_all_if_exists, remove_jail_dir};
 use crate::host::{Host, HostCommand};
 use crate::net::{HOST_TABLES, HOST_VETH_PREFIX};
 use crate::process::Process;
@@ -163,10 +163,13 @@ pub fn reclaim(host: &dyn Host, scope: &ReclaimScope<'_>) -> ReclaimReport {
         }
     }
 
-    let remove_dirs = |report: &mut ReclaimReport, parent: &Path| -> usize {
+    let remove_dirs = |report: &mut ReclaimReport,
+                       parent: &Path,
+                       remove: fn(&Path) -> std::io::Result<()>|
+     -> usize {
         let mut removed = 0;
         for dir in tagged_entries(parent, prefix) {
-            match remove_dir_all_if_exists(&dir) {
+            match remove(&dir) {
                 Ok(()) => removed += 1,
                 Err(e) => report.errors.push(e.to_string()),
             }
@@ -174,9 +177,10 @@ pub fn reclaim(host: &dyn Host, scope: &ReclaimScope<'_>) -> ReclaimReport {
         removed
     };
     if let Some(jail_dir) = scope.jail_dir {
-        report.chroots = remove_dirs(&mut report, jail_dir);
+        // A jail may still hold the bind of a cache disk used in place.
+        report.chroots = remove_dirs(&mut report, jail_dir, remove_jail_dir);
     }
-    report.work_dirs = remove_dirs(&mut report, scope.work_root);
+    report.work_dirs = remove_dirs(&mut report, scope.work_root, remove_dir_all_if_exists);
     if report.total() > 0 || !report.errors.is_empty() {
         tracing::warn!(?report, "reclaimed leftovers of earlier VMs");
     }

@@ -46,6 +46,13 @@ pub enum SpecError {
     },
     #[error("`{value}` is not a CPU list; expected e.g. `0-3,6`")]
     CpuSet { value: String },
+    #[error("the {what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error(
+        "the cache disk {path} needs the config drive before it to be `vdd`: give the VM \
+         secrets (a config drive) too"
+    )]
+    CacheWithoutConfig { path: PathBuf },
 }
 
 /// Host CPUs a VM is pinned to.
@@ -108,7 +115,9 @@ pub struct VmSpec {
     /// Written as `secrets.json` onto the read-only config drive (`vdc`), never the cmdline.
     pub secrets: Option<Secrets>,
     /// A build cache disk (a fork the caller owns: used in place, never copied), attached
-    /// read-write as `vdd`, after the config drive.
+    /// read-write as `vdd`, after the config drive, so it needs [`VmSpec::secrets`]. While the
+    /// VM runs it belongs to the VM's uid (mode 0600); [`crate::Vm::cleanup`] gives it back to
+    /// root and leaves it where it is, for the caller to commit or discard.
     pub cache_disk: Option<PathBuf>,
     pub vcpus: u8,
     pub mem_mib: u32,
@@ -149,6 +158,14 @@ impl VmSpec {
         range("scratch_mib", self.scratch_mib, 16, 16 << 20)?;
         readable("kernel", &self.kernel)?;
         readable("root filesystem", &self.rootfs)?;
+        if let Some(cache) = &self.cache_disk {
+            regular_file("cache disk", cache)?;
+            if self.secrets.is_none() {
+                return Err(SpecError::CacheWithoutConfig {
+                    path: cache.clone(),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -173,6 +190,21 @@ fn readable(what: &'static str, path: &Path) -> Result<(), SpecError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+fn regular_file(what: &'static str, path: &Path) -> Result<(), SpecError> {
+    let meta = std::fs::metadata(path).map_err(|source| SpecError::Missing {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(SpecError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -223,5 +255,54 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`Build_1`"));
+    }
+
+    #[test]
+    fn a_cache_disk_is_a_regular_file_after_a_config_drive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, rootfs, cache) = (
+            dir.path().join("vmlinux"),
+            dir.path().join("rootfs.ext4"),
+            dir.path().join("cache.ext4"),
+        );
+        for file in [&kernel, &rootfs, &cache] {
+            std::fs::write(file, b"").unwrap();
+        }
+        let mut spec = VmSpec {
+            id: "build-1".into(),
+            kernel,
+            rootfs,
+            scratch_mib: 64,
+            secrets: Some(Secrets::default()),
+            cache_disk: Some(dir.path().join("gone.ext4")),
+            vcpus: 1,
+            mem_mib: 256,
+            boot_args: DEFAULT_BOOT_ARGS.into(),
+            params: None,
+            network: None,
+            timeout: Duration::from_secs(5),
+            cpus: None,
+        };
+        let gone = dir.path().join("gone.ext4").display().to_string();
+        assert_eq!(
+            spec.validate().unwrap_err().to_string(),
+            format!("the cache disk {gone} does not exist or cannot be read")
+        );
+        spec.cache_disk = Some(dir.path().to_path_buf());
+        assert_eq!(
+            spec.validate().unwrap_err().to_string(),
+            format!(
+                "the cache disk {} is not a regular file",
+                dir.path().display()
+            )
+        );
+        spec.cache_disk = Some(cache.clone());
+        spec.validate().unwrap();
+        spec.secrets = None;
+        let err = spec.validate().unwrap_err();
+        assert!(
+            matches!(&err, SpecError::CacheWithoutConfig { path } if *path == cache),
+            "{err}"
+        );
     }
 }

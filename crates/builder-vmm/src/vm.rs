@@ -4,7 +4,9 @@
 //!
 //! Work dir `<work_root>/bvm-<id>`: `scratch.ext4` (vdb), `config.ext4` (vdc), `console.log`,
 //! the VMM's log, Firecracker's metrics. The rootfs (vda) is attached read-only from where it
-//! is. [`Vm::cleanup`] removes the work dir too: copy logs out between `wait` and `cleanup`.
+//! is, the cache disk (vdd) read-write from where it is, in place: it is the caller's file, so
+//! [`Vm::cleanup`] leaves it there (given back to root, mode 0600) and removes the rest of the
+//! work dir: copy logs out between `wait` and `cleanup`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -120,7 +122,7 @@ pub struct VmmConfig {
     pub driver: Driver,
 }
 
-/// One disk as the drivers attach it, in guest order (vda, vdb, vdc).
+/// One disk as the drivers attach it, in guest order (vda, vdb, vdc, vdd).
 #[derive(Debug, Clone)]
 pub(crate) struct DriveFile {
     pub id: &'static str,
@@ -128,6 +130,8 @@ pub(crate) struct DriveFile {
     pub read_only: bool,
     /// Shared between VMs (the rootfs): never re-owned.
     pub shared: bool,
+    /// The caller's file (the cache disk): attached where it is, never copied into a jail.
+    pub in_place: bool,
 }
 
 /// What a driver needs to start the VMM.
@@ -230,6 +234,7 @@ impl Vmm {
             path: spec.rootfs.clone(),
             read_only: true,
             shared: true,
+            in_place: false,
         }];
         let scratch = work_dir.join("scratch.ext4");
         disk::create_scratch_disk(&scratch, spec.scratch_mib)?;
@@ -238,6 +243,7 @@ impl Vmm {
             path: scratch,
             read_only: false,
             shared: false,
+            in_place: false,
         });
         if let Some(secrets) = &spec.secrets {
             let config = work_dir.join("config.ext4");
@@ -247,7 +253,25 @@ impl Vmm {
                 path: config,
                 read_only: true,
                 shared: false,
+                in_place: false,
             });
+        }
+        if let Some(cache) = &spec.cache_disk {
+            drives.push(DriveFile {
+                id: "cache",
+                path: cache.clone(),
+                read_only: false,
+                shared: false,
+                in_place: true,
+            });
+            // The driver hands it to the VM's uid; once the VMM is gone it is root's again.
+            stack.push(
+                format!("give the cache disk {} back to root", cache.display()),
+                {
+                    let cache = cache.clone();
+                    move || crate::jail::hand_over(&cache, (0, 0)).map_err(Into::into)
+                },
+            );
         }
 
         let disks = began.elapsed();

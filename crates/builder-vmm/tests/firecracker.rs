@@ -1,6 +1,7 @@
 //! The Firecracker driver against the real jailer and Firecracker (`FIRECRACKER_BIN`,
 //! `JAILER_BIN`): chroot, uid, cgroup limits, netns, the whole API configuration and
-//! `InstanceStart`, strict request checking, kill and exit detection, cleanup and reclaim.
+//! `InstanceStart`, strict request checking, kill and exit detection, cleanup and reclaim, and a
+//! cache disk on another filesystem bound into the chroot in place.
 //!
 //! The guest is a tiny ELF that halts, or resets the machine as `reboot=k` does: on hosts whose
 //! KVM is nested (these), Linux dies under Firecracker (`KVM_EXIT_INTERNAL_ERROR` after ~45 s)
@@ -260,4 +261,135 @@ async fn timeout_kills_a_guest_that_never_exits() {
     );
     vm.cleanup().await.unwrap();
     assert_eq!(setup.leftovers(&tag), Vec::<String>::new());
+}
+
+/// A tmpfs mounted for one test: a filesystem of its own, as a cache pool is (a loop-mounted
+/// XFS in production), so a hard link into the chroot is impossible and a copy would show.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: PathBuf) -> Self {
+        std::fs::create_dir(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Tmpfs(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Where the file `name` at the root of some filesystem is mounted (bound) in this mount
+/// namespace (`/proc/self/mountinfo`: field 4 the mount's root, field 5 its mount point).
+fn binds_of(name: &str) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .map(|line| line.split(' ').collect::<Vec<_>>())
+        .filter(|fields| fields[3] == format!("/{name}"))
+        .map(|fields| PathBuf::from(fields[4]))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cache_disk_is_bound_in_place_and_left_to_the_caller() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let setup = Setup::new();
+    let pool = Tmpfs::mount(setup.root.join("pool"));
+    let cache = pool.0.join("fork-1.ext4");
+    std::fs::write(&cache, vec![7u8; 1 << 20]).unwrap();
+    let before = std::fs::metadata(&cache).unwrap();
+    let mut spec = setup.spec("cache", 4205, TinyGuest::Halt);
+    spec.cache_disk = Some(cache.clone());
+    let mut vm = setup.vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(setup.vmm.clone(), vm.tag().to_string());
+    let tag = vm.tag().to_string();
+
+    // In the chroot, the very same file (device and inode: bound, not copied), the jailed
+    // uid's, mode 0600.
+    let Driver::Firecracker(fc) = &setup.vmm.config().driver else {
+        unreachable!()
+    };
+    let jailed = std::fs::metadata(fc.chroot(&tag).join("cache.ext4")).unwrap();
+    assert_eq!((jailed.dev(), jailed.ino()), (before.dev(), before.ino()));
+    assert_eq!((jailed.uid(), jailed.gid()), (UID, UID));
+    assert_eq!(jailed.permissions().mode() & 0o777, 0o600);
+    // Firecracker accepted it as a writable, non-root drive, and holds it open.
+    let mut api = ApiClient::connect(vm.api_socket().unwrap()).await.unwrap();
+    let config: serde_json::Value = api.get("/vm/config").await.unwrap();
+    // (`GET /vm/config` lists the running VM's drives in no set order; they are attached in
+    // the order given, which the QEMU argv test checks, the drives being the same list.)
+    let mut drives: Vec<(&str, &str, bool, bool)> = config["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["drive_id"].as_str().unwrap(),
+                d["path_on_host"].as_str().unwrap(),
+                d["is_read_only"].as_bool().unwrap(),
+                d["is_root_device"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    drives.sort();
+    assert_eq!(
+        drives,
+        [
+            ("cache", "cache.ext4", false, false),
+            ("config", "config.ext4", true, false),
+            ("rootfs", "rootfs.ext4", true, false),
+            ("scratch", "scratch.ext4", false, false),
+        ]
+    );
+    let open = std::fs::read_dir(format!("/proc/{}/fd", vm.pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .any(|target| target == Path::new("/cache.ext4"));
+    assert!(open, "Firecracker has the cache disk open");
+    assert_eq!(
+        binds_of("fork-1.ext4"),
+        [fc.chroot(&tag).join("cache.ext4")]
+    );
+
+    vm.kill().await.unwrap();
+    vm.cleanup().await.unwrap();
+    assert_eq!(setup.leftovers(&tag), Vec::<String>::new());
+    // The caller's file is still there, untouched, root's again, and free: no bind of it is
+    // left, and it renames.
+    let after = std::fs::metadata(&cache).unwrap();
+    assert_eq!((after.ino(), after.len()), (before.ino(), before.len()));
+    assert_eq!((after.uid(), after.gid()), (0, 0));
+    assert_eq!(after.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read(&cache).unwrap(), vec![7u8; 1 << 20]);
+    assert_eq!(binds_of("fork-1.ext4"), Vec::<PathBuf>::new());
+    std::fs::rename(&cache, pool.0.join("committed.ext4")).unwrap();
+}
+
+#[tokio::test]
+async fn reclaim_unmounts_a_crashed_vms_cache_disk() {
+    let setup = Setup::new();
+    let _pool = Tmpfs::mount(setup.root.join("pool"));
+    let cache = setup.root.join("pool/fork-2.ext4");
+    std::fs::write(&cache, vec![0u8; 1 << 20]).unwrap();
+    let mut spec = setup.spec("cachecrash", 4206, TinyGuest::Halt);
+    spec.cache_disk = Some(cache.clone());
+    let vm = setup.vmm.start(spec).await.unwrap();
+    let _guard = common::ReclaimOnPanic(setup.vmm.clone(), vm.tag().to_string());
+    let tag = vm.tag().to_string();
+    drop(vm);
+    assert_eq!(binds_of("fork-2.ext4").len(), 1);
+    let report = setup.vmm.reclaim_matching(&tag);
+    assert_eq!(report.errors, Vec::<String>::new());
+    assert_eq!(report.chroots, 1, "{report:?}");
+    assert_eq!(setup.leftovers(&tag), Vec::<String>::new());
+    assert!(cache.exists(), "reclaim leaves the caller's file");
+    assert_eq!(binds_of("fork-2.ext4"), Vec::<PathBuf>::new());
 }

@@ -1,9 +1,9 @@
-//! The QEMU driver for real: a kernel boots under `-M microvm` with all three disks and the
+//! The QEMU driver for real: a kernel boots under `-M microvm` with all four disks and the
 //! network, panics for want of a root filesystem and makes QEMU exit, which tells the panic by
 //! its exit status (pvpanic), while a guest that only prints a panic is a shutdown; the console
 //! is captured;
 //! a timeout and a kill are detected; cleanup and reclaim leave nothing; guests mount the
-//! disks builder-ext4 wrote. QEMU runs confined: its own uid and gid, seccomp, `no_new_privs`,
+//! disks builder-ext4 wrote, and a cache disk used in place that one guest hands the next. QEMU runs confined: its own uid and gid, seccomp, `no_new_privs`,
 //! no capabilities, chrooted into its jail in a mount namespace of its own, in cgroups with
 //! the VM's CPU and memory limits, with a config drive its uid cannot write; cleanup and the
 //! reclaim of a crashed run remove the jail and the cgroups.
@@ -147,6 +147,7 @@ async fn boots_to_exit_with_disks_network_and_console() {
         common::rootfs(dir.path()),
     );
     spec.network = Some(network(4100));
+    spec.cache_disk = Some(cache_disk(dir.path(), "boot-cache.ext4"));
     spec.secrets = Some(Secrets {
         s3: Some(S3Credentials {
             endpoint: "http://10.0.0.1:8333".into(),
@@ -170,7 +171,7 @@ async fn boots_to_exit_with_disks_network_and_console() {
     // A real panic (no root filesystem), told by the pvpanic device, not by the console.
     assert!(console.contains("Kernel panic - not syncing"), "{console}");
     assert_panic_told_by_qemu(&exit, &console);
-    for disk in ["[vda]", "[vdb]", "[vdc]"] {
+    for disk in ["[vda]", "[vdb]", "[vdc]", "[vdd]"] {
         assert!(console.contains(disk), "{disk} missing:\n{console}");
     }
     assert!(
@@ -351,6 +352,8 @@ async fn qemu_runs_unprivileged_in_its_jail_with_limits() {
         webhook_secret: Some("key-jail".into()),
         ..Default::default()
     });
+    let cache_path = cache_disk(dir.path(), "jail-cache.ext4");
+    spec.cache_disk = Some(cache_path.clone());
     let mut vm = vmm.start(spec).await.unwrap();
     let _guard = common::ReclaimOnPanic(vmm.clone(), vm.tag().to_string());
     let tag = vm.tag().to_string();
@@ -400,6 +403,7 @@ async fn qemu_runs_unprivileged_in_its_jail_with_limits() {
         .collect();
     names.sort();
     let expected = [
+        "cache.ext4",
         "config.ext4",
         "dev",
         "etc",
@@ -462,6 +466,18 @@ async fn qemu_runs_unprivileged_in_its_jail_with_limits() {
         access_as(uid + 1, gid + 1, &scratch, libc::R_OK),
         Err(libc::EACCES)
     );
+    // So is the cache disk, bound where the caller keeps it (the same inode in the jail).
+    let cache = std::fs::File::open(&cache_path).unwrap();
+    let meta = cache.metadata().unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(access_as(uid, gid, &cache, libc::W_OK), Ok(()));
+    assert_eq!(
+        access_as(uid + 1, gid + 1, &cache, libc::R_OK),
+        Err(libc::EACCES)
+    );
+    let bound = std::fs::metadata(format!("{seen}/cache.ext4")).unwrap();
+    assert_eq!((bound.dev(), bound.ino()), (meta.dev(), meta.ino()));
 
     // Its cgroups: it is in each, with the VM's CPU quota (1 vCPU), memory (256 MiB + QEMU's
     // overhead under TCG) and CPU set.
@@ -522,6 +538,10 @@ async fn qemu_runs_unprivileged_in_its_jail_with_limits() {
     vm.kill().await.unwrap();
     vm.cleanup().await.unwrap();
     assert!(!jail.exists());
+    // The cache disk stays, root's again.
+    let meta = std::fs::metadata(&cache_path).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
     assert_eq!(
         builder_vmm::cgroup::find(&tag),
         Vec::<std::path::PathBuf>::new()
@@ -619,7 +639,9 @@ async fn a_refused_start_undoes_what_it_made() {
 
 /// Two guests in a row from one VMM, each on disks of its own written by builder-ext4: each
 /// mounts its scratch disk read-write and its config drive, writes and reads back, finds only
-/// its own secrets, and the host's e2fsck finds both scratch disks clean afterwards.
+/// its own secrets, and the host's e2fsck finds both scratch disks clean afterwards. Both get
+/// the same cache disk (vdd): the second finds what the first wrote there; between and after
+/// them it is the caller's file, clean, and renames.
 #[tokio::test]
 async fn guests_mount_their_scratch_disks_and_config_drives() {
     let dir = tempfile::tempdir().unwrap();
@@ -632,12 +654,18 @@ echo \"scratch=$(/bin/busybox cat /scratch/probe)\"
 /bin/busybox mount -t ext4 -o ro /dev/vdc /config && echo config=mounted
 echo \"secret=$(/bin/busybox grep -o 'key-[a-z]*' /config/secrets.json)\"
 /bin/busybox umount /scratch && echo scratch=unmounted
+/bin/busybox mount -t ext4 /dev/vdd /cache && echo cache=mounted
+/bin/busybox grep -o 'key-[a-z]*' /config/secrets.json >>/cache/runs
+echo \"cache=$(/bin/busybox tr '\\n' , </cache/runs)\"
+/bin/busybox umount /cache && echo cache=unmounted
 /bin/busybox reboot -f
 ";
     let rootfs = probe_rootfs(dir.path(), script);
-    for name in ["disks-a", "disks-b"] {
+    let mut cache = cache_disk(dir.path(), "fork.ext4");
+    for (name, runs) in [("disks-a", "key-a,"), ("disks-b", "key-a,key-b,")] {
         let mut spec = common::spec(common::id(name), common::kernel(), rootfs.clone());
         spec.boot_args = format!("{DEFAULT_BOOT_ARGS} rootfstype=ext4 init=/init");
+        spec.cache_disk = Some(cache.clone());
         spec.secrets = Some(Secrets {
             webhook_secret: Some(format!("key-{}", &name[6..])),
             ..Default::default()
@@ -653,6 +681,9 @@ echo \"secret=$(/bin/busybox grep -o 'key-[a-z]*' /config/secrets.json)\"
             "config=mounted",
             &format!("secret=key-{}", &name[6..]),
             "scratch=unmounted",
+            "cache=mounted",
+            &format!("cache={runs}"),
+            "cache=unmounted",
         ] {
             assert!(console.contains(line), "{line} missing:\n{console}");
         }
@@ -669,14 +700,35 @@ echo \"secret=$(/bin/busybox grep -o 'key-[a-z]*' /config/secrets.json)\"
         let tag = vm.tag().to_string();
         vm.cleanup().await.unwrap();
         assert_eq!(leftovers(&tag, dir.path()), Vec::<String>::new());
+        // What a cache pool does with a fork after a build: check it and commit it by rename.
+        let fsck = std::process::Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let committed = dir.path().join(format!("committed-{name}.ext4"));
+        std::fs::rename(&cache, &committed).unwrap();
+        cache = committed;
     }
+}
+
+/// An empty ext4 cache disk `name` in `dir`, as a cache pool's first fork of a key is.
+fn cache_disk(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    builder_vmm::disk::create_scratch_disk(&path, 32).unwrap();
+    path
 }
 
 /// A root filesystem whose init (busybox) probes the network from inside the guest, prints what
 /// it got and reboots.
 fn probe_rootfs(dir: &Path, script: &str) -> std::path::PathBuf {
     let root = dir.join("probe-root");
-    for sub in ["bin", "proc", "dev", "sys", "scratch", "config"] {
+    for sub in ["bin", "proc", "dev", "sys", "scratch", "config", "cache"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
     std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).unwrap();

@@ -245,13 +245,18 @@ impl ApiClient {
         self.request(Method::PUT, path, Some(json)).await.map(drop)
     }
 
-    /// `GET /`: the instance's id and state.
-    pub async fn instance_info(&mut self) -> Result<InstanceInfo, ApiError> {
-        let bytes = self.request(Method::GET, "/", None).await?;
+    /// `GET path`, its JSON answer decoded (e.g. `/vm/config` as a `serde_json::Value`).
+    pub async fn get<T: serde::de::DeserializeOwned>(&mut self, path: &str) -> Result<T, ApiError> {
+        let bytes = self.request(Method::GET, path, None).await?;
         serde_json::from_slice(&bytes).map_err(|source| ApiError::Decode {
             method: Method::GET,
-            path: "/".into(),
+            path: path.into(),
             source,
         })
+    }
+
+    /// `GET /`: the instance's id and state.
+    pub async fn instance_info(&mut self) -> Result<InstanceInfo, ApiError> {
+        self.get("/").await
     }
 }

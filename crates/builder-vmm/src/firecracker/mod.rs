@@ -1,7 +1,11 @@
 //! The Firecracker driver: the VMM is started by the jailer (`--daemonize`, its own uid/gid,
 //! a chroot under `chroot_base`, the VM's network namespace, cgroup limits), the kernel and
 //! disks are hard-linked into the chroot (copied when on another filesystem), and the VM is
-//! configured and started over the API socket. Console, log and metrics files are written in
+//! configured and started over the API socket. The cache disk, the caller's file, is never
+//! copied: it is bound into the chroot before the jailer runs, as the jailer's mount namespace
+//! is a copy of ours taken when it starts (and its chroot bind is recursive), while a bind
+//! made later would not reach it where the host's mounts are private; removing the chroot
+//! unmounts it ([`crate::cleanup`]). Console, log and metrics files are written in
 //! the chroot and copied into the VM's work dir when it exits.
 //!
 //! The jailer forks when it daemonizes, so this process makes itself a child subreaper
@@ -27,10 +31,10 @@ use api::{
 use metrics::{MetricsFileError, MetricsTotals};
 
 use crate::cgroup::{self, CgroupVersion, PARENT_CGROUP};
-use crate::cleanup::{remove_dir_all_if_exists, CleanupStack};
+use crate::cleanup::{remove_jail_dir, CleanupStack};
 use crate::net::TAP;
 use crate::process::{Process, ProcessExit};
-use crate::vm::{locate_binary, LaunchPlan, Launched, LocateError};
+use crate::vm::{locate_binary, DriveFile, LaunchPlan, Launched, LocateError};
 
 /// Where Firecracker listens inside its chroot (the default of `--api-sock`).
 const API_SOCKET: &str = "run/firecracker.socket";
@@ -67,6 +71,15 @@ pub enum FirecrackerError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot bind {from} into the chroot as {to}")]
+    Bind {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -183,12 +196,19 @@ impl FirecrackerConfig {
         // Pushed before the jailer runs: it may leave a half-made chroot or cgroup behind.
         stack.push(format!("remove jailer chroot {}", jail.display()), {
             let jail = jail.clone();
-            move || remove_dir_all_if_exists(&jail).map_err(Into::into)
+            move || remove_jail_dir(&jail).map_err(Into::into)
         });
         stack.push(format!("remove cgroups {}/{}", PARENT_CGROUP, plan.tag), {
             let tag = plan.tag.to_string();
             move || cgroup::remove(&tag).map(drop).map_err(Into::into)
         });
+        for drive in plan.drives.iter().filter(|d| d.in_place) {
+            bind_in_place(
+                &drive.path,
+                &root.join(drive_file_name(drive)),
+                (self.uid, self.gid),
+            )?;
+        }
 
         let jailer_log = plan.work_dir.join(JAILER_LOG_FILE);
         let log_file = fs::File::create(&jailer_log).map_err(|source| FirecrackerError::Spawn {
@@ -348,10 +368,12 @@ impl FirecrackerConfig {
         )
         .await?;
         for drive in &plan.drives {
-            let name = format!("{}.ext4", drive.id);
-            // Writable or secret drives are per-VM: hand them to the jailed uid.
-            let owner = (!drive.shared).then_some((self.uid, self.gid));
-            stage(&drive.path, &root.join(&name), owner)?;
+            let name = drive_file_name(drive);
+            if !drive.in_place {
+                // Writable or secret drives are per-VM: hand them to the jailed uid.
+                let owner = (!drive.shared).then_some((self.uid, self.gid));
+                stage(&drive.path, &root.join(&name), owner)?;
+            }
             api.put(
                 &format!("/drives/{}", drive.id),
                 &Drive {
@@ -418,6 +440,68 @@ async fn connect(socket: &Path) -> Result<ApiClient, FirecrackerError> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// A drive's file name in the chroot (`cache.ext4`), relative as the API wants it.
+fn drive_file_name(drive: &DriveFile) -> String {
+    format!("{}.ext4", drive.id)
+}
+
+/// Binds the caller's file `from` at `to` in the chroot (made here, before the jailer runs),
+/// `nosuid,nodev,noexec`, and hands `from` to the jailed uid, mode 0600.
+fn bind_in_place(from: &Path, to: &Path, owner: (u32, u32)) -> Result<(), FirecrackerError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let error = |source| FirecrackerError::Bind {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    };
+    let c_path = |path: &Path| {
+        std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| error(io::Error::from(io::ErrorKind::InvalidInput)))
+    };
+    let (source, target) = (c_path(from)?, c_path(to)?);
+    if let Some(parent) = to.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(error)?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(error)?;
+    // SAFETY: mount with C strings we own and null pointers where the call allows them.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    // SAFETY: as above; the remount applies the flags to the bind just made.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    Ok(crate::jail::hand_over(from, owner)?)
 }
 
 /// Hard-links `from` to `to` (copies across filesystems), optionally handing it to `owner`.
