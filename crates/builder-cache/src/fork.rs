@@ -9,23 +9,19 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::{CacheError, ForkMethod};
+use crate::{io_err, CacheError, ForkMethod};
 
 /// Creates `dst` (mode 0600, not there yet) as a copy of the open `src` made by `method`; a
 /// half-made `dst` is removed.
 pub(crate) fn copy_disk(src: &File, dst: &Path, method: ForkMethod) -> Result<(), CacheError> {
     let out = create_private(dst)?;
     let copied = match method {
-        ForkMethod::Reflink => clone_file(src, &out).map_err(|source| CacheError::Io {
-            action: "reflink (FICLONE) the committed disk into",
-            path: dst.to_owned(),
-            source,
-        }),
-        ForkMethod::SparseCopy => sparse_copy(src, &out).map_err(|source| CacheError::Io {
-            action: "copy the committed disk into",
-            path: dst.to_owned(),
-            source,
-        }),
+        ForkMethod::Reflink => {
+            clone_file(src, &out).map_err(io_err("reflink (FICLONE) the committed disk into", dst))
+        }
+        ForkMethod::SparseCopy => {
+            sparse_copy(src, &out).map_err(io_err("copy the committed disk into", dst))
+        }
     };
     if copied.is_err() {
         let _ = std::fs::remove_file(dst);
@@ -41,25 +37,13 @@ pub(crate) fn dir_reflinks(dir: &Path) -> Result<bool, CacheError> {
         dir.join(format!(".reflink-probe-{}-b", std::process::id())),
     );
     let probe = || -> Result<bool, CacheError> {
-        std::fs::write(&a, [0x5a; 4096]).map_err(|source| CacheError::Io {
-            action: "write the reflink probe",
-            path: a.clone(),
-            source,
-        })?;
-        let src = File::open(&a).map_err(|source| CacheError::Io {
-            action: "open the reflink probe",
-            path: a.clone(),
-            source,
-        })?;
+        std::fs::write(&a, [0x5a; 4096]).map_err(io_err("write the reflink probe", &a))?;
+        let src = File::open(&a).map_err(io_err("open the reflink probe", &a))?;
         let dst = create_private(&b)?;
         match clone_file(&src, &dst) {
             Ok(()) => Ok(true),
             Err(e) if cannot_reflink(&e) => Ok(false),
-            Err(source) => Err(CacheError::Io {
-                action: "reflink (FICLONE) the probe",
-                path: b.clone(),
-                source,
-            }),
+            Err(e) => Err(io_err("reflink (FICLONE) the probe", &b)(e)),
         }
     };
     let reflinks = probe();
@@ -83,11 +67,7 @@ fn create_private(path: &Path) -> Result<File, CacheError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| CacheError::Io {
-            action: "create",
-            path: path.to_owned(),
-            source,
-        })
+        .map_err(io_err("create", path))
 }
 
 fn clone_file(src: &File, dst: &File) -> io::Result<()> {
