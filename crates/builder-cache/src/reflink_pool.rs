@@ -5,12 +5,13 @@
 //! and says why in a [`PoolNote`].
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::fork::dir_reflinks;
-use crate::{CacheError, ForkMethod, PoolNote};
+use crate::{io_err, CacheError, ForkMethod, PoolNote};
 
 /// Makes `dir` (and its parents) and picks how forks are made there, mounting a reflink
 /// image on it when `image_bytes` asks for one and the directory's file system cannot reflink.
@@ -19,11 +20,14 @@ pub(crate) fn prepare(
     image_bytes: Option<u64>,
     notes: &mut Vec<PoolNote>,
 ) -> Result<ForkMethod, CacheError> {
-    std::fs::create_dir_all(dir).map_err(|source| CacheError::Io {
-        action: "create the cache pool directory",
-        path: dir.to_owned(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(io_err("create the cache pool directory", dir))?;
+    // Two daemons starting at once: the second waits, then finds the image mounted. (The lock
+    // is on the directory's own inode, under the mount; closing the descriptor releases it.)
+    let dir_lock = File::open(dir).map_err(io_err("open", dir))?;
+    // SAFETY: flock on an open descriptor has no memory effects.
+    if unsafe { libc::flock(dir_lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_err("lock", dir)(std::io::Error::last_os_error()));
+    }
     if dir_reflinks(dir)? {
         return Ok(ForkMethod::Reflink);
     }

@@ -107,3 +107,40 @@ fn without_an_xfs_image_forks_are_sparse_copies() {
     assert_eq!(fork.method, ForkMethod::SparseCopy);
     fsck_clean(&fork.path);
 }
+
+#[test]
+fn two_pools_opened_at_once_mount_the_image_once() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pool");
+    let _mounted = Mounted::at(&dir);
+    let opens: Vec<_> = (0..2)
+        .map(|_| {
+            let dir = dir.clone();
+            std::thread::spawn(move || CachePool::open(xfs_config(dir, 512 << 20)).unwrap())
+        })
+        .collect();
+    let pools: Vec<CachePool> = opens.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut notes: Vec<_> = pools.iter().map(|p| p.notes().to_vec()).collect();
+    notes.sort_by_key(Vec::len);
+    assert_eq!(
+        notes,
+        [
+            vec![],
+            vec![PoolNote::ReflinkImageMounted {
+                image: tmp.path().join("pool.xfs"),
+                made: true
+            }]
+        ]
+    );
+    assert!(pools.iter().all(|p| p.fork_method() == ForkMethod::Reflink));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_str().unwrap();
+    let mounts = mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(dir))
+        .count();
+    assert_eq!(mounts, 1, "{mountinfo}");
+}
