@@ -97,7 +97,7 @@ agent_in_rootfs=/usr/local/bin/builder-agent
 boot_args="console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro init=$agent_in_rootfs"
 # The root filesystem is mounted read-only, so every directory builder-agent mounts or binds
 # something onto must already exist in the image (crates/builder-agent/src/vm.rs).
-agent_mount_points=(mnt/scratch var/lib/docker var/lib/containerd var/log var/tmp run tmp dev proc sys)
+agent_mount_points=(mnt/scratch mnt/cache var/lib/docker var/lib/containerd var/log var/tmp run tmp dev proc sys)
 # Base images baked into the image (the "pre-pull common base images" knob): builder-agent
 # `docker load`s every tar in this directory before the build, so `FROM` needs no registry.
 preload_dir=usr/share/builder-vm/images

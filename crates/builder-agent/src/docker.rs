@@ -1,11 +1,13 @@
 //! The Docker daemon, through its Engine API: pull, find an image's layer directories or stream
-//! it out, load, remove. Building is BuildKit's, through buildx (`buildkit`).
+//! it out, load, remove, prune. Building is BuildKit's, through buildx (`buildkit`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use bollard::models::ImageInspect;
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ImportImageOptionsBuilder, RemoveImageOptionsBuilder,
+    CreateImageOptionsBuilder, ImportImageOptionsBuilder, PruneImagesOptions,
+    RemoveImageOptionsBuilder,
 };
 use bollard::Docker;
 use builder_contract::{ImageConfig, Phase};
@@ -148,6 +150,29 @@ impl DockerDaemon {
                 chain(&e)
             ));
         }
+    }
+
+    /// Removes the dangling images (`docker image prune -f`): untagged ones no build needs, as
+    /// earlier builds may leave on a cache disk. Tagged base images stay, and BuildKit's cache
+    /// keeps the layers it needs. Returns how many were removed and the bytes freed.
+    pub async fn prune_dangling_images(&self) -> Result<(usize, u64), String> {
+        let options = PruneImagesOptions {
+            filters: Some(HashMap::from([(
+                "dangling".to_string(),
+                vec!["true".to_string()],
+            )])),
+        };
+        let pruned = self
+            .docker
+            .prune_images(Some(options))
+            .await
+            .map_err(|e| format!("cannot prune the dangling images: {}", chain(&e)))?;
+        Ok((
+            pruned.images_deleted.map_or(0, |deleted| deleted.len()),
+            pruned
+                .space_reclaimed
+                .map_or(0, |bytes| bytes.max(0) as u64),
+        ))
     }
 }
 
