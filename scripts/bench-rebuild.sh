@@ -115,14 +115,14 @@ build() {
 	start=$(now_ms)
 	"$node_agent" submit "$work/app" "${server[@]}" "${build_args[@]}" --s3-bucket "$S3_BUCKET" \
 		--s3-key bench-rebuild/app.ext4 --vcpus "$vcpus" --mem-mib 2048 --disk-gib 4 \
-		--timeout-s 900 --wait >"$work/$name.out" 2>&1 || status=$?
+		--timeout-s 900 --wait >"$work/$name.out" 2>"$work/$name.log" || status=$?
 	total_ms[$name]=$(($(now_ms) - start))
 	id=$(head -n1 "$work/$name.out")
-	[[ $id =~ ^[A-Za-z0-9_-]+$ ]] || die "$name: node-agent submit printed no build id: $(tail -n 5 "$work/$name.out")"
+	[[ $id =~ ^[A-Za-z0-9_-]+$ ]] || die "$name: node-agent submit printed no build id: $(tail -n 5 "$work/$name.log")"
 	"$node_agent" status "$id" --json "${server[@]}" >"$work/$name.json"
 	"$node_agent" logs "$id" --source console "${server[@]}" >"$work/$name.console" || true
 	((status == 0)) && [[ $(jq -r .state "$work/$name.json") == succeeded ]] ||
-		die "the $name build $(jq -r .state "$work/$name.json"): $(jq -c .error "$work/$name.json") (log: $work/$name.out)"
+		die "the $name build $(jq -r .state "$work/$name.json"): $(jq -c .error "$work/$name.json") (log: $work/$name.log)"
 }
 build cold
 sed -i 's/^APP_VERSION=.*/APP_VERSION=2/' "$work/app/app/version.sh"
