@@ -810,16 +810,22 @@ impl Daemon {
         b
     }
 
-    /// The committed cache of the key whose name is `name`, as `GET /v1/caches` lists it.
-    fn cache_entry(&self, name: &str) -> Option<Value> {
-        let (status, v) = self.api("GET", "/v1/caches", None);
+    /// The committed cache of the key build `b` ran with (`GET /v1/caches/{id}`).
+    fn cache_of(&self, b: &Value) -> Value {
+        let id = b["cache"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no cache id: {b}"));
+        let (status, v) = self.api("GET", &format!("/v1/caches/{id}"), None);
         assert_eq!(status, 200, "{v}");
-        let entries = v.get("caches").unwrap_or(&v).as_array().cloned();
-        entries
-            .unwrap_or_else(|| panic!("GET /v1/caches: {v}"))
-            .into_iter()
-            .find(|e| e["name"] == name)
+        v
     }
+}
+
+/// The build cache outcome of a build view: `hit`, `miss`, `off` or `error`.
+fn cache_outcome(b: &Value) -> &str {
+    b["cache"]["outcome"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no cache outcome: {b}"))
 }
 
 /// The `build` phase of a build view, in milliseconds.
@@ -866,19 +872,20 @@ fn warm_builds_reuse_a_keys_cache_and_nothing_else() {
         &["--vm-dns", outside.get("OUTSIDE_ADDR")],
     );
     let app = rebuild_example(&dir.path().join("app"));
-    let key_name = format!("dir:{}", app.display());
     let admin = d.admin_token_file();
 
     // Cold: a new key, every step runs.
     let cold = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
-    assert_eq!(cold["cache"], "miss", "{cold}");
+    assert_eq!(cache_outcome(&cold), "miss", "{cold}");
+    // `submit DIR`'s key: the directory, in the token's namespace.
+    assert_eq!(cold["cache"]["key"], format!("dir:{}", app.display()));
     let (_, log) = d.log(cold["id"].as_str().unwrap(), "build");
     assert!(!slow_step_cached(&log), "{log}");
 
     // A one-line change: the slow step comes from the key's cache disk.
     commit_files(&app, &[("app/version.sh", "APP_VERSION=2\n")], "version 2");
     let warm = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
-    assert_eq!(warm["cache"], "hit", "{warm}");
+    assert_eq!(cache_outcome(&warm), "hit", "{warm}");
     let (_, log) = d.log(warm["id"].as_str().unwrap(), "build");
     assert!(slow_step_cached(&log), "{log}");
     assert!(
@@ -897,12 +904,13 @@ fn warm_builds_reuse_a_keys_cache_and_nothing_else() {
     // Another tenant, the same directory: its own key, empty.
     let other = d.add_token("tenant-b");
     let b = d.wait_succeeded(&d.submit_dir(&app, &other, "warm/b.ext4"));
-    assert_eq!(b["cache"], "miss", "{b}");
+    assert_eq!(cache_outcome(&b), "miss", "{b}");
+    assert_ne!(b["cache"]["id"], cold["cache"]["id"], "{b}");
     let (_, log) = d.log(b["id"].as_str().unwrap(), "build");
     assert!(!slow_step_cached(&log), "{log}");
 
     // A build that fails after the cached step: the committed disk stays as it was.
-    let before = d.cache_entry(&key_name).expect("the key's committed cache");
+    let before = d.cache_of(&noop);
     let dockerfile = std::fs::read_to_string(app.join("Dockerfile")).unwrap();
     commit_files(
         &app,
@@ -913,7 +921,7 @@ fn warm_builds_reuse_a_keys_cache_and_nothing_else() {
     let failed = d.wait_terminal(&failed, Duration::from_secs(900));
     assert_eq!(failed["state"], "failed", "{failed}");
     assert_eq!(failed["error"]["class"], "user", "{failed}");
-    let after = d.cache_entry(&key_name).expect("the key's committed cache");
+    let after = d.cache_of(&failed);
     assert_eq!(
         (&after["commits"], &after["bytes"]),
         (&before["commits"], &before["bytes"]),
@@ -931,18 +939,18 @@ fn warm_builds_reuse_a_keys_cache_and_nothing_else() {
     );
     let first = d.submit_dir(&app, &admin, "warm/a.ext4");
     let second = d.submit_dir(&app, &admin, "warm/a2.ext4");
-    for id in [first, second] {
-        let b = d.wait_succeeded(&id);
-        assert_eq!(b["cache"], "hit", "{b}");
+    let both = [first, second].map(|id| d.wait_succeeded(&id));
+    for b in &both {
+        assert_eq!(cache_outcome(b), "hit", "{b}");
     }
-    let committed = d.cache_entry(&key_name).expect("the key's committed cache");
+    let committed = d.cache_of(&both[0]);
     assert!(
         committed["commits"].as_u64() > before["commits"].as_u64(),
         "before {before}, after the concurrent builds {committed}"
     );
     commit_files(&app, &[("app/version.sh", "APP_VERSION=4\n")], "version 4");
     let next = d.wait_succeeded(&d.submit_dir(&app, &admin, "warm/a.ext4"));
-    assert_eq!(next["cache"], "hit", "{next}");
+    assert_eq!(cache_outcome(&next), "hit", "{next}");
     let (_, log) = d.log(next["id"].as_str().unwrap(), "build");
     assert!(slow_step_cached(&log), "{log}");
     assert_eq!(d.leftovers(), Vec::<String>::new());
