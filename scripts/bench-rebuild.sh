@@ -147,14 +147,17 @@ echo "noop_reused=$(jq -r '.rootfs.reused // false' "$work/noop.json")"
 echo "noop_same_sha256=$(jq -rn --slurpfile w "$work/warm.json" --slurpfile n "$work/noop.json" \
 	'$w[0].rootfs.sha256 == $n[0].rootfs.sha256')"
 for name in cold warm noop; do
-	echo "${name}_cache=$(jq -r '.cache // "-"' "$work/$name.json")"
+	echo "${name}_cache=$(jq -r '.cache.outcome // "-"' "$work/$name.json")"
 done
 
-# The cache's costs: the builds' events that name the cache (fork at the start, commit at the
-# end), and the node's cache metrics.
+# The cache's costs: each build's fork (at its start) and commit (at its end), from the events
+# the node recorded for it, and the node's cache metrics.
+event_ms() { # event_ms NAME REGEX: the milliseconds the first event of build NAME matching REGEX names
+	jq -r --arg re "$2" '[.events // [] | .[] | .detail // "" | capture($re)? | .ms] | first // "-"' "$work/$1.json"
+}
 for name in cold warm noop; do
-	jq -r --arg n "$name" '.events // [] | .[] | select((.detail // "") | test("cache"; "i")) |
-		"\($n)_event=\(.detail | gsub("\n"; " "))"' "$work/$name.json"
+	echo "${name}_cache_fork_ms=$(event_ms "$name" 'build cache .*forked .* in (?<ms>[0-9]+) ms')"
+	echo "${name}_cache_commit_ms=$(event_ms "$name" 'build cache committed in (?<ms>[0-9]+) ms')"
 done
 curl -fs -H "Authorization: Bearer $(cat "$work/node/api-token")" "http://127.0.0.1:$port/metrics" |
 	grep '^node_agent_cache_' | sed 's/^/metric /' || true
