@@ -3,7 +3,8 @@
 //! of a running build's phase), source uploads and the read-only git repositories they become
 //! ([`crate::sources`]), each build's logs by source, health,
 //! readiness and metrics. [`router`] is the operator's listener (everything); [`vm_router`]
-//! the VM-facing one (the guest's posts and uploaded sources only). Every failure is an
+//! the VM-facing one (the guest's posts, uploaded sources and pulls through the registry
+//! mirror only). Every failure is an
 //! [`ApiError`], and [`ApiError::status`] is the one place that maps errors to status codes.
 //! A submitted build's credential values go to its file ([`crate::credentials`]); answers show
 //! only their names.
@@ -17,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use builder_contract::logs::{log_path, report_path, MAX_GUEST_LOG_BYTES};
 use builder_contract::progress::progress_path;
@@ -222,11 +223,15 @@ fn vm_routes() -> Router<Arc<Node>> {
         )
 }
 
-/// The VM-facing listener's routes: [`vm_routes`] and nothing else (no operator API, no
-/// metrics, no health).
+/// The VM-facing listener's routes: [`vm_routes`] and the registry mirror's `/v2` (pulls
+/// only, by `Host`, [`crate::mirror::Mirror::answer`]), and nothing else (no operator API, no
+/// metrics, no health). The mirror is not on the operator's listener: it pulls with the node's
+/// upstream logins and asks for no token.
 pub fn vm_router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
     let limit = node.config.max_body_bytes as usize;
     vm_routes()
+        .route("/v2/", any(registry_mirror))
+        .route("/v2/{*path}", any(registry_mirror))
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(sources))
         .with_state(node)
@@ -256,6 +261,11 @@ pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(sources))
         .with_state(node)
+}
+
+/// A builder VM's pull through the node's registry mirror.
+async fn registry_mirror(State(node): State<Arc<Node>>, request: Request) -> Response {
+    node.mirror.answer(request).await
 }
 
 /// Lets a request with a known bearer token through, its [`Caller`] in the request's
@@ -991,6 +1001,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Readiness>) 
     });
     checks.push(disk_check(&node.config.work_dir));
     checks.push(vm_dns_check(&node.config.vm_dns));
+    checks.extend(node.mirror.check().await);
     checks.push(Check::new(
         "admitting",
         !node.is_draining(),

@@ -65,6 +65,8 @@ pub enum ConfigError {
         #[source]
         source: builder_vmm::net::NetError,
     },
+    #[error(transparent)]
+    Mirror(#[from] crate::mirror::MirrorConfigError),
     #[error("`{key}` must be at least {min}, got {value}")]
     TooSmall {
         key: &'static str,
@@ -125,6 +127,11 @@ struct Layered {
     vm_idle_timeout_s: u64,
     max_log_bytes: u64,
     retention_days: u64,
+    /// `[[mirror]]` tables (config file only).
+    #[serde(default)]
+    mirror: Vec<crate::mirror::MirrorEntry>,
+    mirror_dir: Option<PathBuf>,
+    mirror_tag_ttl_s: u64,
 }
 
 /// Flags of `node-agent serve`; every one also reads `NODE_AGENT_<NAME>`.
@@ -297,6 +304,16 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_RETENTION_DAYS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_days: Option<u64>,
+    /// The registry mirror's storage and registry configs (default `<work_dir>/mirror`); the
+    /// mirrored registries themselves are `[[mirror]]` tables of the config file.
+    #[arg(long, env = "NODE_AGENT_MIRROR_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror_dir: Option<PathBuf>,
+    /// Seconds a tag's manifest, once pulled through the mirror, is answered again without
+    /// asking the upstream (a tag moved upstream is seen that much later); 0: always ask.
+    #[arg(long, env = "NODE_AGENT_MIRROR_TAG_TTL_S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror_tag_ttl_s: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -348,6 +365,8 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// 0: builds are kept forever.
     pub retention_days: u64,
+    /// The pull-through registry mirror ([`crate::mirror`]); no upstreams: none.
+    pub mirror: crate::mirror::MirrorConfig,
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
@@ -460,6 +479,11 @@ impl Config {
                 under_work_dir("node-agent.db").display()
             )
         });
+        let mirror = crate::mirror::MirrorConfig::resolve(
+            l.mirror,
+            l.mirror_dir.unwrap_or_else(|| under_work_dir("mirror")),
+            l.mirror_tag_ttl_s,
+        )?;
         if l.callback_url.is_none() && l.listen.port() == l.vm_listen_port {
             return Err(ConfigError::SamePort {
                 port: l.vm_listen_port,
@@ -518,6 +542,7 @@ impl Config {
             vm_idle_timeout_s: l.vm_idle_timeout_s,
             max_log_bytes: l.max_log_bytes,
             retention_days: l.retention_days,
+            mirror,
             work_dir: l.work_dir,
         })
     }
@@ -723,6 +748,42 @@ mod tests {
         let err = Config::load(&args).unwrap_err();
         let chain = format!("{:#}", anyhow::Error::from(err));
         assert!(chain.contains("unknown field `capacity_cpus`"), "{chain}");
+    }
+
+    #[test]
+    fn mirror_tables_come_from_the_config_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            work_dir: Some(dir.path().to_path_buf()),
+            vm_dns: Some(vec![Ipv4Addr::new(192, 0, 2, 53)]),
+            ..Default::default()
+        };
+        std::fs::write(&file, "").unwrap();
+        let none = Config::load(&args).unwrap().mirror;
+        assert_eq!(none.upstreams, []);
+        assert_eq!(none.dir, dir.path().join("mirror"));
+        assert_eq!(none.tag_ttl, std::time::Duration::from_secs(300));
+        std::fs::write(
+            &file,
+            "mirror_tag_ttl_s = 60\n[[mirror]]\nupstream = \"198.18.0.2:5000\"\n\
+             remote_url = \"http://198.18.0.2:5000\"\n",
+        )
+        .unwrap();
+        let one = Config::load(&args).unwrap().mirror;
+        assert_eq!(one.upstreams[0].upstream, "198.18.0.2:5000");
+        assert_eq!(one.tag_ttl, std::time::Duration::from_secs(60));
+        std::fs::write(
+            &file,
+            "[[mirror]]\nupstream = \"registry:5000\"\nremote_url = \"http://registry:5000\"\n",
+        )
+        .unwrap();
+        let err = Config::load(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("`mirror[0].upstream` \"registry:5000\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod flags;
 pub mod local_source;
 pub mod logs;
 pub mod metrics;
+pub mod mirror;
 pub mod model;
 pub mod node;
 pub mod notify;

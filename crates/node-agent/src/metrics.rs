@@ -1,12 +1,12 @@
 //! Prometheus metrics: in-process histograms and counters (phase durations, admission latency,
-//! VMM exit codes, what the retention pass deleted), rendered in the text exposition format together with the gauges read at
+//! VMM exit codes, what the retention pass deleted, the registry mirror's requests and restarts), rendered in the text exposition format together with the gauges read at
 //! scrape time (builds by state from the database, queue depth, capacity and usage) and a
 //! curated set of each running Firecracker VM's own counters ([`VM_COUNTERS`], every non-zero
 //! `*_fails`), labelled by build id.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use builder_contract::Phase;
 use builder_vmm::firecracker::metrics::MetricsTotals;
@@ -83,6 +83,71 @@ pub struct Metrics {
     reclaimed: u64,
     /// `node_agent_vmm_info`'s labels: the VMM and its acceleration.
     vmm: Option<(&'static str, &'static str)>,
+    /// The registry mirror's counters, shared with its supervisors ([`crate::mirror`]).
+    pub mirror: Arc<MirrorMetrics>,
+}
+
+/// The registry mirror's counters: requests by upstream and result, registry restarts.
+#[derive(Debug, Default)]
+pub struct MirrorMetrics {
+    counts: Mutex<MirrorCounts>,
+}
+
+#[derive(Debug, Default)]
+struct MirrorCounts {
+    requests: BTreeMap<(String, &'static str), u64>,
+    restarts: BTreeMap<String, u64>,
+}
+
+impl MirrorMetrics {
+    fn counts(&self) -> std::sync::MutexGuard<'_, MirrorCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Exports `upstream`'s restart counter from zero.
+    pub fn track(&self, upstream: &str) {
+        self.counts()
+            .restarts
+            .entry(upstream.to_string())
+            .or_default();
+    }
+
+    pub fn observe_request(&self, upstream: &str, result: &'static str) {
+        *self
+            .counts()
+            .requests
+            .entry((upstream.to_string(), result))
+            .or_default() += 1;
+    }
+
+    pub fn observe_restart(&self, upstream: &str) {
+        *self
+            .counts()
+            .restarts
+            .entry(upstream.to_string())
+            .or_default() += 1;
+    }
+
+    fn render(&self, out: &mut String) {
+        let counts = self.counts();
+        if counts.restarts.is_empty() {
+            return;
+        }
+        out.push_str("# HELP node_agent_mirror_requests_total Requests of builder VMs to the registry mirror by upstream and result (local: /v2/ answered by the node, tag_cache: a tag answered by its cached digest, proxied: passed to the registry, unavailable: the registry was not serving).\n# TYPE node_agent_mirror_requests_total counter\n");
+        for ((upstream, result), n) in &counts.requests {
+            let _ = writeln!(
+                out,
+                "node_agent_mirror_requests_total{{upstream=\"{upstream}\",result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP node_agent_mirror_restarts_total Times an upstream's mirror registry exited or could not start and was started again.\n# TYPE node_agent_mirror_restarts_total counter\n");
+        for (upstream, n) in &counts.restarts {
+            let _ = writeln!(
+                out,
+                "node_agent_mirror_restarts_total{{upstream=\"{upstream}\"}} {n}"
+            );
+        }
+    }
 }
 
 /// What the scrape reads from elsewhere.
@@ -244,6 +309,7 @@ impl Metrics {
             }),
             reclaimed,
             vmm: None,
+            mirror: Arc::default(),
         }
     }
 
@@ -349,6 +415,7 @@ impl Metrics {
             let _ = writeln!(out, "node_agent_pruned_total{{what=\"{what}\"}} {n}");
         }
         render_vms(&mut out, &s.vms);
+        self.mirror.render(&mut out);
         out
     }
 }

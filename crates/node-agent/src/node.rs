@@ -102,6 +102,8 @@ pub struct Node {
     /// The VM-facing routes each VM gets on a listener of its own while it runs; set while the
     /// node serves ([`crate::serve_on`]) and no `callback_url` overrides them.
     vm_routes: Mutex<Option<VmRoutes>>,
+    /// The pull-through registry mirror builder VMs pull through ([`crate::mirror`]).
+    pub mirror: crate::mirror::Mirror,
 }
 
 /// What one retention pass deleted.
@@ -139,6 +141,8 @@ pub enum StartError {
     Reclaim(#[from] crate::vm::VmError),
     #[error(transparent)]
     Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Mirror(#[from] crate::mirror::MirrorError),
 }
 
 impl Node {
@@ -170,8 +174,11 @@ impl Node {
         };
         let db = Db::open(&config.database_url).await?;
         let reclaimed = launcher.reclaim().await?;
+        let metrics = Metrics::new(reclaimed).with_vmm(launcher.vmm_info());
+        let mirror = crate::mirror::Mirror::start(&config.mirror, metrics.mirror.clone())?;
         let node = Arc::new(Node {
-            metrics: Metrics::new(reclaimed).with_vmm(launcher.vmm_info()),
+            metrics,
+            mirror,
             credentials: CredentialStore::new(config.credentials_dir())?,
             host_cpus: host_cpu_list(),
             usage: Mutex::new(Usage {
@@ -477,7 +484,12 @@ impl Node {
             cpus: cpus.clone(),
             egress_allow: row.request.egress_allow.clone(),
             cache_disk: None,
-            registry_redirects: Vec::new(),
+            // The VM reaches the mirror on its own listener only.
+            registry_redirects: if self.config.per_vm_listener() {
+                self.mirror.redirects()
+            } else {
+                Vec::new()
+            },
             console_log: console_log.clone(),
             vmm_log: self.config.log_file(&row.id, LogSource::Vmm),
             vm_routes,
@@ -546,6 +558,9 @@ impl Node {
             .request
             .to_params(&row.id, &self.config.vm_base_url(), self.limits())
             .map_err(|e| format!("the stored request is no longer valid: {e}"))?;
+        if self.config.per_vm_listener() {
+            params.mirrored_registries = self.mirror.registries();
+        }
         let mut secrets = Secrets {
             webhook_secret: Some(key),
             ..Secrets::default()
