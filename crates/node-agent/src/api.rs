@@ -123,6 +123,12 @@ pub enum ApiError {
     Credentials(#[from] CredentialError),
     #[error(transparent)]
     Upload(#[from] UploadError),
+    #[error("this node has no build cache (`cache = false`)")]
+    CacheOff,
+    #[error("no build cache has the id {id}")]
+    NoCache { id: String },
+    #[error("the build cache failed")]
+    Cache(#[from] builder_cache::CacheError),
 }
 
 impl ApiError {
@@ -141,8 +147,13 @@ impl ApiError {
             | ApiError::BadReport { .. }
             | ApiError::ProgressOtherBuild { .. } => StatusCode::BAD_REQUEST,
             ApiError::Source(SourceError::BadBundle { .. }) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound { .. } | ApiError::NoSource | ApiError::NoLog { .. } => {
-                StatusCode::NOT_FOUND
+            ApiError::NotFound { .. }
+            | ApiError::NoSource
+            | ApiError::NoLog { .. }
+            | ApiError::CacheOff
+            | ApiError::NoCache { .. } => StatusCode::NOT_FOUND,
+            ApiError::Cache(builder_cache::CacheError::CacheIdSyntax { .. }) => {
+                StatusCode::BAD_REQUEST
             }
             ApiError::Finished { .. }
             | ApiError::Replay { .. }
@@ -151,7 +162,8 @@ impl ApiError {
             ApiError::Db(_)
             | ApiError::Source(_)
             | ApiError::Credentials(_)
-            | ApiError::KeepLog { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            | ApiError::KeepLog { .. }
+            | ApiError::Cache(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Upload(e) => match e {
                 UploadError::Invalid { .. } => StatusCode::BAD_REQUEST,
                 _ if e.is_refusal() => StatusCode::CONFLICT,
@@ -250,6 +262,8 @@ pub fn router(node: Arc<Node>, sources: Arc<Sources>) -> Router {
         .route("/v1/builds/{id}", get(show))
         .route("/v1/builds/{id}/logs", get(logs))
         .route("/v1/builds/{id}/cancel", post(cancel))
+        .route("/v1/caches", get(list_caches))
+        .route("/v1/caches/{id}", get(show_cache).delete(delete_cache))
         .route_layer(middleware::from_fn_with_state(node.clone(), auth));
     Router::new()
         .merge(authed)
@@ -502,6 +516,9 @@ pub struct BuildView {
     pub image_digest: Option<String>,
     pub vmm_exit_code: Option<i64>,
     pub webhook: WebhookView,
+    /// Absent for builds that have not started (or ran before the build cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<BuildCacheView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventRow>>,
 }
@@ -530,6 +547,52 @@ pub struct RootfsView {
     pub location: String,
     pub size_bytes: Option<i64>,
     pub sha256: Option<String>,
+    /// The object of an earlier build of the same image, not converted or uploaded again.
+    #[serde(default)]
+    pub reused: bool,
+}
+
+/// The build cache a build ran with.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BuildCacheView {
+    /// The key's name (its namespace is the requester's).
+    pub key: Option<String>,
+    /// The key's id (`GET /v1/caches/{id}`); none for `no_cache` and when there was no disk.
+    pub id: Option<String>,
+    /// `hit`, `miss`, `off` or `error`.
+    pub outcome: String,
+}
+
+/// One cache key's committed disk (`GET /v1/caches`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CacheView {
+    pub id: String,
+    pub namespace: String,
+    pub name: String,
+    /// Allocated bytes of the committed disk.
+    pub bytes: u64,
+    pub created_unix_ms: u64,
+    pub last_used_unix_ms: u64,
+    pub commits: u64,
+}
+
+impl From<builder_cache::CacheEntry> for CacheView {
+    fn from(e: builder_cache::CacheEntry) -> Self {
+        CacheView {
+            id: e.id.to_string(),
+            namespace: e.namespace,
+            name: e.name,
+            bytes: e.bytes,
+            created_unix_ms: e.created_unix_ms,
+            last_used_unix_ms: e.last_used_unix_ms,
+            commits: e.commits,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CacheList {
+    pub caches: Vec<CacheView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -549,8 +612,17 @@ impl BuildView {
             .as_ref()
             .and_then(|r| r.inputs.clone())
             .unwrap_or_else(|| row.request.inputs(&row.credentials));
+        let reused = report
+            .as_ref()
+            .and_then(|r| r.rootfs.as_ref())
+            .is_some_and(|r| r.reused);
         let phases = report.map(|r| r.phases).unwrap_or_default();
         BuildView {
+            cache: row.cache.map(|outcome| BuildCacheView {
+                key: row.cache_key,
+                id: row.cache_id,
+                outcome,
+            }),
             timings: Timings {
                 created_at_ms: row.created_at_ms,
                 started_at_ms: row.started_at_ms,
@@ -572,6 +644,7 @@ impl BuildView {
                 location,
                 size_bytes: row.rootfs_size_bytes,
                 sha256: row.rootfs_sha256,
+                reused,
             }),
             webhook: WebhookView {
                 state: row.webhook_state,
@@ -692,6 +765,95 @@ async fn list(
         builds: rows.into_iter().map(|r| BuildView::new(r, None)).collect(),
         next_cursor,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheQuery {
+    /// Only this namespace's caches (admins: any; others: their own).
+    namespace: Option<String>,
+}
+
+/// The node's cache pool, or why there is none.
+fn cache_pool(node: &Node) -> ApiResult<Arc<builder_cache::CachePool>> {
+    node.cache_pool.clone().ok_or(ApiError::CacheOff)
+}
+
+/// Runs a blocking call on the cache pool off the runtime's threads.
+async fn on_pool<T: Send + 'static>(
+    pool: Arc<builder_cache::CachePool>,
+    call: impl FnOnce(&builder_cache::CachePool) -> Result<T, builder_cache::CacheError>
+        + Send
+        + 'static,
+) -> ApiResult<T> {
+    Ok(tokio::task::spawn_blocking(move || call(&pool))
+        .await
+        .expect("a cache pool call does not panic")?)
+}
+
+/// The caches of the caller's namespace; an admin's of all, or of `?namespace=`.
+async fn list_caches(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<CacheQuery>, QueryRejection>,
+) -> ApiResult<Json<CacheList>> {
+    let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
+    let namespace = match query.namespace.filter(|n| !n.is_empty()) {
+        Some(n) if caller.admin || n == caller.cache_namespace => Some(n),
+        Some(_) => {
+            return Err(ApiError::AdminOnly {
+                token: caller.name.clone(),
+            })
+        }
+        None if caller.admin => None,
+        None => Some(caller.cache_namespace.clone()),
+    };
+    let entries = on_pool(cache_pool(&node)?, builder_cache::CachePool::list).await?;
+    Ok(Json(CacheList {
+        caches: entries
+            .into_iter()
+            .filter(|e| namespace.as_ref().is_none_or(|n| *n == e.namespace))
+            .map(CacheView::from)
+            .collect(),
+    }))
+}
+
+/// Cache `id` if `caller` may see it (an admin any, others their namespace's); another
+/// namespace's cache is not found, so its id tells nothing.
+async fn cache_for(node: &Node, caller: &Caller, id: &str) -> ApiResult<builder_cache::CacheEntry> {
+    let cache_id: builder_cache::CacheId = id.parse()?;
+    let entries = on_pool(cache_pool(node)?, builder_cache::CachePool::list).await?;
+    entries
+        .into_iter()
+        .find(|e| e.id == cache_id && (caller.admin || e.namespace == caller.cache_namespace))
+        .ok_or_else(|| ApiError::NoCache { id: id.to_string() })
+}
+
+async fn show_cache(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CacheView>> {
+    Ok(Json(cache_for(&node, &caller, &id).await?.into()))
+}
+
+/// Removes a cache's committed disk; builds running with a fork of it keep their fork.
+async fn delete_cache(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CacheView>> {
+    let cache_id = cache_for(&node, &caller, &id).await?.id;
+    let removed = on_pool(cache_pool(&node)?, move |pool| pool.remove(&cache_id)).await?;
+    let entry = removed.ok_or_else(|| ApiError::NoCache { id: id.clone() })?;
+    tracing::info!(
+        target: "audit",
+        cache_id = id,
+        namespace = entry.namespace,
+        by = caller.name,
+        "build cache deleted"
+    );
+    Ok(Json(CacheView::from(entry)))
 }
 
 async fn cancel(
@@ -1074,6 +1236,10 @@ async fn metrics(State(node): State<Arc<Node>>) -> ApiResult<Response> {
                 .await
                 .unwrap_or_default()
         },
+        cache: node
+            .cache_pool
+            .as_ref()
+            .map(|pool| (pool.stats(), pool.fork_method())),
     };
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -11,7 +11,7 @@ use builder_contract::LogSource;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::api::{BuildList, BuildView, ErrorBody, Submitted};
+use crate::api::{BuildList, BuildView, CacheList, CacheView, ErrorBody, Submitted};
 use crate::model::{BuildRequest, BuildState};
 use crate::sources::Uploaded;
 
@@ -183,6 +183,28 @@ impl Client {
             .context("the node agent's answer to a cancel is not valid")
     }
 
+    /// The build caches the token sees: its namespace's; an admin's all, or `namespace`'s.
+    pub async fn caches(&self, namespace: Option<&str>) -> Result<CacheList> {
+        let mut url = self.url("/v1/caches")?;
+        if let Some(namespace) = namespace {
+            url.query_pairs_mut().append_pair("namespace", namespace);
+        }
+        let r = self.send(self.http.get(url)).await?;
+        r.json()
+            .await
+            .context("the node agent's cache list is not valid")
+    }
+
+    /// Deletes a build cache's committed disk; answers what it was.
+    pub async fn delete_cache(&self, id: &str) -> Result<CacheView> {
+        let r = self
+            .send(self.http.delete(self.url(&format!("/v1/caches/{id}"))?))
+            .await?;
+        r.json()
+            .await
+            .context("the node agent's answer to a cache delete is not valid")
+    }
+
     /// Streams log `source` to `out` line by line until the build ends (or now, without
     /// `follow`; only the console is followed).
     pub async fn logs(
@@ -298,6 +320,25 @@ pub fn summary(b: &BuildView) -> String {
             .and_then(|e| e.message.as_deref())
             .map(|m| format!("  ({})", m.lines().next().unwrap_or("")))
             .unwrap_or_default()
+    )
+}
+
+/// The build cache line of `status`: outcome, key and id.
+pub fn cache_summary(b: &BuildView) -> Option<String> {
+    let c = b.cache.as_ref()?;
+    Some(format!(
+        "cache: {} key {} id {}",
+        c.outcome,
+        c.key.as_deref().unwrap_or("-"),
+        c.id.as_deref().unwrap_or("-")
+    ))
+}
+
+/// One line per cache for `cache list`.
+pub fn cache_line(c: &CacheView) -> String {
+    format!(
+        "{}  {:>12} bytes  {} commits  {}/{}",
+        c.id, c.bytes, c.commits, c.namespace, c.name
     )
 }
 

@@ -127,6 +127,11 @@ struct Layered {
     vm_idle_timeout_s: u64,
     max_log_bytes: u64,
     retention_days: u64,
+    cache: bool,
+    cache_dir: Option<PathBuf>,
+    cache_max_mib: u64,
+    cache_disk_gib: u64,
+    cache_reflink_image_gib: u64,
     /// `[[mirror]]` tables (config file only).
     #[serde(default)]
     mirror: Vec<crate::mirror::MirrorEntry>,
@@ -304,6 +309,27 @@ pub struct ServeArgs {
     #[arg(long, env = "NODE_AGENT_RETENTION_DAYS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_days: Option<u64>,
+    /// Whether builds get a build cache (a fork of their cache key's Docker/BuildKit disk).
+    #[arg(long, env = "NODE_AGENT_CACHE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
+    /// The build caches' directory (default `<work_dir>/cache`); the node is its only user.
+    #[arg(long, env = "NODE_AGENT_CACHE_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// The most MiB all committed cache disks may take; least recently used keys are evicted.
+    #[arg(long, env = "NODE_AGENT_CACHE_MAX_MIB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_max_mib: Option<u64>,
+    /// Size (GiB) of a new, sparse cache disk.
+    #[arg(long, env = "NODE_AGENT_CACHE_DISK_GIB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_disk_gib: Option<u64>,
+    /// When `cache_dir`'s file system cannot reflink: size (GiB) of a sparse XFS image made at
+    /// `<cache_dir>.xfs` and mounted on it, so forks are reflinks; 0: forks are sparse copies.
+    #[arg(long, env = "NODE_AGENT_CACHE_REFLINK_IMAGE_GIB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_reflink_image_gib: Option<u64>,
     /// The registry mirror's storage and registry configs (default `<work_dir>/mirror`); the
     /// mirrored registries themselves are `[[mirror]]` tables of the config file.
     #[arg(long, env = "NODE_AGENT_MIRROR_DIR")]
@@ -365,6 +391,8 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// 0: builds are kept forever.
     pub retention_days: u64,
+    /// The build caches' pool ([`builder_cache`]); `None` when `cache = false`.
+    pub cache: Option<builder_cache::PoolConfig>,
     /// The pull-through registry mirror ([`crate::mirror`]); no upstreams: none.
     pub mirror: crate::mirror::MirrorConfig,
 }
@@ -467,6 +495,8 @@ impl Config {
             ("vm_max_connections", 1, l.vm_max_connections),
             ("vm_header_timeout_s", 1, l.vm_header_timeout_s),
             ("vm_idle_timeout_s", 1, l.vm_idle_timeout_s),
+            ("cache_max_mib", 1, l.cache_max_mib),
+            ("cache_disk_gib", 1, l.cache_disk_gib),
         ] {
             if value < min {
                 return Err(ConfigError::TooSmall { key, min, value });
@@ -478,6 +508,13 @@ impl Config {
                 "sqlite://{}?mode=rwc",
                 under_work_dir("node-agent.db").display()
             )
+        });
+        let cache = l.cache.then(|| builder_cache::PoolConfig {
+            dir: l.cache_dir.unwrap_or_else(|| under_work_dir("cache")),
+            max_bytes: l.cache_max_mib.saturating_mul(1 << 20),
+            disk_mib: l.cache_disk_gib.saturating_mul(1024),
+            reflink_image_bytes: (l.cache_reflink_image_gib > 0)
+                .then(|| l.cache_reflink_image_gib.saturating_mul(1 << 30)),
         });
         let mirror = crate::mirror::MirrorConfig::resolve(
             l.mirror,
@@ -542,6 +579,7 @@ impl Config {
             vm_idle_timeout_s: l.vm_idle_timeout_s,
             max_log_bytes: l.max_log_bytes,
             retention_days: l.retention_days,
+            cache,
             mirror,
             work_dir: l.work_dir,
         })
@@ -733,6 +771,22 @@ mod tests {
         assert_eq!(c.max_log_bytes, 8 << 20);
         assert_eq!(c.vm_max_connections, 64);
         assert_eq!(c.vm_egress_allow_private, []);
+        let cache = c.cache.as_ref().expect("the build cache is on by default");
+        assert_eq!(cache.dir, dir.path().join("cache"));
+        assert_eq!(cache.max_bytes, 50 << 30);
+        assert_eq!(cache.disk_mib, 20 << 10);
+        assert_eq!(cache.reflink_image_bytes, Some(100 << 30));
+        let off = ServeArgs {
+            cache: Some(false),
+            ..args.clone()
+        };
+        assert!(Config::load(&off).unwrap().cache.is_none());
+        let empty = ServeArgs {
+            cache_disk_gib: Some(0),
+            ..args.clone()
+        };
+        let err = Config::load(&empty).unwrap_err().to_string();
+        assert!(err.contains("`cache_disk_gib` must be at least 1"), "{err}");
 
         std::fs::write(&file, "vm_egress_allow_private = [\"10.1.2.0/24:5000\"]\n").unwrap();
         let c = Config::load(&args).unwrap();

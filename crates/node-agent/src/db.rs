@@ -135,6 +135,11 @@ pub struct BuildRow {
     pub vm_started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub updated_at_ms: i64,
+    /// The name of the build cache's key it ran with (the namespace is the requester's).
+    pub cache_key: Option<String>,
+    pub cache_id: Option<String>,
+    /// `hit`, `miss`, `off` or `error` ([`crate::cache::CacheOutcome`]).
+    pub cache: Option<String>,
 }
 
 /// One row of `build_events`.
@@ -218,6 +223,9 @@ fn build_from_row(row: &AnyRow) -> Result<BuildRow, DbError> {
         vm_started_at_ms: opt_int("vm_started_at_ms")?,
         finished_at_ms: opt_int("finished_at_ms")?,
         updated_at_ms: int("updated_at_ms")?,
+        cache_key: opt_text("cache_key")?,
+        cache_id: opt_text("cache_id")?,
+        cache: opt_text("cache")?,
         id,
     })
 }
@@ -639,6 +647,50 @@ impl Db {
             .await
             .map_err(q("update a build"))?;
         Ok(())
+    }
+
+    /// Records an event of a build without changing its state (`from` and `to` are both its
+    /// current one), with `update`. Nothing when the build is gone.
+    pub async fn note(
+        &self,
+        id: &str,
+        node_id: &str,
+        detail: &str,
+        update: Update,
+    ) -> Result<(), DbError> {
+        let Some(row) = self.get(id).await? else {
+            return Ok(());
+        };
+        self.transition(id, &[row.state], row.state, node_id, detail, update)
+            .await?;
+        Ok(())
+    }
+
+    /// The newest succeeded build of `requester` with cache `cache_id` whose rootfs is at
+    /// `location` (`s3://bucket/key`) and that has an image digest and the rootfs's SHA-256
+    /// and size: the rootfs a new build of the same image there may reuse.
+    pub async fn last_upload(
+        &self,
+        requester: &str,
+        cache_id: &str,
+        location: &str,
+    ) -> Result<Option<BuildRow>, DbError> {
+        sqlx::query(
+            "SELECT * FROM builds WHERE cache_id = $1 AND state = $2 AND requester = $3 \
+             AND rootfs_location = $4 AND image_digest IS NOT NULL \
+             AND rootfs_sha256 IS NOT NULL AND rootfs_size_bytes IS NOT NULL \
+             ORDER BY finished_at_ms DESC LIMIT 1",
+        )
+        .bind(cache_id)
+        .bind(BuildState::Succeeded.as_str())
+        .bind(requester)
+        .bind(location)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("find the last upload to a location"))?
+        .as_ref()
+        .map(build_from_row)
+        .transpose()
     }
 
     /// Asks the node running a build to cancel it. False when the build is not active.

@@ -4,6 +4,7 @@
 //! times out or is cancelled, and sends the requester exactly one final webhook.
 
 pub mod api;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod credentials;

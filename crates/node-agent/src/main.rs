@@ -72,6 +72,13 @@ enum Command {
         #[arg(long, default_value = "console", value_parser = parse_log_source)]
         source: LogSource,
     },
+    /// List or delete the build caches (the token's namespace's; an admin's all).
+    Cache {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Manage the scoped API tokens of this host's node agent (its tokens file; the running
     /// daemon picks changes up without a restart).
     Token {
@@ -113,6 +120,10 @@ enum TokenCommand {
         /// May see and cancel every build, use the dashboard and submit for other requesters.
         #[arg(long)]
         admin: bool,
+        /// The namespace of its build caches (default: its name); tokens given the same
+        /// namespace share their caches, no others do.
+        #[arg(long, value_name = "NAMESPACE")]
+        cache_namespace: Option<String>,
         /// Issue a new token and webhook key for an existing name (the old ones stop working).
         #[arg(long)]
         replace: bool,
@@ -121,6 +132,18 @@ enum TokenCommand {
     List,
     /// Remove a token: it stops working at once.
     Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// The caches, most recently used first: id, bytes, commits, namespace/name.
+    List {
+        /// Only this namespace's (admin tokens; others see their own only).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// Delete a cache's committed disk (builds running with a fork of it keep their fork).
+    Delete { id: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -163,6 +186,16 @@ struct SubmitArgs {
     /// The build's requester (admin tokens only; default the token's own name).
     #[arg(long)]
     requester: Option<String>,
+    /// The build cache's key (default: the repository URL; for a local directory
+    /// `dir:<its canonical path>`, as its upload's URL is new each time).
+    #[arg(long)]
+    cache_key: Option<String>,
+    /// Build with a new empty cache disk and do not keep it.
+    #[arg(long)]
+    no_cache: bool,
+    /// Convert and upload the rootfs even when the image did not change.
+    #[arg(long)]
+    force_upload: bool,
     /// Follow the build to its end, streaming its log.
     #[arg(long)]
     wait: bool,
@@ -210,6 +243,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 wait,
                 snapshot,
                 requester,
+                cache_key,
+                no_cache,
+                force_upload,
             } = *args;
             let client = Client::new(&conn)?;
             // Read the flags' files before a directory is uploaded for nothing.
@@ -235,6 +271,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 egress_allow: vec![],
                 // The token's own name (an admin token may name another with --requester).
                 requester,
+                cache_key,
+                no_cache,
+                force_upload,
             };
             inputs.apply(&mut request)?;
             // The node refuses it too (it keeps no output); refused here before an upload.
@@ -249,6 +288,12 @@ async fn run(cli: Cli) -> Result<i32> {
                     bail!("--ref and --commit name a revision of a repository URL; {repo} is a local directory, built as it is committed (or with --snapshot, as it is on disk)");
                 }
                 let dir = PathBuf::from(&repo);
+                if request.cache_key.is_none() {
+                    let path = dir
+                        .canonicalize()
+                        .with_context(|| format!("cannot resolve the path of {repo}"))?;
+                    request.cache_key = Some(format!("dir:{}", path.display()));
+                }
                 let bundle = tokio::task::spawn_blocking(move || bundle_dir(&dir, snapshot))
                     .await?
                     .with_context(|| format!("cannot make a git bundle of {repo}"))?;
@@ -300,6 +345,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 println!("{}", client::summary(&view));
+                if let Some(cache) = client::cache_summary(&view) {
+                    println!("{cache}");
+                }
             }
             Ok(client::exit_code(&view))
         }
@@ -333,6 +381,21 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("{} {}", s.id, s.state);
             Ok(0)
         }
+        Command::Cache { conn, command } => {
+            let client = Client::new(&conn)?;
+            match command {
+                CacheCommand::List { namespace } => {
+                    for c in client.caches(namespace.as_deref()).await?.caches {
+                        println!("{}", client::cache_line(&c));
+                    }
+                }
+                CacheCommand::Delete { id } => {
+                    let c = client.delete_cache(&id).await?;
+                    eprintln!("deleted {}", client::cache_line(&c));
+                }
+            }
+            Ok(0)
+        }
         Command::Token { file, command } => token(file, command).map(|()| 0),
         Command::Logs {
             conn,
@@ -363,9 +426,11 @@ fn token(file: TokenFileArgs, command: TokenCommand) -> Result<()> {
             buckets,
             notify_hosts,
             admin,
+            cache_namespace,
             replace,
         } => {
             let name = TokenName::try_from(name)?;
+            let cache_namespace = cache_namespace.map(TokenName::try_from).transpose()?;
             let buckets = buckets
                 .into_iter()
                 .map(BucketScope::try_from)
@@ -374,8 +439,15 @@ fn token(file: TokenFileArgs, command: TokenCommand) -> Result<()> {
                 .into_iter()
                 .map(HostScope::try_from)
                 .collect::<Result<Vec<_>, _>>()?;
-            let issued =
-                TokensFile::add(&path, name.clone(), admin, buckets, notify_hosts, replace)?;
+            let issued = TokensFile::add(
+                &path,
+                name.clone(),
+                admin,
+                buckets,
+                notify_hosts,
+                cache_namespace,
+                replace,
+            )?;
             println!("token: {}", issued.token);
             println!("webhook_key: {}", issued.webhook_key);
             eprintln!(
@@ -396,11 +468,12 @@ fn token(file: TokenFileArgs, command: TokenCommand) -> Result<()> {
                     }
                 };
                 println!(
-                    "{}\t{}\tbuckets={}\tnotify_hosts={}",
+                    "{}\t{}\tbuckets={}\tnotify_hosts={}\tcache_namespace={}",
                     e.name,
                     if e.admin { "admin" } else { "-" },
                     join(e.buckets.into_iter().map(String::from).collect()),
                     join(e.notify_hosts.into_iter().map(String::from).collect()),
+                    e.cache_namespace.as_ref().unwrap_or(&e.name),
                 );
             }
         }

@@ -18,6 +18,8 @@ const PHASE_BUCKETS: [f64; 12] = [
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 /// Seconds.
+const CACHE_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0];
+/// Seconds.
 const ADMISSION_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
 #[derive(Debug, Clone)]
@@ -75,6 +77,8 @@ struct Inner {
     vmm_exits: BTreeMap<String, u64>,
     running: usize,
     pruned: crate::node::Pruned,
+    cache_fork: Histogram,
+    cache_commit: Histogram,
 }
 
 #[derive(Debug)]
@@ -160,6 +164,8 @@ pub struct Snapshot {
     pub used_mem_mib: u64,
     /// Firecracker's counters of each running VM, by build id.
     pub vms: Vec<(String, MetricsTotals)>,
+    /// The build cache pool's counters and fork method; `None` when the cache is off.
+    pub cache: Option<(builder_cache::CacheStats, builder_cache::ForkMethod)>,
 }
 
 /// One exported series family fed by Firecracker counters: (name, help, extra label name,
@@ -306,6 +312,8 @@ impl Metrics {
                 vmm_exits: BTreeMap::new(),
                 running: 0,
                 pruned: crate::node::Pruned::default(),
+                cache_fork: Histogram::new(&CACHE_BUCKETS),
+                cache_commit: Histogram::new(&CACHE_BUCKETS),
             }),
             reclaimed,
             vmm: None,
@@ -347,6 +355,14 @@ impl Metrics {
         total.events += p.events;
         total.signatures += p.signatures;
         total.log_files += p.log_files;
+    }
+
+    pub fn observe_cache_fork(&self, took: std::time::Duration) {
+        self.inner().cache_fork.observe(took.as_secs_f64());
+    }
+
+    pub fn observe_cache_commit(&self, took: std::time::Duration) {
+        self.inner().cache_commit.observe(took.as_secs_f64());
     }
 
     pub fn set_running(&self, running: usize) {
@@ -414,10 +430,89 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "node_agent_pruned_total{{what=\"{what}\"}} {n}");
         }
+        if let Some((stats, method)) = &s.cache {
+            render_cache(&mut out, stats, *method, &inner);
+        }
         render_vms(&mut out, &s.vms);
         self.mirror.render(&mut out);
         out
     }
+}
+
+fn render_cache(
+    out: &mut String,
+    stats: &builder_cache::CacheStats,
+    method: builder_cache::ForkMethod,
+    inner: &Inner,
+) {
+    for (name, help, n) in [
+        (
+            "hits",
+            "Builds whose cache disk was a fork of their key's committed disk.",
+            stats.hits,
+        ),
+        (
+            "misses",
+            "Builds whose cache disk was a new empty one.",
+            stats.misses,
+        ),
+        (
+            "commits",
+            "Cache forks committed as their key's disk (the build succeeded).",
+            stats.commits,
+        ),
+        (
+            "discards",
+            "Cache forks thrown away (the build did not succeed, or no_cache).",
+            stats.discards,
+        ),
+        (
+            "refused",
+            "Cache forks not committed because their ext4 was not cleanly unmounted.",
+            stats.refused,
+        ),
+        (
+            "evictions",
+            "Cache keys evicted, least recently used first, to stay under cache_max_mib.",
+            stats.evictions,
+        ),
+    ] {
+        let _ = write!(
+            out,
+            "# HELP node_agent_cache_{name}_total {help}\n\
+             # TYPE node_agent_cache_{name}_total counter\n\
+             node_agent_cache_{name}_total {n}\n"
+        );
+    }
+    let method = match method {
+        builder_cache::ForkMethod::Reflink => "reflink",
+        builder_cache::ForkMethod::SparseCopy => "sparse_copy",
+    };
+    let _ = write!(
+        out,
+        "# HELP node_agent_cache_bytes Allocated bytes of all committed cache disks.\n\
+         # TYPE node_agent_cache_bytes gauge\nnode_agent_cache_bytes {}\n\
+         # HELP node_agent_cache_keys Cache keys with a committed disk.\n\
+         # TYPE node_agent_cache_keys gauge\nnode_agent_cache_keys {}\n\
+         # HELP node_agent_cache_info How the cache pool forks disks (reflink: O(metadata), \
+         sparse_copy: O(data)).\n\
+         # TYPE node_agent_cache_info gauge\nnode_agent_cache_info{{fork_method=\"{method}\"}} 1\n",
+        stats.bytes, stats.keys
+    );
+    out.push_str(
+        "# HELP node_agent_cache_fork_seconds How long forking a build's cache disk took.\n\
+         # TYPE node_agent_cache_fork_seconds histogram\n",
+    );
+    inner
+        .cache_fork
+        .render(out, "node_agent_cache_fork_seconds", "");
+    out.push_str(
+        "# HELP node_agent_cache_commit_seconds How long committing a build's cache disk took.\n\
+         # TYPE node_agent_cache_commit_seconds histogram\n",
+    );
+    inner
+        .cache_commit
+        .render(out, "node_agent_cache_commit_seconds", "");
 }
 
 #[cfg(test)]
@@ -436,11 +531,47 @@ mod tests {
             used_vcpus: 1,
             used_mem_mib: 2048,
             vms,
+            cache: None,
         }
     }
 
     fn series<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn the_cache_series_are_exported_only_with_a_cache_pool() {
+        let metrics = Metrics::new(0);
+        metrics.observe_cache_fork(std::time::Duration::from_millis(30));
+        let stats = builder_cache::CacheStats {
+            hits: 3,
+            refused: 1,
+            bytes: 4096,
+            keys: 2,
+            ..Default::default()
+        };
+        let text = metrics.render(&Snapshot {
+            cache: Some((stats, builder_cache::ForkMethod::Reflink)),
+            ..snapshot(Vec::new())
+        });
+        for line in [
+            "node_agent_cache_hits_total 3",
+            "node_agent_cache_refused_total 1",
+            "node_agent_cache_bytes 4096",
+            "node_agent_cache_keys 2",
+            "node_agent_cache_info{fork_method=\"reflink\"} 1",
+            "node_agent_cache_fork_seconds_bucket{le=\"0.05\"} 1",
+            "node_agent_cache_commit_seconds_count 0",
+            "# TYPE node_agent_cache_keys gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        assert!(
+            text.lines().all(|l| !l.starts_with(' ')),
+            "an indented line:\n{text}"
+        );
+        let none = Metrics::new(0).render(&snapshot(Vec::new()));
+        assert!(!none.contains("node_agent_cache_"), "{none}");
     }
 
     #[test]

@@ -141,6 +141,16 @@ pub struct BuildRequest {
     /// Who asked, for the audit log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requester: Option<String>,
+    /// The build cache's key within the requester's namespace (default: `repo_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+    /// Build with a new empty cache disk, and do not commit it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_cache: bool,
+    /// Convert and upload the rootfs even when the image digest equals the last one uploaded
+    /// to the same destination.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_upload: bool,
 }
 
 /// A build's vCPUs when its request gives none and the node has as many.
@@ -289,7 +299,17 @@ impl BuildRequest {
                 return Err(field("timeout_s", format!("must be 1 to {MAX_TIMEOUT_S}")));
             }
         }
+        if let Some(key) = &self.cache_key {
+            // The name's check; the namespace is the requester's, known when the build runs.
+            builder_cache::CacheKey::new("requester", key)
+                .map_err(|e| field("cache_key", e.to_string()))?;
+        }
         Ok(params)
+    }
+
+    /// The name of the build's cache key: `cache_key`, else the repository URL.
+    pub fn cache_name(&self) -> &str {
+        self.cache_key.as_deref().unwrap_or(&self.repo_url)
     }
 
     /// Where the rootfs goes. The node keeps no build output (the rootfs is deleted with the
@@ -444,6 +464,14 @@ mod tests {
             (
                 r#"{"repo_url":"https://g.example/r","ref":"m","dockerfile":"../x"}"#,
                 "dockerfile",
+            ),
+            (
+                r#"{"repo_url":"https://g.example/r","ref":"m","cache_key":""}"#,
+                "cache_key",
+            ),
+            (
+                r#"{"repo_url":"https://g.example/r","ref":"m","cache_key":"a\nb"}"#,
+                "cache_key",
             ),
             (
                 r#"{"repo_url":"https://g.example/r","ref":"m","s3_bucket":"b"}"#,

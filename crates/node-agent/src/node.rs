@@ -92,6 +92,8 @@ pub struct Node {
     notify_secret: String,
     /// The node's S3 key and the uploads it grants builds ([`crate::uploads`]).
     pub upload_grants: crate::uploads::Uploads,
+    /// The build caches ([`crate::cache`]); `None` when `cache = false`.
+    pub cache_pool: Option<Arc<builder_cache::CachePool>>,
     launcher: Arc<dyn Launcher>,
     host_cpus: Vec<u32>,
     usage: Mutex<Usage>,
@@ -143,6 +145,12 @@ pub enum StartError {
     Credentials(#[from] CredentialError),
     #[error(transparent)]
     Mirror(#[from] crate::mirror::MirrorError),
+    #[error("cannot open the build cache pool {dir}")]
+    CachePool {
+        dir: std::path::PathBuf,
+        #[source]
+        source: builder_cache::CacheError,
+    },
 }
 
 impl Node {
@@ -174,9 +182,22 @@ impl Node {
         };
         let db = Db::open(&config.database_url).await?;
         let reclaimed = launcher.reclaim().await?;
+        // Opening it removes the forks of builds a previous run left (failed below).
+        let cache_pool = match config.cache.clone() {
+            None => None,
+            Some(pool) => {
+                let dir = pool.dir.clone();
+                Some(
+                    crate::cache::open_pool(pool)
+                        .await
+                        .map_err(|source| StartError::CachePool { dir, source })?,
+                )
+            }
+        };
         let metrics = Metrics::new(reclaimed).with_vmm(launcher.vmm_info());
         let mirror = crate::mirror::Mirror::start(&config.mirror, metrics.mirror.clone())?;
         let node = Arc::new(Node {
+            cache_pool,
             metrics,
             mirror,
             credentials: CredentialStore::new(config.credentials_dir())?,
@@ -457,17 +478,61 @@ impl Node {
         }
     }
 
+    /// Runs the build's VM with a fork of its build cache, holds a report to what the node
+    /// offered and verified, then commits the fork (a verified succeeded report and a VM that
+    /// powered itself off) or discards it: every way a VM ends settles its fork.
     async fn supervise(
         &self,
         row: &BuildRow,
         cpus: Vec<u32>,
         key: String,
-        mut signals: mpsc::Receiver<Signal>,
+        signals: mpsc::Receiver<Signal>,
     ) -> (Outcome, Option<i32>) {
-        let (params, secrets) = match self.launch_inputs(row, key) {
+        let namespace = self.tokens.cache_namespace(&row.requester);
+        let node_id = &self.config.node_id;
+        let pool = self.cache_pool.as_ref();
+        let fork =
+            crate::cache::fork(pool, &self.db, node_id, &self.metrics, row, &namespace).await;
+        let mut offer = None;
+        let (mut outcome, code, powered_off) = self
+            .run_vm(row, cpus, key, signals, fork.as_ref(), &mut offer)
+            .await;
+        if let Outcome::Report(report) = &mut outcome {
+            self.upload_grants
+                .check_report(row, report, offer.as_ref())
+                .await;
+        }
+        if let (Some(pool), Some(fork)) = (pool, fork) {
+            use crate::cache::DiscardReason;
+            let commit = match &outcome {
+                Outcome::Report(r) if r.status == BuildStatus::Succeeded && powered_off => Ok(()),
+                Outcome::Report(r) if r.status == BuildStatus::Succeeded => {
+                    Err(DiscardReason::Killed)
+                }
+                _ => Err(DiscardReason::NotSucceeded),
+            };
+            crate::cache::settle(pool, &self.db, node_id, &self.metrics, row, fork, commit).await;
+        }
+        (outcome, code)
+    }
+
+    /// Launches and watches the VM until it ended. Returns how the build ended, the VMM's exit
+    /// code, and whether the VM powered itself off (it was not killed). `offer` is set to the
+    /// rootfs the build was offered to reuse.
+    async fn run_vm(
+        &self,
+        row: &BuildRow,
+        cpus: Vec<u32>,
+        key: String,
+        mut signals: mpsc::Receiver<Signal>,
+        fork: Option<&crate::cache::BuildFork>,
+        offer: &mut Option<builder_contract::RootfsReuse>,
+    ) -> (Outcome, Option<i32>, bool) {
+        let (params, secrets) = match self.launch_inputs(row, key, fork).await {
             Ok(inputs) => inputs,
-            Err(message) => return (Outcome::Internal(message), None),
+            Err(message) => return (Outcome::Internal(message), None, false),
         };
+        offer.clone_from(&params.reuse);
         let console_log = self.config.log_path(&row.id);
         let vm_routes = self
             .config
@@ -483,7 +548,7 @@ impl Node {
             disk_gib: row.request.disk_gib,
             cpus: cpus.clone(),
             egress_allow: row.request.egress_allow.clone(),
-            cache_disk: None,
+            cache_disk: fork.map(|f| f.path().to_path_buf()),
             // The VM reaches the mirror on its own listener only.
             registry_redirects: if self.config.per_vm_listener() {
                 self.mirror.redirects()
@@ -497,7 +562,7 @@ impl Node {
         };
         let mut vm = match self.launcher.launch(spec).await {
             Ok(vm) => vm,
-            Err(e) => return (Outcome::Internal(crate::error_chain(&e)), None),
+            Err(e) => return (Outcome::Internal(crate::error_chain(&e)), None, false),
         };
         let now = crate::now_ms();
         self.metrics.observe_admission(now - row.created_at_ms);
@@ -531,11 +596,16 @@ impl Node {
             );
         }
         let (outcome, exit) = self.watch(row, vm.as_mut(), &mut signals).await;
-        let exit = match exit {
-            Some(exit) => Some(exit),
+        let (exit, powered_off) = match exit {
+            Some(exit) => (Some(exit), true),
             None => {
-                self.stop(row, vm.as_mut(), matches!(outcome, Outcome::Report(_)))
-                    .await
+                // After a report the guest stops dockerd and unmounts its cache disk first.
+                let poweroff = match (&outcome, fork) {
+                    (Outcome::Report(_), Some(_)) => Some(crate::cache::POWEROFF_WITH_CACHE),
+                    (Outcome::Report(_), None) => Some(POWEROFF_AFTER_REPORT),
+                    _ => None,
+                };
+                self.stop(row, vm.as_mut(), poweroff).await
             }
         };
         if let Err(e) = vm.cleanup().await {
@@ -547,19 +617,32 @@ impl Node {
         }
         let code = exit.as_ref().and_then(|e| e.code);
         self.metrics.observe_vmm_exit(code);
-        (outcome, code)
+        (outcome, code, powered_off)
     }
 
     /// The VM's parameters and secrets: the build's key (no S3 key: the node grants the VM its
-    /// upload, [`crate::uploads`]), the build's credentials from its file, and its build args when they do not fit the kernel
-    /// command line.
-    fn launch_inputs(&self, row: &BuildRow, key: String) -> Result<(BuildParams, Secrets), String> {
+    /// upload, [`crate::uploads`]), the build's credentials from its file, the rootfs it may
+    /// reuse when its image is unchanged ([`crate::cache::reuse_offer`]), and its build args
+    /// when they do not fit the kernel command line.
+    async fn launch_inputs(
+        &self,
+        row: &BuildRow,
+        key: String,
+        fork: Option<&crate::cache::BuildFork>,
+    ) -> Result<(BuildParams, Secrets), String> {
         let mut params = row
             .request
             .to_params(&row.id, &self.config.vm_base_url(), self.limits())
             .map_err(|e| format!("the stored request is no longer valid: {e}"))?;
         if self.config.per_vm_listener() {
             params.mirrored_registries = self.mirror.registries();
+        }
+        if let Some(cache_id) = fork.and_then(crate::cache::BuildFork::cache_id) {
+            if self.uploads() {
+                params.reuse = crate::cache::reuse_offer(&self.db, row, &cache_id)
+                    .await
+                    .map_err(|e| crate::error_chain(&e))?;
+            }
         }
         let mut secrets = Secrets {
             webhook_secret: Some(key),
@@ -654,11 +737,17 @@ impl Node {
         }
     }
 
-    /// Ends a VM that has not exited: lets it power off after a report, kills it otherwise.
-    async fn stop(&self, row: &BuildRow, vm: &mut dyn RunningVm, reported: bool) -> Option<VmExit> {
-        if reported {
-            if let Ok(Ok(exit)) = tokio::time::timeout(POWEROFF_AFTER_REPORT, vm.wait()).await {
-                return Some(exit);
+    /// Ends a VM that has not exited: lets it power off within `poweroff` (after a report),
+    /// kills it otherwise. Returns its exit and whether it powered itself off.
+    async fn stop(
+        &self,
+        row: &BuildRow,
+        vm: &mut dyn RunningVm,
+        poweroff: Option<Duration>,
+    ) -> (Option<VmExit>, bool) {
+        if let Some(within) = poweroff {
+            if let Ok(Ok(exit)) = tokio::time::timeout(within, vm.wait()).await {
+                return (Some(exit), true);
             }
         }
         if let Err(e) = vm.kill().await {
@@ -668,7 +757,7 @@ impl Node {
                 "cannot kill the VM"
             );
         }
-        vm.wait().await.ok()
+        (vm.wait().await.ok(), false)
     }
 
     /// The build's credential values, to scrub what is kept of it; none when its file cannot
@@ -753,8 +842,8 @@ impl Node {
             }
         };
         let (to, mut report, detail) = match outcome {
-            Outcome::Report(mut r) => {
-                self.upload_grants.check_report(row, &mut r);
+            // Held to the upload by the supervisor ([`Node::supervise`]).
+            Outcome::Report(r) => {
                 let to = match r.status {
                     BuildStatus::Succeeded => BuildState::Succeeded,
                     BuildStatus::Failed => BuildState::Failed,

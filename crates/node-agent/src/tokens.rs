@@ -224,6 +224,10 @@ pub struct TokenEntry {
     /// The hosts its `notify_url`s may name.
     #[serde(default)]
     pub notify_hosts: Vec<HostScope>,
+    /// The build-cache namespace of its builds (default: its name); tokens given the same one
+    /// share their caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_namespace: Option<TokenName>,
 }
 
 /// The webhook key of a removed token, kept so the webhooks of its builds still pending are
@@ -317,6 +321,8 @@ pub struct Caller {
     pub admin: bool,
     buckets: Vec<BucketScope>,
     notify_hosts: Vec<HostScope>,
+    /// The namespace of its build caches: its token's `cache_namespace`, else its name.
+    pub cache_namespace: String,
     /// The HMAC key of its dashboard sessions: the token's hash, which only the node has.
     session_key: [u8; 32],
 }
@@ -419,8 +425,14 @@ impl TokenEntry {
             admin: self.admin,
             buckets: self.buckets.clone(),
             notify_hosts: self.notify_hosts.clone(),
+            cache_namespace: self.cache_namespace().to_string(),
             session_key,
         }
+    }
+
+    /// The namespace of this token's build caches: `cache_namespace`, else its name.
+    fn cache_namespace(&self) -> &str {
+        self.cache_namespace.as_ref().unwrap_or(&self.name).as_str()
     }
 }
 
@@ -457,6 +469,7 @@ impl Tokens {
                 admin: true,
                 buckets: vec![BucketScope::any()],
                 notify_hosts: vec![HostScope::any()],
+                cache_namespace: ADMIN_REQUESTER.to_string(),
                 session_key: sha256(admin_token),
             },
             cache: Mutex::new(None),
@@ -530,6 +543,17 @@ impl Tokens {
             .iter()
             .find(|(e, _)| e.admin && e.name.as_str() == name)
             .map(|(e, hash)| e.caller(*hash))
+    }
+
+    /// The namespace of `requester`'s build caches: its token's `cache_namespace`, else the
+    /// requester itself (also for a requester without a token, such as the admin's).
+    pub fn cache_namespace(&self, requester: &str) -> String {
+        self.loaded()
+            .entries
+            .iter()
+            .find(|(e, _)| e.name.as_str() == requester)
+            .map_or(requester, |(e, _)| e.cache_namespace())
+            .to_string()
     }
 
     /// The key that signs webhooks of `requester`'s builds: its token's own (or, once the
@@ -654,6 +678,7 @@ impl TokensFile {
         admin: bool,
         buckets: Vec<BucketScope>,
         notify_hosts: Vec<HostScope>,
+        cache_namespace: Option<TokenName>,
         replace: bool,
     ) -> Result<Issued, TokenError> {
         TokensFile::edit(path, |file| {
@@ -679,6 +704,7 @@ impl TokensFile {
                 admin,
                 buckets,
                 notify_hosts,
+                cache_namespace,
             });
             Ok(issued)
         })
@@ -742,6 +768,7 @@ mod tests {
                 .iter()
                 .map(|h| HostScope::try_from(h.to_string()).unwrap())
                 .collect(),
+            cache_namespace: None,
         }
         .caller([0; 32])
     }
@@ -825,7 +852,8 @@ mod tests {
         let tokens = Tokens::new(path.clone(), "legacy");
         assert_eq!(tokens.authenticate("legacy").unwrap().name, ADMIN_REQUESTER);
         let name = TokenName::try_from("alice".to_string()).unwrap();
-        let issued = TokensFile::add(&path, name.clone(), false, vec![], vec![], false).unwrap();
+        let issued =
+            TokensFile::add(&path, name.clone(), false, vec![], vec![], None, false).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&issued.token), "the token is stored: {text}");
         assert!(text.contains(&issued.webhook_key));
@@ -841,7 +869,7 @@ mod tests {
         );
         assert_eq!(tokens.webhook_key("never-had-one"), None);
         assert!(matches!(
-            TokensFile::add(&path, name, false, vec![], vec![], false),
+            TokensFile::add(&path, name, false, vec![], vec![], None, false),
             Err(TokenError::Exists { .. })
         ));
         // Readable by others: refused as a whole.
@@ -863,6 +891,7 @@ mod tests {
             false,
             vec![],
             vec![],
+            None,
             false,
         )
         .unwrap();

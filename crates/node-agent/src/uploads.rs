@@ -22,7 +22,8 @@ use builder_contract::upload::{
     UploadStarted, UploadVerified,
 };
 use builder_contract::{
-    BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, S3Credentials, S3Location,
+    BuildFailure, BuildReport, BuildStatus, ErrorClass, Phase, RootfsArtifact, RootfsReuse,
+    S3Credentials, S3Location,
 };
 use builder_s3::{md5_hex, multipart_etag, Expected, ObjectAttributes, S3Client, S3Error};
 
@@ -417,22 +418,35 @@ impl Uploads {
     }
 
     /// Holds a succeeded report to the request and the verified upload: its rootfs must be at
-    /// the build's location, with the verified size and SHA-256. A report that is not fails
-    /// the build (class `internal`, phase `upload`), the message naming the field.
-    pub fn check_report(&self, row: &BuildRow, report: &mut BuildReport) {
+    /// the build's location, with the verified size and SHA-256; a rootfs `reused` instead
+    /// must be the one `offer`ed, and the object there must still carry its SHA-256 and image
+    /// digest (with its config beside it). A report that is not fails the build (class
+    /// `internal`, phase `upload`), the message naming the field.
+    pub async fn check_report(
+        &self,
+        row: &BuildRow,
+        report: &mut BuildReport,
+        offer: Option<&RootfsReuse>,
+    ) {
         if report.status != BuildStatus::Succeeded {
             return;
         }
         let Ok(location) = location(row) else {
             return;
         };
-        let verified = self
-            .open
-            .lock()
-            .expect("uploads lock")
-            .get(&row.id)
-            .and_then(|o| o.verified.clone());
-        if let Err((field, reason)) = report_matches(report, &location, verified.as_ref()) {
+        let reused = report.rootfs.as_ref().is_some_and(|r| r.reused);
+        let checked = if reused {
+            self.check_reuse(report, &location, offer).await
+        } else {
+            let verified = self
+                .open
+                .lock()
+                .expect("uploads lock")
+                .get(&row.id)
+                .and_then(|o| o.verified.clone());
+            report_matches(report, &location, verified.as_ref())
+        };
+        if let Err((field, reason)) = checked {
             tracing::warn!(
                 build_id = row.id,
                 field,
@@ -447,6 +461,88 @@ impl Uploads {
                 message: format!("the report's `{field}` does not hold: {reason}"),
             });
         }
+    }
+
+    /// Whether a report's reused rootfs is the one offered and still at the location.
+    async fn check_reuse(
+        &self,
+        report: &BuildReport,
+        location: &S3Location,
+        offer: Option<&RootfsReuse>,
+    ) -> Result<(), (&'static str, String)> {
+        let rootfs = report
+            .rootfs
+            .as_ref()
+            .ok_or(("rootfs", "a succeeded build reports no rootfs".to_string()))?;
+        let offer = offer.ok_or((
+            "rootfs.reused",
+            "the node offered no rootfs to reuse".to_string(),
+        ))?;
+        check_locations(rootfs, location)?;
+        let digest = report.image_digest.as_deref().unwrap_or_default();
+        for (field, said, offered) in [
+            ("image_digest", digest, offer.image_digest.as_str()),
+            (
+                "rootfs.sha256",
+                rootfs.sha256.as_str(),
+                offer.sha256.as_str(),
+            ),
+        ] {
+            if said != offered {
+                return Err((field, format!("it says {said}, the reuse offer {offered}")));
+            }
+        }
+        if rootfs.size_bytes != offer.size_bytes {
+            return Err((
+                "rootfs.size_bytes",
+                format!(
+                    "it says {}, the reuse offer {}",
+                    rootfs.size_bytes, offer.size_bytes
+                ),
+            ));
+        }
+        let client = self.client.as_ref().ok_or((
+            "rootfs.reused",
+            "this node has no S3 credentials to check the object with".to_string(),
+        ))?;
+        let head = client
+            .head(&location.bucket, &location.key)
+            .await
+            .map_err(|e| {
+                (
+                    "rootfs.reused",
+                    format!("the object: {}", crate::error_chain(&e)),
+                )
+            })?;
+        for (name, expected) in [
+            ("rootfs-sha256", offer.sha256.as_str()),
+            ("image-digest", offer.image_digest.as_str()),
+        ] {
+            let value = head
+                .metadata
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            if value != Some(expected) {
+                return Err((
+                    "rootfs.reused",
+                    format!(
+                        "the object's `{name}` is {}, not {expected}",
+                        value.unwrap_or("missing")
+                    ),
+                ));
+            }
+        }
+        client
+            .head(&location.bucket, &location.config_key())
+            .await
+            .map_err(|e| {
+                (
+                    "rootfs.config_location",
+                    format!("the config object: {}", crate::error_chain(&e)),
+                )
+            })?;
+        Ok(())
     }
 
     /// Takes what build `build_id` has open here, at its end.
@@ -657,17 +753,11 @@ async fn check_config(
     Ok(())
 }
 
-/// Whether a succeeded report's rootfs is what was requested and verified; else the field
-/// that is not, and why.
-fn report_matches(
-    report: &BuildReport,
+/// Whether a report's rootfs and config locations are the request's.
+fn check_locations(
+    rootfs: &RootfsArtifact,
     location: &S3Location,
-    verified: Option<&UploadVerified>,
 ) -> Result<(), (&'static str, String)> {
-    let rootfs = report
-        .rootfs
-        .as_ref()
-        .ok_or(("rootfs", "a succeeded build reports no rootfs".to_string()))?;
     let expected = location.to_string();
     if rootfs.location != expected {
         return Err((
@@ -682,6 +772,21 @@ fn report_matches(
             format!("it says {}, the request {config}", rootfs.config_location),
         ));
     }
+    Ok(())
+}
+
+/// Whether a succeeded report's rootfs is what was requested and verified; else the field
+/// that is not, and why.
+fn report_matches(
+    report: &BuildReport,
+    location: &S3Location,
+    verified: Option<&UploadVerified>,
+) -> Result<(), (&'static str, String)> {
+    let rootfs = report
+        .rootfs
+        .as_ref()
+        .ok_or(("rootfs", "a succeeded build reports no rootfs".to_string()))?;
+    check_locations(rootfs, location)?;
     let verified = verified.ok_or((
         "rootfs.location",
         "no upload to it was completed and verified by this node".to_string(),

@@ -27,7 +27,9 @@ pub const TEST_VM_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 5
 /// The source upload limit of test daemons.
 pub const MAX_SOURCE_BYTES: u64 = 1 << 20;
 
-/// A launcher whose VMs are `sh -c SCRIPT` with the console on stdout.
+/// A launcher whose VMs are `sh -c SCRIPT` with the console on stdout, the build id in
+/// `BUILD_ID` and the build's cache disk (`LaunchSpec.cache_disk`) in `CACHE_DISK` (empty
+/// without one).
 pub struct ScriptLauncher {
     pub script: Mutex<String>,
     pub launched: Mutex<Vec<LaunchSpec>>,
@@ -84,9 +86,12 @@ impl Launcher for ScriptLauncher {
             );
             let console = std::fs::File::create(&spec.console_log).unwrap();
             let vmm_log = std::fs::File::create(&spec.vmm_log).unwrap();
+            let cache_disk = spec.cache_disk.clone().unwrap_or_default();
             let child = tokio::process::Command::new("sh")
                 .arg("-c")
                 .arg(self.script.lock().unwrap().clone())
+                .env("BUILD_ID", &spec.build_id)
+                .env("CACHE_DISK", cache_disk)
                 .stdout(Stdio::from(console))
                 .stderr(Stdio::from(vmm_log))
                 .kill_on_drop(true)
@@ -177,6 +182,9 @@ pub struct Options {
     pub notify_allow: Vec<String>,
     /// `tls_cert_file` and `tls_key_file`: the API serves HTTPS (`base` is `https://`).
     pub tls: Option<node_agent::config::TlsFiles>,
+    /// `cache`: off by default here (1 GiB disks, sparse copies, `cache_max_mib` as given).
+    pub cache: bool,
+    pub cache_max_mib: Option<u64>,
 }
 
 impl Default for Options {
@@ -192,6 +200,8 @@ impl Default for Options {
             retention_days: None,
             notify_allow: vec!["127.0.0.0/8".into()],
             tls: None,
+            cache: false,
+            cache_max_mib: None,
         }
     }
 }
@@ -270,6 +280,10 @@ pub async fn start(work_dir: &Path, launcher: Arc<dyn Launcher>, o: Options) -> 
         notify_allow: Some(o.notify_allow),
         tls_cert_file: o.tls.as_ref().map(|t| t.cert.clone()),
         tls_key_file: o.tls.as_ref().map(|t| t.key.clone()),
+        cache: Some(o.cache),
+        cache_disk_gib: Some(1),
+        cache_max_mib: o.cache_max_mib,
+        cache_reflink_image_gib: Some(0),
         ..Default::default()
     };
     let config = Config::load(&args).unwrap();
