@@ -41,10 +41,11 @@ spawn() {
 
 # wait_for SECONDS WHAT CMD...
 wait_for() {
-	local deadline=$((SECONDS + $1)) what=$2
+	local seconds=$1 what=$2
+	local deadline=$((SECONDS + seconds))
 	shift 2
 	until "$@" >/dev/null 2>&1; do
-		((SECONDS < deadline)) || bt_die "outside: $what not ready after $1 s"
+		((SECONDS < deadline)) || bt_die "outside: $what not ready after $seconds s"
 		sleep 0.2
 	done
 }
