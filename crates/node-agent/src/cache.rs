@@ -12,6 +12,10 @@ use builder_contract::RootfsReuse;
 use crate::db::{BuildRow, Db, DbError, Update};
 use crate::metrics::Metrics;
 
+/// How long a VM with a cache disk may take to power off after its report: the guest stops
+/// dockerd and unmounts the cache first.
+pub const POWEROFF_WITH_CACHE: Duration = Duration::from_secs(90);
+
 /// What a build got of the build cache, as recorded in its `cache` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
@@ -304,7 +308,3 @@ async fn note(db: &Db, node_id: &str, row: &BuildRow, detail: &str, update: Upda
         );
     }
 }
-
-/// How long a VM with a cache disk may take to power off after its report: the guest stops
-/// dockerd and unmounts the cache first.
-pub const POWEROFF_WITH_CACHE: Duration = Duration::from_secs(90);
