@@ -868,6 +868,28 @@ mod tests {
             Some(issued.webhook_key.clone())
         );
         assert_eq!(tokens.webhook_key("never-had-one"), None);
+        // Build caches: its own namespace, unless it is given one to share.
+        assert_eq!(tokens.cache_namespace("alice"), "alice");
+        assert_eq!(tokens.cache_namespace(ADMIN_REQUESTER), ADMIN_REQUESTER);
+        let team = TokenName::try_from("team".to_string()).unwrap();
+        let bot = TokensFile::add(
+            &path,
+            TokenName::try_from("bot".to_string()).unwrap(),
+            false,
+            vec![],
+            vec![],
+            Some(team),
+            false,
+        )
+        .unwrap();
+        assert_eq!(tokens.cache_namespace("bot"), "team");
+        assert_eq!(
+            tokens.authenticate(&bot.token).unwrap().cache_namespace,
+            "team"
+        );
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("cache_namespace = \"team\""));
         assert!(matches!(
             TokensFile::add(&path, name, false, vec![], vec![], None, false),
             Err(TokenError::Exists { .. })
