@@ -876,11 +876,20 @@ fn kill_leftover(dir: &Path) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         tracing::info!(pid, dir = %dir.display(), "killed a registry mirror a previous run left");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        while running(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     let _ = std::fs::remove_file(pid_path);
+}
+
+/// Whether process `pid` still runs: it exists and is not a zombie (its leader shows `Z` once
+/// killed, while its other threads finish dying; the kill cannot be stopped then).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// `(name, tag)` of a `/v2/<name>/manifests/<tag>` path; `None` for other paths and for

@@ -121,9 +121,9 @@ impl Upstream {
     }
 
     /// Requests the upstream has answered so far.
-    fn requests(&self) -> usize {
+    async fn requests(&self) -> usize {
         // The registry writes each line whole; a pause lets the last ones land.
-        std::thread::sleep(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(300)).await;
         std::fs::read_to_string(&self.log)
             .unwrap()
             .lines()
@@ -402,13 +402,13 @@ async fn a_second_pull_never_reaches_the_upstream_and_only_pulls_of_mirrored_hos
     let api = serve(router(node.clone(), sources)).await;
     let mut seen = Seen::default();
 
-    let before = upstream.requests();
+    let before = upstream.requests().await;
     pull(&http, vm, &host, &mut seen).await;
-    let first = upstream.requests() - before;
+    let first = upstream.requests().await - before;
     assert!(first > 0, "the first pull reached the upstream");
     pull(&http, vm, &host, &mut seen).await;
     assert_eq!(
-        upstream.requests() - before,
+        upstream.requests().await - before,
         first,
         "the second pull made requests to the upstream"
     );
@@ -480,10 +480,10 @@ async fn a_second_pull_never_reaches_the_upstream_and_only_pulls_of_mirrored_hos
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     mirror_ready(&node).await;
-    let before = upstream.requests();
+    let before = upstream.requests().await;
     pull(&http, vm, &host, &mut seen).await;
     assert_eq!(
-        upstream.requests(),
+        upstream.requests().await,
         before,
         "the restarted registry asked the upstream"
     );
@@ -554,17 +554,43 @@ async fn a_registry_a_crashed_run_left_is_killed_at_start() {
     }
 
     // A run that crashed: its registry still runs, its pid file still names it.
+    let registry_config = registry_dir.join("config.yml");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&registry_config).unwrap()).unwrap();
+    let leftover_addr = written["http"]["addr"].as_str().unwrap().to_string();
+    let leftover_log = dir.path().join("leftover.log");
     let mut leftover = Command::new("/usr/bin/docker-registry")
         .arg("serve")
-        .arg(registry_dir.join("config.yml"))
+        .arg(&registry_config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&leftover_log).unwrap())
         .spawn()
         .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http
+        .get(format!("http://{leftover_addr}/v2/"))
+        .send()
+        .await
+        .is_ok_and(|a| a.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline && leftover.try_wait().unwrap().is_none(),
+            "the leftover registry does not serve: {:?}",
+            std::fs::read_to_string(&leftover_log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     std::fs::write(registry_dir.join("registry.pid"), leftover.id().to_string()).unwrap();
     let second = Mirror::start(&config.mirror, Arc::new(MirrorMetrics::default())).unwrap();
-    let status = leftover.try_wait().unwrap();
+    // Killed: reaped once its last thread is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = leftover.try_wait().unwrap();
+    while status.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = leftover.try_wait().unwrap();
+    }
     assert!(
         status.is_some_and(
             |s| std::os::unix::process::ExitStatusExt::signal(&s) == Some(libc::SIGKILL)
