@@ -27,6 +27,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use builder_retry::RetryPolicy;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncBufReadExt;
 use url::Url;
@@ -631,8 +632,16 @@ impl Mirror {
         let body = if status.is_success() || method == Method::HEAD {
             Body::from_stream(answer.bytes_stream())
         } else {
-            let bytes = answer.bytes().await.unwrap_or_default();
-            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_ERROR_BODY)]);
+            let mut bytes = Vec::new();
+            let mut chunks = answer.bytes_stream();
+            while let Some(Ok(chunk)) = chunks.next().await {
+                bytes.extend_from_slice(&chunk);
+                if bytes.len() >= MAX_ERROR_BODY {
+                    bytes.truncate(MAX_ERROR_BODY);
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
             passed.remove(header::CONTENT_LENGTH);
             Body::from(scrub(&text, &instance.secret_refs()))
         };
