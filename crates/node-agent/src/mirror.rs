@@ -224,7 +224,7 @@ pub enum MirrorError {
 
 /// Why one run of an upstream's registry ended (logged, and shown by `/readyz` meanwhile).
 #[derive(Debug, thiserror::Error)]
-enum RunError {
+enum RegistryRunError {
     #[error("the upstream {url} does not answer /v2/ yet")]
     UpstreamDown {
         url: Url,
@@ -251,7 +251,7 @@ enum RunError {
 
 /// What one proxied request came to, the `result` label of `node_agent_mirror_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+enum PullResult {
     /// `GET /v2/`, answered by the node.
     Local,
     /// A tag answered by its cached digest.
@@ -262,31 +262,31 @@ enum Outcome {
     Unavailable,
 }
 
-impl Outcome {
+impl PullResult {
     fn as_str(self) -> &'static str {
         match self {
-            Outcome::Local => "local",
-            Outcome::TagCache => "tag_cache",
-            Outcome::Proxied => "proxied",
-            Outcome::Unavailable => "unavailable",
+            PullResult::Local => "local",
+            PullResult::TagCache => "tag_cache",
+            PullResult::Proxied => "proxied",
+            PullResult::Unavailable => "unavailable",
         }
     }
 }
 
 /// One upstream's registry child and what it is doing.
 #[derive(Debug)]
-struct Instance {
+struct UpstreamRegistry {
     upstream: MirrorUpstream,
     dir: PathBuf,
     /// The upstream URL with the login in its userinfo: only ever written to the 0600 config.
     remote_with_login: Url,
     /// The password and its percent-encoded form, scrubbed from everything passed on.
     secrets: Vec<String>,
-    state: Mutex<InstanceState>,
+    state: Mutex<RegistryState>,
 }
 
 #[derive(Debug, Clone)]
-struct InstanceState {
+struct RegistryState {
     /// The registry's address while it answers.
     serving: Option<SocketAddr>,
     pid: Option<u32>,
@@ -320,7 +320,7 @@ struct CachedTag {
 /// The running mirror: one supervised registry per upstream, the tag cache and the proxy.
 #[derive(Debug)]
 pub struct Mirror {
-    instances: Vec<Arc<Instance>>,
+    instances: Vec<Arc<UpstreamRegistry>>,
     tag_ttl: Duration,
     tags: Mutex<HashMap<TagKey, CachedTag>>,
     metrics: Arc<MirrorMetrics>,
@@ -382,12 +382,12 @@ impl Mirror {
                 secrets.push(password);
             }
             metrics.track(&upstream.upstream);
-            instances.push(Arc::new(Instance {
+            instances.push(Arc::new(UpstreamRegistry {
                 upstream: upstream.clone(),
                 dir,
                 remote_with_login,
                 secrets,
-                state: Mutex::new(InstanceState {
+                state: Mutex::new(RegistryState {
                     serving: None,
                     pid: None,
                     detail: "starting".to_string(),
@@ -499,7 +499,7 @@ impl Mirror {
         let path = request.uri().path();
         if path == "/v2/" || path == "/v2" {
             self.metrics
-                .observe_request(upstream, Outcome::Local.as_str());
+                .observe_request(upstream, PullResult::Local.as_str());
             return (
                 [
                     (header::CONTENT_TYPE, "application/json"),
@@ -525,7 +525,7 @@ impl Mirror {
                 match self.forward(instance, &method, &by_digest, headers).await {
                     Ok(answer) if answer.status().is_success() => {
                         self.metrics
-                            .observe_request(upstream, Outcome::TagCache.as_str());
+                            .observe_request(upstream, PullResult::TagCache.as_str());
                         return answer;
                     }
                     // Gone from the registry's storage, say: ask as the VM did.
@@ -543,12 +543,12 @@ impl Mirror {
                     self.remember(key, &answer);
                 }
                 self.metrics
-                    .observe_request(upstream, Outcome::Proxied.as_str());
+                    .observe_request(upstream, PullResult::Proxied.as_str());
                 answer
             }
             Err(answer) => {
                 self.metrics
-                    .observe_request(upstream, Outcome::Unavailable.as_str());
+                    .observe_request(upstream, PullResult::Unavailable.as_str());
                 answer
             }
         }
@@ -594,7 +594,7 @@ impl Mirror {
     /// 503 when the registry is not serving or did not answer.
     async fn forward(
         &self,
-        instance: &Instance,
+        instance: &UpstreamRegistry,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
@@ -652,13 +652,13 @@ impl Mirror {
     }
 }
 
-impl Instance {
-    fn state(&self) -> InstanceState {
+impl UpstreamRegistry {
+    fn state(&self) -> RegistryState {
         self.state.lock().expect("mirror state lock").clone()
     }
 
     fn set_state(&self, serving: Option<SocketAddr>, pid: Option<u32>, detail: String) {
-        *self.state.lock().expect("mirror state lock") = InstanceState {
+        *self.state.lock().expect("mirror state lock") = RegistryState {
             serving,
             pid,
             detail,
@@ -679,7 +679,7 @@ impl Instance {
 
     /// The registry's config on `port` (JSON, which YAML reads): proxy mode, log level warn
     /// (info prints the remote URL, password included), written 0600.
-    fn write_config(&self, port: u16) -> Result<(), RunError> {
+    fn write_config(&self, port: u16) -> Result<(), RegistryRunError> {
         use std::io::Write;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let config = serde_json::json!({
@@ -703,14 +703,14 @@ impl Instance {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             file.write_all(config.to_string().as_bytes())
         };
-        write().map_err(|source| RunError::WriteConfig {
+        write().map_err(|source| RegistryRunError::WriteConfig {
             path: path.clone(),
             source,
         })
     }
 
     /// One run: waits for the upstream, starts the registry, serves until it exits.
-    async fn run(&self, http: &reqwest::Client) -> Result<(), RunError> {
+    async fn run(&self, http: &reqwest::Client) -> Result<(), RegistryRunError> {
         let probe = self
             .upstream
             .remote_url
@@ -720,13 +720,13 @@ impl Instance {
             .timeout(PROBE_TIMEOUT)
             .send()
             .await
-            .map_err(|source| RunError::UpstreamDown {
+            .map_err(|source| RegistryRunError::UpstreamDown {
                 url: probe,
                 source: source.without_url(),
             })?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .map_err(RunError::Port)?
+            .map_err(RegistryRunError::Port)?
             .port();
         self.write_config(port)?;
         let mut command = tokio::process::Command::new(REGISTRY_BIN);
@@ -747,7 +747,7 @@ impl Instance {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(RunError::Spawn)?;
+        let mut child = command.spawn().map_err(RegistryRunError::Spawn)?;
         let pid = child.id();
         if let Some(pid) = pid {
             if let Err(e) = std::fs::write(self.pid_path(), pid.to_string()) {
@@ -769,18 +769,18 @@ impl Instance {
         self.set_state(None, pid, format!("starting on {addr}"));
         let outcome = tokio::select! {
             status = child.wait() => match status {
-                Ok(status) => Err(RunError::Exited { status }),
-                Err(e) => Err(RunError::Wait(e)),
+                Ok(status) => Err(RegistryRunError::Exited { status }),
+                Err(e) => Err(RegistryRunError::Wait(e)),
             },
             answered = answers(http, addr) => if answered {
                 tracing::info!(upstream = self.upstream.upstream, %addr, "registry mirror serving");
                 self.set_state(Some(addr), pid, format!("answers on {addr}"));
                 match child.wait().await {
-                    Ok(status) => Err(RunError::Exited { status }),
-                    Err(e) => Err(RunError::Wait(e)),
+                    Ok(status) => Err(RegistryRunError::Exited { status }),
+                    Err(e) => Err(RegistryRunError::Wait(e)),
                 }
             } else {
-                Err(RunError::NotAnswering)
+                Err(RegistryRunError::NotAnswering)
             },
         };
         // Killed here when it is still running (it did not answer in time).
@@ -792,7 +792,11 @@ impl Instance {
 
 /// Supervises an upstream's registry for ever: runs it, and after it exits (or could not
 /// start) waits [`RESTART_BACKOFF`] and runs it again.
-async fn supervise(instance: Arc<Instance>, http: reqwest::Client, metrics: Arc<MirrorMetrics>) {
+async fn supervise(
+    instance: Arc<UpstreamRegistry>,
+    http: reqwest::Client,
+    metrics: Arc<MirrorMetrics>,
+) {
     let upstream = instance.upstream.upstream.clone();
     let mut failures = 0u32;
     loop {
