@@ -331,10 +331,15 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("{}", client::summary(&view));
             if let Some(r) = &view.rootfs {
                 println!(
-                    "rootfs: {} ({} bytes, sha256 {})",
+                    "rootfs: {} ({} bytes, sha256 {}){}",
                     r.location,
                     r.size_bytes.unwrap_or(0),
-                    r.sha256.as_deref().unwrap_or("-")
+                    r.sha256.as_deref().unwrap_or("-"),
+                    if r.reused {
+                        ", reused: the image did not change"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(client::exit_code(&view))
@@ -430,7 +435,13 @@ fn token(file: TokenFileArgs, command: TokenCommand) -> Result<()> {
             replace,
         } => {
             let name = TokenName::try_from(name)?;
-            let cache_namespace = cache_namespace.map(TokenName::try_from).transpose()?;
+            let cache_namespace = cache_namespace
+                .map(|ns| {
+                    TokenName::try_from(ns).context(
+                        "--cache-namespace is not valid (a namespace is written like a token name)",
+                    )
+                })
+                .transpose()?;
             let buckets = buckets
                 .into_iter()
                 .map(BucketScope::try_from)

@@ -358,8 +358,31 @@ async fn caches_are_per_token_unless_tokens_share_a_namespace_and_the_api_keeps_
     assert_eq!(alice.get("/v1/caches/not-an-id").await.0, 400);
     let (status, one) = alice.get(&format!("/v1/caches/{alices}")).await;
     assert_eq!((status, one["id"].as_str()), (200, Some(alices)));
-    assert_eq!(delete(&alice, alices).await, 200);
+    // The CLI: `cache list` shows alice's one cache, `cache delete` removes it.
+    let token_file = dir.path().join("alice-token");
+    std::fs::write(&token_file, &alice.token).unwrap();
+    // The daemon answers on this test's runtime: the CLI runs beside it, not blocking it.
+    let cli = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .arg("cache")
+            .args(args)
+            .args(["--server", &d.base])
+            .arg("--token-file")
+            .arg(&token_file)
+            .output()
+    };
+    let listed = cli(&["list"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{listed:?}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.starts_with(alices) && stdout.contains("alice/https://git.example/app.git"),
+        "{stdout}"
+    );
+    let deleted = cli(&["delete", alices]).await.unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
     assert_eq!(delete(&alice, alices).await, 404);
+    assert!(!cli(&["delete", bobs]).await.unwrap().status.success());
     let (_, list) = alice.get("/v1/caches").await;
     assert_eq!(list["caches"].as_array().unwrap().len(), 0);
     assert_eq!(bob.get(&format!("/v1/caches/{bobs}")).await.0, 200);
