@@ -331,6 +331,9 @@ fn config(work_dir: &Path, upstream: SocketAddr) -> Config {
         config: Some(file),
         work_dir: Some(work_dir.to_path_buf()),
         vm_dns: Some(vec![common::TEST_VM_DNS]),
+        // No build cache: its XFS reflink image (on by default) would stay mounted in the
+        // test's temp dir.
+        cache: Some(false),
         ..Default::default()
     })
     .unwrap()
