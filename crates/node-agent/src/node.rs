@@ -65,6 +65,17 @@ pub enum Outcome {
     Internal(String),
 }
 
+/// How a build's VM run ended ([`Node::run_vm`]).
+struct VmRun {
+    outcome: Outcome,
+    /// The VMM's exit code.
+    code: Option<i32>,
+    /// The VM powered itself off (it was not killed).
+    powered_off: bool,
+    /// The rootfs the build was offered to reuse.
+    offer: Option<builder_contract::RootfsReuse>,
+}
+
 struct Running {
     /// The per-build key the guest signs its report with.
     key: String,
@@ -493,10 +504,12 @@ impl Node {
         let pool = self.cache_pool.as_ref();
         let fork =
             crate::cache::fork(pool, &self.db, node_id, &self.metrics, row, &namespace).await;
-        let mut offer = None;
-        let (mut outcome, code, powered_off) = self
-            .run_vm(row, cpus, key, signals, fork.as_ref(), &mut offer)
-            .await;
+        let VmRun {
+            mut outcome,
+            code,
+            powered_off,
+            offer,
+        } = self.run_vm(row, cpus, key, signals, fork.as_ref()).await;
         if let Outcome::Report(report) = &mut outcome {
             self.upload_grants
                 .check_report(row, report, offer.as_ref())
@@ -516,9 +529,7 @@ impl Node {
         (outcome, code)
     }
 
-    /// Launches and watches the VM until it ended. Returns how the build ended, the VMM's exit
-    /// code, and whether the VM powered itself off (it was not killed). `offer` is set to the
-    /// rootfs the build was offered to reuse.
+    /// Launches and watches the VM until it ended.
     async fn run_vm(
         &self,
         row: &BuildRow,
@@ -526,13 +537,18 @@ impl Node {
         key: String,
         mut signals: mpsc::Receiver<Signal>,
         fork: Option<&crate::cache::BuildFork>,
-        offer: &mut Option<builder_contract::RootfsReuse>,
-    ) -> (Outcome, Option<i32>, bool) {
+    ) -> VmRun {
+        let unlaunched = |outcome| VmRun {
+            outcome,
+            code: None,
+            powered_off: false,
+            offer: None,
+        };
         let (params, secrets) = match self.launch_inputs(row, key, fork).await {
             Ok(inputs) => inputs,
-            Err(message) => return (Outcome::Internal(message), None, false),
+            Err(message) => return unlaunched(Outcome::Internal(message)),
         };
-        offer.clone_from(&params.reuse);
+        let offer = params.reuse.clone();
         let console_log = self.config.log_path(&row.id);
         let vm_routes = self
             .config
@@ -562,7 +578,7 @@ impl Node {
         };
         let mut vm = match self.launcher.launch(spec).await {
             Ok(vm) => vm,
-            Err(e) => return (Outcome::Internal(crate::error_chain(&e)), None, false),
+            Err(e) => return unlaunched(Outcome::Internal(crate::error_chain(&e))),
         };
         let now = crate::now_ms();
         self.metrics.observe_admission(now - row.created_at_ms);
@@ -617,7 +633,12 @@ impl Node {
         }
         let code = exit.as_ref().and_then(|e| e.code);
         self.metrics.observe_vmm_exit(code);
-        (outcome, code, powered_off)
+        VmRun {
+            outcome,
+            code,
+            powered_off,
+            offer,
+        }
     }
 
     /// The VM's parameters and secrets: the build's key (no S3 key: the node grants the VM its
