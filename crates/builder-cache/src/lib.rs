@@ -61,6 +61,14 @@ pub enum CacheError {
     },
     #[error("the cache metadata {path} is missing beside its committed disk")]
     MetaMissing { path: PathBuf },
+    #[error("the cache pool {dir} is closed: the node agent is stopping")]
+    Closed { dir: PathBuf },
+    #[error("cannot unmount the XFS reflink image from the cache pool {dir}")]
+    Unmount {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,

@@ -50,6 +50,8 @@ struct PoolState {
     stats: CacheStats,
     /// The last time stamp handed out, so that this process's stamps strictly increase.
     last_stamp_unix_ms: u64,
+    /// [`CachePool::close`] ran: no more forks.
+    closed: bool,
 }
 
 /// The pool's lock, held: the in-process mutex and the `flock` on the lock file.
@@ -122,6 +124,19 @@ impl CachePool {
         self.method
     }
 
+    /// Ends the pool's use by this process (when no fork is live any more: the node agent
+    /// calls it after draining): no fork is made after it, and the XFS reflink image mounted on
+    /// the pool's directory is unmounted (lazily: this pool's lock file is still open in it),
+    /// so a stopped node leaves no mount behind. True when an image was unmounted.
+    pub fn close(&self) -> Result<bool, CacheError> {
+        let mut lock = self.lock()?;
+        lock.state.closed = true;
+        if self.config.reflink_image_bytes.is_none() {
+            return Ok(false);
+        }
+        reflink_pool::release(&self.config.dir)
+    }
+
     /// What opening the pool did that the caller should log (a reflink image mounted, or why
     /// none could be; leftovers removed).
     pub fn notes(&self) -> &[PoolNote] {
@@ -131,6 +146,11 @@ impl CachePool {
     /// A writable fork of `key`'s committed disk for one build (`fork_id` unique among live
     /// forks, e.g. the build id: 1 to 64 of `a-z`, `0-9`, `-`); a miss makes a new empty disk.
     pub fn fork(&self, key: &CacheKey, fork_id: &str) -> Result<CacheFork, CacheError> {
+        if self.state().closed {
+            return Err(CacheError::Closed {
+                dir: self.config.dir.clone(),
+            });
+        }
         let valid = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
         if fork_id.is_empty() || fork_id.len() > MAX_FORK_ID_LEN || !fork_id.bytes().all(valid) {
             return Err(CacheError::ForkId {

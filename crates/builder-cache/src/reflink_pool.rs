@@ -34,9 +34,7 @@ pub(crate) fn prepare(
     let Some(bytes) = image_bytes else {
         return Ok(ForkMethod::SparseCopy);
     };
-    let mut image = OsString::from(dir);
-    image.push(".xfs");
-    let image = PathBuf::from(image);
+    let image = image(dir);
     match mount_image(dir, &image, bytes) {
         Ok(made) => {
             notes.push(PoolNote::ReflinkImageMounted { image, made });
@@ -77,6 +75,41 @@ fn mount_image(dir: &Path, image: &Path, bytes: u64) -> Result<bool, String> {
         )),
         Err(e) => Err(error_chain(&e)),
     }
+}
+
+/// Unmounts the reflink image from `dir` when one is mounted there (`<dir>.xfs` exists and
+/// `dir` is a mount point); lazily, so open descriptors in it stay valid until closed, and the
+/// loop device goes with the last of them. True when it unmounted.
+pub(crate) fn release(dir: &Path) -> Result<bool, CacheError> {
+    let image_path = image(dir);
+    let mounted = is_mount_point(dir).map_err(|reason| CacheError::Unmount {
+        dir: dir.to_path_buf(),
+        source: std::io::Error::other(reason),
+    })?;
+    if !image_path.exists() || !mounted {
+        return Ok(false);
+    }
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| {
+        CacheError::Unmount {
+            dir: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        }
+    })?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads it only.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(CacheError::Unmount {
+            dir: dir.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(true)
+}
+
+/// The reflink image of the pool at `dir`: `<dir>.xfs`.
+fn image(dir: &Path) -> PathBuf {
+    let mut image = OsString::from(dir);
+    image.push(".xfs");
+    PathBuf::from(image)
 }
 
 fn make_image(image: &Path, bytes: u64) -> Result<(), String> {

@@ -1,7 +1,7 @@
 //! The pool on a directory whose file system cannot reflink (the host's ext4) given an XFS
 //! reflink image: made and loop-mounted on the first open, found mounted on the next, mounted
 //! again after an unmount with its keys intact; forks share the committed disk's extents.
-//! And the fallback to sparse copies when no XFS can be made.
+//! Closing the pool unmounts it. And the fallback to sparse copies when no XFS can be made.
 
 mod common;
 
@@ -77,6 +77,25 @@ fn an_xfs_image_is_mounted_on_the_pool_and_forks_are_reflinks() {
     fsck_clean(&fork.path);
     pool.commit(fork).unwrap();
     assert_eq!(pool.list().unwrap()[0].commits, 2);
+
+    // A stopping node closes its pool: no mount is left, no fork is made any more, and the
+    // next open mounts the image again with its keys.
+    assert!(pool.close().unwrap());
+    assert!(!mount_points().contains(&dir.canonicalize().unwrap()));
+    let err = pool.fork(&app, "too-late").unwrap_err();
+    assert!(err.to_string().contains("is closed"), "{err}");
+    drop(pool);
+    let pool = CachePool::open(xfs_config(dir.clone(), 512 << 20)).unwrap();
+    assert_eq!(pool.stats().keys, 1);
+    assert!(pool.close().unwrap());
+}
+
+fn mount_points() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
+        .collect()
 }
 
 #[test]

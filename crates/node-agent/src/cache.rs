@@ -93,6 +93,20 @@ pub async fn open_pool(config: builder_cache::PoolConfig) -> Result<Arc<CachePoo
     Ok(Arc::new(pool))
 }
 
+/// Closes the pool once the node has drained (no fork is live): a stopping node leaves no
+/// reflink image mounted; the next start mounts it again.
+pub async fn close_pool(pool: &Arc<CachePool>) {
+    let pool = pool.clone();
+    match tokio::task::spawn_blocking(move || pool.close())
+        .await
+        .expect("closing the cache pool does not panic")
+    {
+        Ok(true) => tracing::info!("build cache: unmounted the XFS reflink image"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = crate::error_chain(&e), "build cache"),
+    }
+}
+
 /// Forks the build's cache disk (a new empty one with `no_cache`) and records the outcome and
 /// an event line; a fork that fails is recorded as `error` and the build runs without a disk.
 pub async fn fork(

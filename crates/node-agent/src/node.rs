@@ -1054,6 +1054,9 @@ impl Node {
             }
             self.wait_idle().await;
         }
+        if let Some(pool) = &self.cache_pool {
+            crate::cache::close_pool(pool).await;
+        }
     }
 
     async fn wait_idle(&self) {
