@@ -35,9 +35,12 @@ fn project_file(env: &str, rel: &str) -> PathBuf {
     path
 }
 
-/// The daemon's process, killed when the test lets go of it (also when it panics), so a failed
-/// test leaves no daemon behind holding its VM network.
+/// The daemon's process, stopped when the test lets go of it (also when it panics), so a
+/// failed test leaves no daemon behind holding its VM network: SIGTERM first (the daemon
+/// drains and unmounts its cache pool's XFS image), SIGKILL after [`DAEMON_STOP_GRACE`].
 struct DaemonProcess(Child);
+
+const DAEMON_STOP_GRACE: Duration = Duration::from_secs(30);
 
 impl std::ops::Deref for DaemonProcess {
     type Target = Child;
@@ -54,10 +57,20 @@ impl std::ops::DerefMut for DaemonProcess {
 
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
         }
+        // SAFETY: kill takes any pid and signal; the child has not been reaped yet.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + DAEMON_STOP_GRACE;
+        while Instant::now() < deadline {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
