@@ -261,6 +261,22 @@ fn plug_guest(vm: &str, guest: &str, a: &VmAddresses) {
     must(&["ip", "-n", guest, "route", "add", "default", "via", &via]);
 }
 
+/// Applies `plan` on this (test) host; the guard undoes it.
+fn apply(plan: &NetworkPlan) -> common::Guard {
+    let system: Arc<dyn Host> = Arc::new(SystemHost);
+    let mut stack = CleanupStack::new();
+    let applied = plan.apply(&system, &mut stack);
+    let guard = common::Guard(stack);
+    applied.unwrap();
+    guard
+}
+
+/// Undoes what `guard` holds and checks that VM `vm` left nothing on the host.
+fn tear_down(guard: common::Guard, vm: &str) {
+    guard.finish().unwrap();
+    assert_eq!(common::leftovers(vm, &[]), Vec::<String>::new());
+}
+
 /// `iptables ARGS...` in the current namespace.
 fn iptables(args: &[&str]) -> String {
     must(&[&["iptables", "-w"][..], args].concat())
@@ -268,13 +284,9 @@ fn iptables(args: &[&str]) -> String {
 
 #[test]
 fn setup_works_and_teardown_leaves_nothing() {
-    let host: Arc<dyn Host> = Arc::new(SystemHost);
     let plan = plan("net", 4001, Some(12345), listener_only());
     let ns = plan.tag.clone();
-    let mut stack = CleanupStack::new();
-    let applied = plan.apply(&host, &mut stack);
-    let guard = common::Guard(stack);
-    applied.unwrap();
+    let guard = apply(&plan);
 
     let (_, netns) = run(&["ip", "netns", "list"]);
     assert!(netns.lines().any(|l| l.starts_with(&ns)), "{netns}");
@@ -386,8 +398,7 @@ fn setup_works_and_teardown_leaves_nothing() {
         .max();
     assert!(ours.is_some() && ours > last_foreign, "{forward}");
 
-    guard.finish().unwrap();
-    assert_eq!(common::leftovers(&ns, &[]), Vec::<String>::new());
+    tear_down(guard, &ns);
     let (_, raw) = run(&["iptables", "-t", "raw", "-S"]);
     assert!(!raw.contains(&plan.host_veth), "{raw}");
 }
@@ -499,11 +510,7 @@ fn the_guest_reaches_the_internet_and_nothing_private() {
             "10.252.0.2:18086",
         ]);
 
-        let system: Arc<dyn Host> = Arc::new(SystemHost);
-        let mut stack = CleanupStack::new();
-        let applied = plan.apply(&system, &mut stack);
-        let guard = common::Guard(stack);
-        applied.unwrap();
+        let guard = apply(&plan);
         // DOCKER-USER still runs before the VM's accept.
         let forward = iptables(&["-S", "FORWARD"]);
         let docker_user = forward.find("-j DOCKER-USER").unwrap();
@@ -623,8 +630,7 @@ fn the_guest_reaches_the_internet_and_nothing_private() {
             .concat(),
         );
 
-        guard.finish().unwrap();
-        assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
+        tear_down(guard, &vm);
         let raw = iptables(&["-t", "raw", "-S"]);
         assert!(!raw.contains(&hv), "{raw}");
     });
@@ -666,11 +672,7 @@ fn an_allowlist_cannot_open_what_the_operator_blocks() {
             &["10.252.0.2/24", "10.252.1.2/24"],
             "10.252.0.1",
         );
-        let system: Arc<dyn Host> = Arc::new(SystemHost);
-        let mut stack = CleanupStack::new();
-        let applied = plan.apply(&system, &mut stack);
-        let guard = common::Guard(stack);
-        applied.unwrap();
+        let guard = apply(&plan);
         plug_guest(&vm, &guest, &a);
         let _servers = [
             Greeter::start(&inet, 18082),
@@ -683,8 +685,7 @@ fn an_allowlist_cannot_open_what_the_operator_blocks() {
             probe("listed but private", &guest, "10.252.0.2:18087", false),
             probe("listed and excepted", &guest, "10.252.1.2:18087", true),
         ]);
-        guard.finish().unwrap();
-        assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
+        tear_down(guard, &vm);
     });
 }
 
@@ -725,11 +726,7 @@ fn redirected_registries_reach_the_listener_and_nothing_else_changes() {
             &["10.252.0.2/24"],
             "10.252.0.1",
         );
-        let system: Arc<dyn Host> = Arc::new(SystemHost);
-        let mut stack = CleanupStack::new();
-        let applied = plan.apply(&system, &mut stack);
-        let guard = common::Guard(stack);
-        applied.unwrap();
+        let guard = apply(&plan);
         plug_guest(&vm, &guest, &a);
         let listener = Greeter::start(&host, LISTENER);
         let originals = [Greeter::start(&inet, 18090), Greeter::start(&lan, 5000)];
@@ -751,7 +748,6 @@ fn redirected_registries_reach_the_listener_and_nothing_else_changes() {
                 "the original destination is never reached"
             );
         }
-        guard.finish().unwrap();
-        assert_eq!(common::leftovers(&vm, &[]), Vec::<String>::new());
+        tear_down(guard, &vm);
     });
 }
