@@ -180,6 +180,20 @@ fn committed_disk(d: &Daemon, id: &str) -> PathBuf {
 
 /// The SHA-256 of a (sparse, 1 GiB) disk, by `sha256sum` (hashing it here, unoptimized, takes
 /// seconds).
+/// Every build of `d` has ended: none of their forks may be left in the pool.
+fn assert_no_fork_left(d: &Daemon) {
+    let forks = d.work_dir.join("cache/forks");
+    let left: Vec<_> = std::fs::read_dir(&forks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "forks left behind in {}: {left:?}",
+        forks.display()
+    );
+}
+
 fn sha256_file(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
         .arg(path)
@@ -296,13 +310,7 @@ async fn a_key_is_reused_by_its_next_build_and_a_failed_build_leaves_it_untouche
     assert_eq!(metric(&d, "node_agent_cache_discards_total").await, 2.0);
     assert_eq!(metric(&d, "node_agent_cache_keys").await, 1.0);
     assert!(metric(&d, "node_agent_cache_fork_seconds_count").await >= 5.0);
-    assert_eq!(
-        std::fs::read_dir(d.work_dir.join("cache/forks"))
-            .unwrap()
-            .count(),
-        0,
-        "a fork was left behind"
-    );
+    assert_no_fork_left(&d);
     d.stop().await;
 }
 
@@ -421,12 +429,7 @@ async fn a_disk_left_mounted_is_not_committed() {
     );
     assert_eq!(metric(&d, "node_agent_cache_refused_total").await, 1.0);
     assert_eq!(metric(&d, "node_agent_cache_keys").await, 0.0);
-    assert_eq!(
-        std::fs::read_dir(d.work_dir.join("cache/forks"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_no_fork_left(&d);
     d.stop().await;
 }
 
