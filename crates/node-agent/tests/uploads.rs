@@ -72,24 +72,7 @@ fn object(sha256: &str) -> GrantedObject {
 }
 
 fn report(id: &str, status: BuildStatus, rootfs: Option<RootfsArtifact>) -> BuildReport {
-    BuildReport {
-        build_id: id.to_string(),
-        status,
-        repo_url: "https://git.example/app.git".into(),
-        revision: "main".into(),
-        commit_sha: None,
-        image_digest: None,
-        inputs: None,
-        rootfs,
-        error: (status == BuildStatus::Failed).then(|| builder_contract::BuildFailure {
-            class: builder_contract::ErrorClass::User,
-            phase: builder_contract::Phase::Build,
-            message: "RUN exited with 1".into(),
-        }),
-        phases: vec![],
-        started_at_unix_ms: 1,
-        duration_ms: 2,
-    }
+    common::end_report(id, status, rootfs, None)
 }
 
 /// Polls `check` for up to 10 s.

@@ -671,6 +671,31 @@ pub fn failed_report(
     }
 }
 
+/// A report as a guest sends it at its end: `status` with the `rootfs` it uploaded (and its
+/// image's digest), or, failed, the failure of a `RUN` step.
+pub fn end_report(
+    id: &str,
+    status: builder_contract::BuildStatus,
+    rootfs: Option<builder_contract::RootfsArtifact>,
+    image_digest: Option<String>,
+) -> builder_contract::BuildReport {
+    let mut report = failed_report(
+        id,
+        builder_contract::ErrorClass::User,
+        builder_contract::Phase::Build,
+        "RUN exited with 1",
+    );
+    if status != builder_contract::BuildStatus::Failed {
+        report.error = None;
+    }
+    builder_contract::BuildReport {
+        status,
+        rootfs,
+        image_digest,
+        ..report
+    }
+}
+
 /// The states a build went through, in order, from its events (`GET /v1/builds/{id}`).
 pub fn states(build: &serde_json::Value) -> Vec<String> {
     build["events"]
