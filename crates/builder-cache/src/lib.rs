@@ -88,6 +88,26 @@ pub enum ForkMethod {
     SparseCopy,
 }
 
+impl ForkMethod {
+    /// The method's name as a label value (`reflink`, `sparse_copy`), as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForkMethod::Reflink => "reflink",
+            ForkMethod::SparseCopy => "sparse_copy",
+        }
+    }
+}
+
+impl std::fmt::Display for ForkMethod {
+    /// The method in prose: `reflink`, `sparse copy`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForkMethod::Reflink => "reflink",
+            ForkMethod::SparseCopy => "sparse copy",
+        })
+    }
+}
+
 /// Where the pool lives and how big things may get.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {

@@ -152,7 +152,7 @@ pub async fn fork(
                 outcome.as_str(),
                 fork.key.name(),
                 fork.key.id(),
-                method_name(fork.method),
+                fork.method,
                 fork.took.as_millis()
             );
             let id = (!no_cache).then(|| fork.key.id().to_string());
@@ -265,13 +265,6 @@ pub async fn reuse_offer(
             size_bytes: u64::try_from(last.rootfs_size_bytes?).ok()?,
         })
     }))
-}
-
-fn method_name(method: builder_cache::ForkMethod) -> &'static str {
-    match method {
-        builder_cache::ForkMethod::Reflink => "reflink",
-        builder_cache::ForkMethod::SparseCopy => "sparse copy",
-    }
 }
 
 fn evicted_text(evicted: &[CacheEntry]) -> String {

@@ -484,10 +484,7 @@ fn render_cache(
              node_agent_cache_{name}_total {n}\n"
         );
     }
-    let method = match method {
-        builder_cache::ForkMethod::Reflink => "reflink",
-        builder_cache::ForkMethod::SparseCopy => "sparse_copy",
-    };
+    let method = method.as_str();
     let _ = write!(
         out,
         "# HELP node_agent_cache_bytes Allocated bytes of all committed cache disks.\n\
