@@ -63,15 +63,8 @@ bt_lease_take
 trap cleanup EXIT
 
 log "builder image: scripts/build-builder-vm.sh with the base image preloaded"
-bt_lock
-bt_start_dockerd
-bt_ensure_base_image
-bt_unlock
-DOCKER_HOST=unix://$BT_DOCKER_SOCK PRELOAD_IMAGES=$BT_BASE_IMAGE scripts/build-builder-vm.sh \
-	>"$work/builder-vm.log" 2>&1 || {
-	tail -n 30 "$work/builder-vm.log" >&2
+bt_build_builder_vm_with_base_image "$work/builder-vm.log" ||
 	die "scripts/build-builder-vm.sh failed (log: $work/builder-vm.log)"
-}
 if [[ $profile == release ]]; then cargo build --release -q -p node-agent; else cargo build -q -p node-agent; fi
 node_agent=$repo/target/$profile/node-agent
 

@@ -179,15 +179,8 @@ bt_lease_take
 trap 'exit 130' INT # bt_lease_take set its own; ours run the LIFO stack through on_exit
 trap 'exit 143' TERM
 undo+=("bt_lease_release")
-bt_lock
-bt_start_dockerd
-bt_ensure_base_image
-bt_unlock
-DOCKER_HOST=unix://$BT_DOCKER_SOCK PRELOAD_IMAGES=$BT_BASE_IMAGE scripts/build-builder-vm.sh \
-	>"$work/builder-vm.log" 2>&1 || {
-	tail -n 30 "$work/builder-vm.log" >&2
+bt_build_builder_vm_with_base_image "$work/builder-vm.log" ||
 	fail "make builder-vm failed (log: $work/builder-vm.log)"
-}
 jq -e --arg n "$(printf '%s' "${BT_BASE_IMAGE##*/}" | tr -c 'A-Za-z0-9._-' '_').tar" \
 	'.preloaded_images | index($n)' build/vms/builder-vm.json >/dev/null ||
 	fail "build/vms/builder-vm.json does not list the preloaded $BT_BASE_IMAGE"

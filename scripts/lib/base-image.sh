@@ -62,3 +62,19 @@ bt_ensure_base_image() {
 	fi
 	rm -rf "$scratch"
 }
+
+# Builds build/vms (scripts/build-builder-vm.sh, a stamped rebuild) with the base image preloaded,
+# as the VM suites and benchmarks whose Dockerfiles start FROM it need; the build's output goes to
+# LOG, and its tail to stderr when it fails (then non-zero).
+bt_build_builder_vm_with_base_image() {
+	local log=$1
+	bt_lock
+	bt_start_dockerd
+	bt_ensure_base_image
+	bt_unlock
+	DOCKER_HOST=unix://$BT_DOCKER_SOCK PRELOAD_IMAGES=$BT_BASE_IMAGE \
+		"$BT_LIB_DIR/../build-builder-vm.sh" >"$log" 2>&1 || {
+		tail -n 30 "$log" >&2
+		return 1
+	}
+}
